@@ -1,0 +1,244 @@
+"""Evaluation on JEC-QA: direct, reasoning and choice modes, batched on the model's device.
+
+Scoring follows JEC-QA's official rule (a question counts only when the predicted letter set equals
+the gold set); extraction and the summary live in ``scoring.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import EvalConfig, ModelConfig
+from .data import Record, load_records, sha256_file, statement_key
+from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
+from .scoring import extract_answer, summarize
+
+log = logging.getLogger("lawtune")
+
+
+# ----------------------------------------------------------------------------- option shuffling
+
+
+def shuffle_options(record: Record, seed: int) -> tuple[Record, dict[str, str]]:
+    """Re-letter the options with a per-question fixed seed; returns (record, new letter -> old letter)."""
+    old = list(record.options)
+    rng = random.Random(f"{seed}:{record.id}")
+    order = old[:]
+    rng.shuffle(order)
+    new_to_old = dict(zip(old, order))  # position i now shows the option that had letter order[i]
+    options = {new: record.options[src] for new, src in new_to_old.items()}
+    old_to_new = {src: new for new, src in new_to_old.items()}
+    answer = sorted(old_to_new[a] for a in record.answer) if record.answer is not None else None
+    return Record(**{**record.__dict__, "options": options, "answer": answer}), new_to_old
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _encode_batch(tokenizer, texts: list[str], device) -> dict:
+    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
+    batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ecfg: EvalConfig) -> list[tuple[str, int, bool]]:
+    """Generate for a batch of prompts; returns (text, generated token count, stopped by the end token)."""
+    batch = _encode_batch(tokenizer, prompts, _device_of(model))
+    kwargs = {"do_sample": ecfg.do_sample}
+    if ecfg.do_sample:
+        kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
+    else:  # a model's generation_config may ask for sampling; greedy must mean greedy
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **kwargs)
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    results = []
+    for row in new:
+        stopped = tokenizer.eos_token_id in row
+        ids = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+        results.append((tokenizer.decode(ids, skip_special_tokens=True), len(ids) + int(stopped), stopped))
+    return results
+
+
+def _answer_part(text: str) -> str:
+    """The text after the last </think>: reasoning may mention letters it later rejects."""
+    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
+
+
+def _direct(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+    prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
+    rows = []
+    for (text, n_tokens, _), r in zip(generate_batch(model, tokenizer, prompts, ecfg.direct_max_new_tokens, ecfg), records):
+        rows.append({"output": text, "pred": extract_answer(text, "".join(r.options)), "generated_tokens": n_tokens,
+                     "forced": False})
+    return rows
+
+
+def _reasoning(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+    prompts = [render_prompt(r, tokenizer, prompt_format, think=True) for r in records]
+    results = generate_batch(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg)
+    rows: list[dict] = [{} for _ in records]
+    cut = [i for i, (_, _, stopped) in enumerate(results) if not stopped]
+    for i, (text, n_tokens, stopped) in enumerate(results):
+        rows[i] = {"output": text, "generated_tokens": n_tokens, "forced": not stopped}
+    if cut:
+        # A row that ran out of budget is closed and asked for its answer; it is flagged as forced so
+        # a cut-off never silently counts as an ordinary right or wrong answer.
+        closing = {i: ("\n" + ANSWER_PREFIX if "</think>" in results[i][0] else THINK_CLOSE[prompt_format] + ANSWER_PREFIX)
+                   for i in cut}
+        forced_prompts = [prompts[i] + results[i][0] + closing[i] for i in cut]
+        for i, (text, n_tokens, _) in zip(cut, generate_batch(model, tokenizer, forced_prompts, ecfg.direct_max_new_tokens, ecfg)):
+            rows[i]["output"] = results[i][0] + closing[i] + text
+            rows[i]["generated_tokens"] += n_tokens
+    for row, r in zip(rows, records):
+        row["pred"] = extract_answer(_answer_part(row["output"]), "".join(r.options))
+    return rows
+
+
+def candidate_answers(letters: str) -> list[str]:
+    """Every non-empty subset of the options, so multi-answer questions compete fairly."""
+    return ["".join(c) for k in range(1, len(letters) + 1) for c in itertools.combinations(letters, k)]
+
+
+@torch.inference_mode()
+def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+    device = _device_of(model)
+    prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
+    batch = _encode_batch(tokenizer, prompts, device)
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # One forward pass over the prompts; its cache is then shared by every candidate answer.
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+    first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    cache = out.past_key_values
+
+    cands = [candidate_answers("".join(r.options)) for r in records]
+    owner = [i for i, c in enumerate(cands) for _ in c]
+    cand_ids = [tokenizer(answer_text(c), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                for cs in cands for c in cs]
+    width = max(len(x) for x in cand_ids)
+    ids = torch.full((len(cand_ids), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    cmask = torch.zeros_like(ids)
+    for j, x in enumerate(cand_ids):
+        ids[j, : len(x)] = torch.tensor(x, device=device)
+        cmask[j, : len(x)] = 1
+    owner_t = torch.tensor(owner, device=device)
+    cache.batch_select_indices(owner_t)
+    full_mask = torch.cat([mask[owner_t], cmask], dim=1)
+    cpos = mask.sum(-1)[owner_t].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    logits = model(input_ids=ids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache, use_cache=True).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    # Token t of a candidate is predicted by the prompt's last position (t = 0) or candidate token t-1.
+    score = first_logp[owner_t].gather(1, ids[:, :1]).squeeze(1)
+    rest = logp[:, :-1].gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * cmask[:, 1:]
+    score = (score + rest.sum(1)).tolist()
+
+    rows, j = [], 0
+    for i, cs in enumerate(cands):
+        best = max(range(len(cs)), key=lambda k: score[j + k])
+        rows.append({"output": answer_text(cs[best]), "pred": list(cs[best]), "generated_tokens": 0, "forced": False,
+                     "score": round(score[j + best], 4)})
+        j += len(cs)
+    return rows
+
+
+MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
+
+
+def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, prompt_format: str = "chat",
+                     show_progress: bool = True) -> tuple[list[dict], dict]:
+    """Score records with a live model; returns (per-question samples, summary)."""
+    run = MODES[ecfg.mode]
+    shown = [shuffle_options(r, ecfg.seed) if ecfg.shuffle_options else (r, None) for r in records]
+    # Sorting by length keeps padding (and wasted compute) low inside each batch.
+    order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
+    samples: list[dict | None] = [None] * len(records)
+    bar = tqdm(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress, dynamic_ncols=True)
+    start = time.time()
+    for k in range(0, len(order), ecfg.batch_size):
+        idx = order[k: k + ecfg.batch_size]
+        for i, row in zip(idx, run(model, tokenizer, [shown[i][0] for i in idx], prompt_format, ecfg)):
+            record, new_to_old = records[i], shown[i][1]
+            pred = row["pred"]
+            if pred is not None and new_to_old:
+                pred = sorted(new_to_old[p] for p in pred)
+            gold = record.answer or []
+            samples[i] = {"id": record.id, "type": record.type, "gold": gold, "pred": pred or [],
+                          "valid": pred is not None, "correct": pred is not None and set(pred) == set(gold),
+                          "forced": row["forced"], "generated_tokens": row["generated_tokens"], "output": row["output"]}
+            if new_to_old:
+                samples[i]["shown_letters"] = new_to_old
+        bar.update(len(idx))
+        bar.set_postfix(q_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
+    bar.close()
+    elapsed = time.time() - start
+    summary = summarize(samples)
+    summary["questions_per_s"] = round(len(records) / max(elapsed, 1e-9), 2)
+    summary["seconds"] = round(elapsed, 2)
+    summary["mode"] = ecfg.mode
+    return samples, summary
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def training_overlap(adapter: str | None, records: list[Record]) -> int:
+    """How many evaluated questions share a statement with the adapter's training split."""
+    if not adapter:
+        return 0
+    manifest_path = Path(adapter) / "data_manifest.json"
+    if not manifest_path.is_file():
+        return 0
+    import hashlib
+
+    trained = set(json.loads(manifest_path.read_text(encoding="utf-8")).get("train_statements_sha256", []))
+    return sum(hashlib.sha256(statement_key(r).encode("utf-8")).hexdigest()[:16] in trained for r in records)
+
+
+def run_eval(mcfg: ModelConfig, ecfg: EvalConfig, data: str, output: str = "report.json", adapter: str | None = None,
+             prompt_format: str | None = None, max_samples: int | None = None) -> dict:
+    """`lawtune eval`: load the model once, score a file, write the report."""
+    from .model import load_for_inference
+
+    loaded = load_records(data, require_answer=True, max_samples=max_samples)
+    for reason, count in loaded.skipped.items():
+        log.warning("%s: skipped %d records (%s)", data, count, reason)
+    if prompt_format is None:  # an adapter remembers the format it was trained with
+        prompt_format = _adapter_prompt_format(adapter) or "chat"
+    overlap = training_overlap(adapter, loaded.records)
+    if overlap:
+        log.warning("!!! %d of %d questions in %s share a statement with this adapter's TRAINING split: "
+                    "the accuracy below is not a held-out result !!!", overlap, len(loaded.records), data)
+    model, tokenizer = load_for_inference(mcfg, adapter)
+    samples, summary = evaluate_records(model, tokenizer, loaded.records, ecfg, prompt_format)
+    summary.update({"model": mcfg.path, "adapter": adapter, "data": str(data), "data_sha256": sha256_file(data),
+                    "prompt_format": prompt_format, "shuffle_options": ecfg.shuffle_options,
+                    "skipped": loaded.skipped, "train_overlap": overlap})
+    report = {"summary": summary, "samples": samples}
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return report
+
+
+def _adapter_prompt_format(adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    path = Path(adapter) / "lawtune_config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data", {}).get("prompt_format")

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny Qwen2 models with a local tokenizer, and JEC-QA-shaped data written by us."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from lawtune.config import load_config
+from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "deepseek-r1-distill-qwen-1.5b"
+
+# The synthetic task: the statement names one topic, and each topic has its own answer set (single
+# and multi), so the answer depends on the question's content and is never a constant letter.
+TOPIC_ANSWERS = {"合同": "A", "物权": "B", "侵权": "CD", "继承": "AC", "婚姻": "BD", "刑法": "ABC", "诉讼": "D", "行政": "BCD"}
+FILLER = ["甲", "乙", "丙", "丁", "公司", "法院", "当事人", "债权人", "房屋", "车辆", "证据", "期限"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    """A learnable multiple-choice task: the topic word in the statement decides the answer set."""
+    rng = random.Random(seed)
+    topics = sorted(TOPIC_ANSWERS)
+    rows = []
+    for i in range(n):
+        topic = topics[i % len(topics)]
+        words = rng.sample(FILLER, 3)
+        statement = f"{topic}问题：{words[0]}与{words[1]}的{topic}纠纷（{topic}），涉及{words[2]}。下列哪些{topic}规则适用？"
+        options = {letter: "".join(rng.sample(FILLER, 2)) + "的情形" for letter in "ABCD"}
+        rows.append({"id": f"{i % 2}_{i}", "statement": statement, "option_list": options,
+                     "answer": list(TOPIC_ANSWERS[topic]), "type": str(i % 2)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    texts = corpus_texts([demo_data_path()])
+    texts += [r["statement"] + "".join(r["option_list"].values()) for r in synthetic_records(200)]
+    return build_tokenizer(texts, vocab_size=1500)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A saved tiny random Qwen2 model + tokenizer directory, usable as --model."""
+    directory = tmp_path_factory.mktemp("tiny_model")
+    build_tiny_model(tiny_tokenizer, hidden_size=64, layers=2).save_pretrained(directory)
+    tiny_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path):
+    """A config that trains the tiny model for a few steps on the bundled questions, CPU, fp32."""
+
+    def make(*overrides: str):
+        return load_config(None, [
+            f"model.path={tiny_model_dir}", "model.dtype=float32", f"data.train={demo_data_path()}",
+            "data.max_length=512", "data.eval_fraction=0.1", f"train.output_dir={tmp_path / 'run'}",
+            "train.max_steps=4", "train.save_steps=2", "train.logging_steps=1", "train.eval_steps=0",
+            "train.warmup_steps=0", "train.learning_rate=1e-3", "train.optim=adamw_torch",
+            "train.report_to=[none]", "eval.batch_size=16", *overrides,
+        ])
+
+    return make
+
+
+@pytest.fixture
+def real_tokenizer():
+    if not (SHARED / "tokenizer_config.json").is_file():
+        pytest.skip("../shared/deepseek-r1-distill-qwen-1.5b is not present")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SHARED)

@@ -1,0 +1,189 @@
+import json
+import re
+
+import pytest
+
+from lawtune.compare import (
+    compare_reports,
+    format_comparison,
+    load_report,
+    mcnemar_exact,
+    write_html,
+)
+
+
+def _sample(i, correct, gold=("A",), typ="KD", **extra):
+    s = {"id": i, "type": typ, "gold": list(gold), "pred": list(gold) if correct else ["D"],
+         "correct": correct, "output": "", "valid": True, "forced": False}
+    s.update(extra)
+    return s
+
+
+def _report(samples, mode="think", sha="abc", qps=1.5):
+    return {"summary": {"mode": mode, "model": "m", "adapter": None, "data_sha256": sha,
+                        "questions_per_s": qps},
+            "samples": samples}
+
+
+def _pair_9_1():
+    """20 questions: 6 both right, 4 both wrong, 9 only B right, 1 only A right."""
+    a, b = [], []
+    k = 0
+    for ca, cb, count in ((True, True, 6), (False, False, 4), (False, True, 9), (True, False, 1)):
+        for _ in range(count):
+            gold = ("A", "C") if k % 2 else ("B",)
+            typ = "CA" if k % 3 == 0 else "KD"
+            a.append(_sample(f"q{k}", ca, gold, typ))
+            b.append(_sample(f"q{k}", cb, gold, typ))
+            k += 1
+    return _report(a), _report(b)
+
+
+def test_mcnemar_exact_known_values():
+    assert mcnemar_exact(9, 1) == pytest.approx(0.021484375, abs=1e-15)
+    assert mcnemar_exact(1, 9) == pytest.approx(0.021484375, abs=1e-15)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+    # large n must not overflow
+    assert 0.0 <= mcnemar_exact(600, 500) < 0.01
+
+
+def test_compare_flips_and_mcnemar():
+    a, b = _pair_9_1()
+    r = compare_reports(a, b, n_boot=500, seed=1)
+    assert r["n_paired"] == 20
+    assert r["a_only"] == ["q19"]
+    assert r["b_only"] == [f"q{k}" for k in range(10, 19)]
+    assert r["both_correct"] == 6 and r["both_wrong"] == 4
+    assert r["mcnemar"]["p_value"] == pytest.approx(0.021484375)
+    assert r["accuracy"]["a"] == pytest.approx(7 / 20)
+    assert r["accuracy"]["b"] == pytest.approx(15 / 20)
+    assert r["accuracy"]["diff"] == pytest.approx(0.4)
+    assert r["warnings"] == []
+    assert r["unmatched"] == {"a": 0, "b": 0}
+
+
+def test_categories_on_paired_set():
+    a, b = _pair_9_1()
+    r = compare_reports(a, b, n_boot=10)
+    cats = r["categories"]
+    assert cats["overall"]["n"] == 20
+    assert cats["single"]["n"] + cats["multi"]["n"] == 20
+    assert cats["single"]["n"] == 10  # even k -> single gold ("B",)
+    # A right on k in 0..5 and 19: single k in {0,2,4} -> 3/10
+    assert cats["single"]["a"] == pytest.approx(0.3)
+    # B right on k in 0..5 and 10..18: single k in {0,2,4,10,12,14,16,18} -> 8/10
+    assert cats["single"]["b"] == pytest.approx(0.8)
+    assert cats["CA"]["n"] == 7  # k in {0,3,6,9,12,15,18}
+    assert cats["KD"]["n"] == 13
+
+
+def test_bootstrap_ci_contains_point_estimate_and_is_deterministic():
+    a, b = _pair_9_1()
+    r = compare_reports(a, b, n_boot=2000, seed=0)
+    for key in ("a", "b", "diff"):
+        lo, hi = r["ci"][key]
+        assert lo <= r["accuracy"][key] <= hi
+        assert lo < hi
+    for key in ("a", "b"):
+        assert 0.0 <= r["ci"][key][0] and r["ci"][key][1] <= 1.0
+    assert -1.0 <= r["ci"]["diff"][0] and r["ci"]["diff"][1] <= 1.0
+    assert r["ci"]["diff"][0] > 0  # 9 vs 1 discordant over 20 is a clear win
+    again = compare_reports(a, b, n_boot=2000, seed=0)
+    assert again["ci"] == r["ci"]
+    other = compare_reports(a, b, n_boot=2000, seed=7)
+    assert other["ci"] != r["ci"]
+
+
+def test_warnings_for_mode_sha_and_unmatched_ids():
+    a, b = _pair_9_1()
+    b["summary"]["mode"] = "forced"
+    b["summary"]["data_sha256"] = "zzz"
+    b["samples"] = b["samples"][:-2] + [_sample("extra", True)]
+    r = compare_reports(a, b, n_boot=10)
+    assert r["n_paired"] == 18
+    assert r["unmatched"] == {"a": 2, "b": 1}
+    joined = "\n".join(r["warnings"])
+    assert "mode" in joined and "data_sha256" in joined
+    assert "2 only in A" in joined and "1 only in B" in joined
+    text = format_comparison(r, "base", "lora")
+    assert text.count("WARNING:") == 3
+
+
+def test_format_comparison_contents():
+    a, b = _pair_9_1()
+    text = format_comparison(compare_reports(a, b, n_boot=200), "base", "lora")
+    assert "A: base" in text and "B: lora" in text
+    assert "35.0%" in text and "75.0%" in text and "+40.0 pp" in text
+    assert "q19" in text and "q10" in text
+    assert "p = 0.02148" in text
+    assert "significant" in text and "B is better" in text
+    assert "WARNING" not in text
+    for row in ("single", "multi", "KD", "CA", "invalid", "forced", "questions/s"):
+        assert row in text
+
+
+def test_format_truncates_long_flip_lists():
+    a = _report([_sample(f"x{i}", True) for i in range(30)])
+    b = _report([_sample(f"x{i}", False) for i in range(30)])
+    r = compare_reports(a, b, n_boot=50)
+    text = format_comparison(r, "a", "b")
+    assert "x19" in text and "x20" not in text
+    assert "(10 more)" in text
+    assert "no discordant" not in text
+
+
+def test_write_html_self_contained_and_escaped(tmp_path):
+    a, b = _pair_9_1()
+    evil = "<script>alert(1)</script>"
+    a["samples"][10]["id"] = evil
+    b["samples"][10]["id"] = evil
+    r = compare_reports(a, b, n_boot=100)
+    assert evil in r["b_only"]
+    out = tmp_path / "cmp.html"
+    write_html(r, "base <a>", "lora", out)
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert '<meta charset="utf-8">' in page
+    assert "<svg" in page
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"<(script|link|img|iframe)\b", page)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "base &lt;a&gt;" in page
+    assert "q19" in page
+
+
+def test_load_report_errors(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_report([_sample("1", True)])), encoding="utf-8")
+    assert load_report(good)["samples"][0]["id"] == "1"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json"):
+        load_report(bad)
+
+    nokey = tmp_path / "nokey.json"
+    nokey.write_text(json.dumps({"summary": {}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="nokey.json.*samples"):
+        load_report(nokey)
+
+    nogold = tmp_path / "nogold.json"
+    nogold.write_text(json.dumps({"summary": {}, "samples": [{"id": 1, "correct": True}]}),
+                      encoding="utf-8")
+    with pytest.raises(ValueError, match="nogold.json.*gold"):
+        load_report(nogold)
+
+    with pytest.raises(ValueError, match="missing.json"):
+        load_report(tmp_path / "missing.json")
+
+
+def test_empty_overlap_does_not_crash():
+    a = _report([_sample("1", True)])
+    b = _report([_sample("2", True)])
+    r = compare_reports(a, b, n_boot=10)
+    assert r["n_paired"] == 0
+    assert r["mcnemar"]["p_value"] == 1.0
+    assert r["ci"]["a"] is None
+    assert "WARNING:" in format_comparison(r, "a", "b")

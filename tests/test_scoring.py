@@ -1,0 +1,175 @@
+import pytest
+
+from lawtune.scoring import extract_answer, is_correct, summarize
+
+ABCD = "ABCD"
+
+CASES = [
+    # explicit markers
+    ("答案：ACD", ABCD, ["A", "C", "D"]),
+    ("答案:AC", ABCD, ["A", "C"]),
+    ("答案是A和C", ABCD, ["A", "C"]),
+    ("正确答案为 B", ABCD, ["B"]),
+    ("选B", ABCD, ["B"]),
+    ("故选：A、D", ABCD, ["A", "D"]),
+    ("应选BD", ABCD, ["B", "D"]),
+    ("本题选C", ABCD, ["C"]),
+    ("正确选项是B、C", ABCD, ["B", "C"]),
+    ("故选择D。", ABCD, ["D"]),
+    ("答：A", ABCD, ["A"]),
+    ("答案应该是选项A和选项C", ABCD, ["A", "C"]),
+    ("答案：A项、C项", ABCD, ["A", "C"]),
+    ("答案：选项A、选项D", ABCD, ["A", "D"]),
+    ("故本题答案为B，选项A、C、D均错误。", ABCD, ["B"]),
+    ("应选C，不应选A", ABCD, ["C"]),
+    ("答案：C\n\n解析：A项错误，不选。", ABCD, ["C"]),
+    ("答案：A及D", ABCD, ["A", "D"]),
+    ("答案：B与C", ABCD, ["B", "C"]),
+    ("**答案：BC**", ABCD, ["B", "C"]),
+    ("答案：**AD**", ABCD, ["A", "D"]),
+    ("最终答案：\\boxed{AB}", ABCD, ["A", "B"]),
+    # brackets, separators, width, case, order
+    ("答案：(A)(C)", ABCD, ["A", "C"]),
+    ("答案：（A）（C）", ABCD, ["A", "C"]),
+    ("(A)(C)", ABCD, ["A", "C"]),
+    ("（B）（D）", ABCD, ["B", "D"]),
+    ("A,C", ABCD, ["A", "C"]),
+    ("A，C", ABCD, ["A", "C"]),
+    ("A、B、D", ABCD, ["A", "B", "D"]),
+    ("答案：ＡＣ", ABCD, ["A", "C"]),
+    ("Ｂ", ABCD, ["B"]),
+    ("答案：ac", ABCD, ["A", "C"]),
+    ("答案：CAC", ABCD, ["A", "C"]),
+    ("答案：DCBA", ABCD, ["A", "B", "C", "D"]),
+    ("AC", ABCD, ["A", "C"]),
+    ("B", ABCD, ["B"]),
+    ("bd", ABCD, ["B", "D"]),
+    ("  B。 ", ABCD, ["B"]),
+    # English
+    ("The answer is B.", ABCD, ["B"]),
+    ("Final answer: A, C", ABCD, ["A", "C"]),
+    ("answer: bd", ABCD, ["B", "D"]),
+    ("The answer is A and C.", ABCD, ["A", "C"]),
+    ("answer: B and C", "ABCDE", ["B", "C"]),
+    ("A and C", ABCD, ["A", "C"]),
+    # reasoning mentioning other letters before the final answer
+    ("选项A错误，因为…；选项B正确…；选项C也正确。综上，答案：BC", ABCD, ["B", "C"]),
+    ("A项说法错误，不选A。D项正确。故选D", ABCD, ["D"]),
+    ("初步判断答案是A。但再看C也对，所以最终答案：AC", ABCD, ["A", "C"]),
+    ("分析：A正确，B错误，C错误，D正确。\n所以本题应选AD。", ABCD, ["A", "D"]),
+    ("逐项分析如下……\nBD", ABCD, ["B", "D"]),
+    # </think>
+    ("<think>我认为答案：A，但不确定</think>\n答案：BC", ABCD, ["B", "C"]),
+    ("<think>答案：A</think>先想想</think>答案：D", ABCD, ["D"]),
+    ("<think>分析各选项……综上答案：C</think>\n", ABCD, ["C"]),
+    ("<think>选项A错误</think>\n\nBD", ABCD, ["B", "D"]),
+    # 5-option questions and letter validity
+    ("答案：ABE", "ABCDE", ["A", "B", "E"]),
+    ("答案：E", "ABCDE", ["E"]),
+    ("E", "ABCDE", ["E"]),
+    ("答案：AE", ABCD, ["A"]),
+    ("答案：E", ABCD, None),
+    # invalid -> None
+    ("我不确定", ABCD, None),
+    ("", ABCD, None),
+    ("   ", ABCD, None),
+    ("答案：无法确定", ABCD, None),
+    ("Based on the analysis, I cannot decide.", ABCD, None),
+    ("CAD software is used for design.", ABCD, None),
+    ("The answer is a combination of factors.", ABCD, None),
+    ("answer: Based on law", ABCD, None),
+    ("Bad", ABCD, None),
+    ("选项A错误，选项B错误。", ABCD, None),
+    ("不选A", ABCD, None),
+    ("答案见上文分析", ABCD, None),
+    ("<think>还在想", ABCD, None),
+]
+
+
+@pytest.mark.parametrize("text,letters,expected", CASES)
+def test_extract_answer(text, letters, expected):
+    assert extract_answer(text, letters) == expected
+
+
+def test_extract_answer_default_letters_and_bad_input():
+    assert extract_answer("答案：BD") == ["B", "D"]
+    assert extract_answer(None) is None  # type: ignore[arg-type]
+    assert extract_answer("答案：A", letters="") is None
+
+
+def test_extract_answer_long_text_is_fast():
+    text = "选项A分析。" * 5000 + "故选：A、C"
+    assert extract_answer(text) == ["A", "C"]
+
+
+def test_is_correct():
+    assert is_correct(["A", "C"], ["A", "C"])
+    assert is_correct(["C", "A"], ["A", "C"])
+    assert not is_correct(["A"], ["A", "C"])
+    assert not is_correct(["A", "B", "C"], ["A", "C"])
+    assert not is_correct([], ["A"])
+    assert not is_correct(None, ["A"])
+
+
+def _s(i, typ, gold, pred, forced=False, tokens=100):
+    return {
+        "id": i, "type": typ, "gold": gold, "pred": pred, "valid": bool(pred),
+        "correct": set(pred) == set(gold) and bool(pred), "forced": forced,
+        "generated_tokens": tokens,
+    }
+
+
+def test_summarize_hand_computed():
+    samples = [
+        _s("1", "KD", ["A"], ["A"], tokens=100),             # single, right
+        _s("2", "KD", ["B"], ["C"], tokens=200),             # single, wrong
+        _s("3", "CA", ["A", "C"], ["A", "C"], tokens=300),   # multi, right
+        _s("4", "CA", ["A", "B"], ["A"], tokens=400),        # multi, wrong
+        _s("5", "CA", ["D"], [], forced=True, tokens=1000),  # single, invalid
+    ]
+    r = summarize(samples)
+    assert r["n"] == 5
+    assert r["correct"] == 2
+    assert r["accuracy"] == pytest.approx(0.4)
+    assert r["invalid"] == 1
+    assert r["invalid_rate"] == pytest.approx(0.2)
+    assert r["forced"] == 1
+    assert r["single"] == {"n": 3, "accuracy": pytest.approx(1 / 3)}
+    assert r["multi"] == {"n": 2, "accuracy": pytest.approx(0.5)}
+    assert set(r["by_type"]) == {"KD", "CA"}
+    assert r["by_type"]["KD"] == {"n": 2, "accuracy": pytest.approx(0.5)}
+    assert r["by_type"]["CA"] == {"n": 3, "accuracy": pytest.approx(1 / 3)}
+    assert r["avg_generated_tokens"] == pytest.approx(400.0)
+
+    # Letter A: gold in 1,3,4 ; predicted in 1,3,4 -> tp=3, fp=0, fn=0
+    a = r["option_f1"]["A"]
+    assert (a["precision"], a["recall"], a["f1"], a["support"]) == (1.0, 1.0, 1.0, 3)
+    # Letter C: gold in 3 ; predicted in 2,3 -> tp=1, fp=1, fn=0
+    c = r["option_f1"]["C"]
+    assert c["precision"] == pytest.approx(0.5)
+    assert c["recall"] == pytest.approx(1.0)
+    assert c["f1"] == pytest.approx(2 / 3)
+    assert c["support"] == 1
+    # Letter B: gold in 2,4 ; never predicted -> tp=0, fn=2
+    b = r["option_f1"]["B"]
+    assert (b["precision"], b["recall"], b["f1"], b["support"]) == (0.0, 0.0, 0.0, 2)
+    # Letter D: gold in 5 ; never predicted
+    assert r["option_f1"]["D"]["support"] == 1
+    assert r["option_f1"]["macro_f1"] == pytest.approx((1.0 + 0.0 + 2 / 3 + 0.0) / 4)
+    # micro: tp=4 (A x3, C x1), fp=1 (C in q2), fn=3 (B x2, D x1)
+    micro_p, micro_r = 4 / 5, 4 / 7
+    assert r["option_f1"]["micro_f1"] == pytest.approx(2 * micro_p * micro_r / (micro_p + micro_r))
+
+
+def test_summarize_unknown_type_and_empty():
+    r = summarize([_s("1", "unknown", ["A"], ["A"])])
+    assert r["by_type"]["unknown"] == {"n": 1, "accuracy": 1.0}
+    assert r["by_type"]["KD"] == {"n": 0, "accuracy": 0.0}
+    assert "unknown" not in summarize([_s("1", "KD", ["A"], ["A"])])["by_type"]
+
+    e = summarize([])
+    assert e["n"] == 0 and e["accuracy"] == 0.0 and e["invalid_rate"] == 0.0
+    assert e["single"] == {"n": 0, "accuracy": 0.0}
+    assert set(e["by_type"]) == {"KD", "CA"}
+    assert e["avg_generated_tokens"] == 0.0
+    assert e["option_f1"]["macro_f1"] == 0.0
