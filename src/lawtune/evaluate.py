@@ -54,8 +54,12 @@ def _encode_batch(tokenizer, texts: list[str], device) -> dict:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ecfg: EvalConfig) -> list[tuple[str, int, bool]]:
-    """Generate for a batch of prompts; returns (text, generated token count, stopped by the end token)."""
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ecfg: EvalConfig,
+                   **generate_kwargs) -> list[tuple[str, int, bool]]:
+    """Generate for a batch of prompts; returns (text, generated token count, stopped by the end token).
+
+    Extra keyword arguments (a streamer, stopping criteria) are passed on to ``model.generate``.
+    """
     batch = _encode_batch(tokenizer, prompts, _device_of(model))
     kwargs = {"do_sample": ecfg.do_sample}
     if ecfg.do_sample:
@@ -63,7 +67,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
     else:  # a model's generation_config may ask for sampling; greedy must mean greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **kwargs)
+                         eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
     new = out[:, batch["input_ids"].shape[1]:].tolist()
     results = []
     for row in new:
@@ -114,7 +118,8 @@ def candidate_answers(letters: str) -> list[str]:
 
 
 @torch.inference_mode()
-def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+def score_candidates(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
+    """Summed log-likelihood of '答案：X' + end token for every candidate X of every record."""
     device = _device_of(model)
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
     batch = _encode_batch(tokenizer, prompts, device)
@@ -126,7 +131,7 @@ def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
     cache = out.past_key_values
 
     cands = [candidate_answers("".join(r.options)) for r in records]
-    owner = [i for i, c in enumerate(cands) for _ in c]
+    owner = torch.tensor([i for i, c in enumerate(cands) for _ in c], device=device)
     cand_ids = [tokenizer(answer_text(c), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                 for cs in cands for c in cs]
     width = max(len(x) for x in cand_ids)
@@ -135,23 +140,28 @@ def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
     for j, x in enumerate(cand_ids):
         ids[j, : len(x)] = torch.tensor(x, device=device)
         cmask[j, : len(x)] = 1
-    owner_t = torch.tensor(owner, device=device)
-    cache.batch_select_indices(owner_t)
-    full_mask = torch.cat([mask[owner_t], cmask], dim=1)
-    cpos = mask.sum(-1)[owner_t].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+    cache.batch_select_indices(owner)
+    full_mask = torch.cat([mask[owner], cmask], dim=1)
+    cpos = mask.sum(-1)[owner].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
     logits = model(input_ids=ids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache, use_cache=True).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
     # Token t of a candidate is predicted by the prompt's last position (t = 0) or candidate token t-1.
-    score = first_logp[owner_t].gather(1, ids[:, :1]).squeeze(1)
+    score = first_logp[owner].gather(1, ids[:, :1]).squeeze(1)
     rest = logp[:, :-1].gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * cmask[:, 1:]
-    score = (score + rest.sum(1)).tolist()
-
-    rows, j = [], 0
-    for i, cs in enumerate(cands):
-        best = max(range(len(cs)), key=lambda k: score[j + k])
-        rows.append({"output": answer_text(cs[best]), "pred": list(cs[best]), "generated_tokens": 0, "forced": False,
-                     "score": round(score[j + best], 4)})
+    flat = (score + rest.sum(1)).tolist()
+    out_rows, j = [], 0
+    for cs in cands:
+        out_rows.append(list(zip(cs, flat[j: j + len(cs)])))
         j += len(cs)
+    return out_rows
+
+
+def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+    rows = []
+    for scored in score_candidates(model, tokenizer, records, prompt_format):
+        best, value = max(scored, key=lambda cs: cs[1])
+        rows.append({"output": answer_text(best), "pred": list(best), "generated_tokens": 0, "forced": False,
+                     "score": round(value, 4)})
     return rows
 
 

@@ -117,19 +117,22 @@ def encode_example(record: Record, tokenizer, prompt_format: str, max_length: in
     target_ids = _encode(render_target(record, prompt_format), tokenizer) + [tokenizer.eos_token_id]
     prompt_ids = _encode(render_example(record, tokenizer, prompt_format)[0], tokenizer)
     truncated = False
-    work = record
+    statement_ids: list[int] | None = None
+    keep = 0
     # Cutting text changes tokenization at the cut, so re-render and re-check; a few rounds converge.
-    for _ in range(6):
+    for _ in range(8):
         excess = len(prompt_ids) + len(target_ids) - max_length
         if excess <= 0:
             break
-        statement_ids = _encode(work.statement, tokenizer)
-        keep = len(statement_ids) - excess - 2
+        if statement_ids is None:
+            statement_ids = _encode(record.statement, tokenizer)
+            keep = len(statement_ids)
+        keep -= excess + 2  # the "……" marker costs a token or two
         if keep <= 0:
             return None
         truncated = True
         cut = tokenizer.decode(statement_ids[:keep]).rstrip("\ufffd")  # drop a half-decoded character
-        work = Record(**{**work.__dict__, "statement": cut + "……"})
+        work = Record(**{**record.__dict__, "statement": cut + "……"})
         prompt_ids = _encode(render_example(work, tokenizer, prompt_format)[0], tokenizer)
     else:
         return None

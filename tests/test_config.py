@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from lawtune.config import ConfigError, config_from_dict, load_config, resolve_output_dir
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "deepseek-r1-distill-qwen-1.5b_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_loads_and_says_how_to_run_it(path):
+    cfg = load_config(path)
+    assert cfg.source == str(path)
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("#")
+    assert "lawtune" in path.read_text(encoding="utf-8").split("\n\n")[0]
+
+
+def test_default_config_carries_the_original_recipe():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "deepseek-r1-distill-qwen-1.5b_lora.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.0)
+    assert len(cfg.lora.target_modules) == 7
+    t = cfg.train
+    assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 4, 2e-4)
+    assert (t.max_steps, t.warmup_steps, t.optim) == (5000, 100, "adamw_bnb_8bit")
+    assert resolve_output_dir(cfg) == Path("outputs/deepseek-r1-distill-qwen-1.5b_lora")
+
+
+def test_unknown_key_names_the_key_and_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train": {"max_stpes": 3}})
+    assert "train.max_stpes" in str(err.value) and "max_steps" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown section"):
+        config_from_dict({"trainer": {}})
+
+
+def test_overrides_dotted_shorthand_and_scientific_floats(tmp_path):
+    cfg = load_config(None, ["model=./m", "data=1_train.json", "train.learning_rate=3e-4", "train.max_steps=7",
+                             "lora.target_modules=[q_proj,v_proj]"])
+    assert cfg.model.path == "./m" and cfg.data.train == "1_train.json"
+    assert cfg.train.learning_rate == pytest.approx(3e-4) and cfg.train.max_steps == 7
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.dtype=int8", "model.dtype"),
+    ("data.prompt_format=xml", "data.prompt_format"),
+    ("train.max_steps=0", "train.max_steps"),
+    ("train.learning_rate=fast", "train.learning_rate"),
+    ("eval.mode=vote", "eval.mode"),
+    ("lora.dropout=1.5", "lora.dropout"),
+    ("nosection=1", "nosection"),
+])
+def test_invalid_values_name_their_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("# x\ntrain:\n  max_steps: [1,\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+"):
+        load_config(bad)

@@ -1,0 +1,109 @@
+import json
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lawtune.config import load_config
+from lawtune.train import fit, setup, train
+
+
+def _adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_training_changes_exactly_the_lora_parameters_and_writes_a_complete_run(tiny_config, tmp_path):
+    cfg = tiny_config("train.eval_steps=2", "train.report_to=[tensorboard]")
+    parts = setup(cfg)
+    model = parts["model"]
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(1 for n in trainable if "lora_A" in n) == 7 * 2  # seven projections in each of two layers
+    result = fit(cfg, parts)
+    after = dict(model.named_parameters())
+    unchanged = [n for n, before in trainable.items() if torch.equal(before, after[n].detach())]
+    assert not unchanged, f"LoRA parameters that did not change: {unchanged[:3]}"
+    assert all(torch.equal(before, after[n].detach()) for n, before in frozen.items())
+    assert result["steps"] == 4
+
+    out = tmp_path / "run"
+    final = out / "final_model"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "lawtune_config.yaml",
+                 "data_manifest.json"):
+        assert (final / name).is_file(), name
+    assert (out / "best_model" / "adapter_model.safetensors").is_file()
+    assert (out / "curves.png").stat().st_size > 1000
+    assert list((out / "runs").rglob("events.out.tfevents*")), "no TensorBoard events"
+    saved = load_config(final / "lawtune_config.yaml")
+    assert saved.train.max_steps == 4 and saved.model.path == cfg.model.path
+    manifest = json.loads((final / "data_manifest.json").read_text(encoding="utf-8"))
+    split = manifest["split"]
+    train_lines = (out / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    eval_lines = (out / "data" / "eval.jsonl").read_text(encoding="utf-8").splitlines()
+    assert (len(train_lines), len(eval_lines)) == (split["train"], split["eval"]) and split["eval"] > 0
+    assert len(manifest["files"][0]["sha256"]) == 64 and manifest["prompt"]["format"] == "chat"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 for r in rows if "loss" in r)
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+    assert not list(out.glob(".final_model*")), "temporary directories left behind"
+
+    # The adapter reloads with plain peft and generates.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, final)
+    tok = AutoTokenizer.from_pretrained(final)
+    ids = tok("甲乙", return_tensors="pt", add_special_tokens=False)
+    generated = reloaded.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    state = _adapter(final)
+    live = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == set(live) and all(torch.equal(state[k], live[k].detach().cpu()) for k in state)
+
+
+def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_path):
+    from transformers import TrainerCallback
+
+    straight = train(tiny_config(f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4"))
+
+    class CrashInStepThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt  # a crash in step 3, after checkpoint-2 was written
+
+    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4")
+    parts = setup(cfg)
+    parts["trainer"].add_callback(CrashInStepThree())
+    try:
+        fit(cfg, parts)
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final_model").exists()
+    resumed = train(cfg, resume=True)
+    assert resumed["steps"] == straight["steps"] == 4
+    a, b = _adapter(tmp_path / "a" / "final_model"), _adapter(tmp_path / "b" / "final_model")
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    first = _adapter(tmp_path / "b" / "checkpoint-2")
+    assert any(not torch.equal(first[k], b[k]) for k in b), "resume did not train past the checkpoint"
+
+
+def test_separate_eval_file_removes_overlapping_statements(tiny_config, tmp_path):
+    from conftest import write_jsonl
+    from lawtune.data import load_records
+    from lawtune.demo import demo_data_path
+
+    records = [r.to_json() for r in load_records(demo_data_path()).records]
+    eval_file = write_jsonl(tmp_path / "dev.json", records[:5])
+    cfg = tiny_config(f"data.eval={eval_file}", "train.max_steps=1", "train.save_steps=1")
+    result = train(cfg)
+    manifest = json.loads((tmp_path / "run" / "final_model" / "data_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["dropped_train_overlapping_eval"] == 5
+    assert manifest["split"] == {"train": len(records) - 5, "eval": 5}
+    assert result["eval_history"][-1]["eval_n"] == 5
+    saved = yaml.safe_load((tmp_path / "run" / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
+    assert saved["data"]["eval"] == str(eval_file)
