@@ -66,7 +66,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
         kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
     else:  # a model's generation_config may ask for sampling; greedy must mean greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
                          eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
     new = out[:, batch["input_ids"].shape[1]:].tolist()
     results = []

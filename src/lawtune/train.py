@@ -265,6 +265,9 @@ def setup(cfg: Config, resume: bool = False) -> dict:
     eval_subset = eval_records[: cfg.data.eval_max_samples] if cfg.data.eval_max_samples else eval_records
 
     model = load_base_model(cfg.model, device=device)
+    # No KV cache while training: it costs memory, and with a cache transformers does not detect packed
+    # sequences from their position ids (examples would attend across their boundaries).
+    model.config.use_cache = False
     model = add_lora(model, cfg.lora, quantized=cfg.model.quantization == "4bit")
     trainable, total = count_parameters(model)
     if cfg.train.gradient_checkpointing:
