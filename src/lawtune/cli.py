@@ -22,7 +22,9 @@ def _setup_logging() -> None:
     # Deprecation notices from the HF stack are for lawtune's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
-    logging.getLogger("lawtune").setLevel(logging.INFO)
+    # In a distributed job only rank 0 talks; the others report warnings and errors only.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.getLogger("lawtune").setLevel(logging.INFO if rank0 else logging.WARNING)
     for noisy in ("bitsandbytes", "transformers", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
@@ -77,6 +79,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("report_a")
     p.add_argument("report_b")
     p.add_argument("--html", default="compare.html", help="HTML report path (default compare.html)")
+
+    p = sub.add_parser("ask", help="answer one question, streaming the reasoning (interactive without --question)")
+    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
+    p.add_argument("--adapter", help="LoRA adapter directory (e.g. outputs/run/final_model)")
+    p.add_argument("--question", help="the question; trailing lines 'A. …' are read as its options")
+    p.add_argument("--option", action="append", default=[], metavar="A=TEXT", help="an option (repeat for each)")
+    p.add_argument("--record", metavar="JSON", help="one JEC-QA record as JSON (statement, option_list)")
+    p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
+    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
+    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
+    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+
+    p = sub.add_parser("predict", help="answer every question of a file without answers (JSON Lines, resumable)")
+    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
+    p.add_argument("--adapter", help="LoRA adapter directory")
+    p.add_argument("--data", required=True, help="JEC-QA file (answers not needed, e.g. 0_test.json)")
+    p.add_argument("--output", required=True, help="predictions file; a rerun skips the ids already in it")
+    p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
+    p.add_argument("--batch-size", type=int, help="questions per batch (default 16)")
+    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
+    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
+    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model (plain transformers directory)")
+    p.add_argument("--model", required=True, help="base model directory or hub id")
+    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
+    p.add_argument("--output", required=True, help="directory for the merged model")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="saved dtype (default: the base's)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a question page at /")
+    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
+    p.add_argument("--adapter", help="LoRA adapter directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--max-new-tokens", type=int, help="reasoning-mode budget when a request sets none (default 2048)")
+    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
+    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
     return parser
 
 
@@ -104,7 +149,8 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, _with_flags(args))
     result = train(cfg, resume=args.resume)
-    print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, adapter in {result['final_model']}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, adapter in {result['final_model']}")
     return 0
 
 
@@ -177,7 +223,94 @@ def cmd_compare(args) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare}
+def cmd_ask(args) -> int:
+    from .data import DataError
+    from .infer import ask, config_from_args, load_engine, parse_options_arg, record_from_fields, record_from_json
+    from .infer import record_from_lines, record_from_text
+
+    given = [flag for flag in ("question", "record") if getattr(args, flag)]
+    if len(given) > 1:
+        raise ValueError("ask: give --question (with --option) or --record, not both")
+    if args.option and not args.question:
+        raise ValueError("ask: --option needs --question")
+    record = None  # checked before the model loads, so a typo costs no loading time
+    if args.record:
+        record = record_from_json(args.record)
+    elif args.question and args.option:
+        record = record_from_fields(args.question, parse_options_arg(args.option), where="--question")
+    elif args.question:
+        record = record_from_text(args.question, where="--question")
+    cfg = config_from_args(args)
+    engine = load_engine(cfg.model, cfg.eval, args.adapter, args.prompt_format)
+    if record is not None:
+        ask(engine, record, args.mode)
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:  # a question, then its options, one per line; an empty line asks it
+        if interactive:
+            print("题目和选项（每行一个，空行提问，Ctrl-D 退出）：", file=sys.stderr)
+        lines = []
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            lines.append(line)
+        if not lines:
+            return 0
+        try:
+            record = record_from_lines(lines)
+        except DataError as exc:
+            if not interactive:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        ask(engine, record, args.mode)
+
+
+def cmd_predict(args) -> int:
+    from .infer import config_from_args, run_predict
+
+    cfg = config_from_args(args)
+    s = run_predict(cfg.model, cfg.eval, args.data, args.output, adapter=args.adapter, prompt_format=args.prompt_format)
+    print(f"{s['generated']} answered ({s['unreadable']} unreadable), {s['already_done']} already in {s['output']}, "
+          f"{s['records']} records in {args.data}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .infer import merge_adapter
+
+    info = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, force=args.force)
+    print(f"merged {args.adapter} into {args.model} ({info['dtype']}, {info['tensors']} tensors, no LoRA keys, "
+          f"reloaded and checked) -> {info['output']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .infer import config_from_args, load_engine
+    from .serve import MODEL_ID, make_server
+
+    cfg = config_from_args(args)
+    engine = load_engine(cfg.model, cfg.eval, args.adapter, args.prompt_format)
+    try:
+        server = make_server(engine, args.host, args.port)
+    except OSError as exc:
+        raise ValueError(f"serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
+    host, port = server.server_address[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
+    print(f"serving model id {MODEL_ID!r} on http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
+            "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

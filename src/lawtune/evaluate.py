@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig, ModelConfig
 from .data import Record, load_records, sha256_file, statement_key
+from .fast import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
 from .scoring import extract_answer, summarize
 
@@ -66,8 +67,12 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
         kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
     else:  # a model's generation_config may ask for sampling; greedy must mean greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                         eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
+    # In a distributed job every rank keeps stepping until all are done (sharded models need it).
+    kwargs["synced_gpus"] = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+    with fast_attention(model), eager_stance(model):
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             use_cache=True, eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
     new = out[:, batch["input_ids"].shape[1]:].tolist()
     results = []
     for row in new:
@@ -119,14 +124,102 @@ def candidate_answers(letters: str) -> list[str]:
 
 @torch.inference_mode()
 def score_candidates(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
-    """Summed log-likelihood of '答案：X' + end token for every candidate X of every record."""
+    """Summed log-likelihood of '答案：X' + end token for every candidate X of every record.
+
+    One forward pass per batch scores every candidate of every question. After each (left-padded) prompt
+    come its candidates laid out as a tree: the tokens that all candidates share once, then each
+    candidate's own tokens. A 4D attention mask lets a candidate token see the prompt, the shared tokens
+    and its own earlier tokens only, and its position ids continue from there, so every score equals
+    that of the candidate's full text alone (tests/test_evaluate.py). Nothing is copied per candidate
+    (the prompt's keys and values are computed once), and logits are taken only after the prompt.
+    """
+    with fast_attention(model), eager_stance(model):
+        if attention_implementation(model) not in ("sdpa", "eager", FAST_ATTENTION):
+            return _score_candidates_with_cache(model, tokenizer, records, prompt_format)
+        return _score_candidates_tree(model, tokenizer, records, prompt_format)
+
+
+def _candidate_tokens(tokenizer, letters: str) -> tuple[list[str], list[list[int]], int]:
+    """Candidates, their token ids (answer text + end token), and how many leading tokens all share."""
+    cands = candidate_answers(letters)
+    toks = [tokenizer(answer_text(c), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in cands]
+    shared = 0
+    while shared < min(len(t) for t in toks) - 1 and len({t[shared] for t in toks}) == 1:
+        shared += 1
+    return cands, toks, shared
+
+
+def _score_candidates_tree(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
+    device = _device_of(model)
+    prompts = [tokenizer(render_prompt(r, tokenizer, prompt_format, think=False), add_special_tokens=False)["input_ids"]
+               for r in records]
+    layouts = [_candidate_tokens(tokenizer, "".join(r.options)) for r in records]
+    regions = [toks[0][:shared] + [x for t in toks for x in t[shared:]] for _, toks, shared in layouts]
+    width_p, width_c = max(map(len, prompts)), max(map(len, regions))
+    total = width_p + width_c
+    rows_ids, rows_pos, rows_seg, rows_pred = [], [], [], []
+    for prompt, (_, toks, shared) in zip(prompts, layouts):
+        n, pad = len(prompt), width_p - len(prompt)
+        r_ids = [tokenizer.pad_token_id] * pad + prompt + toks[0][:shared]
+        r_pos = [0] * pad + list(range(n + shared))
+        r_seg = [-1] * pad + [0] * (n + shared)  # -1 padding, 0 prompt and shared tokens, j: candidate j's own
+        r_pred = list(range(-1, width_p + shared - 1))  # the column whose logits predict this column's token
+        trunk_end = width_p + shared - 1
+        for j, tok in enumerate(toks, start=1):
+            for t, x in enumerate(tok[shared:]):
+                r_ids.append(x)
+                r_pos.append(n + shared + t)
+                r_seg.append(j)
+                r_pred.append(trunk_end if t == 0 else len(r_pred) - 1)
+        tail = total - len(r_ids)
+        rows_ids.append(r_ids + [tokenizer.pad_token_id] * tail)
+        rows_pos.append(r_pos + [0] * tail)
+        rows_seg.append(r_seg + [-1] * tail)
+        rows_pred.append(r_pred + [width_p - 1] * tail)
+    ids, pos, seg, pred = (torch.tensor(x) for x in (rows_ids, rows_pos, rows_seg, rows_pred))
+    ids, pos, seg = ids.to(device), pos.to(device), seg.to(device)
+    q, k = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    mask = causal & (k >= 0) & (q >= 0) & ((k == 0) | (k == q))
+    mask |= torch.eye(total, dtype=torch.bool, device=device)  # padding attends to itself: no empty softmax rows
+    if attention_implementation(model) == "eager":
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    logits = model(input_ids=ids, attention_mask=mask.unsqueeze(1), position_ids=pos, use_cache=False,
+                   logits_to_keep=width_c + 1).logits  # columns width_p - 1 ... total - 1
+    first = width_p - 1
+    region_pred = (pred[:, width_p:] - first).to(device)  # (rows, width_c) into the kept logits
+    targets = ids[:, width_p:]
+    logp = torch.empty(targets.shape, dtype=torch.float32, device=device)
+    for r in range(0, len(records), 16):  # float32 log-softmax a few rows at a time
+        chunk = logits[r: r + 16].float()
+        lse = torch.logsumexp(chunk, dim=-1)  # (rows, width_c + 1)
+        at = region_pred[r: r + 16]
+        rows = torch.arange(chunk.shape[0], device=device).unsqueeze(1)
+        logp[r: r + 16] = chunk[rows, at, targets[r: r + 16]] - lse.gather(1, at)
+    logp = logp.tolist()
+    seg_c = seg[:, width_p:].tolist()
+    out_rows = []
+    for i, (cands, toks, shared) in enumerate(layouts):
+        trunk = sum(logp[i][:shared])
+        sums = [trunk] * len(cands)
+        for c, s_ in enumerate(seg_c[i][shared:], start=shared):
+            if s_ > 0:
+                sums[s_ - 1] += logp[i][c]
+        out_rows.append(list(zip(cands, sums)))
+    return out_rows
+
+
+@torch.inference_mode()
+def _score_candidates_with_cache(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
+    """The same scores for attention kernels that take no 4D mask: a prompt pass, its cache repeated per candidate."""
     device = _device_of(model)
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
     batch = _encode_batch(tokenizer, prompts, device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # One forward pass over the prompts; its cache is then shared by every candidate answer.
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
     first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     cache = out.past_key_values
 
@@ -200,6 +293,32 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     summary["seconds"] = round(elapsed, 2)
     summary["mode"] = ecfg.mode
     return samples, summary
+
+
+def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, prompt_format: str = "chat"):
+    """evaluate_records split across the ranks of a distributed job, gathered on every rank.
+
+    Each rank scores a disjoint, equally long slice (the last one padded with repeats that are dropped
+    after gathering), so all ranks run the same number of forward passes, which sharded (FSDP)
+    models need.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return evaluate_records(model, tokenizer, records, ecfg, prompt_format, show_progress=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = -(-len(records) // world)
+    indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(records))))
+    real = len(indices)
+    indices += [indices[-1] if indices else 0] * (per_rank - real)
+    samples, _ = evaluate_records(model, tokenizer, [records[i] for i in indices], ecfg, prompt_format,
+                                  show_progress=False)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, samples[:real])
+    merged = [s for part in gathered for s in part]
+    summary = summarize(merged)
+    summary["mode"] = ecfg.mode
+    return merged, summary
 
 
 # ----------------------------------------------------------------------------- command

@@ -90,23 +90,41 @@ def _statement_hash(record) -> str:
 # ----------------------------------------------------------------------------- saving
 
 
-def save_model_dir(model, tokenizer, cfg: Config, manifest: dict, dest: Path) -> Path:
-    """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model."""
+def save_model_dir(model, tokenizer, cfg: Config, manifest: dict, dest: Path, trainer: Trainer | None = None) -> Path:
+    """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model.
+
+    With a trainer, every rank must call this: Trainer.save_model gathers sharded (FSDP) weights
+    collectively and writes on the main process only.
+    """
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if trainer is not None:
+        if trainer.is_world_process_zero() and tmp.exists():
+            shutil.rmtree(tmp)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(tmp))
+        if not trainer.is_world_process_zero():
+            trainer.accelerator.wait_for_everyone()
+            return dest
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+    else:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     save_config(cfg, tmp / "lawtune_config.yaml")
     (tmp / "data_manifest.json").write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
     if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        old = dest.with_name(f".{dest.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(dest, old)
         os.replace(tmp, dest)
         shutil.rmtree(old)
     else:
         os.replace(tmp, dest)
+    if trainer is not None:
+        trainer.accelerator.wait_for_everyone()
     return dest
 
 
@@ -163,15 +181,16 @@ class HeldOutEvalCallback(TrainerCallback):
         self.metrics, self.out, self.manifest = metrics, out, manifest
         self.best = -1.0
         self.history: list[dict] = []
+        self.trainer: Trainer | None = None  # set once the Trainer exists; saving goes through it
 
     def _run(self, state, model) -> None:
-        from .evaluate import evaluate_records
+        from .evaluate import evaluate_sharded
 
         was_training = model.training
         model.eval()
+        # Reasoning runs thousands of tokens a question: during training the cheap modes are used.
         ecfg = dataclasses.replace(self.cfg.eval, mode=self.cfg.eval.mode if self.cfg.eval.mode != "reasoning" else "direct")
-        _, summary = evaluate_records(model, self.tokenizer, self.records, ecfg, self.cfg.data.prompt_format,
-                                      show_progress=False)
+        _, summary = evaluate_sharded(model, self.tokenizer, self.records, ecfg, self.cfg.data.prompt_format)
         if was_training:
             model.train()
         row = {"step": state.global_step, "eval_accuracy": summary["accuracy"], "eval_invalid": summary["invalid"],
@@ -182,10 +201,11 @@ class HeldOutEvalCallback(TrainerCallback):
         if is_main_process():
             tqdm.write(f"[eval] step {state.global_step}: accuracy {summary['accuracy']:.3f} "
                        f"on {summary['n']} held-out questions ({ecfg.mode}), invalid {summary['invalid']}")
-            if summary["accuracy"] > self.best:
-                self.best = summary["accuracy"]
-                manifest = {**self.manifest, "best": {"step": state.global_step, "eval_accuracy": self.best}}
-                save_model_dir(model, self.tokenizer, self.cfg, manifest, self.out / "best_model")
+        # Every rank holds the same gathered summary, so every rank takes the same branch here.
+        if summary["accuracy"] > self.best:
+            self.best = summary["accuracy"]
+            manifest = {**self.manifest, "best": {"step": state.global_step, "eval_accuracy": self.best}}
+            save_model_dir(model, self.tokenizer, self.cfg, manifest, self.out / "best_model", trainer=self.trainer)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         steps = self.cfg.train.eval_steps
@@ -286,6 +306,7 @@ def setup(cfg: Config, resume: bool = False) -> dict:
         processing_class=tokenizer,
         callbacks=[metrics, held_out],
     )
+    held_out.trainer = trainer
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     log.info("model %s on %s (%s): %s trainable LoRA parameters of %s (%.2f%%)", cfg.model.path, device,
@@ -307,8 +328,8 @@ def fit(cfg: Config, parts: dict, resume: bool = False) -> dict:
             log.warning("--resume: no checkpoint in %s, starting from scratch", out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final_model"
+    save_model_dir(trainer.model, parts["tokenizer"], cfg, parts["manifest"], final, trainer=trainer)
     if trainer.is_world_process_zero():
-        save_model_dir(trainer.model, parts["tokenizer"], cfg, parts["manifest"], final)
         write_curves(out / "metrics.jsonl", out / "curves.png")
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {

@@ -1,0 +1,342 @@
+"""Speed features of training and evaluation, each switched on by a config field.
+
+Training (``train.*``; measured in ``bench/train_throughput.py``, numbers in ``bench/README.md``):
+
+* ``batch_tokens``: micro-batches by token budget instead of a fixed number of examples. JEC-QA examples
+  are short (median ~160 tokens), so two sequences a step leave the GPU mostly idle. With ``packing``
+  the examples of a micro-batch are concatenated into one row of exactly ``batch_tokens`` tokens (one
+  shape for every step, so compiled kernels are built once); without it, examples of similar length are
+  grouped and right-padded, and the attention mask is left out because right padding under causal
+  attention never reaches a real token.
+* ``sparse_logits``: the LM head and the loss run only where a label is. Only the answer tokens carry
+  loss, so ~97% of the 151,936-wide logits the plain path computes are thrown away. Same loss and
+  gradients (tests/test_fast.py).
+* ``liger``: Liger-kernel's fused RMSNorm, SwiGLU and RoPE (and its fused linear cross-entropy when
+  ``sparse_logits`` is off). Needs a CUDA GPU and ``pip install lawtune[gpu]``; otherwise a warning and
+  the plain path.
+* ``compile``: ``torch.compile`` of each decoder layer (regional compilation: one graph that all layers
+  share), fusing the element-wise work (norms, RoPE, SiLU, LoRA scaling and residual adds) that
+  dominates once the matrix products are large.
+
+Evaluation: ``fast_attention`` runs grouped-query attention on the key/value heads while decoding,
+instead of copying every cached key and value once per query head (older transformers releases do
+that whenever a padding mask is present, which is always the case for left-padded batches).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("lawtune")
+
+
+# ----------------------------------------------------------------------------- token-budget batches
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int = 0,
+                 pad_multiple: int = 8) -> list[list[int]]:
+    """Group example indices into micro-batches of at most ``batch_tokens`` tokens.
+
+    packing: best-fit decreasing into bins of ``batch_tokens`` (few half-empty packs).
+    otherwise: examples sorted by length (ties broken at random) and cut into batches whose padded size,
+    rows x longest row rounded up to ``pad_multiple``, stays within the budget.
+    The order of the batches does not matter: the Trainer's sampler shuffles them every epoch.
+    """
+    too_long = [n for n in lengths if n > batch_tokens]
+    if too_long:
+        raise ValueError(f"train.batch_tokens={batch_tokens} is smaller than an example of {max(too_long)} tokens; "
+                         f"set it to at least data.max_length")
+    rng = random.Random(seed)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    if packing:
+        bins: list[list[int]] = []
+        free: list[tuple[int, int]] = []  # (tokens left, bin index), sorted
+        for i in reversed(order):  # longest first
+            n = lengths[i]
+            k = bisect.bisect_left(free, (n, -1))
+            if k < len(free):
+                left, b = free.pop(k)
+                bins[b].append(i)
+                bisect.insort(free, (left - n, b))
+            else:
+                bins.append([i])
+                bisect.insort(free, (batch_tokens - n, len(bins) - 1))
+        return bins
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending, so the newest example is the longest of its batch
+        width = -(-lengths[i] // pad_multiple) * pad_multiple
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class PlannedBatches(torch.utils.data.Dataset):
+    """A dataset whose items are whole micro-batches (lists of encoded examples); use batch size 1."""
+
+    def __init__(self, features: list[dict], plan: list[list[int]]):
+        self.features, self.plan = features, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.features[j] for j in self.plan[i]]
+
+
+def _examples(items: list) -> list[dict]:
+    """Items from the DataLoader are examples, or planned batches (lists of examples)."""
+    out: list[dict] = []
+    for item in items:
+        out.extend(item if isinstance(item, list) else [item])
+    return out
+
+
+class TokenBudgetCollator:
+    """Collates planned micro-batches: one packed row (position ids restart per example) or right-padded rows.
+
+    Neither form carries an attention mask: packed rows are separated through their position ids, and
+    right padding under causal attention is never attended to by a real token.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool, pack_length: int | None = None, pad_multiple: int = 8):
+        self.pad_token_id, self.packing, self.pack_length, self.pad_multiple = pad_token_id, packing, pack_length, pad_multiple
+
+    def __call__(self, items: list) -> dict[str, torch.Tensor]:
+        examples = _examples(items)
+        if self.packing:
+            ids: list[int] = []
+            labels: list[int] = []
+            positions: list[int] = []
+            for ex in examples:
+                n = len(ex["input_ids"])
+                ids += ex["input_ids"]
+                labels += [-100] + list(ex["labels"][1:])  # never predict across an example boundary
+                positions += range(n)
+            if self.pack_length and len(ids) < self.pack_length:
+                tail = self.pack_length - len(ids)  # one more "example" of padding, on its own positions
+                ids += [self.pad_token_id] * tail
+                labels += [-100] * tail
+                positions += range(tail)
+            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                    "position_ids": torch.tensor([positions])}
+        width = max(len(ex["input_ids"]) for ex in examples)
+        width = -(-width // self.pad_multiple) * self.pad_multiple
+        ids_t = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels_t = torch.full((len(examples), width), -100, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            n = len(ex["input_ids"])
+            ids_t[row, :n] = torch.tensor(ex["input_ids"])
+            labels_t[row, :n] = torch.tensor(ex["labels"])
+        return {"input_ids": ids_t, "labels": labels_t}
+
+
+def real_tokens(items: list) -> int:
+    """Non-padding tokens in what a collator is given (examples or planned batches)."""
+    return sum(len(ex["input_ids"]) for ex in _examples(items))
+
+
+# ----------------------------------------------------------------------------- logits only where a label is
+
+
+class SparseLogitsCollator:
+    """Wraps a collator: keeps only the label positions, and tells the model where to compute logits.
+
+    Position p's logits predict label p + 1. The batch gets ``logits_to_keep`` (the positions p, shared by
+    all rows) and ``labels`` reduced to the matching targets, shape (rows, positions): the model's LM head
+    then runs on those positions alone and ``sparse_logits_loss`` scores them.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, items: list) -> dict[str, torch.Tensor]:
+        batch = self.inner(items)
+        target = batch["labels"][:, 1:]
+        keep = (target != -100).any(0).nonzero().flatten()
+        if keep.numel() == 0:  # no label at all: one position whose targets are all ignored
+            keep = torch.zeros(1, dtype=torch.long)
+        batch["labels"] = target[:, keep].contiguous()
+        batch["logits_to_keep"] = keep
+        return batch
+
+
+def sparse_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Token-summed cross-entropy over the kept positions, divided by the label count of the whole step.
+
+    The same normalisation as transformers' causal-LM loss (float32 logits, sum over the gradient
+    accumulation window's labels), so the loss and gradients equal those of the plain path.
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (labels != -100).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device).clamp(min=1)
+    else:
+        num_items_in_batch = max(int(num_items_in_batch), 1)
+    return loss / num_items_in_batch
+
+
+def make_collator(tokenizer, tcfg, max_length: int):
+    """The training collator for a TrainConfig (see the module docstring for each option)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if tcfg.batch_tokens:
+        collator = TokenBudgetCollator(tokenizer.pad_token_id, tcfg.packing,
+                                       pack_length=tcfg.batch_tokens if tcfg.packing else None)
+    elif tcfg.packing:
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return SparseLogitsCollator(collator) if tcfg.sparse_logits else collator
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
+    """Liger-kernel's fused RMSNorm / SwiGLU / RoPE on a base model (before LoRA is added).
+
+    Returns False (with a warning) where it cannot run: no CUDA device, or liger-kernel not installed.
+    """
+    if device.type != "cuda":
+        log.warning("train.liger: Liger kernels need a CUDA GPU; training with the plain kernels")
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning("train.liger: liger-kernel is not installed (pip install 'lawtune[gpu]'); training with the "
+                    "plain kernels")
+        return False
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=fused_cross_entropy)
+    return True
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The repeated decoder blocks of a (PEFT-wrapped) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    layers = getattr(inner, "layers", None)
+    return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (regional compilation); returns how many."""
+    layers = decoder_layers(model)
+    if layers is None:
+        log.warning("train.compile: no decoder layers found; training uncompiled")
+        return 0
+    import torch._dynamo
+
+    # All layers share one graph; allow a recompilation per layer should a guard tell them apart.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(layers) + 8))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def is_compiled(model) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- evaluation attention
+
+FAST_ATTENTION = "lawtune_sdpa"
+_registered = False
+
+
+def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                       is_causal=None, **kwargs):
+    """transformers' sdpa attention, except that a single decoding query runs on the key/value heads.
+
+    query (B, H, 1, D) becomes (B, H_kv, H / H_kv, D): the query heads of a group sit where query positions
+    would, and the padding mask (B, 1, 1, L) broadcasts over them. Exactly the same attention, without the
+    per-head copy of the whole KV cache that repeating the key/value heads makes at every step.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (groups > 1 and query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1 and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not torch.compiler.is_compiling()):
+        b, h, _, d = query.shape
+        q = query.reshape(b, h // groups, groups, d)
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_ATTENTION, gqa_sdpa_attention)
+    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)
+    _registered = True
+
+
+def _configs(model) -> list:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return [config] if config is not None else []
+
+
+@contextlib.contextmanager
+def fast_attention(model):
+    """Evaluate with ``gqa_sdpa_attention`` where the model uses sdpa or flex attention (flex is for
+    training; decoding with it recompiles for every cache length). Eager and flash attention are kept."""
+    configs = [c for c in _configs(model) if getattr(c, "_attn_implementation", None) in ("sdpa", "flex_attention")]
+    saved = [c._attn_implementation for c in configs]
+    try:
+        if configs:
+            _register()
+            for c in configs:
+                c._attn_implementation = FAST_ATTENTION
+        yield
+    finally:
+        for c, value in zip(configs, saved):
+            c._attn_implementation = value
+
+
+def attention_implementation(model) -> str:
+    configs = _configs(model)
+    return getattr(configs[0], "_attn_implementation", "sdpa") if configs else "sdpa"
+
+
+@contextlib.contextmanager
+def eager_stance(model):
+    """Run a model whose layers were compiled for training eagerly (evaluation has other shapes and a cache)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None or not is_compiled(model):
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())

@@ -1,0 +1,544 @@
+"""Using a fine-tuned model: one question (`ask`), a file without answers (`predict`), and merging.
+
+Everything loads the base model once through ``model.load_for_inference`` (which refuses an adapter
+built for another base model) and renders prompts with ``prompts.render_prompt`` in the format the
+adapter was trained with, so a question is asked exactly as in training and evaluation:
+
+* ``direct``: the prompt closes an empty think block and the model writes ``答案：…`` at once.
+* ``reasoning``: the model thinks first; a trace that runs out of budget is closed and asked for its
+  answer, as ``lawtune eval`` does (the answer is then flagged as forced).
+
+``generate_events`` is the one streaming generation path, shared by ``lawtune ask`` and the HTTP
+server (``serve.py``); ``predict`` reuses the batched evaluation modes of ``evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import EvalConfig, ModelConfig
+from .data import DataError, Record, _parse_record, load_records
+from .evaluate import MODES, _adapter_prompt_format, _answer_part, generate_batch
+from .model import ModelError, load_for_inference
+from .prompts import ANSWER_PREFIX, THINK_CLOSE, render_prompt
+from .scoring import extract_answer
+
+log = logging.getLogger("lawtune")
+
+INFER_MODES = ("direct", "reasoning")
+UNREADABLE = "（无法识别）"
+MERGE_INFO = "lawtune_merge.json"
+
+
+def answer_line(letters: list[str] | None) -> str:
+    """The answer as printed: ``答案：AC``, or ``答案：（无法识别）`` when nothing could be read."""
+    return ANSWER_PREFIX + ("".join(sorted(set(letters))) if letters else UNREADABLE)
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+_OPTION_LINE = re.compile(r"^\s*(?:[(（]\s*([A-ZＡ-Ｚ])\s*[)）]|([A-ZＡ-Ｚ])\s*[.．、:：)）])\s*(.*?)\s*$")
+_OPTION_ARG = re.compile(r"^\s*([A-Za-z])\s*[=.．:：、]\s*(.*?)\s*$", re.S)
+
+
+def _letter(match: re.Match) -> str:
+    return unicodedata.normalize("NFKC", match.group(1) or match.group(2))
+
+
+def record_from_fields(statement: str, options: dict[str, str], record_id: str = "question",
+                       where: str = "question") -> Record:
+    """A validated record (at least two options, letters A-Z) from a statement and its options."""
+    record, problem, _ = _parse_record({"id": record_id, "statement": statement, "option_list": options}, where, False)
+    if problem:
+        raise DataError([problem])
+    return record
+
+
+def record_from_json(text: str, where: str = "--record") -> Record:
+    """A JEC-QA-shaped JSON object (``statement``, ``option_list``; ``id`` optional, ``answer`` ignored)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError([f"{where}: malformed JSON ({exc.msg})"]) from None
+    if not isinstance(obj, dict):
+        raise DataError([f"{where}: expected a JSON object with 'statement' and 'option_list'"])
+    obj = {k: v for k, v in obj.items() if k != "answer"}  # a gold answer plays no part in asking
+    obj.setdefault("id", "question")
+    record, problem, _ = _parse_record(obj, where, False)
+    if problem:
+        raise DataError([problem])
+    return record
+
+
+def parse_options_arg(items: list[str]) -> dict[str, str]:
+    """``--option A=text`` (also ``A.text``, ``A：text``), in the order given."""
+    options: dict[str, str] = {}
+    for item in items:
+        m = _OPTION_ARG.match(item)
+        if not m or not m.group(2):
+            raise ValueError(f"--option {item!r}: expected LETTER=text, e.g. --option 'A=合同无效'")
+        letter = m.group(1).upper()
+        if letter in options:
+            raise ValueError(f"--option {item!r}: option {letter} given twice")
+        options[letter] = m.group(2)
+    return options
+
+
+def split_question_text(text: str) -> tuple[str, dict[str, str]]:
+    """Split plain text into (statement, options): the options are the trailing lines ``A. …``, ``B. …``
+    (also ``A、`` ``A：`` ``(A)``, full-width letters) in letter order; a line that is not the next
+    option continues the one before. Fewer than two such lines: the whole text is the statement."""
+    lines = text.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if (m := _OPTION_LINE.match(line)) and _letter(m) == "A"]
+    if not starts:
+        return text.strip(), {}
+    first = starts[-1]
+    options: dict[str, str] = {}
+    current = None
+    for line in lines[first:]:
+        m = _OPTION_LINE.match(line)
+        expected = chr(ord("A") + len(options))
+        if m and _letter(m) == expected and m.group(3):
+            current = expected
+            options[current] = m.group(3)
+        elif line.strip() and current:
+            options[current] += "\n" + line.strip()
+    statement = "\n".join(lines[:first]).strip()
+    if len(options) < 2 or not statement:
+        return text.strip(), {}
+    return statement, options
+
+
+def record_from_text(text: str, where: str = "question", require_options: bool = True) -> Record:
+    """A record from what a person typed: a JSON record, or a question with option lines.
+
+    Without option lines a question is refused when ``require_options``; otherwise (the HTTP API) it
+    is asked as a free question with no options, whose answer letters are then empty."""
+    stripped = text.strip()
+    if not stripped:
+        raise DataError([f"{where}: empty question"])
+    if stripped.startswith("{"):
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and ("statement" in obj or "option_list" in obj):
+            return record_from_json(stripped, where)
+    statement, options = split_question_text(stripped)
+    if options:
+        return record_from_fields(statement, options, where=where)
+    if require_options:
+        raise DataError([f"{where}: no options found; give at least two, one per line as 'A. …', or --option A=…"])
+    return Record(id="question", statement=statement, options={}, answer=None, where=where)
+
+
+def record_from_lines(lines: list[str], where: str = "stdin") -> Record:
+    """Interactive input: a question followed by its options, one per line; lettered lines (``A. …``)
+    keep their letters, unlettered ones are lettered A, B, C… in order."""
+    lines = [line.rstrip() for line in lines if line.strip()]
+    if not lines:
+        raise DataError([f"{where}: empty question"])
+    statement, options = split_question_text("\n".join(lines))
+    if options:
+        return record_from_fields(statement, options, where=where)
+    options = {}
+    for line in lines[1:]:
+        m = _OPTION_LINE.match(line)
+        options[chr(ord("A") + len(options))] = m.group(3) if m and m.group(3) else line.strip()
+    return record_from_fields(lines[0].strip(), options, where=where)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def config_from_args(args):
+    """The run config of ask / predict / serve: --config, then key=value overrides, then the flags."""
+    from .config import load_config
+
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "model", None):
+        overrides.append(f"model.path={args.model}")
+    mode = getattr(args, "mode", None) or "direct"
+    overrides.append(f"eval.mode={mode}")
+    if getattr(args, "batch_size", None) is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if getattr(args, "max_new_tokens", None) is not None:
+        # The budget of the mode asked for (serve: of reasoning mode; direct requests keep their own).
+        key = "direct_max_new_tokens" if mode == "direct" and args.command != "serve" else "max_new_tokens"
+        overrides.append(f"eval.{key}={args.max_new_tokens}")
+    if getattr(args, "sample", False):
+        overrides.append("eval.do_sample=true")
+    return load_config(getattr(args, "config", None), overrides)
+
+
+
+@dataclass
+class Engine:
+    """One loaded model: generation through it is serialized by ``lock``."""
+
+    model: object
+    tokenizer: object
+    prompt_format: str
+    ecfg: EvalConfig
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def resolve_prompt_format(model_path: str, adapter: str | None, override: str | None = None) -> str:
+    """The format given, else the adapter's (its lawtune_config.yaml), else a merged model's, else chat."""
+    if override:
+        return override
+    fmt = _adapter_prompt_format(adapter)
+    if fmt:
+        return fmt
+    info = Path(model_path or ".") / MERGE_INFO
+    if info.is_file():
+        return json.loads(info.read_text(encoding="utf-8")).get("prompt_format") or "chat"
+    return "chat"
+
+
+def _quiet_loading() -> None:
+    """No weight-loading progress bars: a refusal must stay one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_engine(mcfg: ModelConfig, ecfg: EvalConfig | None = None, adapter: str | None = None,
+                prompt_format: str | None = None) -> Engine:
+    fmt = resolve_prompt_format(mcfg.path, adapter, prompt_format)
+    _quiet_loading()
+    try:
+        model, tokenizer = load_for_inference(mcfg, adapter)
+    except RuntimeError as exc:  # peft's size mismatch for a shape check_adapter does not cover
+        raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
+                         f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
+    return Engine(model, tokenizer, fmt, ecfg or EvalConfig())
+
+
+class _Cancel:
+    """A stopping criterion that ends generation once set (a client went away)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ThinkSplitter:
+    """Routes streamed text to ("reasoning", …) before ``</think>`` and ("content", …) after it, holding
+    back a possibly split marker and the line breaks that start the answer."""
+
+    MARK = "</think>"
+
+    def __init__(self, reasoning: bool) -> None:
+        self.in_reasoning = reasoning
+        self.buffer = ""
+        self.content_started = False
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self.buffer += text
+        events = []
+        if self.in_reasoning:
+            if self.MARK in self.buffer:
+                before, self.buffer = self.buffer.split(self.MARK, 1)
+                self.in_reasoning = False
+                if before:
+                    events.append(("reasoning", before))
+            else:
+                keep = next((k for k in range(min(len(self.MARK) - 1, len(self.buffer)), 0, -1)
+                             if self.MARK.startswith(self.buffer[-k:])), 0)
+                out, self.buffer = self.buffer[: len(self.buffer) - keep], self.buffer[len(self.buffer) - keep:]
+                return [("reasoning", out)] if out else []
+        if not self.content_started:
+            self.buffer = self.buffer.lstrip()
+            self.content_started = bool(self.buffer)
+        if self.buffer:
+            events.append(("content", self.buffer))
+            self.buffer = ""
+        return events
+
+    def flush(self) -> list[tuple[str, str]]:
+        out, self.buffer = self.buffer, ""
+        return [("reasoning" if self.in_reasoning else "content", out)] if out else []
+
+
+@dataclass
+class Answer:
+    output: str
+    """Everything generated (for reasoning mode: the trace, ``</think>`` and the answer part)."""
+    reasoning: str
+    content: str
+    answer: list[str] | None
+    prompt_tokens: int
+    generated_tokens: int
+    stopped: bool
+    """Ended by the end token; False when the budget ran out (reasoning mode: the answer was forced)."""
+
+
+def _generate(engine: Engine, prompt: str, budget: int, ecfg: EvalConfig, splitter: ThinkSplitter,
+              stream: bool, cancel: _Cancel):
+    """Yield text events of one generation; return (text, tokens, stopped)."""
+    if not stream:
+        result = generate_batch(engine.model, engine.tokenizer, [prompt], budget, ecfg)[0]
+        yield from splitter.feed(result[0])
+        return result
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    holder: dict = {}
+
+    def work() -> None:
+        try:
+            holder["result"] = generate_batch(engine.model, engine.tokenizer, [prompt], budget, ecfg,
+                                              streamer=streamer, stopping_criteria=[cancel])[0]
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+            holder["error"] = exc
+            streamer.end()
+
+    thread = threading.Thread(target=work, name="lawtune-generate", daemon=True)
+    thread.start()
+    finished = False
+    try:
+        for piece in streamer:
+            yield from splitter.feed(piece)
+        finished = True
+    finally:
+        if not finished:  # the consumer stopped listening: stop generating, then give the lock back
+            cancel.event.set()
+        thread.join()
+    if "error" in holder:
+        raise holder["error"]
+    return holder["result"]
+
+
+def generate_events(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
+                    ecfg: EvalConfig | None = None, stream: bool = True) -> Iterator[tuple[str, object]]:
+    """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer).
+
+    Holds the engine's lock while generating; closing the iterator early stops the generation."""
+    if mode not in INFER_MODES:
+        raise ValueError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
+    ecfg = ecfg or engine.ecfg
+    think = mode == "reasoning"
+    budget = max_new_tokens or (ecfg.max_new_tokens if think else ecfg.direct_max_new_tokens)
+    prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
+    prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    splitter, cancel = ThinkSplitter(reasoning=think), _Cancel()
+    with engine.lock:
+        text, n_tokens, stopped = yield from _generate(engine, prompt, budget, ecfg, splitter, stream, cancel)
+        output = text
+        if think and not stopped:
+            # Out of budget: close the trace and ask for the answer, exactly as `lawtune eval` does.
+            closing = "\n" + ANSWER_PREFIX if "</think>" in text else THINK_CLOSE[engine.prompt_format] + ANSWER_PREFIX
+            yield from splitter.feed(closing)
+            more, n_more, _ = yield from _generate(engine, prompt + text + closing, ecfg.direct_max_new_tokens, ecfg,
+                                                   splitter, stream, cancel)
+            output, n_tokens = text + closing + more, n_tokens + n_more
+        yield from splitter.flush()
+    content = _answer_part(output).strip()
+    reasoning = output.split("</think>", 1)[0].strip() if think else ""
+    letters = "".join(record.options)
+    pred = extract_answer(_answer_part(output), letters) if letters else None
+    yield "done", Answer(output, reasoning, content, pred, prompt_tokens, n_tokens, stopped)
+
+
+def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None, out=None) -> Answer:
+    """Stream the reasoning to ``out`` as it is written, then print the answer line (last line of output)."""
+    import sys
+
+    out = out or sys.stdout
+    content_parts: list[str] = []
+    last = "\n"
+    result: Answer | None = None
+    for kind, value in generate_events(engine, record, mode, max_new_tokens):
+        if kind == "reasoning":
+            out.write(value)
+            out.flush()
+            last = value[-1]
+        elif kind == "content":
+            content_parts.append(value)
+        else:
+            result = value
+    if last != "\n":
+        out.write("\n")
+    line = answer_line(result.answer)
+    content = "".join(content_parts).strip()
+    if content and content != line:  # the model's own words after thinking, when they say more than the letters
+        out.write(content + "\n")
+    out.write(line + "\n")
+    out.flush()
+    return result
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _done_ids(output: Path) -> set[str]:
+    """Ids already in a predictions file; a torn last line (a crash while writing) is cut off."""
+    if not output.is_file():
+        return set()
+    raw = output.read_bytes()
+    lines = raw.split(b"\n")
+    done: set[str] = set()
+    keep = 0  # bytes of whole, valid lines
+    for number, line in enumerate(lines, start=1):
+        last = number == len(lines)
+        if line.strip():
+            try:
+                done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                if last:  # a line cut off by a crash: drop it, its record is generated again
+                    log.warning("%s: dropping an unfinished last line", output)
+                    break
+                raise DataError([f"{output}:{number}: not a predictions line (JSON with an 'id')"]) from None
+        keep += len(line) + (0 if last else 1)
+    if keep != len(raw) or not raw.endswith(b"\n"):
+        with open(output, "r+b") as fh:
+            fh.truncate(keep)
+            if keep and not raw[:keep].endswith(b"\n"):
+                fh.seek(keep)
+                fh.write(b"\n")
+    return done
+
+
+def run_predict(mcfg: ModelConfig, ecfg: EvalConfig, data: str, output: str, adapter: str | None = None,
+                prompt_format: str | None = None, show_progress: bool = True, engine: Engine | None = None) -> dict:
+    """`lawtune predict`: answers for every record of ``data`` not yet in ``output`` (JSON Lines, appended)."""
+    from tqdm.auto import tqdm
+
+    if ecfg.mode not in INFER_MODES:
+        raise ValueError(f"mode: {ecfg.mode!r} is not one of {', '.join(INFER_MODES)}")
+    records = load_records(data, require_answer=False).records
+    out_path = Path(output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _done_ids(out_path)
+    todo = [r for r in records if r.id not in done]
+    summary = {"records": len(records), "already_done": len(records) - len(todo), "generated": 0, "unreadable": 0,
+               "output": str(out_path)}
+    if not todo:
+        return summary
+    engine = engine or load_engine(mcfg, ecfg, adapter, prompt_format)
+    run = MODES[ecfg.mode]
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"predict ({ecfg.mode})", unit="q",
+               disable=not show_progress, dynamic_ncols=True)
+    with open(out_path, "a", encoding="utf-8") as fh:
+        for k in range(0, len(todo), ecfg.batch_size):
+            batch = todo[k: k + ecfg.batch_size]
+            with engine.lock:
+                rows = run(engine.model, engine.tokenizer, batch, engine.prompt_format, ecfg)
+            for record, row in zip(batch, rows):
+                line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
+                if row.get("forced"):
+                    line["forced"] = True
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                summary["unreadable"] += not row["pred"]
+            fh.flush()
+            os.fsync(fh.fileno())  # a crash loses at most the batch being generated
+            summary["generated"] += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _adapter_quantization(adapter: str) -> str:
+    path = Path(adapter) / "lawtune_config.yaml"
+    if not path.is_file():
+        return "none"
+    import yaml
+
+    return str(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}).get("quantization") or "none")
+
+
+def _checkpoint_dtype(path: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _safetensors_keys(directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            keys += list(fh.keys())
+    return keys
+
+
+def merge_adapter(base: str, adapter: str, output: str, dtype: str | None = None, force: bool = False,
+                  say=print) -> dict:
+    """`lawtune merge`: fold the LoRA update into the base weights and save a plain HF model directory.
+
+    The merge runs in float32 on the CPU and the result is saved in the base checkpoint's dtype (or
+    ``dtype``). A QLoRA adapter is merged into the unquantised base, never into 4-bit weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ModelError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    if not adapter:
+        raise ModelError("merge: --adapter is required")
+    quantization = _adapter_quantization(adapter)
+    if quantization == "4bit":
+        say(f"note: {adapter} is a QLoRA adapter (trained on a 4-bit base); merging it into the unquantised "
+            f"base weights, not into 4-bit ones (outputs can differ slightly from base-4bit + adapter)")
+    save_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(base)
+    _quiet_loading()
+    mcfg = ModelConfig(path=base, dtype="float32", quantization="none")
+    model, _ = load_for_inference(mcfg, adapter, device=torch.device("cpu"))
+    merged = model.merge_and_unload()
+    merged.to(save_dtype)
+    merged.config.dtype = save_dtype
+    tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    keys = _safetensors_keys(tmp)
+    bad = [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
+    if not keys or bad:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{out}: merged weights still hold PEFT keys ({', '.join(bad[:3])})" if bad
+                         else f"{out}: no safetensors weights were written")
+    # Reload as a plain transformers model: every weight must come back exactly as merged.
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=save_dtype, output_loading_info=True)
+    problems = [f"missing {k}" for k in info.get("missing_keys") or []]
+    problems += [f"unexpected {k}" for k in info.get("unexpected_keys") or []]
+    expected = merged.state_dict()
+    problems += [f"changed {k}" for k, v in reloaded.state_dict().items() if k in expected and not torch.equal(v, expected[k])]
+    if problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{out}: the saved model does not reload as merged ({', '.join(problems[:3])})")
+    del reloaded
+    info_out = {"base_model": str(base), "adapter": str(adapter), "prompt_format": _adapter_prompt_format(adapter) or "chat",
+                "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
+    (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {**info_out, "output": str(out), "tensors": len(keys)}

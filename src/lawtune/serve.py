@@ -1,0 +1,291 @@
+"""`lawtune serve`: an OpenAI-compatible HTTP API and a one-page UI for one loaded model.
+
+Standard library only (``http.server.ThreadingHTTPServer``): each request has its own thread, and
+generation is serialized by the engine's lock, since there is one model.
+
+* ``GET /v1/models``: the one model id, ``lawtune``.
+* ``POST /v1/chat/completions``: streaming (server-sent events ``data: {...}`` then ``data: [DONE]``)
+  and non-streaming. The last user message is the question: a JEC-QA-shaped JSON record, or plain
+  text whose trailing lines ``A. …``, ``B. …`` are read as its options. Extra request field ``mode``
+  (``direct``, the default, or ``reasoning``). The reasoning comes back in ``reasoning_content``
+  beside ``content`` (split at ``</think>``), and the letters read from the answer in ``answer``.
+* ``GET /``: a self-contained page to type a question and options and watch the answer arrive.
+
+Every bad request gets a 4xx status with ``{"error": {"message": …, "type": …}}``; no request can
+stop the server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+from .config import ConfigError
+from .data import DataError
+from .infer import INFER_MODES, Engine, generate_events, record_from_text
+
+log = logging.getLogger("lawtune")
+
+MODEL_ID = "lawtune"
+MAX_BODY = 1 << 20
+MAX_TOKENS_LIMIT = 32768
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    record: object
+    mode: str
+    stream: bool
+    max_tokens: int | None
+    ecfg: object
+
+
+def _message_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if parts and all(isinstance(p, str) for p in parts):
+            return "\n".join(parts)
+    raise RequestError(400, "messages: the user message content must be a string or a list of text parts",
+                       param="messages")
+
+
+def parse_chat_request(body, engine: Engine) -> ChatRequest:
+    """Validate a chat completion request body; raises RequestError with the status to answer."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    model = body.get("model", MODEL_ID)
+    if model not in (MODEL_ID, None):
+        raise RequestError(404, f"model {model!r} does not exist; this server has {MODEL_ID!r}", "not_found_error", "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RequestError(400, "messages: expected a non-empty list of {role, content} objects", param="messages")
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise RequestError(400, "messages: no user message (the last one is the question)", param="messages")
+    text = _message_text(users[-1].get("content"))
+    mode = body.get("mode", "direct")
+    if mode not in INFER_MODES:
+        raise RequestError(400, f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}", param="mode")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "stream: expected true or false", param="stream")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "n: only one choice per request is supported", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or not 1 <= max_tokens <= MAX_TOKENS_LIMIT):
+        raise RequestError(400, f"max_tokens: expected an integer from 1 to {MAX_TOKENS_LIMIT}", param="max_tokens")
+    ecfg = engine.ecfg
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+            raise RequestError(400, f"{name}: expected a number >= 0", param=name)
+    try:
+        if temperature:  # absent or 0: greedy, as in evaluation
+            ecfg = dataclasses.replace(ecfg, do_sample=True, temperature=float(temperature),
+                                       top_p=float(top_p) if top_p else ecfg.top_p)
+        record = record_from_text(text, where="messages[-1].content", require_options=False)
+    except (ConfigError, DataError) as exc:
+        raise RequestError(400, str(exc).splitlines()[0], param="messages") from None
+    return ChatRequest(record, mode, stream, max_tokens, ecfg)
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def _usage(answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.generated_tokens,
+            "total_tokens": answer.prompt_tokens + answer.generated_tokens}
+
+
+def complete(engine: Engine, req: ChatRequest) -> dict:
+    """A non-streaming chat completion."""
+    answer = None
+    for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, req.ecfg, stream=False):
+        if kind == "done":
+            answer = value
+    message = {"role": "assistant", "content": answer.content, "reasoning_content": answer.reasoning,
+               "answer": answer.answer or []}
+    return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": MODEL_ID,
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop" if answer.stopped else "length"}],
+            "usage": _usage(answer)}
+
+
+def stream_chunks(engine: Engine, req: ChatRequest):
+    """The chunks of a streaming chat completion, as dicts (the caller frames them as SSE)."""
+    base = {"id": _completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL_ID}
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+    yield chunk({"role": "assistant", "content": ""})
+    events = generate_events(engine, req.record, req.mode, req.max_tokens, req.ecfg, stream=True)
+    try:
+        for kind, value in events:
+            if kind == "reasoning":
+                yield chunk({"reasoning_content": value})
+            elif kind == "content":
+                yield chunk({"content": value})
+            else:
+                yield chunk({"answer": value.answer or []}, "stop" if value.stopped else "length", usage=_usage(value))
+    finally:
+        events.close()  # a client that went away stops the generation and frees the model
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "lawtune"
+    protocol_version = "HTTP/1.1"
+    engine: Engine  # set on the subclass made by make_server
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    # -- responses
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (malformed request line, headers too long …) as JSON too."""
+        self.close_connection = True
+        try:
+            self._send_json(code, error_body(message or HTTPStatus(code).phrase))
+        except OSError:
+            pass
+
+    def _error(self, exc: RequestError) -> None:
+        if exc.status in (411, 413):  # the body was not read: the connection cannot be reused
+            self.close_connection = True
+        self._send_json(exc.status, error_body(exc.message, exc.kind, exc.param))
+
+    # -- routes
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            page = resources.files("lawtune").joinpath("assets/serve.html").read_bytes()
+            self._send(200, page, "text/html; charset=utf-8")
+        elif path == "/v1/models":
+            self._send_json(200, {"object": "list", "data": [
+                {"id": MODEL_ID, "object": "model", "created": self.server.started, "owned_by": "lawtune"}]})
+        elif path == "/v1/chat/completions":
+            self._error(RequestError(405, "use POST for /v1/chat/completions"))
+        else:
+            self._error(RequestError(404, f"no route {path}", "not_found_error"))
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        self._streaming = False
+        try:
+            body = self._read_json()
+            if path != "/v1/chat/completions":
+                raise RequestError(404, f"no route {path}", "not_found_error")
+            req = parse_chat_request(body, self.engine)
+        except RequestError as exc:
+            self._error(exc)
+            return
+        try:
+            if req.stream:
+                self._stream(req)
+            else:
+                self._send_json(200, complete(self.engine, req))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - one failed generation must not end the server
+            log.exception("generation failed")
+            self.close_connection = True
+            if not getattr(self, "_streaming", False):
+                self._send_json(500, error_body(f"generation failed: {type(exc).__name__}: {exc}", "server_error"))
+
+    def _unsupported(self) -> None:
+        self._error(RequestError(405, f"method {self.command} is not allowed"))
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _unsupported
+
+    def _read_json(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise RequestError(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:
+            raise RequestError(411, "a Content-Length header is required")
+        if length > MAX_BODY:
+            raise RequestError(413, f"request body over {MAX_BODY} bytes")
+        raw = self.rfile.read(length)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RequestError(400, f"the request body is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+
+    def _stream(self, req: ChatRequest) -> None:
+        self._streaming = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(data: str) -> None:
+            payload = f"data: {data}\n\n".encode("utf-8")
+            self.wfile.write(f"{len(payload):x}\r\n".encode("ascii") + payload + b"\r\n")
+            self.wfile.flush()
+
+        chunks = stream_chunks(self.engine, req)
+        try:
+            for item in chunks:
+                send(json.dumps(item, ensure_ascii=False))
+        except (BrokenPipeError, ConnectionResetError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported in the stream, whose headers are sent
+            log.exception("generation failed")
+            send(json.dumps(error_body(f"generation failed: {type(exc).__name__}: {exc}", "server_error")))
+        finally:
+            chunks.close()
+        send("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    started = 0
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> Server:
+    """A ready server (port 0 = any free port; the bound one is ``server.server_address[1]``)."""
+    handler = type("LawtuneHandler", (Handler,), {"engine": engine})
+    server = Server((host, port), handler)
+    server.started = int(time.time())
+    return server

@@ -1,0 +1,253 @@
+"""ask / predict / merge on tiny random models: streaming, resumable prediction, exact merges, refusals."""
+
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from conftest import synthetic_records, write_jsonl
+from lawtune import infer
+from lawtune.cli import main
+from lawtune.config import PROJECTIONS, EvalConfig, ModelConfig
+from lawtune.data import DataError
+from lawtune.demo import build_tiny_model
+from lawtune.evaluate import generate_batch
+from lawtune.model import ModelError, load_for_inference
+from lawtune.prompts import render_prompt
+
+
+def make_adapter(model, directory, seed=0):
+    """A LoRA adapter with non-zero B matrices, so it really changes what the model says."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS),
+                                                  task_type="CAUSAL_LM"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    return make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter_dir(tiny_tokenizer, tmp_path_factory):
+    """An adapter trained on a model with another hidden size (32 instead of 64)."""
+    return make_adapter(build_tiny_model(tiny_tokenizer, hidden_size=32), tmp_path_factory.mktemp("foreign"))
+
+
+def unanswered_file(tmp_path, n=7):
+    rows = synthetic_records(n, seed=3)
+    for row in rows:
+        row.pop("answer")  # like JEC-QA's *_test.json
+    return write_jsonl(tmp_path / "test.json", rows), [r["id"] for r in rows]
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------- questions
+
+
+def test_plain_text_questions_json_records_and_option_flags():
+    statement, options = infer.split_question_text(
+        "甲公司与乙公司订立合同。\n下列说法正确的是：\nA. 合同有效\nB、合同无效\n（C）可撤销\n  的情形\nＤ：效力待定")
+    assert statement == "甲公司与乙公司订立合同。\n下列说法正确的是："
+    assert options == {"A": "合同有效", "B": "合同无效", "C": "可撤销\n的情形", "D": "效力待定"}
+    # "A公司" is a statement, not an option; a single option line is no option list.
+    assert infer.split_question_text("A公司起诉B公司。\nA. 对") == ("A公司起诉B公司。\nA. 对", {})
+    record = infer.record_from_text('{"statement": "题干", "option_list": ["甲", "乙"], "answer": ["B"]}')
+    assert record.options == {"A": "甲", "B": "乙"} and record.answer is None  # a gold answer plays no part
+    assert infer.record_from_text("什么是诉讼时效？", require_options=False).options == {}
+    with pytest.raises(DataError, match="no options"):
+        infer.record_from_text("什么是诉讼时效？")
+    with pytest.raises(DataError, match="at least 2 options"):
+        infer.record_from_json('{"statement": "题干", "option_list": ["甲"]}')
+    assert infer.parse_options_arg(["A=甲", "b：乙"]) == {"A": "甲", "B": "乙"}
+    with pytest.raises(ValueError, match="LETTER=text"):
+        infer.parse_options_arg(["甲"])
+    lines = infer.record_from_lines(["题干\n", "甲\n", "乙\n"])  # interactive: unlettered options in order
+    assert lines.statement == "题干" and lines.options == {"A": "甲", "B": "乙"}
+
+
+def test_think_splitter_holds_back_a_split_marker():
+    splitter = infer.ThinkSplitter(reasoning=True)
+    events = []
+    for piece in ["先分析", "。</th", "ink>\n\n答案", "：B"]:
+        events += splitter.feed(piece)
+    events += splitter.flush()
+    assert "".join(t for k, t in events if k == "reasoning") == "先分析。"
+    assert "".join(t for k, t in events if k == "content") == "答案：B"
+
+
+# ----------------------------------------------------------------------------- ask
+
+
+def test_ask_streams_reasoning_then_prints_the_answer_line(tiny_model_dir, capsys):
+    engine = infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), EvalConfig(max_new_tokens=12))
+    record = infer.record_from_fields("甲乙之间的合同纠纷如何处理？", {"A": "调解", "B": "仲裁", "C": "诉讼"})
+    events = list(infer.generate_events(engine, record, "reasoning"))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "done" and kinds.count("reasoning") >= 2  # streamed piece by piece, not at the end
+    answer = events[-1][1]
+    assert not answer.stopped  # a random model never ends: its trace is closed and an answer forced
+    assert "".join(t for k, t in events if k == "reasoning").strip() == answer.reasoning
+    assert answer.output.startswith(answer.reasoning) and "答案：" in answer.output
+    non_streamed = list(infer.generate_events(engine, record, "reasoning", stream=False))[-1][1]
+    assert non_streamed == answer  # the streaming path generates exactly what the plain one does
+
+    rc = main(["ask", "--model", str(tiny_model_dir), "--question", record.statement, "--option", "A=调解",
+               "--option", "B=仲裁", "--option", "C=诉讼", "--mode", "reasoning", "--max-new-tokens", "12",
+               "model.dtype=float32"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert out.startswith(answer.reasoning)
+    assert out.splitlines()[-1] == infer.answer_line(answer.answer)
+    assert infer.answer_line(None) == "答案：（无法识别）" and infer.answer_line(["C", "A"]) == "答案：AC"
+
+
+def test_ask_interactive_reads_question_and_options_until_an_empty_line(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("第一题题干\n甲\n乙\n\n第二题题干\nA. 丙\nB. 丁\nC. 戊\n\n"))
+    assert main(["ask", "--model", str(tiny_model_dir), "model.dtype=float32"]) == 0
+    answers = [line for line in capsys.readouterr().out.splitlines() if line.startswith("答案：")]
+    assert len(answers) == 2
+
+
+def test_ask_rejects_a_question_without_options_before_loading(capsys):
+    assert main(["ask", "--model", "/nonexistent", "--question", "什么是诉讼时效？"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no options" in err and len(err.splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def test_predict_writes_one_line_per_record_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data, ids = unanswered_file(tmp_path)
+    out = tmp_path / "preds.jsonl"
+    args = ["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--batch-size", "3",
+            "model.dtype=float32"]
+    assert main(args) == 0
+    rows = read_lines(out)
+    assert [r["id"] for r in rows] == ids
+    for row in rows:
+        assert set(row) >= {"id", "answer", "output"} and isinstance(row["answer"], list)
+        assert row["answer"] == (infer.extract_answer(row["output"], "ABCD") or [])
+
+    # A crash after 3 lines, in the middle of writing the 4th: a rerun generates only the other 4.
+    raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(raw[:3]) + raw[3][:10], encoding="utf-8")
+    generated = []
+    real = infer.MODES["direct"]
+
+    def counting(model, tokenizer, records, prompt_format, ecfg):
+        generated.extend(r.id for r in records)
+        return real(model, tokenizer, records, prompt_format, ecfg)
+
+    monkeypatch.setitem(infer.MODES, "direct", counting)
+    assert main(args) == 0
+    assert generated == ids[3:]
+    rows2 = read_lines(out)
+    assert sorted(r["id"] for r in rows2) == sorted(ids) and rows2[:3] == rows[:3]
+    assert "4 answered" in capsys.readouterr().out
+    generated.clear()
+    assert main(args) == 0 and generated == []  # all done: nothing generated, nothing loaded
+
+
+def test_predict_reasoning_mode_forces_an_answer_when_the_budget_runs_out(tiny_model_dir, tmp_path):
+    data, ids = unanswered_file(tmp_path, n=2)
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+                 "--mode", "reasoning", "--max-new-tokens", "6", "model.dtype=float32"]) == 0
+    rows = read_lines(out)
+    assert [r["id"] for r in rows] == ids
+    assert all(r["forced"] and "</think>" in r["output"] and "答案：" in r["output"] for r in rows)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+def _greedy(model, tokenizer, n_tokens=10):
+    records = [infer.record_from_fields(r["statement"], r["option_list"]) for r in synthetic_records(3, seed=5)]
+    prompts = [render_prompt(r, tokenizer, "chat", think=True) for r in records]
+    return [text for text, _, _ in generate_batch(model, tokenizer, prompts, n_tokens, EvalConfig())]
+
+
+def test_merged_model_generates_what_base_plus_adapter_generates(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 0
+    files = sorted(out.glob("*.safetensors"))
+    assert files and (out / "config.json").is_file() and (out / "generation_config.json").is_file()
+    assert (out / "tokenizer_config.json").is_file() and not (out / "adapter_config.json").exists()
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            keys = list(fh.keys())
+            assert keys and not [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
+            assert {fh.get_tensor(k).dtype for k in keys} == {torch.float32}  # the base's dtype
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
+
+    mcfg = ModelConfig(path=str(tiny_model_dir), dtype="float32")
+    with_adapter = _greedy(*load_for_inference(mcfg, str(adapter_dir)))
+    merged = _greedy(*load_for_inference(ModelConfig(path=str(out), dtype="float32")))
+    base = _greedy(*load_for_inference(mcfg))
+    assert merged == with_adapter
+    assert base != with_adapter  # the adapter matters, so equality above means the update was merged
+
+    capsys.readouterr()
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, adapter_dir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    qlora = tmp_path / "qlora"
+    shutil.copytree(adapter_dir, qlora)
+    (qlora / "lawtune_config.yaml").write_text("model:\n  quantization: 4bit\ndata:\n  prompt_format: plain\n")
+    out = tmp_path / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(qlora), "--output", str(out),
+                 "--dtype", "bfloat16"]) == 0
+    said = capsys.readouterr().out
+    assert "QLoRA" in said and "unquantised" in said
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert infer.resolve_prompt_format(str(out), None) == "plain"  # the merged model keeps the adapter's format
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("command", ["ask", "predict", "merge", "serve"])
+def test_adapter_for_another_base_model_is_refused_in_one_line(command, tiny_model_dir, foreign_adapter_dir,
+                                                              tmp_path, capsys):
+    data, _ = unanswered_file(tmp_path, n=1)
+    extra = {"ask": ["--record", data.read_text(encoding="utf-8").strip()],
+             "predict": ["--data", str(data), "--output", str(tmp_path / "p.jsonl")],
+             "merge": ["--output", str(tmp_path / "merged")],
+             "serve": ["--port", "0"]}[command]
+    rc = main([command, "--model", str(tiny_model_dir), "--adapter", str(foreign_adapter_dir), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "another base model" in err, err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def test_load_engine_raises_model_error(tiny_model_dir, foreign_adapter_dir):
+    with pytest.raises(ModelError, match="another base model"):
+        infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), adapter=str(foreign_adapter_dir))

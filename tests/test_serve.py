@@ -1,0 +1,263 @@
+"""`lawtune serve` over real HTTP on loopback: OpenAI-style API, streaming, errors, the page in Chromium."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from lawtune.config import EvalConfig, ModelConfig
+from lawtune.demo import build_tiny_model
+from lawtune.infer import load_engine
+from lawtune.serve import make_server
+
+RECORD = {"statement": "甲与乙订立买卖合同，下列哪些说法正确？", "option_list": {"A": "合同成立", "B": "合同无效", "C": "可撤销"}}
+PLAIN = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
+REASONING = "依据民法典"
+
+
+@contextmanager
+def running(engine):
+    server = make_server(engine, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def answering_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny model rigged to answer: its layers add nothing, so it is a bigram table, and the table is set
+    so that after the prompt it writes "答案：A" (direct) or "依据民法典</think>\\n\\n答案：A" (reasoning)."""
+    from lawtune.infer import record_from_fields
+    from lawtune.prompts import render_prompt
+
+    tok = tiny_tokenizer
+    model = build_tiny_model(tok)
+    record = record_from_fields("题干", {"A": "甲", "B": "乙"})
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    direct_end = ids(render_prompt(record, tok, "chat", think=False))[-1]
+    think_end = ids(render_prompt(record, tok, "chat", think=True))[-1]
+    answer = ids("答案：A") + [tok.eos_token_id]
+    chains = [[direct_end, *answer], [think_end, *ids(REASONING), *ids("</think>"), direct_end]]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for chain in chains:
+            for cur, nxt in zip(chain, chain[1:]):
+                head[nxt] += 20 * emb[cur] / emb[cur].norm()
+    directory = tmp_path_factory.mktemp("answering")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def answering(answering_model_dir):
+    with running(load_engine(ModelConfig(path=str(answering_model_dir), dtype="float32"))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def random_engine(tiny_model_dir):
+    return load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"),
+                       EvalConfig(max_new_tokens=16, direct_max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def rand(random_engine):
+    with running(random_engine) as url:
+        yield url
+
+
+def chat(url, content, **fields):
+    body = {"model": "lawtune", "messages": [{"role": "user", "content": content}], **fields}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+
+def sse_events(url, content, **fields):
+    body = {"model": "lawtune", "stream": True, "messages": [{"role": "user", "content": content}], **fields}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_models_and_the_page(rand):
+    models = httpx.get(f"{rand}/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["lawtune"]
+    page = httpx.get(f"{rand}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<script>" in page.text and "/v1/chat/completions" in page.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # no external resources
+
+
+def test_completion_from_a_record_plain_text_and_in_reasoning_mode(answering):
+    for content in (json.dumps(RECORD, ensure_ascii=False), PLAIN):
+        resp = chat(answering, content)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["object"] == "chat.completion" and body["model"] == "lawtune"
+        choice = body["choices"][0]
+        assert choice["message"] == {"role": "assistant", "content": "答案：A", "reasoning_content": "", "answer": ["A"]}
+        assert choice["finish_reason"] == "stop" and body["usage"]["completion_tokens"] == 4
+    message = chat(answering, PLAIN, mode="reasoning").json()["choices"][0]["message"]
+    assert message["reasoning_content"] == REASONING and message["content"] == "答案：A" and message["answer"] == ["A"]
+    free = chat(answering, "什么是买卖合同？").json()["choices"][0]["message"]  # no options: a free question
+    assert free["content"] == "答案：A" and free["answer"] == []
+
+
+def test_streaming_sends_the_same_text_in_chunks(rand):
+    events = sse_events(rand, PLAIN, mode="reasoning", max_tokens=12)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and len({c["id"] for c in chunks}) == 1
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant"
+    assert sum(1 for d in deltas if d.get("reasoning_content")) >= 2
+    last = chunks[-1]["choices"][0]
+    assert last["finish_reason"] == "length" and isinstance(last["delta"]["answer"], list)  # budget ran out: forced
+    full = chat(rand, PLAIN, mode="reasoning", max_tokens=12).json()["choices"][0]
+    assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == full["message"]["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas).strip() == full["message"]["content"]
+    assert last["delta"]["answer"] == full["message"]["answer"] and full["finish_reason"] == "length"
+
+
+def _raw(url, payload: bytes) -> bytes:
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"model": "lawtune"}', 400, "messages"),
+    (b'{"messages": [{"role": "system", "content": "hi"}]}', 400, "no user message"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "mode": "fast"}', 400, "mode"),
+    (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}', 404, "gpt-4o"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+    ('{"messages": [{"role": "user", "content": "{\\"statement\\": \\"题\\", \\"option_list\\": [\\"甲\\"]}"}]}'.encode(),
+     400, "at least 2 options"),
+])
+def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(rand, body, status, words):
+    resp = httpx.post(f"{rand}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert chat(rand, PLAIN).status_code == 200
+
+
+def test_protocol_errors_and_wrong_routes_are_json_too(rand):
+    assert httpx.get(f"{rand}/nowhere").json()["error"]["type"] == "not_found_error"
+    assert httpx.get(f"{rand}/v1/chat/completions").status_code == 405
+    no_length = _raw(rand, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert no_length.startswith(b"HTTP/1.1 411") and b'"error"' in no_length
+    assert b'"error"' in _raw(rand, b"NONSENSE\r\n\r\n")
+    assert _raw(rand, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
+    assert httpx.get(f"{rand}/v1/models").status_code == 200 and chat(rand, PLAIN).status_code == 200
+
+
+def test_generation_is_serialized_and_a_client_that_leaves_frees_the_model(rand, random_engine, monkeypatch):
+    active, peak = [0], [0]
+    real_generate = random_engine.model.generate
+
+    def generate(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.05)
+            return real_generate(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(random_engine.model, "generate", generate)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(chat(rand, PLAIN).json())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and peak[0] == 1
+    assert len({r["choices"][0]["message"]["content"] for r in results}) == 1
+
+    # A streaming client that hangs up: generation stops at once instead of running its 3,000 slow tokens.
+    hook = random_engine.model.register_forward_hook(lambda *a: time.sleep(0.02))
+    try:
+        body = {"stream": True, "mode": "reasoning", "max_tokens": 3000, "messages": [{"role": "user", "content": PLAIN}]}
+        with httpx.stream("POST", f"{rand}/v1/chat/completions", json=body, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            while not random_engine.lock.locked():
+                time.sleep(0.01)
+        start = time.time()
+        while random_engine.lock.locked() and time.time() - start < 15:
+            time.sleep(0.05)
+        assert not random_engine.lock.locked() and time.time() - start < 10
+    finally:
+        hook.remove()
+    assert chat(rand, PLAIN).status_code == 200
+
+
+def test_the_command_starts_a_server(tiny_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "lawtune", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "model.dtype=float32"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
+        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "lawtune"
+        assert chat(url, PLAIN).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
+def test_the_page_in_headless_chromium(answering, tmp_path, monkeypatch):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        driver.get(f"{answering}/")
+        driver.find_element(By.ID, "question").send_keys(RECORD["statement"])
+        for letter, text in RECORD["option_list"].items():
+            driver.find_element(By.ID, f"option-{letter}").send_keys(text)
+        Select(driver.find_element(By.ID, "mode")).select_by_value("reasoning")
+        driver.find_element(By.ID, "ask").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text in ("完成", "连接中断")
+                                        or d.find_element(By.ID, "status").text.startswith("出错"))
+        assert driver.find_element(By.ID, "status").text == "完成"
+        assert driver.find_element(By.ID, "answer").text == "答案：A"
+        assert driver.find_element(By.ID, "reasoning").text == REASONING
+        assert driver.find_element(By.ID, "content").text == "答案：A"
+    finally:
+        driver.quit()
