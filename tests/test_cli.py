@@ -49,3 +49,12 @@ def test_eval_and_compare_from_the_command_line(tmp_path, tiny_model_dir, capsys
     assert "McNemar" in out and "WARNING" in out  # the two reports differ in mode
     assert "<svg" in html.read_text(encoding="utf-8")
     assert json.loads(a.read_text(encoding="utf-8"))["summary"]["n"] == 12
+
+
+def test_missing_model_directory_is_one_line_exit_2(tmp_path, capsys):
+    from lawtune.demo import demo_data_path
+
+    code = main(["train", "configs/demo.yaml", "--model", str(tmp_path / "nope"), "--data", str(demo_data_path()),
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "model directory does not exist" in err and len(err.strip().splitlines()) == 1

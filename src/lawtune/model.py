@@ -38,7 +38,15 @@ def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def check_model_path(path: str) -> None:
+    """A hub id is 'org/name'; anything that looks like a filesystem path must exist."""
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+    if looks_local and not Path(path).expanduser().exists():
+        raise ModelError(f"{path}: model directory does not exist (pass a local model directory or a hub id)")
+
+
 def load_tokenizer(path: str, padding_side: str = "right"):
+    check_model_path(str(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -54,6 +62,7 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     path = path or mcfg.path
     if not path:
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
+    check_model_path(str(path))
     device = device or resolve_device(mcfg)
     dtype = resolve_dtype(mcfg, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
