@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -54,7 +55,8 @@ def test_eval_and_compare_from_the_command_line(tmp_path, tiny_model_dir, capsys
 def test_missing_model_directory_is_one_line_exit_2(tmp_path, capsys):
     from lawtune.demo import demo_data_path
 
-    code = main(["train", "configs/demo.yaml", "--model", str(tmp_path / "nope"), "--data", str(demo_data_path()),
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    code = main(["train", str(config), "--model", str(tmp_path / "nope"), "--data", str(demo_data_path()),
                  "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "model directory does not exist" in err and len(err.strip().splitlines()) == 1
