@@ -1,7 +1,6 @@
 """`lawtune serve` over real HTTP on loopback: OpenAI-style API, streaming, errors, the page in Chromium."""
 
 import json
-import os
 import re
 import socket
 import subprocess

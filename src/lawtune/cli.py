@@ -277,7 +277,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .infer import merge_adapter
+    from .merge import merge_adapter
 
     info = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, force=args.force)
     print(f"merged {args.adapter} into {args.model} ({info['dtype']}, {info['tensors']} tensors, no LoRA keys, "

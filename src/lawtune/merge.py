@@ -1,0 +1,107 @@
+"""`lawtune merge`: fold a LoRA adapter into its base weights for serving engines (vLLM etc.).
+
+The result is a plain transformers model directory (safetensors, tokenizer, generation config) with no
+PEFT keys left; it is reloaded with ``AutoModelForCausalLM`` before it replaces the output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .evaluate import _adapter_prompt_format
+from .infer import MERGE_INFO, _quiet_loading
+from .model import ModelError, load_for_inference
+
+
+def _adapter_quantization(adapter: str) -> str:
+    path = Path(adapter) / "lawtune_config.yaml"
+    if not path.is_file():
+        return "none"
+    import yaml
+
+    return str(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}).get("quantization") or "none")
+
+
+def _checkpoint_dtype(path: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _safetensors_keys(directory: Path) -> list[str]:
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            keys += list(fh.keys())
+    return keys
+
+
+def merge_adapter(base: str, adapter: str, output: str, dtype: str | None = None, force: bool = False,
+                  say=print) -> dict:
+    """`lawtune merge`: fold the LoRA update into the base weights and save a plain HF model directory.
+
+    The merge runs in float32 on the CPU and the result is saved in the base checkpoint's dtype (or
+    ``dtype``). A QLoRA adapter is merged into the unquantised base, never into 4-bit weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ModelError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    if not adapter:
+        raise ModelError("merge: --adapter is required")
+    quantization = _adapter_quantization(adapter)
+    if quantization == "4bit":
+        say(f"note: {adapter} is a QLoRA adapter (trained on a 4-bit base); merging it into the unquantised "
+            f"base weights, not into 4-bit ones (outputs can differ slightly from base-4bit + adapter)")
+    save_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(base)
+    _quiet_loading()
+    mcfg = ModelConfig(path=base, dtype="float32", quantization="none")
+    model, _ = load_for_inference(mcfg, adapter, device=torch.device("cpu"))
+    merged = model.merge_and_unload()
+    merged.to(save_dtype)
+    merged.config.dtype = save_dtype
+    tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    keys = _safetensors_keys(tmp)
+    bad = [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
+    if not keys or bad:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{out}: merged weights still hold PEFT keys ({', '.join(bad[:3])})" if bad
+                         else f"{out}: no safetensors weights were written")
+    # Reload as a plain transformers model: every weight must come back exactly as merged.
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=save_dtype, output_loading_info=True)
+    problems = [f"missing {k}" for k in info.get("missing_keys") or []]
+    problems += [f"unexpected {k}" for k in info.get("unexpected_keys") or []]
+    expected = merged.state_dict()
+    problems += [f"changed {k}" for k, v in reloaded.state_dict().items() if k in expected and not torch.equal(v, expected[k])]
+    if problems:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"{out}: the saved model does not reload as merged ({', '.join(problems[:3])})")
+    del reloaded
+    info_out = {"base_model": str(base), "adapter": str(adapter), "prompt_format": _adapter_prompt_format(adapter) or "chat",
+                "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
+    (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {**info_out, "output": str(out), "tensors": len(keys)}
