@@ -21,13 +21,24 @@ def test_every_yaml_loads_and_says_how_to_run_it(path):
     assert "lawtune" in path.read_text(encoding="utf-8").split("\n\n")[0]
 
 
-def test_default_config_carries_the_original_recipe():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "deepseek-r1-distill-qwen-1.5b_lora.yaml")
+def test_original_recipe_config_keeps_the_original_values():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "original_recipe.yaml")
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 16, 0.0)
     assert len(cfg.lora.target_modules) == 7
     t = cfg.train
     assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 4, 2e-4)
     assert (t.max_steps, t.warmup_steps, t.optim) == (5000, 100, "adamw_bnb_8bit")
+    assert cfg.model.dtype == "float16" and not t.packing and t.batch_tokens is None and not t.sparse_logits
+
+
+def test_default_config_is_the_fast_one_with_the_original_model_and_lora():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "deepseek-r1-distill-qwen-1.5b_lora.yaml")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, len(cfg.lora.target_modules)) == (16, 16, 0.0, 7)
+    t = cfg.train
+    assert t.learning_rate == 2e-4 and t.packing and t.batch_tokens >= cfg.data.max_length
+    assert t.sparse_logits and t.compile and cfg.model.attn_implementation == "flex_attention"
+    low = load_config(Path(__file__).resolve().parents[1] / "configs" / "low_memory.yaml")
+    assert low.train.gradient_checkpointing and low.train.batch_tokens == low.data.max_length == 2048
     assert resolve_output_dir(cfg) == Path("outputs/deepseek-r1-distill-qwen-1.5b_lora")
 
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JEC-QA file (answers not needed, e.g. 0_test.json)")
     p.add_argument("--output", required=True, help="predictions file; a rerun skips the ids already in it")
     p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
-    p.add_argument("--batch-size", type=int, help="questions per batch (default 16)")
+    p.add_argument("--batch-size", type=int, help="questions per batch (default 64)")
     p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
     p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")

@@ -147,7 +147,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     packing: bool = False
-    """Padding-free batches: examples are concatenated with per-example position ids."""
+    """Padding-free batches: examples are concatenated with per-example position ids (use flex_attention)."""
+    batch_tokens: int | None = None
+    """Token budget of a micro-batch, padding included; per_device_batch_size is then unused. With packing,
+    examples fill one row of exactly this many tokens; without, examples of similar length are grouped and
+    right-padded. None = per_device_batch_size examples in random order (the original recipe)."""
+    sparse_logits: bool = False
+    """Compute the LM head and loss only at the label (answer) positions: the same loss and gradients,
+    without the 151,936-wide logits of every prompt token."""
+    liger: bool = False
+    """Liger-kernel fused RMSNorm/SwiGLU/RoPE (pip install 'lawtune[gpu]'); a warning and plain kernels on CPU.
+    With compile it measured slower (bench/README.md), so the default config leaves it off."""
+    compile: bool = False
+    """torch.compile each decoder layer (one graph shared by all layers; the first steps take ~1 min longer)."""
     seed: int = 42
     """Seed of LoRA initialisation, data order and dropout."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -160,6 +172,10 @@ class TrainConfig:
             _check_positive(f"train.{key}", getattr(self, key))
             if not isinstance(getattr(self, key), int):
                 raise ConfigError(f"train.{key}: expected an integer, got {getattr(self, key)!r}")
+        if self.batch_tokens is not None:
+            _check_positive("train.batch_tokens", self.batch_tokens)
+            if not isinstance(self.batch_tokens, int):
+                raise ConfigError(f"train.batch_tokens: expected an integer, got {self.batch_tokens!r}")
         for key in ("warmup_steps", "eval_steps", "weight_decay", "dataloader_num_workers"):
             _check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _check_positive("train.learning_rate", self.learning_rate)
@@ -170,8 +186,8 @@ class TrainConfig:
 class EvalConfig:
     mode: str = "direct"
     """direct = empty think block then read the letters; reasoning = think first; choice = score answers."""
-    batch_size: int = 16
-    """Questions per generation / scoring batch."""
+    batch_size: int = 64
+    """Questions per generation / scoring batch (on an 80 GB GPU 256-512 is fastest; see bench/README.md)."""
     max_new_tokens: int = 2048
     """Token budget of reasoning mode (R1-style thinking often runs past 1,000 tokens)."""
     direct_max_new_tokens: int = 12
@@ -182,6 +198,8 @@ class EvalConfig:
     """Sampling temperature (the model card's 0.6)."""
     top_p: float = 0.95
     """Nucleus sampling mass (the model card's 0.95)."""
+    static_cache: bool = True
+    """Generate with a preallocated (static) KV cache instead of one that grows by copying every token."""
     shuffle_options: bool = False
     """Re-letter options with a fixed seed (answers mapped back) to expose letter bias."""
     seed: int = 0
@@ -237,6 +255,9 @@ def config_from_dict(raw: dict, source: str | None = None) -> Config:
         if key not in SECTIONS:
             raise ConfigError(f"{key}: unknown section; valid sections: {', '.join(SECTIONS)}")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    tokens, longest = sections["train"].batch_tokens, sections["data"].max_length
+    if tokens is not None and tokens < longest:
+        raise ConfigError(f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens")
     return Config(**sections, source=source)
 
 

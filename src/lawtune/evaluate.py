@@ -67,6 +67,10 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
         kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
     else:  # a model's generation_config may ask for sampling; greedy must mean greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if ecfg.static_cache and "past_key_values" not in generate_kwargs:
+        # A preallocated cache: no per-token copy of the whole cache. transformers would compile the model for it,
+        # once per batch shape, which costs more than it saves here.
+        kwargs.update(cache_implementation="static", disable_compile=True)
     # In a distributed job every rank keeps stepping until all are done (sharded models need it).
     kwargs["synced_gpus"] = torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
@@ -153,7 +157,12 @@ def _score_candidates_tree(model, tokenizer, records, prompt_format) -> list[lis
     device = _device_of(model)
     prompts = [tokenizer(render_prompt(r, tokenizer, prompt_format, think=False), add_special_tokens=False)["input_ids"]
                for r in records]
-    layouts = [_candidate_tokens(tokenizer, "".join(r.options)) for r in records]
+    by_letters: dict[str, tuple] = {}  # candidates depend only on the option letters: tokenize each set once
+    for r in records:
+        key = "".join(r.options)
+        if key not in by_letters:
+            by_letters[key] = _candidate_tokens(tokenizer, key)
+    layouts = [by_letters["".join(r.options)] for r in records]
     regions = [toks[0][:shared] + [x for t in toks for x in t[shared:]] for _, toks, shared in layouts]
     width_p, width_c = max(map(len, prompts)), max(map(len, regions))
     total = width_p + width_c

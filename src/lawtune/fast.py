@@ -18,6 +18,9 @@ Training (``train.*``; measured in ``bench/train_throughput.py``, numbers in ``b
   share), fusing the element-wise work (norms, RoPE, SiLU, LoRA scaling and residual adds) that
   dominates once the matrix products are large.
 
+Also in training, always: tokens/s counted on the CPU and, for packed rows under flex attention, the
+document mask built directly, so that no step waits for the GPU to finish the previous one.
+
 Evaluation: ``fast_attention`` runs grouped-query attention on the key/value heads while decoding,
 instead of copying every cached key and value once per query head (older transformers releases do
 that whenever a padding mask is present, which is always the case for left-padded batches).
@@ -29,7 +32,6 @@ import bisect
 import contextlib
 import logging
 import random
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +147,51 @@ class TokenBudgetCollator:
 def real_tokens(items: list) -> int:
     """Non-padding tokens in what a collator is given (examples or planned batches)."""
     return sum(len(ex["input_ids"]) for ex in _examples(items))
+
+
+class CountingCollator:
+    """Counts the real tokens it collates, on the CPU: tokens/s without a GPU sync after every micro-step
+    (transformers' own count reads a GPU tensor back each time, which stalls the CPU until the GPU is idle)."""
+
+    def __init__(self, inner):
+        self.inner, self.tokens = inner, 0
+
+    def __call__(self, items: list):
+        self.tokens += real_tokens(items)
+        return self.inner(items)
+
+
+def packed_block_mask(position_ids: torch.Tensor):
+    """Flex attention's mask for one packed row: causal, within each example (positions restart at 0)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = (position_ids[0] == 0).cumsum(0)
+
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (doc[q] == doc[kv])
+
+    n = position_ids.shape[1]
+    return create_block_mask(same_document_causal, 1, None, n, n, device=position_ids.device,
+                             _compile=position_ids.is_cuda)
+
+
+def install_packed_block_mask(model) -> None:
+    """Give flex attention the document mask of each packed training row directly, built on the GPU.
+
+    transformers would detect packed sequences itself, but its check reads a GPU tensor back at every
+    forward: a sync that keeps the CPU from queueing the next step while the GPU works. The mask is the
+    same one (tests/test_fast.py).
+    """
+
+    def hook(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if (not module.training or kwargs.get("attention_mask") is not None or positions is None
+                or positions.dim() != 2 or positions.shape[0] != 1):
+            return None
+        kwargs["attention_mask"] = packed_block_mask(positions)
+        return args, kwargs
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # ----------------------------------------------------------------------------- logits only where a label is
@@ -337,6 +384,3 @@ def eager_stance(model):
     with set_stance("force_eager"):
         yield
 
-
-def describe(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in values.items())

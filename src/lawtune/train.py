@@ -20,8 +20,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import (
-    DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -32,6 +30,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import Config, resolve_output_dir, save_config
 from .data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
+from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
+                   make_collator, plan_batches, sparse_logits_loss)
 from .model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
 
@@ -134,12 +134,19 @@ def save_model_dir(model, tokenizer, cfg: Config, manifest: dict, dest: Path, tr
 class MetricsCallback(TrainerCallback):
     """Progress bar with loss, lr and tokens/s, and one JSON line per log in metrics.jsonl."""
 
-    def __init__(self, path: Path, append: bool):
+    def __init__(self, path: Path, append: bool, counter=None):
         self.path = path
+        self.counter = counter  # a CountingCollator: tokens counted on the CPU, else the Trainer's count
         if not append and path.exists() and is_main_process():
             path.unlink()
         self.bar = None
         self.last = (0, time.time())
+
+    def seen(self, state) -> int:
+        if self.counter is None:
+            return state.num_input_tokens_seen
+        # each rank counts its own micro-batches, which a token budget keeps about equal in size
+        return self.counter.tokens * int(os.environ.get("WORLD_SIZE", "1"))
 
     def write(self, row: dict) -> None:
         if is_main_process():
@@ -149,7 +156,7 @@ class MetricsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if is_main_process():
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
-        self.last = (state.num_input_tokens_seen, time.time())
+        self.last = (self.seen(state), time.time())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -160,8 +167,11 @@ class MetricsCallback(TrainerCallback):
         now = time.time()
         tokens, then = self.last
         if "loss" in logs and now > then:
-            logs["tokens_per_s"] = round((state.num_input_tokens_seen - tokens) / (now - then), 1)
-            self.last = (state.num_input_tokens_seen, now)
+            logs["tokens_per_s"] = round((self.seen(state) - tokens) / (now - then), 1)
+            self.last = (self.seen(state), now)
+            # cumulative trained tokens (all ranks) and wall time, so any interval's rate can be checked
+            logs["tokens_seen"] = self.seen(state)
+            logs["time"] = round(now, 3)
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         self.write(row)
         if self.bar is not None and "loss" in logs:
@@ -224,7 +234,8 @@ def training_arguments(cfg: Config, out: Path, dtype: torch.dtype, device: torch
     t = cfg.train
     return TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=t.per_device_batch_size,
+        # With a token budget every dataset item is already a whole micro-batch.
+        per_device_train_batch_size=1 if t.batch_tokens else t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         max_steps=t.max_steps,
@@ -248,7 +259,11 @@ def training_arguments(cfg: Config, out: Path, dtype: torch.dtype, device: torch
         dataloader_num_workers=t.dataloader_num_workers,
         remove_unused_columns=False,
         # Padding-free batches have no padding to leave out; padded ones count attention-mask tokens.
-        include_num_input_tokens_seen="all" if t.packing else "non_padding",
+        # (with a token budget lawtune counts on the CPU instead: transformers' count syncs with the GPU)
+        include_num_input_tokens_seen=("no" if t.batch_tokens and t.dataloader_num_workers == 0
+                                       else "all" if t.packing and not t.batch_tokens else "non_padding"),
+        # No GPU->CPU sync after every micro-step to test the loss for NaN (a NaN then shows in the log).
+        logging_nan_inf_filter=False,
         disable_tqdm=True,
         save_only_model=False,
         ddp_find_unused_parameters=False,
@@ -285,6 +300,8 @@ def setup(cfg: Config, resume: bool = False) -> dict:
     eval_subset = eval_records[: cfg.data.eval_max_samples] if cfg.data.eval_max_samples else eval_records
 
     model = load_base_model(cfg.model, device=device)
+    if cfg.train.liger:
+        apply_liger(model, device, fused_cross_entropy=not cfg.train.sparse_logits)
     # No KV cache while training: it costs memory, and with a cache transformers does not detect packed
     # sequences from their position ids (examples would attend across their boundaries).
     model.config.use_cache = False
@@ -292,19 +309,31 @@ def setup(cfg: Config, resume: bool = False) -> dict:
     trainable, total = count_parameters(model)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
-    if cfg.train.packing:
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    metrics = MetricsCallback(out / "metrics.jsonl", append=resume)
+    if cfg.train.packing and cfg.train.batch_tokens and cfg.model.attn_implementation == "flex_attention":
+        install_packed_block_mask(model)
+    if cfg.train.compile:
+        compile_layers(model)
+    collator = make_collator(tokenizer, cfg.train, cfg.data.max_length)
+    counter = None
+    if cfg.train.batch_tokens and cfg.train.dataloader_num_workers == 0:
+        collator = counter = CountingCollator(collator)
+    train_dataset = features
+    if cfg.train.batch_tokens:
+        plan = plan_batches([len(f["input_ids"]) for f in features], cfg.train.batch_tokens, cfg.train.packing,
+                            seed=cfg.train.seed)
+        train_dataset = PlannedBatches(features, plan)
+        log.info("%d examples in %d micro-batches of at most %d tokens (%s)", len(features), len(plan),
+                 cfg.train.batch_tokens, "packed" if cfg.train.packing else "grouped by length")
+    metrics = MetricsCallback(out / "metrics.jsonl", append=resume, counter=counter)
     held_out = HeldOutEvalCallback(cfg, eval_subset, tokenizer, metrics, out, manifest)
     trainer = Trainer(
         model=model,
         args=training_arguments(cfg, out, dtype, device),
-        train_dataset=features,
+        train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[metrics, held_out],
+        compute_loss_func=sparse_logits_loss if cfg.train.sparse_logits else None,
     )
     held_out.trainer = trainer
     trainer.remove_callback(ProgressCallback)

@@ -1,0 +1,91 @@
+"""JEC-QA-shaped synthetic questions for the benchmarks: real record layout, realistic token lengths.
+
+Text is random Chinese tokens of the tokenizer's own vocabulary (re-tokenizing such text gives back
+about as many tokens), so lengths can be set in tokens. Length distributions (real tokenizer):
+
+* training examples (chat prompt + answer + end token), as measured on JEC-QA in issue 4:
+  KD median 143, p95 219, max 434; CA median 187, p95 313, max 686 (half of each type);
+* evaluation questions (statement + options), as in issue 3: median ~160, p95 ~300, within 100-600.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from pathlib import Path
+
+CJK = re.compile(r"^[\u4e00-\u9fff]{1,3}$")
+TRAIN_TYPES = {"0": (143, 219, 434), "1": (187, 313, 686)}  # type -> (median, p95, max) of the whole example
+
+
+def cjk_pool(tokenizer) -> list[str]:
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    pool = [t for t in texts if CJK.match(t)]
+    if len(pool) < 50:
+        raise ValueError("the tokenizer has too few Chinese tokens to build questions from")
+    return pool
+
+
+def lognormal(rng: random.Random, median: float, p95: float, lo: int, hi: int) -> int:
+    sigma = math.log(p95 / median) / 1.645
+    return int(min(hi, max(lo, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def _record(rng, pool, i: int, type_: str, statement_tokens: int, option_tokens: list[int]) -> dict:
+    letters = "ABCD"
+    options = {x: "".join(rng.choices(pool, k=n)) for x, n in zip(letters, option_tokens)}
+    k = 1 if rng.random() < 0.5 else rng.randint(2, 4)  # about half the questions have several answers
+    return {"id": f"{type_}_{i}", "statement": "".join(rng.choices(pool, k=max(statement_tokens, 4))) + "？",
+            "option_list": options, "answer": sorted(rng.sample(letters, k)), "type": type_}
+
+
+def train_rows(tokenizer, n: int, seed: int = 0, overhead: int = 88, scale: float = 1.0) -> list[dict]:
+    """Records whose encoded chat examples follow the JEC-QA lengths above (``scale`` shrinks them for smoke runs).
+
+    ``overhead`` is what the chat template, instruction, option letters and answer add to the question text.
+    """
+    rng = random.Random(seed)
+    pool = cjk_pool(tokenizer)
+    rows = []
+    for i in range(n):
+        type_ = "01"[i % 2]
+        median, p95, top = (x * scale for x in TRAIN_TYPES[type_])
+        total = int(top) if i < 2 else lognormal(rng, median, p95, int(60 * scale), int(top))  # the max is present
+        question = max(total - int(overhead * scale), 12)
+        opts = [max(1, min(rng.randint(3, 14), question // 6)) for _ in range(4)]
+        rows.append(_record(rng, pool, i, type_, question - sum(opts), opts))
+    return rows
+
+
+def eval_rows(tokenizer, n: int, seed: int = 1, scale: float = 1.0) -> list[dict]:
+    """Questions whose statement + options have median ~160, p95 ~300 tokens, within 100-600."""
+    rng = random.Random(seed)
+    pool = cjk_pool(tokenizer)
+    rows = []
+    for i in range(n):
+        question = lognormal(rng, 160 * scale, 300 * scale, int(100 * scale), int(600 * scale))
+        opts = [max(1, min(rng.randint(6, 30), question // 6)) for _ in range(4)]
+        rows.append(_record(rng, pool, i, "01"[i % 2], question - sum(opts), opts))
+    return rows
+
+
+def long_rows(tokenizer, n: int, length: int, seed: int = 2) -> list[dict]:
+    """Questions long enough to be cut to exactly ``length`` tokens (data.max_length) when encoded."""
+    rng = random.Random(seed)
+    pool = cjk_pool(tokenizer)
+    return [_record(rng, pool, i, "1", length + 50, [8, 8, 8, 8]) for i in range(n)]
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def percentiles(values: list[int]) -> dict:
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]  # noqa: E731
+    return {"p50": pick(50), "p95": pick(95), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}

@@ -1,0 +1,43 @@
+"""The GPU benchmarks run end to end in their CPU smoke modes, so they cannot rot between GPU runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> list[dict]:
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{\"")]
+
+
+def test_eval_bench_smoke():
+    rows = {r["bench"]: r for r in _run("eval_throughput.py")}
+    for name in ("env", "direct_bs8", "choice_bs8", "reasoning", "base_single", "base_batch64", "base_direct", "summary"):
+        assert name in rows, name
+    assert rows["reasoning"]["generated_tokens"] == 8 * (12 + 12)  # random weights: every row runs to its budget
+    assert rows["direct_bs8"]["questions"] == 24 and rows["summary"]["direct_s"] > 0
+
+
+def test_train_bench_smoke():
+    rows = {r.get("recipe", r.get("bench")): r for r in _run("train_throughput.py")}
+    for name in ("baseline", "trl", "lawtune", "lawtune8", "low_memory"):
+        assert rows[name]["tokens_per_s"] > 0, rows[name]
+        assert rows[name]["tokens"] > 0 and 0 < rows[name]["mfu"] < 1
+    assert rows["baseline"]["sequences_per_step"] == 8.0  # 2 x 4, as in the original recipe
+    assert rows["lawtune"]["config"]["sparse_logits"] and rows["lawtune"]["config"]["packing"]
+    assert rows["low_memory"]["config"]["gradient_checkpointing"]
+    assert "ratio_to_baseline" in rows["lawtune"]
+
+
+def test_multi_gpu_bench_smoke():
+    """One process and two (torchrun, gloo) run the real `lawtune train`; rates come from its metrics.jsonl."""
+    rows = {r["run"]: r for r in _run("multi_gpu.py", "--steps", "6", "--warmup", "2", "--records", "200")}
+    assert set(rows) == {"single", "ddp"}
+    assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 4 for r in rows.values())
+    assert rows["ddp"]["ratio_to_single"] > 0

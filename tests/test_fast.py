@@ -1,0 +1,231 @@
+"""Speed features (lawtune/fast.py): same loss and gradients as the plain path, and clean fallbacks."""
+
+import logging
+
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+from lawtune.config import ConfigError, LoraSection, load_config
+from lawtune.data import load_records
+from lawtune.demo import build_tiny_model, demo_data_path
+from lawtune.fast import (PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, fast_attention,
+                          gqa_sdpa_attention, plan_batches, real_tokens, sparse_logits_loss)
+from lawtune.model import add_lora
+from lawtune.prompts import encode_records
+
+
+@pytest.fixture(scope="module")
+def features(tiny_tokenizer):
+    records = load_records(demo_data_path()).records[:12]
+    feats, _ = encode_records(records, tiny_tokenizer, "chat", 512)
+    assert len({len(f["input_ids"]) for f in feats}) > 3
+    return feats
+
+
+def _lora_model(tokenizer, attn="sdpa"):
+    torch.manual_seed(0)
+    base = build_tiny_model(tokenizer)
+    base.config._attn_implementation = attn
+    model = add_lora(base, LoraSection(r=8, alpha=16))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so that LoRA gradients reach A too
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _loss_and_grads(model, batch, sparse=False):
+    model.zero_grad()
+    batch = dict(batch)
+    if sparse:
+        labels = batch.pop("labels")
+        loss = sparse_logits_loss(model(**batch, use_cache=False), labels)
+    else:
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
+    for name, g in a[1].items():
+        torch.testing.assert_close(b[1][name], g, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_plan_batches_keeps_every_example_once_within_the_budget():
+    lengths = [((i * 37) % 300) + 20 for i in range(500)]
+    for packing in (True, False):
+        plan = plan_batches(lengths, 1024, packing, seed=1)
+        assert sorted(i for b in plan for i in b) == list(range(500))
+        for b in plan:
+            if packing:
+                assert sum(lengths[i] for i in b) <= 1024
+            else:
+                assert len(b) * (-(-max(lengths[i] for i in b) // 8) * 8) <= 1024
+        used = sum(lengths) / (len(plan) * 1024)
+        assert used > 0.85, (packing, used)  # few half-empty micro-batches
+    with pytest.raises(ValueError, match="batch_tokens"):
+        plan_batches([10, 2000], 1024, True)
+
+
+def test_packed_and_grouped_token_budget_batches_train_the_same_function(tiny_tokenizer, features):
+    """One packed row of a fixed length, and mask-free right-padded rows, equal the padded batch with a mask."""
+    n_real = sum(len(f["input_ids"]) for f in features)
+    padded = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features)
+    packed = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=True, pack_length=n_real + 37)([features])
+    grouped = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=False)([features])
+    assert packed["input_ids"].shape == (1, n_real + 37) and "attention_mask" not in packed
+    assert "attention_mask" not in grouped and grouped["input_ids"].shape[1] % 8 == 0
+    assert real_tokens([features]) == real_tokens(features) == n_real
+    for attn in ("sdpa", "eager"):
+        model = _lora_model(tiny_tokenizer, attn)
+        reference = _loss_and_grads(model, padded)
+        _assert_same(reference, _loss_and_grads(model, packed))
+        _assert_same(reference, _loss_and_grads(model, grouped))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sparse_logits_give_the_same_loss_and_gradients(tiny_tokenizer, features, packing):
+    inner = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=packing)
+    full, sparse = inner([features]), SparseLogitsCollator(inner)([features])
+    n_labels = int((full["labels"] != -100).sum())
+    assert int((sparse["labels"] != -100).sum()) == n_labels
+    kept = sparse["logits_to_keep"].numel()
+    if packing:  # one row: exactly the positions that predict a label
+        assert kept == n_labels < full["input_ids"].shape[1] / 4
+    else:  # rows share the kept positions: their union
+        assert kept < full["input_ids"].shape[1]
+    model = _lora_model(tiny_tokenizer)
+    _assert_same(_loss_and_grads(model, full), _loss_and_grads(model, sparse, sparse=True))
+
+
+def test_planned_batches_dataset_yields_whole_micro_batches(features):
+    plan = plan_batches([len(f["input_ids"]) for f in features], 600, packing=True)
+    data = PlannedBatches(features, plan)
+    assert len(data) == len(plan) and sum(len(data[i]) for i in range(len(data))) == len(features)
+
+
+def test_batch_tokens_must_hold_the_longest_example():
+    with pytest.raises(ConfigError, match="train.batch_tokens"):
+        load_config(None, ["data.max_length=2048", "train.batch_tokens=1024"])
+    with pytest.raises(ConfigError, match="train.batch_tokens"):
+        load_config(None, ["train.batch_tokens=0"])
+
+
+def test_gqa_decoding_attention_equals_repeated_heads():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    q, k, v = torch.randn(4, 6, 1, 16), torch.randn(4, 2, 9, 16), torch.randn(4, 2, 9, 16)
+    mask = torch.ones(4, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    out, _ = gqa_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 3), repeat_kv(v, 3), attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_attention_generates_what_plain_sdpa_generates(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()  # 4 query heads on 2 key/value heads
+    tiny_tokenizer.padding_side = "left"
+    batch = tiny_tokenizer(["甲乙丙丁的合同", "短"], return_tensors="pt", add_special_tokens=False, padding=True)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        plain = model.generate(**batch, **kwargs)
+        with fast_attention(model):
+            assert model.config._attn_implementation == "lawtune_sdpa"
+            fast = model.generate(**batch, **kwargs)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(plain, fast)
+
+
+def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):
+    from lawtune.train import train
+
+    if torch.cuda.is_available():
+        pytest.skip("the fallback is for machines without CUDA")
+    with caplog.at_level(logging.WARNING, logger="lawtune"):
+        result = train(tiny_config("train.liger=true", "train.packing=true", "train.batch_tokens=1024",
+                                   "train.sparse_logits=true", "train.optim=adamw_torch_fused", "train.max_steps=2"))
+    assert "train.liger" in caplog.text
+    assert result["steps"] == 2 and result["final_loss"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a CUDA GPU")
+def test_liger_kernels_give_the_same_loss_and_gradients_on_gpu(tiny_tokenizer, features):
+    pytest.importorskip("liger_kernel")
+    from lawtune.fast import apply_liger
+
+    def run(liger: bool):
+        torch.manual_seed(0)
+        base = build_tiny_model(tiny_tokenizer, hidden_size=128).to("cuda")
+        if liger:
+            assert apply_liger(base, torch.device("cuda"), fused_cross_entropy=True)
+        model = add_lora(base, LoraSection(r=8, alpha=16))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator("cuda").manual_seed(1))
+        batch = {k: v.cuda() for k, v in TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=False)([features]).items()}
+        return _loss_and_grads(model, batch)
+
+    plain, fused = run(False), run(True)
+    torch.testing.assert_close(fused[0], plain[0], rtol=1e-4, atol=1e-4)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(fused[1][name], g, rtol=1e-2, atol=1e-4, msg=name)
+
+
+def test_static_cache_generates_what_the_dynamic_cache_generates(tiny_model_dir):
+    from lawtune.config import EvalConfig
+    from lawtune.evaluate import generate_batch
+    from lawtune.model import load_for_inference
+    from lawtune.config import ModelConfig
+
+    model, tok = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"))
+    prompts = ["甲乙丙丁的合同纠纷", "短", "法院认定的证据"]
+    dynamic = generate_batch(model, tok, prompts, 7, EvalConfig(static_cache=False))
+    static = generate_batch(model, tok, prompts, 7, EvalConfig(static_cache=True))
+    assert static == dynamic
+
+
+def test_packed_block_mask_is_causal_within_each_example(tiny_tokenizer, features):
+    """The flex mask lawtune builds from position ids (no GPU sync) is the packed-sequence mask."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    from lawtune.fast import install_packed_block_mask, packed_block_mask
+
+    n = sum(len(f["input_ids"]) for f in features[:5]) + 50
+    batch = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=True, pack_length=n)([features[:5]])
+    positions = batch["position_ids"]
+    block = packed_block_mask(positions)
+    dense = create_mask(block.mask_mod, 1, 1, n, n, device="cpu")[0, 0]
+    doc = (positions[0] == 0).cumsum(0)
+    expected = (doc[:, None] == doc[None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    assert doc[-1] == 6  # five examples and the padding tail
+    assert torch.equal(dense, expected)
+
+    seen = {}
+    model = torch.nn.Module()
+    model.forward = lambda **kw: seen.update(kw)
+    install_packed_block_mask(model)
+    model.train()
+    model(input_ids=batch["input_ids"], position_ids=positions)
+    assert type(seen["attention_mask"]).__name__ == "BlockMask"
+    model.eval()  # evaluation (generation) keeps transformers' own masks
+    seen.clear()
+    model(input_ids=batch["input_ids"], position_ids=positions)
+    assert "attention_mask" not in seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains only on a GPU")
+def test_flex_packed_training_equals_padded_sdpa_on_gpu(tiny_tokenizer, features):
+    from lawtune.fast import install_packed_block_mask
+
+    n_real = sum(len(f["input_ids"]) for f in features)
+    padded = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features)
+    packed = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=True, pack_length=n_real + 100)([features])
+    reference = _loss_and_grads(_lora_model(tiny_tokenizer).cuda(), {k: v.cuda() for k, v in padded.items()})
+    model = _lora_model(tiny_tokenizer, "flex_attention").cuda()
+    install_packed_block_mask(model)
+    model.train()
+    _assert_same(reference, _loss_and_grads(model, {k: v.cuda() for k, v in packed.items()}))
