@@ -365,7 +365,6 @@ def prepare(opts, work: Path) -> dict:
 
 def env_info() -> dict:
     import importlib.metadata as md
-    import platform
 
     import torch
 

@@ -39,6 +39,23 @@ def synthetic_records(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def lora_tiny_model(tokenizer, attn: str = "sdpa"):
+    """A tiny random model with LoRA (r 8) whose B matrices are non-zero, so LoRA gradients reach A too."""
+    import torch
+
+    from lawtune.config import LoraSection
+    from lawtune.model import add_lora
+
+    torch.manual_seed(0)
+    base = build_tiny_model(tokenizer)
+    base.config._attn_implementation = attn
+    model = add_lora(base, LoraSection(r=8, alpha=16))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     texts = corpus_texts([demo_data_path()])

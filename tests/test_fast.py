@@ -14,6 +14,8 @@ from lawtune.fast import (PlannedBatches, SparseLogitsCollator, TokenBudgetColla
 from lawtune.model import add_lora
 from lawtune.prompts import encode_records
 
+from conftest import lora_tiny_model
+
 
 @pytest.fixture(scope="module")
 def features(tiny_tokenizer):
@@ -21,17 +23,6 @@ def features(tiny_tokenizer):
     feats, _ = encode_records(records, tiny_tokenizer, "chat", 512)
     assert len({len(f["input_ids"]) for f in feats}) > 3
     return feats
-
-
-def _lora_model(tokenizer, attn="sdpa"):
-    torch.manual_seed(0)
-    base = build_tiny_model(tokenizer)
-    base.config._attn_implementation = attn
-    model = add_lora(base, LoraSection(r=8, alpha=16))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # non-zero B so that LoRA gradients reach A too
-            torch.nn.init.normal_(p, std=0.02)
-    return model
 
 
 def _loss_and_grads(model, batch, sparse=False):
@@ -78,7 +69,7 @@ def test_packed_and_grouped_token_budget_batches_train_the_same_function(tiny_to
     assert "attention_mask" not in grouped and grouped["input_ids"].shape[1] % 8 == 0
     assert real_tokens([features]) == real_tokens(features) == n_real
     for attn in ("sdpa", "eager"):
-        model = _lora_model(tiny_tokenizer, attn)
+        model = lora_tiny_model(tiny_tokenizer, attn)
         reference = _loss_and_grads(model, padded)
         _assert_same(reference, _loss_and_grads(model, packed))
         _assert_same(reference, _loss_and_grads(model, grouped))
@@ -95,7 +86,7 @@ def test_sparse_logits_give_the_same_loss_and_gradients(tiny_tokenizer, features
         assert kept == n_labels < full["input_ids"].shape[1] / 4
     else:  # rows share the kept positions: their union
         assert kept < full["input_ids"].shape[1]
-    model = _lora_model(tiny_tokenizer)
+    model = lora_tiny_model(tiny_tokenizer)
     _assert_same(_loss_and_grads(model, full), _loss_and_grads(model, sparse, sparse=True))
 
 
@@ -224,8 +215,8 @@ def test_flex_packed_training_equals_padded_sdpa_on_gpu(tiny_tokenizer, features
     n_real = sum(len(f["input_ids"]) for f in features)
     padded = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features)
     packed = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=True, pack_length=n_real + 100)([features])
-    reference = _loss_and_grads(_lora_model(tiny_tokenizer).cuda(), {k: v.cuda() for k, v in padded.items()})
-    model = _lora_model(tiny_tokenizer, "flex_attention").cuda()
+    reference = _loss_and_grads(lora_tiny_model(tiny_tokenizer).cuda(), {k: v.cuda() for k, v in padded.items()})
+    model = lora_tiny_model(tiny_tokenizer, "flex_attention").cuda()
     install_packed_block_mask(model)
     model.train()
     _assert_same(reference, _loss_and_grads(model, {k: v.cuda() for k, v in packed.items()}))

@@ -4,10 +4,9 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+from conftest import lora_tiny_model
 from lawtune.data import load_records
-from lawtune.demo import build_tiny_model, demo_data_path
-from lawtune.model import add_lora
-from lawtune.config import LoraSection
+from lawtune.demo import demo_data_path
 from lawtune.prompts import encode_records
 
 
@@ -16,13 +15,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(tiny_tokeniz
     records = load_records(demo_data_path()).records[:6]
     features, _ = encode_records(records, tiny_tokenizer, "chat", 512)
     assert len({len(f["input_ids"]) for f in features}) > 1  # different lengths, so padding matters
-    torch.manual_seed(0)
-    base = build_tiny_model(tiny_tokenizer)
-    base.config._attn_implementation = attn
-    model = add_lora(base, LoraSection(r=8, alpha=16))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # non-zero B so that LoRA gradients reach A too
-            torch.nn.init.normal_(p, std=0.02)
+    model = lora_tiny_model(tiny_tokenizer, attn)
     n_target = sum(sum(1 for x in f["labels"] if x != -100) for f in features)
 
     def loss_and_grads(batch):

@@ -42,6 +42,15 @@ def _common_flags(p: argparse.ArgumentParser, data_help: str = "JEC-QA file") ->
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
 
 
+def _generation_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that generate answers for new questions (ask, predict)."""
+    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
+    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
+    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
+    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lawtune", description="LoRA fine-tuning and evaluation on JEC-QA")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,11 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="A=TEXT", help="an option (repeat for each)")
     p.add_argument("--record", metavar="JSON", help="one JEC-QA record as JSON (statement, option_list)")
     p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
-    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
-    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
-    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+    _generation_flags(p)
 
     p = sub.add_parser("predict", help="answer every question of a file without answers (JSON Lines, resumable)")
     p.add_argument("--model", help="base model directory or hub id (sets model.path)")
@@ -100,11 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="predictions file; a rerun skips the ids already in it")
     p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
     p.add_argument("--batch-size", type=int, help="questions per batch (default 64)")
-    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
-    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
-    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
+    _generation_flags(p)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model (plain transformers directory)")
     p.add_argument("--model", required=True, help="base model directory or hub id")
