@@ -95,3 +95,33 @@ def real_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(SHARED)
+
+
+def make_adapter(model, directory, seed=0):
+    """A LoRA adapter with non-zero B matrices, so it really changes what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lawtune.config import PROJECTIONS
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS),
+                                                  task_type="CAUSAL_LM"))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    peft_model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    return make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path_factory.mktemp("adapter"))
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter_dir(tiny_tokenizer, tmp_path_factory):
+    """An adapter trained on a model with another hidden size (32 instead of 64)."""
+    return make_adapter(build_tiny_model(tiny_tokenizer, hidden_size=32), tmp_path_factory.mktemp("foreign"))

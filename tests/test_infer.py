@@ -1,49 +1,17 @@
-"""ask / predict / merge on tiny random models: streaming, resumable prediction, exact merges, refusals."""
+"""ask / predict on tiny random models: streaming, resumable prediction, refusals."""
 
 import io
 import json
-import shutil
 import sys
 
 import pytest
-import torch
 
 from conftest import synthetic_records, write_jsonl
 from lawtune import infer
 from lawtune.cli import main
-from lawtune.config import PROJECTIONS, EvalConfig, ModelConfig
+from lawtune.config import EvalConfig, ModelConfig
 from lawtune.data import DataError
-from lawtune.demo import build_tiny_model
-from lawtune.evaluate import generate_batch
-from lawtune.model import ModelError, load_for_inference
-from lawtune.prompts import render_prompt
-
-
-def make_adapter(model, directory, seed=0):
-    """A LoRA adapter with non-zero B matrices, so it really changes what the model says."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS),
-                                                  task_type="CAUSAL_LM"))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.3)
-    peft_model.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
-    return make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path_factory.mktemp("adapter"))
-
-
-@pytest.fixture(scope="module")
-def foreign_adapter_dir(tiny_tokenizer, tmp_path_factory):
-    """An adapter trained on a model with another hidden size (32 instead of 64)."""
-    return make_adapter(build_tiny_model(tiny_tokenizer, hidden_size=32), tmp_path_factory.mktemp("foreign"))
+from lawtune.model import ModelError
 
 
 def unanswered_file(tmp_path, n=7):
@@ -173,61 +141,6 @@ def test_predict_reasoning_mode_forces_an_answer_when_the_budget_runs_out(tiny_m
     rows = read_lines(out)
     assert [r["id"] for r in rows] == ids
     assert all(r["forced"] and "</think>" in r["output"] and "答案：" in r["output"] for r in rows)
-
-
-# ----------------------------------------------------------------------------- merge
-
-
-def _greedy(model, tokenizer, n_tokens=10):
-    records = [infer.record_from_fields(r["statement"], r["option_list"]) for r in synthetic_records(3, seed=5)]
-    prompts = [render_prompt(r, tokenizer, "chat", think=True) for r in records]
-    return [text for text, _, _ in generate_batch(model, tokenizer, prompts, n_tokens, EvalConfig())]
-
-
-def test_merged_model_generates_what_base_plus_adapter_generates(tiny_model_dir, adapter_dir, tmp_path, capsys):
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "merged"
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 0
-    files = sorted(out.glob("*.safetensors"))
-    assert files and (out / "config.json").is_file() and (out / "generation_config.json").is_file()
-    assert (out / "tokenizer_config.json").is_file() and not (out / "adapter_config.json").exists()
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            keys = list(fh.keys())
-            assert keys and not [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
-            assert {fh.get_tensor(k).dtype for k in keys} == {torch.float32}  # the base's dtype
-    assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
-
-    mcfg = ModelConfig(path=str(tiny_model_dir), dtype="float32")
-    with_adapter = _greedy(*load_for_inference(mcfg, str(adapter_dir)))
-    merged = _greedy(*load_for_inference(ModelConfig(path=str(out), dtype="float32")))
-    base = _greedy(*load_for_inference(mcfg))
-    assert merged == with_adapter
-    assert base != with_adapter  # the adapter matters, so equality above means the update was merged
-
-    capsys.readouterr()
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 2
-    assert "--force" in capsys.readouterr().err
-
-
-def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, adapter_dir, tmp_path, capsys):
-    from safetensors import safe_open
-
-    qlora = tmp_path / "qlora"
-    shutil.copytree(adapter_dir, qlora)
-    (qlora / "lawtune_config.yaml").write_text("model:\n  quantization: 4bit\ndata:\n  prompt_format: plain\n")
-    out = tmp_path / "merged"
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(qlora), "--output", str(out),
-                 "--dtype", "bfloat16"]) == 0
-    said = capsys.readouterr().out
-    assert "QLoRA" in said and "unquantised" in said
-    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
-        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    assert infer.resolve_prompt_format(str(out), None) == "plain"  # the merged model keeps the adapter's format
 
 
 # ----------------------------------------------------------------------------- refusals

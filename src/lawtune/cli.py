@@ -31,6 +31,8 @@ def _setup_logging() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        # Weight loading takes a second; its bar would only split a one-line error in two.
+        hf_logging.disable_progress_bar()
     except ImportError:
         pass
 
