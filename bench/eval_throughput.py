@@ -29,8 +29,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jecqa_synth  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL_DIRS = [REPO / ".bench_assets" / "deepseek-r1-distill-qwen-1.5b", REPO.parent / "shared" / "deepseek-r1-distill-qwen-1.5b"]
 
 
 def emit(row: dict) -> dict:
@@ -66,7 +64,7 @@ def timed(device, fn):
 
 
 def build(args, device: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     if args.smoke and not args.model_dir:
         from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
@@ -75,14 +73,7 @@ def build(args, device: torch.device):
         model = build_tiny_model(tokenizer, hidden_size=64, layers=2).to(device)
         model.config.initializer_range = 0.02
     else:
-        model_dir = Path(args.model_dir) if args.model_dir else next((d for d in MODEL_DIRS if (d / "config.json").is_file()), None)
-        if model_dir is None:
-            raise SystemExit(f"no model directory with config.json among {', '.join(map(str, MODEL_DIRS))}")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        if args.smoke:  # the real tokenizer on a tiny model of the same family
-            config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2))
+        tokenizer, config = jecqa_synth.model_config(args.model_dir, tiny=args.smoke)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(0)
         with torch.device(device):

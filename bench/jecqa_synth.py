@@ -89,3 +89,22 @@ def percentiles(values: list[int]) -> dict:
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]  # noqa: E731
     return {"p50": pick(50), "p95": pick(95), "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIRS = [REPO / ".bench_assets" / "deepseek-r1-distill-qwen-1.5b", REPO.parent / "shared" / "deepseek-r1-distill-qwen-1.5b"]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def model_config(model_dir: str | None, tiny: bool):
+    """(tokenizer, config) of the benchmark model: the real R1-Distill files, shrunk to a tiny model if asked."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    found = Path(model_dir) if model_dir else next((d for d in MODEL_DIRS if (d / "config.json").is_file()), None)
+    if found is None:
+        raise SystemExit(f"no model directory with config.json among {', '.join(map(str, MODEL_DIRS))}")
+    tokenizer = AutoTokenizer.from_pretrained(found)
+    config = AutoConfig.from_pretrained(found)
+    if tiny:  # the real tokenizer on a tiny model of the same family
+        config.update(TINY)
+    return tokenizer, config

@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jecqa_synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_DIRS = [REPO / ".bench_assets" / "deepseek-r1-distill-qwen-1.5b", REPO.parent / "shared" / "deepseek-r1-distill-qwen-1.5b"]
 DEFAULT_CONFIG = REPO / "configs" / "deepseek-r1-distill-qwen-1.5b_lora.yaml"
 LOW_MEMORY_CONFIG = REPO / "configs" / "low_memory.yaml"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -318,7 +317,7 @@ def run_child(opts) -> dict:
 def prepare(opts, work: Path) -> dict:
     """Random-weight model directory (bf16 safetensors) + tokenizer, and the data files."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     work.mkdir(parents=True, exist_ok=True)
     if opts.smoke and not opts.model_dir:
@@ -327,14 +326,7 @@ def prepare(opts, work: Path) -> dict:
         tokenizer = build_tokenizer(corpus_texts([demo_data_path()]), vocab_size=1500)
         model = build_tiny_model(tokenizer, hidden_size=64, layers=2)
     else:
-        model_dir = Path(opts.model_dir) if opts.model_dir else next((d for d in MODEL_DIRS if (d / "config.json").is_file()), None)
-        if model_dir is None:
-            raise SystemExit(f"no model directory with config.json among {', '.join(map(str, MODEL_DIRS))}")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        if opts.smoke:
-            config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2))
+        tokenizer, config = jecqa_synth.model_config(opts.model_dir, tiny=opts.smoke)
         device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
         torch.manual_seed(0)
         with torch.device(device):
