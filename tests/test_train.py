@@ -107,3 +107,21 @@ def test_separate_eval_file_removes_overlapping_statements(tiny_config, tmp_path
     assert result["eval_history"][-1]["eval_n"] == 5
     saved = yaml.safe_load((tmp_path / "run" / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
     assert saved["data"]["eval"] == str(eval_file)
+
+
+def test_the_gpu_default_config_falls_back_cleanly_on_cpu(tiny_model_dir, tmp_path, caplog):
+    """configs/deepseek-r1-distill-qwen-1.5b_lora.yaml (flex attention, compile, packing) still trains on a CPU."""
+    from pathlib import Path
+
+    from lawtune.demo import demo_data_path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "deepseek-r1-distill-qwen-1.5b_lora.yaml"
+    cfg = load_config(config, [f"model.path={tiny_model_dir}", f"data.train={demo_data_path()}", "train.max_steps=2",
+                               f"train.output_dir={tmp_path / 'out'}", "train.report_to=[none]", "data.eval_fraction=0"])
+    assert cfg.model.attn_implementation == "flex_attention" and cfg.train.compile and cfg.train.packing
+    with caplog.at_level("WARNING", logger="lawtune"):
+        result = train(cfg)
+    assert result["steps"] == 2 and result["final_loss"] > 0
+    assert "flex_attention cannot train on the CPU" in caplog.text
+    saved = load_config(tmp_path / "out" / "final_model" / "lawtune_config.yaml")
+    assert saved.model.attn_implementation == "sdpa" and not saved.train.compile  # what actually ran

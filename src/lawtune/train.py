@@ -280,6 +280,16 @@ def setup(cfg: Config, resume: bool = False) -> dict:
     set_seed(cfg.train.seed)
     device = resolve_device(cfg.model)
     dtype = resolve_dtype(cfg.model, device)
+    if device.type == "cpu":
+        # The GPU defaults must still run on a laptop: PyTorch's flex attention has no CPU backward, and
+        # compiling every layer costs minutes there for no gain. The saved config records what ran.
+        if cfg.model.attn_implementation == "flex_attention":
+            log.warning("model.attn_implementation: flex_attention cannot train on the CPU; using sdpa "
+                        "(packed examples stay apart through their position ids)")
+            cfg.model.attn_implementation = "sdpa"
+        if cfg.train.compile:
+            log.warning("train.compile: skipped on the CPU")
+            cfg.train.compile = False
 
     train_records, eval_records, manifest = prepare_data(cfg, out)
     tokenizer = load_tokenizer(cfg.model.path)
