@@ -113,26 +113,24 @@ class TokenBudgetCollator:
     """
 
     def __init__(self, pad_token_id: int, packing: bool, pack_length: int | None = None, pad_multiple: int = 8):
+        from transformers import DataCollatorWithFlattening
+
         self.pad_token_id, self.packing, self.pack_length, self.pad_multiple = pad_token_id, packing, pack_length, pad_multiple
+        # transformers' own padding-free packing (labels of each example's first token ignored, positions
+        # restarting at 0); lawtune only pads the row to one fixed length, so compiled kernels see one shape.
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
 
     def __call__(self, items: list) -> dict[str, torch.Tensor]:
         examples = _examples(items)
         if self.packing:
-            ids: list[int] = []
-            labels: list[int] = []
-            positions: list[int] = []
-            for ex in examples:
-                n = len(ex["input_ids"])
-                ids += ex["input_ids"]
-                labels += [-100] + list(ex["labels"][1:])  # never predict across an example boundary
-                positions += range(n)
-            if self.pack_length and len(ids) < self.pack_length:
-                tail = self.pack_length - len(ids)  # one more "example" of padding, on its own positions
-                ids += [self.pad_token_id] * tail
-                labels += [-100] * tail
-                positions += range(tail)
-            return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                    "position_ids": torch.tensor([positions])}
+            batch = self.flatten([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples])
+            batch = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
+            tail = (self.pack_length or 0) - batch["input_ids"].shape[1]
+            if tail > 0:  # one more "example" of padding, on its own positions, with no loss
+                batch["input_ids"] = F.pad(batch["input_ids"], (0, tail), value=self.pad_token_id)
+                batch["labels"] = F.pad(batch["labels"], (0, tail), value=-100)
+                batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(tail).unsqueeze(0)], dim=1)
+            return batch
         width = max(len(ex["input_ids"]) for ex in examples)
         width = -(-width // self.pad_multiple) * self.pad_multiple
         ids_t = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
