@@ -123,10 +123,14 @@ def main(argv=None) -> int:
     p.add_argument("--single-tokens", type=int, default=500)
     p.add_argument("--baseline-tokens", type=int, default=500, help="new tokens of the batch-64/256 baselines")
     p.add_argument("--cache-variants", action="store_true",
-                   help="also time reasoning generation with a static cache, without and with torch.compile")
+                   help="also time direct mode with a dynamic cache, and reasoning generation with a static cache, "
+                        "without and with torch.compile")
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--profile", action="store_true", help="print where GPU time goes in one direct and one choice batch")
     p.add_argument("--only-profile", action="store_true", help="profile, then stop")
+    p.add_argument("--cprofile", action="store_true", help="print where CPU time goes in one direct batch of 256")
+    p.add_argument("--cudnn-variant", action="store_true",
+                   help="also time direct and choice with cuDNN attention allowed (lawtune leaves it out)")
     args = p.parse_args(argv)
     if args.smoke:
         args.n, args.batch_sizes, args.reasoning_n, args.reasoning_tokens, args.reasoning_batch = 24, "8,16", 8, 12, 8
@@ -175,9 +179,35 @@ def main(argv=None) -> int:
         if args.only_profile:
             return 0
 
+    if args.cprofile:
+        import cProfile
+
+        ecfg = EvalConfig(mode="direct", batch_size=256)
+        batch = records[:256]
+        evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False)
+        prof = cProfile.Profile()
+        prof.enable()
+        _, wall = timed(device, lambda: evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False))
+        prof.disable()
+        emit({"bench": "cprofile", "what": "eval direct, 256 questions", "wall_s": round(wall, 3),
+              "top_self_cpu": jecqa_synth.cprofile_top(prof)})
+
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         lawtune_run(f"direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs))
         lawtune_run(f"choice_bs{bs}", records, EvalConfig(mode="choice", batch_size=bs))
+    if args.cache_variants:  # direct generates 8 tokens: does the preallocated cache pay for itself there?
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            row = lawtune_run(f"dyncache_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, static_cache=False))
+            row["what"] += ", dynamic cache"
+    if args.cudnn_variant:  # the same runs with every attention backend allowed, cuDNN's included
+        import lawtune.fast
+
+        kept, lawtune.fast.EVAL_SDPA_BACKENDS = lawtune.fast.EVAL_SDPA_BACKENDS, None
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            for mode in ("direct", "choice"):
+                row = lawtune_run(f"cudnn_{mode}_bs{bs}", records, EvalConfig(mode=mode, batch_size=bs))
+                row["what"] += ", cuDNN attention allowed"
+        lawtune.fast.EVAL_SDPA_BACKENDS = kept
     lawtune_run("reasoning", records[: args.reasoning_n],
                 EvalConfig(mode="reasoning", batch_size=args.reasoning_batch, max_new_tokens=args.reasoning_tokens))
 
@@ -214,6 +244,7 @@ def main(argv=None) -> int:
                                         "questions": len(plain), "seconds": round(seconds, 2)})
 
     summary = {"bench": "summary", "device": env["device"]}
+    # lawtune's own runs only (the cuDNN variant is a comparison, not lawtune's behaviour)
     direct = min((r for k, r in results.items() if k.startswith("direct_")), key=lambda r: r["seconds"])
     choice = min((r for k, r in results.items() if k.startswith("choice_")), key=lambda r: r["seconds"])
     reasoning = results["reasoning"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,12 +26,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], env: dict, log: Path) -> None:
+def run(cmd: list[str], env: dict, log: Path, timeout: float | None = None) -> None:
+    """Run a command into a log file; a failure or a timeout raises RuntimeError with the log's tail."""
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
+            proc.wait()
+            code = f"timed out after {timeout:.0f} s"
+    if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{tail}")
 
 
 def throughput(metrics: Path, warmup: int) -> dict:
@@ -54,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--records", type=int, default=20000)
     p.add_argument("--runs", default="single,ddp,fsdp2")
     p.add_argument("--work")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per run; a run that fails or times out is reported")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     opts = p.parse_args(argv)
     work = Path(opts.work or tempfile.mkdtemp(prefix="lawtune-multi-"))
@@ -85,7 +94,13 @@ def main(argv=None) -> int:
         if name not in launch:
             continue
         out = work / f"run-{name}"
-        run(launch[name] + common + [f"train.output_dir={out}"], env, work / f"{name}.log")
+        try:
+            run(launch[name] + common + [f"train.output_dir={out}"], env, work / f"{name}.log", opts.timeout)
+        except RuntimeError as exc:
+            print(json.dumps({"bench": "multi_gpu", "run": name, "error": str(exc)[-2000:]}), flush=True)
+            if opts.smoke:
+                raise
+            continue
         row = {"bench": "multi_gpu", "run": name, "processes": 1 if name == "single" else (2 if opts.smoke else opts.gpus),
                **throughput(out / "metrics.jsonl", opts.warmup)}
         if "single" in results:

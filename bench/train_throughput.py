@@ -74,11 +74,11 @@ class Meter:
     the model takes them off in order, so prefetched batches are attributed to the step that runs them.
     """
 
-    def __init__(self, warmup: int, steps: int, device, profile: bool = False):
+    def __init__(self, warmup: int, steps: int, device, profile: bool = False, cprofile: bool = False):
         from transformers import TrainerCallback
 
-        self.warmup, self.steps, self.device, self.profile = warmup, steps, device, profile
-        self.prof = None
+        self.warmup, self.steps, self.device, self.profile, self.cprofile = warmup, steps, device, profile, cprofile
+        self.prof = self.cprof = None
         self.profile_info: dict = {}
         self.queue: collections.deque = collections.deque()
         self.counting = False
@@ -96,6 +96,11 @@ class Meter:
 
                             meter.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                             meter.prof.__enter__()
+                        if meter.cprofile:
+                            import cProfile
+
+                            meter.cprof = cProfile.Profile()
+                            meter.cprof.enable()
                         meter.t0, meter.counting = time.perf_counter(), True
                     else:
                         meter.t1, meter.counting = time.perf_counter(), False
@@ -103,6 +108,10 @@ class Meter:
                             meter.prof.__exit__(None, None, None)
                             meter.profile_info = _profile_summary(meter.prof, meter.t1 - meter.t0)
                             meter.prof = None
+                        if meter.cprof is not None:  # where the CPU time of the timed steps went
+                            meter.cprof.disable()
+                            meter.profile_info["top_self_cpu"] = jecqa_synth.cprofile_top(meter.cprof)
+                            meter.cprof = None
 
         self.callback = Callback()
 
@@ -262,8 +271,9 @@ def recipe_plan(opts) -> list[tuple[str, dict]]:
         items = [o for o in overrides.split(",") if o]
         env = dict(o[4:].split("=", 1) for o in items if o.startswith("env:"))
         profile = "profile" in items
-        items = [o for o in items if not o.startswith("env:") and o != "profile"]
-        plan.append((name, {"overrides": items, "env": env, "profile": profile}))
+        cprofile = "cprofile" in items
+        items = [o for o in items if not o.startswith("env:") and o not in ("profile", "cprofile")]
+        plan.append((name, {"overrides": items, "env": env, "profile": profile, "cprofile": cprofile}))
     return plan
 
 
@@ -285,7 +295,7 @@ def run_child(opts) -> dict:
         n = min(n, 3)
     for key, value in spec.get("env", {}).items():
         os.environ[key] = value
-    meter = Meter(w, n, device, profile=bool(spec.get("profile")))
+    meter = Meter(w, n, device, profile=bool(spec.get("profile")), cprofile=bool(spec.get("cprofile")))
     start = time.perf_counter()
     if name == "baseline":
         info = run_baseline(opts, work, device, meter)
@@ -377,7 +387,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="lawtune's default config with overrides (repeatable); an item env:VAR=VALUE sets an "
-                        "environment variable, the item profile prints where the GPU time goes")
+                        "environment variable, the item profile prints where the GPU time goes, cprofile where the CPU time goes")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="lawtune config of the lawtune recipes")
     p.add_argument("--records", type=int, default=6000, help="synthetic training questions")
     p.add_argument("--warmup", type=int, default=4, help="optimizer steps before timing (compilation happens here)")

@@ -19,7 +19,10 @@ def test_eval_bench_smoke():
     rows = {r["bench"]: r for r in _run("eval_throughput.py")}
     for name in ("env", "direct_bs8", "choice_bs8", "reasoning", "base_single", "base_batch64", "base_direct", "summary"):
         assert name in rows, name
-    assert rows["reasoning"]["generated_tokens"] == 8 * (12 + 12)  # random weights: every row runs to its budget
+    # random weights: every row runs to its budget (12 reasoning tokens, then the forced answer's direct budget)
+    from lawtune.config import EvalConfig
+
+    assert rows["reasoning"]["generated_tokens"] == 8 * (12 + EvalConfig().direct_max_new_tokens)
     assert rows["direct_bs8"]["questions"] == 24 and rows["summary"]["direct_s"] > 0
 
 

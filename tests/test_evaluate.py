@@ -125,3 +125,14 @@ def test_reasoning_rows_cut_off_at_the_limit_are_forced_and_flagged(tiny_model_d
     forced = next(s for s in samples if s["forced"])
     assert "</think>\n\n答案：" in forced["output"]
     assert forced["correct"] == (forced["pred"] == ["A"])
+
+
+def test_prompts_are_left_padded_exactly_as_the_tokenizer_pads_them(tiny_tokenizer):
+    from lawtune.evaluate import _encode_batch
+
+    texts = ["短", "甲公司与乙公司的合同纠纷，下列哪些说法正确？", "丙的房屋"]
+    tiny_tokenizer.padding_side = "left"
+    ref = tiny_tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+    got = _encode_batch(tiny_tokenizer, texts, torch.device("cpu"))
+    assert got["input_ids"].shape[1] > 3
+    assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["attention_mask"], ref["attention_mask"])

@@ -131,6 +131,44 @@ def test_fast_attention_generates_what_plain_sdpa_generates(tiny_tokenizer):
     assert torch.equal(plain, fast)
 
 
+def test_evaluation_leaves_cudnn_attention_out_and_restores_the_backends(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer).eval()
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with fast_attention(model):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_config):
+    from transformers import Trainer
+
+    from lawtune.train import setup
+
+    parts = setup(tiny_config())
+    trainer, model = parts["trainer"], parts["model"]
+    inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long)}
+    assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch.pop("labels", None)
+    batch.pop("logits_to_keep", None)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for optimizer in (None, trainer.create_optimizer()):  # before and after the Trainer made its optimizer
+        model(**batch).logits.float().pow(2).mean().backward()
+        assert lora and all(p.grad is not None for p in lora)
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    # train() still changes the mode of every module, whether it was set from the top or further down
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    dropout_like = [m for m in model.modules()][-1]
+    dropout_like.eval()
+    model.train()
+    assert dropout_like.training
+
+
 def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):
     from lawtune.train import train
 

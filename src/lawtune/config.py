@@ -190,8 +190,8 @@ class EvalConfig:
     """Questions per generation / scoring batch (on an 80 GB GPU 256-512 is fastest; see bench/README.md)."""
     max_new_tokens: int = 2048
     """Token budget of reasoning mode (R1-style thinking often runs past 1,000 tokens)."""
-    direct_max_new_tokens: int = 12
-    """Token budget of direct mode: enough for '答案：ABCD' and the end token."""
+    direct_max_new_tokens: int = 8
+    """Token budget of direct mode: '答案：ABCD' and the end token are 5 tokens of R1-Distill's tokenizer."""
     do_sample: bool = False
     """Greedy decoding by default; sampling uses temperature and top_p."""
     temperature: float = 0.6

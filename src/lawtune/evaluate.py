@@ -49,9 +49,18 @@ def _device_of(model) -> torch.device:
 
 
 def _encode_batch(tokenizer, texts: list[str], device) -> dict:
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
-    batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
-    return {k: v.to(device) for k, v in batch.items()}
+    """Left-padded input ids and attention mask (generation appends on the right, so pad on the left).
+
+    Padding is done here with torch: the tokenizer's own padding to tensors goes through Python lists and
+    took as long as the tokenization itself (~0.2 s per 1,000 prompts), time in which the GPU sits idle.
+    """
+    from torch.nn.utils.rnn import pad_sequence
+
+    tokenizer.padding_side = "left"
+    ids = [torch.tensor(x, dtype=torch.long) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    input_ids = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(x) for x in ids], batch_first=True, padding_value=0, padding_side="left")
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 @torch.inference_mode()

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import Config, resolve_output_dir, save_config
 from .data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
-from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
+from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask, trim_step_overhead,
                    make_collator, plan_batches, sparse_logits_loss)
 from .model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
@@ -346,6 +346,7 @@ def setup(cfg: Config, resume: bool = False) -> dict:
         compute_loss_func=sparse_logits_loss if cfg.train.sparse_logits else None,
     )
     held_out.trainer = trainer
+    trim_step_overhead(trainer)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     log.info("model %s on %s (%s): %s trainable LoRA parameters of %s (%.2f%%)", cfg.model.path, device,
