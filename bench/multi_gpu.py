@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     run(prep, env, work / "prepare.log")
 
     common = [opts.config, f"model.path={work / 'model'}", f"data.train={work / 'train.jsonl'}", "data.eval_fraction=0",
-              f"train.max_steps={opts.steps}", "train.logging_steps=1", "train.eval_steps=0", "train.save_steps=100000",
+              f"train.max_steps={opts.steps}", f"train.logging_steps={1 if opts.smoke else 5}", "train.eval_steps=0", "train.save_steps=100000",
               "train.report_to=[none]", *opts.overrides]
     if opts.smoke:
         common += ["model.dtype=float32", "model.attn_implementation=sdpa", "train.optim=adamw_torch", "train.batch_tokens=1024", "data.max_length=1024",

@@ -140,12 +140,25 @@ def test_evaluation_leaves_cudnn_attention_out_and_restores_the_backends(tiny_to
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
 
 
+def test_the_trainer_counts_every_sparse_label_once(tiny_config):
+    from lawtune.train import setup
+
+    trainer = setup(tiny_config("train.batch_tokens=512", "train.packing=true", "train.sparse_logits=true"))["trainer"]
+    items = [trainer.train_dataset[0]]  # one planned micro-batch, as the DataLoader hands it over
+    batch = trainer.data_collator(items)
+    full = trainer.data_collator.inner.inner(items)  # counting -> sparse logits -> token budget
+    assert torch.equal(batch["input_ids"], full["input_ids"])
+    true_count = int((full["labels"][:, 1:] != -100).sum())
+    assert true_count > 0
+    assert int(trainer._get_num_items_in_batch([batch], torch.device("cpu"))) == true_count
+
+
 def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_config):
     from transformers import Trainer
 
     from lawtune.train import setup
 
-    parts = setup(tiny_config())
+    parts = setup(tiny_config("train.batch_tokens=512", "train.packing=true", "train.sparse_logits=true"))
     trainer, model = parts["trainer"], parts["model"]
     inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long)}
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0

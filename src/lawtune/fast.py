@@ -241,7 +241,7 @@ class SparseLogitsCollator:
     """Wraps a collator: keeps only the label positions, and tells the model where to compute logits.
 
     Position p's logits predict label p + 1. The batch gets ``logits_to_keep`` (the positions p, shared by
-    all rows) and ``labels`` reduced to the matching targets, shape (rows, positions): the model's LM head
+    all rows) and ``labels`` reduced to the matching targets, shape (rows, 1 + positions): the model's LM head
     then runs on those positions alone and ``sparse_logits_loss`` scores them.
     """
 
@@ -254,7 +254,10 @@ class SparseLogitsCollator:
         keep = (target != -100).any(0).nonzero().flatten()
         if keep.numel() == 0:  # no label at all: one position whose targets are all ignored
             keep = torch.zeros(1, dtype=torch.long)
-        batch["labels"] = target[:, keep].contiguous()
+        # A leading ignored column: transformers counts a causal LM's labels from column 1 on (it expects
+        # unshifted labels), and older releases count every column; with it both counts are the true one.
+        ignored = torch.full((target.shape[0], 1), -100, dtype=target.dtype)
+        batch["labels"] = torch.cat([ignored, target[:, keep]], dim=1)
         batch["logits_to_keep"] = keep
         return batch
 
@@ -266,7 +269,7 @@ def sparse_logits_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -
     accumulation window's labels), so the loss and gradients equal those of the plain path.
     """
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    labels = labels.to(logits.device)
+    labels = labels[:, 1:].to(logits.device)  # SparseLogitsCollator's leading ignored column
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                            reduction="sum")
     if num_items_in_batch is None:
