@@ -224,10 +224,18 @@ def test_static_cache_generates_what_the_dynamic_cache_generates(tiny_model_dir)
     from lawtune.config import ModelConfig
 
     model, tok = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"))
+    from lawtune.evaluate import STATIC_CACHE_MIN_TOKENS
+
     prompts = ["甲乙丙丁的合同纠纷", "短", "法院认定的证据"]
-    dynamic = generate_batch(model, tok, prompts, 7, EvalConfig(static_cache=False))
-    static = generate_batch(model, tok, prompts, 7, EvalConfig(static_cache=True))
-    assert static == dynamic
+    seen = []
+    generate = model.generate
+    model.generate = lambda **kw: seen.append(kw.get("cache_implementation")) or generate(**kw)
+    n = STATIC_CACHE_MIN_TOKENS
+    dynamic = generate_batch(model, tok, prompts, n, EvalConfig(static_cache=False))
+    static = generate_batch(model, tok, prompts, n, EvalConfig(static_cache=True))
+    generate_batch(model, tok, prompts, 8, EvalConfig(static_cache=True))  # short: the growing cache is cheaper
+    assert static == dynamic and max(len(text) for text, _, _ in static) > 0
+    assert seen == [None, "static", None]
 
 
 def test_packed_block_mask_is_causal_within_each_example(tiny_tokenizer, features):
