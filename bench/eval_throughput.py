@@ -200,14 +200,14 @@ def main(argv=None) -> int:
             row = lawtune_run(f"dyncache_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, static_cache=False))
             row["what"] += ", dynamic cache"
     if args.cudnn_variant:  # the same runs with every attention backend allowed, cuDNN's included
-        import lawtune.fast
+        import lawtune.attention
 
-        kept, lawtune.fast.EVAL_SDPA_BACKENDS = lawtune.fast.EVAL_SDPA_BACKENDS, None
+        kept, lawtune.attention.EVAL_SDPA_BACKENDS = lawtune.attention.EVAL_SDPA_BACKENDS, None
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
             for mode in ("direct", "choice"):
                 row = lawtune_run(f"cudnn_{mode}_bs{bs}", records, EvalConfig(mode=mode, batch_size=bs))
                 row["what"] += ", cuDNN attention allowed"
-        lawtune.fast.EVAL_SDPA_BACKENDS = kept
+        lawtune.attention.EVAL_SDPA_BACKENDS = kept
     lawtune_run("reasoning", records[: args.reasoning_n],
                 EvalConfig(mode="reasoning", batch_size=args.reasoning_batch, max_new_tokens=args.reasoning_tokens))
 

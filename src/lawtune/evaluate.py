@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig, ModelConfig
 from .data import Record, load_records, sha256_file, statement_key
-from .fast import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
+from .attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
 from .scoring import extract_answer, summarize
 

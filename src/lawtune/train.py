@@ -30,8 +30,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import Config, resolve_output_dir, save_config
 from .data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
-from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask, trim_step_overhead,
-                   make_collator, plan_batches, sparse_logits_loss)
+from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
+                   make_collator, plan_batches, sparse_logits_loss, trim_step_overhead)
 from .model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
 
