@@ -13,10 +13,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-def is_compiled(model) -> bool:
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-
-
 FAST_ATTENTION = "lawtune_sdpa"
 _registered = False
 # cuDNN's attention builds an execution plan for every new input shape, and evaluation batches all differ in
@@ -93,6 +89,10 @@ def attention_implementation(model) -> str:
     return getattr(configs[0], "_attn_implementation", "sdpa") if configs else "sdpa"
 
 
+def is_compiled(model) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 @contextlib.contextmanager
 def eager_stance(model):
     """Run a model whose layers were compiled for training eagerly (evaluation has other shapes and a cache)."""
@@ -102,4 +102,3 @@ def eager_stance(model):
         return
     with set_stance("force_eager"):
         yield
-

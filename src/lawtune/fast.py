@@ -195,9 +195,10 @@ def trim_step_overhead(trainer) -> None:
     transformers' Trainer counts the model's parameters again at every micro-step for its FLOP estimate,
     sets train mode and zeroes gradients by visiting all ~2,300 modules of a 28-layer model with LoRA;
     profiled on the H100 machine that is ~25% of the CPU time of a default step, and the default steps
-    are CPU-bound. The count cannot change during training, only the LoRA parameters ever hold a
-    gradient (the optimizer's), and the mode flags can be checked from a list of the modules. (transformers documents overriding
-    ``floating_point_ops``; the estimate is its own formula, 6 x tokens x non-embedding parameters.)
+    are CPU-bound. The count cannot change during training, only the LoRA parameters (the optimizer's)
+    ever hold a gradient, and the mode flags can be checked from a list of the modules. (transformers
+    documents overriding ``floating_point_ops``; the estimate keeps its formula, 6 x tokens x
+    non-embedding parameters.)
     """
     model = trainer.model
     main_input = getattr(model, "main_input_name", "input_ids")
