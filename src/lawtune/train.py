@@ -348,9 +348,9 @@ def setup(cfg: Config, resume: bool = False) -> dict:
     held_out.trainer = trainer
     if trainer.args.n_gpu > 1:
         # Several visible GPUs in one process would make the Trainer wrap the model in nn.DataParallel, which
-        # neither compiled layers nor flex attention survive (it stalled at step 0 on a 2-GPU machine).
-        # Several GPUs are used through one process each (accelerate launch / torchrun), as documented;
-        # transformers itself sets n_gpu to 1 the same way for models it places across GPUs.
+        # replicates the model every step and is not what compiled layers, flex attention and the token
+        # budget are built for. Several GPUs are used through one process each (accelerate launch /
+        # torchrun), as documented; transformers sets n_gpu to 1 the same way for models it spreads itself.
         log.info("%d GPUs visible: training on one; use accelerate launch or torchrun for all of them", trainer.args.n_gpu)
         trainer.args._n_gpu = 1
     trim_step_overhead(trainer)
