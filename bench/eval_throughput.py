@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache-variants", action="store_true",
                    help="also time reasoning generation with a dynamic and a static cache, without and with torch.compile")
     p.add_argument("--direct-dynamic", action="store_true", help="also time direct mode with a dynamic cache")
+    p.add_argument("--graph-variant", action="store_true",
+                   help="also time direct and reasoning through transformers generate (eval.cuda_graphs=false)")
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--profile", action="store_true", help="print where GPU time goes in one direct and one choice batch")
     p.add_argument("--only-profile", action="store_true", help="profile, then stop")
@@ -199,6 +201,14 @@ def main(argv=None) -> int:
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
             row = lawtune_run(f"dyncache_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, static_cache=False))
             row["what"] += ", dynamic cache"
+    if args.graph_variant:  # lawtune's generation without its CUDA-graph decoding loop (decode.py)
+        for bs in [int(x) for x in args.batch_sizes.split(",")]:
+            row = lawtune_run(f"nograph_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, cuda_graphs=False))
+            row["what"] += ", transformers generate"
+        row = lawtune_run("nograph_reasoning", records[: args.reasoning_n],
+                          EvalConfig(mode="reasoning", batch_size=args.reasoning_batch, max_new_tokens=args.reasoning_tokens,
+                                     cuda_graphs=False))
+        row["what"] += ", transformers generate"
     if args.cudnn_variant:  # the same runs with every attention backend allowed, cuDNN's included
         import lawtune.attention
 

@@ -199,8 +199,12 @@ class EvalConfig:
     top_p: float = 0.95
     """Nucleus sampling mass (the model card's 0.95)."""
     static_cache: bool = True
-    """Generate with a preallocated (static) KV cache instead of one that grows by copying every token
-    (used for generations of 32 tokens or more: direct mode's 8 tokens measured faster without it)."""
+    """Where transformers' generate runs (sampling, the CPU, cuda_graphs false): a preallocated (static) KV
+    cache instead of one that grows by copying every token, for generations of 32 tokens or more (direct
+    mode's 8 tokens measured faster without it). The CUDA-graph loop always uses a static cache."""
+    cuda_graphs: bool = True
+    """Greedy generation on a GPU replays each decoding step from a CUDA graph on a static cache
+    (lawtune/decode.py); false = transformers' generate. Sampling always uses generate."""
     shuffle_options: bool = False
     """Re-letter options with a fixed seed (answers mapped back) to expose letter bias."""
     seed: int = 0

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .config import EvalConfig, ModelConfig
 from .data import Record, load_records, sha256_file, statement_key
 from .attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
+from .decode import graph_decode_supported, greedy_decode
 from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
 from .scoring import extract_answer, summarize
 
@@ -81,6 +82,14 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
     Extra keyword arguments (a streamer, stopping criteria) are passed on to ``model.generate``.
     """
     batch = _encode_batch(tokenizer, prompts, _device_of(model))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+    if (ecfg.cuda_graphs and not ecfg.do_sample and not generate_kwargs and not distributed
+            and batch["input_ids"].device.type == "cuda" and graph_decode_supported(model)):
+        with fast_attention(model), eager_stance(model):
+            new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                tokenizer.eos_token_id, tokenizer.pad_token_id).tolist()
+        return _decode_rows(tokenizer, new)
     kwargs = {"do_sample": ecfg.do_sample}
     if ecfg.do_sample:
         kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
@@ -91,12 +100,14 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
         # once per batch shape, which costs more than it saves here.
         kwargs.update(cache_implementation="static", disable_compile=True)
     # In a distributed job every rank keeps stepping until all are done (sharded models need it).
-    kwargs["synced_gpus"] = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    kwargs["synced_gpus"] = distributed
     with fast_attention(model), eager_stance(model):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              use_cache=True, eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    return _decode_rows(tokenizer, out[:, batch["input_ids"].shape[1]:].tolist())
+
+
+def _decode_rows(tokenizer, new: list[list[int]]) -> list[tuple[str, int, bool]]:
     results = []
     for row in new:
         stopped = tokenizer.eos_token_id in row
