@@ -125,3 +125,16 @@ def test_the_gpu_default_config_falls_back_cleanly_on_cpu(tiny_model_dir, tmp_pa
     assert "flex_attention cannot train on the CPU" in caplog.text
     saved = load_config(tmp_path / "out" / "final_model" / "lawtune_config.yaml")
     assert saved.model.attn_implementation == "sdpa" and not saved.train.compile  # what actually ran
+
+
+def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_config, tmp_path):
+    """A blocking host-to-GPU copy syncs the CPU with the GPU at every step (a barrier per step under DDP)."""
+    import torch
+
+    from lawtune.train import training_arguments
+
+    gpu = training_arguments(tiny_config(), tmp_path, torch.float32, torch.device("cuda"))
+    assert gpu.dataloader_pin_memory and gpu.accelerator_config.non_blocking
+    assert gpu.ddp_broadcast_buffers is False
+    cpu = training_arguments(tiny_config(), tmp_path, torch.float32, torch.device("cpu"))
+    assert not cpu.dataloader_pin_memory and not cpu.accelerator_config.non_blocking
