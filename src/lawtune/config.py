@@ -156,7 +156,7 @@ class TrainConfig:
     """Compute the LM head and loss only at the label (answer) positions: the same loss and gradients,
     without the 151,936-wide logits of every prompt token."""
     liger: bool = False
-    """Liger-kernel fused RMSNorm/SwiGLU/RoPE (pip install 'lawtune[gpu]'); a warning and plain kernels on CPU.
+    """Liger-kernel fused RMSNorm/SwiGLU (pip install 'lawtune[gpu]'); a warning and plain kernels on CPU.
     With compile it measured slower (bench/README.md), so the default config leaves it off."""
     compile: bool = False
     """torch.compile each decoder layer (one graph shared by all layers; the first steps take ~1 min longer)."""

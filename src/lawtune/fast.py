@@ -11,7 +11,7 @@ Training (``train.*``; measured in ``bench/train_throughput.py``, numbers in ``b
 * ``sparse_logits``: the LM head and the loss run only where a label is. Only the answer tokens carry
   loss, so ~97% of the 151,936-wide logits the plain path computes are thrown away. Same loss and
   gradients (tests/test_fast.py).
-* ``liger``: Liger-kernel's fused RMSNorm, SwiGLU and RoPE (and its fused linear cross-entropy when
+* ``liger``: Liger-kernel's fused RMSNorm and SwiGLU (and its fused linear cross-entropy when
   ``sparse_logits`` is off). Needs a CUDA GPU and ``pip install lawtune[gpu]``; otherwise a warning and
   the plain path.
 * ``compile``: ``torch.compile`` of each decoder layer (regional compilation: one graph that all layers
@@ -297,7 +297,7 @@ def make_collator(tokenizer, tcfg, max_length: int):
 
 
 def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
-    """Liger-kernel's fused RMSNorm / SwiGLU / RoPE on a base model (before LoRA is added).
+    """Liger-kernel's fused RMSNorm / SwiGLU on a base model (before LoRA is added).
 
     Returns False (with a warning) where it cannot run: no CUDA device, or liger-kernel not installed.
     """
@@ -310,7 +310,9 @@ def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
         log.warning("train.liger: liger-kernel is not installed (pip install 'lawtune[gpu]'); training with the "
                     "plain kernels")
         return False
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+    # RoPE stays plain: Liger swaps it in the transformers module itself, for every model of the process
+    # (a CPU model built later then fails in a Triton kernel), and torch.compile fuses it anyway.
+    _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=fused_cross_entropy)
     return True
 
