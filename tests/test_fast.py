@@ -243,3 +243,28 @@ def test_flex_packed_training_equals_padded_sdpa_on_gpu(tiny_tokenizer, features
     install_packed_block_mask(model)
     model.train()
     _assert_same(reference, _loss_and_grads(model, {k: v.cuda() for k, v in packed.items()}))
+
+
+def test_liger_changes_only_the_given_model_not_the_transformers_module(tiny_tokenizer, monkeypatch):
+    """Liger's patch functions also replace classes module-wide; apply_liger puts those back."""
+    import sys
+    import types
+
+    from lawtune.demo import build_tiny_model
+    from lawtune.fast import apply_liger
+
+    model = build_tiny_model(tiny_tokenizer)
+    module = sys.modules[type(model).__module__]
+    original_mlp = module.Qwen2MLP
+
+    def fake_apply(model, **kwargs):  # what liger does: a module-wide swap plus the instance's own modules
+        module.Qwen2MLP = type("LigerLikeMLP", (torch.nn.Module,), {})
+        model.model.norm.patched = True
+
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = fake_apply
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    assert apply_liger(model, torch.device("cuda"), fused_cross_entropy=False)
+    assert module.Qwen2MLP is original_mlp
+    assert model.model.norm.patched
