@@ -56,7 +56,9 @@ def _window_profiler(start: int, stop: int):
 
 def report(prof, wall: float, steps: int) -> None:
     events = prof.key_averages()
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    # device-side events, less the ranges that only mark a CPU region on the GPU timeline (module forwards)
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+               and not getattr(e, "is_user_annotation", False)]
     comm = [e for e in kernels if "nccl" in e.key.lower()]
     busy = sum(e.self_device_time_total for e in kernels if e not in comm) / 1e6
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:12]

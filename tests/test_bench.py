@@ -44,3 +44,19 @@ def test_multi_gpu_bench_smoke():
     assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 4 for r in rows.values())
     assert rows["ddp"]["ratio_to_single"] > 0
+
+
+def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
+    """bench/profile_train.py runs the real training command and prints one profile of the chosen steps."""
+    from lawtune.demo import demo_data_path
+
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "profile_train.py"), "--window", "1:3", "configs/demo.yaml",
+         f"model.path={tiny_model_dir}", f"data.train={demo_data_path()}", "model.dtype=float32", "train.max_steps=4",
+         f"train.output_dir={tmp_path / 'run'}", "train.report_to=[none]", "data.eval_fraction=0", "train.eval_steps=0"],
+        capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("@@PROFILE ")]
+    assert len(lines) == 1
+    row = json.loads(lines[0].split(" ", 1)[1])
+    assert row["steps"] == 2 and row["wall_s"] > 0 and row["top_cpu_self_ms"]
