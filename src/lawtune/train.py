@@ -267,7 +267,7 @@ def training_arguments(cfg: Config, out: Path, dtype: torch.dtype, device: torch
         disable_tqdm=True,
         save_only_model=False,
         ddp_find_unused_parameters=False,
-        # The only buffers are the rotary tables, which never change: no broadcast before every forward.
+        # A decoder LM's buffers (rotary tables) never change in training: no broadcast before every forward.
         ddp_broadcast_buffers=False,
         # Batches go to the GPU from pinned memory without waiting: a blocking copy makes the CPU wait for
         # the GPU at every step, and under DDP that turns every step into a barrier for the slowest rank
