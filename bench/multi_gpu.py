@@ -5,11 +5,17 @@
     python bench/multi_gpu.py --smoke                  # tiny model, 2 CPU processes (gloo), seconds
 
 The same config and data run three ways: one process on one GPU, `accelerate launch` with
-configs/accelerate/ddp.yaml and with configs/accelerate/fsdp2.yaml on N GPUs. Each run is the real
+configs/accelerate/ddp.yaml and with configs/accelerate/fsdp2.yaml on N GPUs. `--runs independent` adds
+N separate one-GPU jobs at the same time (no communication; their tokens/s summed): the ceiling that
+sharing the machine leaves to DDP. Each run is the real
 `lawtune train` command; its tokens/s is read from the run's own metrics.jsonl (trained tokens counted
 on all ranks) over the optimizer steps after the warm-up. Prints one JSON line per run and the ratio
 to one GPU. The per-device batch is the same in every run, so N GPUs do N times the work per step:
 that is what "tokens/s on N GPUs vs one" measures (weak scaling, as data parallelism is used).
+
+    --variant NAME=BASE,ITEM,...   one more run: BASE (single, ddp or fsdp2) with extra items, each
+                                   either a launcher flag (--enable_cpu_affinity), an override
+                                   (train.batch_tokens=12288) or an environment variable (env:X=Y)
 """
 
 from __future__ import annotations
@@ -26,19 +32,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], env: dict, log: Path, timeout: float | None = None) -> None:
-    """Run a command into a log file; a failure or a timeout raises RuntimeError with the log's tail."""
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def run(jobs: list[tuple[list[str], dict, Path]], timeout: float | None = None) -> None:
+    """Run commands at the same time, each into its log file; a failure or a timeout raises RuntimeError
+    with the failed log's tail."""
+    procs = []
+    for cmd, env, log in jobs:
+        fh = open(log, "w")
+        procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                      fh, cmd, log))
+    failed = None
+    for proc, fh, cmd, log in procs:
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
             proc.wait()
             code = f"timed out after {timeout:.0f} s"
-    if code != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"command failed ({code}): {' '.join(cmd)}\n{tail}")
+        fh.close()
+        if code != 0 and failed is None:
+            failed = f"command failed ({code}): {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}"
+    if failed:
+        raise RuntimeError(failed)
 
 
 def throughput(metrics: Path, warmup: int) -> dict:
@@ -65,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=420,
                    help="seconds per run, compilation on a fresh machine included (~100-200 s); a run that fails "
                         "or times out is reported")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE,ITEM,...")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     opts = p.parse_args(argv)
     work = Path(opts.work or tempfile.mkdtemp(prefix="lawtune-multi-"))
@@ -72,7 +87,7 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     prep = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--prepare-only", "--work", str(work),
             "--records", str(opts.records)] + (["--smoke"] if opts.smoke else [])
-    run(prep, env, work / "prepare.log")
+    run([(prep, env, work / "prepare.log")])
 
     common = [opts.config, f"model.path={work / 'model'}", f"data.train={work / 'train.jsonl'}", "data.eval_fraction=0",
               f"train.max_steps={opts.steps}", f"train.logging_steps={1 if opts.smoke else 5}", "train.eval_steps=0", "train.save_steps=100000",
@@ -82,6 +97,9 @@ def main(argv=None) -> int:
                    "train.compile=false", "train.liger=false"]
     launch = {
         "single": [sys.executable, "-m", "lawtune", "train"],
+        # one independent single-GPU job per GPU at the same time, no communication between them: how
+        # much of the gap to N x one GPU comes from the processes sharing the machine rather than from DDP
+        "independent": [sys.executable, "-m", "lawtune", "train"],
         "ddp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
                 "--num_processes", str(opts.gpus), "-m", "lawtune", "train"],
         "fsdp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"),
@@ -91,26 +109,57 @@ def main(argv=None) -> int:
         launch["ddp"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                          "-m", "lawtune", "train"]
         launch.pop("fsdp2")
+    extra = {name: ([], {}) for name in launch}  # overrides and environment of each run
+    bases = {name: name for name in launch}
+    for spec in opts.variant:
+        name, _, items = spec.partition("=")
+        base, *items = items.split(",")
+        if base not in launch or not name or name in launch:
+            p.error(f"--variant {spec!r}: expected NAME=BASE,... with BASE one of {sorted(launch)} and a new NAME")
+        flags = [i for i in items if i.startswith("--")]
+        # launcher flags go before "-m lawtune train"
+        cut = launch[base].index("-m", 2) if base in ("ddp", "fsdp2") else len(launch[base])
+        launch[name] = launch[base][:cut] + flags + launch[base][cut:]
+        extra[name] = ([i for i in items if not i.startswith(("--", "env:"))],
+                       dict(i[4:].split("=", 1) for i in items if i.startswith("env:")))
+        bases[name] = base
+    singles = {name for name, base in bases.items() if base == "single"}  # the baselines of the ratios
     results = {}
-    for name in opts.runs.split(","):
+    for name in opts.runs.split(",") + [spec.partition("=")[0] for spec in opts.variant]:
         if name not in launch:
             continue
         out = work / f"run-{name}"
+        overrides, env_items = extra[name]
+        single = name in singles
+        gpus = [g for g in env.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(opts.gpus)))).split(",") if g]
+        copies = (2 if opts.smoke else opts.gpus) if bases[name] == "independent" else 1
+        outs = [out] if copies == 1 else [work / f"run-{name}{i}" for i in range(copies)]
         try:
-            # The one-GPU run sees one GPU, as a user pins a single-GPU job; with two GPUs visible a
-            # single-process run did not pass step 0 within 150-200 s on the 2-GPU machine (bench/README.md).
-            run_env = {**env, "CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} \
-                if name == "single" and not opts.smoke else env
-            run(launch[name] + common + [f"train.output_dir={out}"], run_env, work / f"{name}.log", opts.timeout)
+            jobs = []
+            for i, o in enumerate(outs):
+                run_env = {**env, **env_items}
+                # The one-GPU runs see one GPU each, as a user pins a single-GPU job; with two GPUs visible a
+                # single-process run did not pass step 0 within 150-200 s on the 2-GPU machine (bench/README.md).
+                if (single or copies > 1) and not opts.smoke:
+                    run_env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+                jobs.append((launch[name] + common + overrides + [f"train.output_dir={o}"], run_env,
+                             work / f"{o.name.removeprefix('run-')}.log"))
+            run(jobs, opts.timeout)
         except RuntimeError as exc:
             print(json.dumps({"bench": "multi_gpu", "run": name, "error": str(exc)[-2000:]}), flush=True)
             if opts.smoke:
                 raise
             continue
-        row = {"bench": "multi_gpu", "run": name, "processes": 1 if name == "single" else (2 if opts.smoke else opts.gpus),
-               **throughput(out / "metrics.jsonl", opts.warmup)}
-        if "single" in results:
-            row["ratio_to_single"] = round(row["tokens_per_s"] / results["single"]["tokens_per_s"], 3)
+        if copies > 1:
+            each = [throughput(o / "metrics.jsonl", opts.warmup) for o in outs]
+            row = {"bench": "multi_gpu", "run": name, "processes": copies,
+                   "tokens_per_s": round(sum(r["tokens_per_s"] for r in each), 1),
+                   "each_tokens_per_s": [r["tokens_per_s"] for r in each]}
+        else:
+            row = {"bench": "multi_gpu", "run": name, "processes": 1 if single else (2 if opts.smoke else opts.gpus),
+                   **throughput(out / "metrics.jsonl", opts.warmup)}
+        if not single:  # against every one-process run so far (a variant compares with its own baseline)
+            row["ratio_to"] = {k: round(row["tokens_per_s"] / v["tokens_per_s"], 3) for k, v in results.items() if k in singles}
         results[name] = row
         print(json.dumps(row), flush=True)
     return 0

@@ -2,6 +2,7 @@
 """`lawtune train` with torch.profiler over a few optimizer steps: where a step's time goes, per rank.
 
     python bench/profile_train.py --window 12:15 CONFIG key=value ...
+    python bench/profile_train.py --window 12:14 --trace DIR CONFIG ...   # also DIR/trace-rank<R>.json.gz
     accelerate launch --config_file configs/accelerate/ddp.yaml bench/profile_train.py --window 12:15 CONFIG ...
 
 Runs the real training command (lawtune.cli) with one extra Trainer callback. Each rank prints one JSON
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def _window_profiler(start: int, stop: int):
+def _window_profiler(start: int, stop: int, trace_dir: str | None = None):
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
 
@@ -49,6 +50,9 @@ def _window_profiler(start: int, stop: int):
                 wall = time.perf_counter() - self.began
                 self.prof.__exit__(None, None, None)
                 report(self.prof, wall, stop - start)
+                if trace_dir:  # for chrome://tracing or Perfetto; .gz is written compressed
+                    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+                    self.prof.export_chrome_trace(str(Path(trace_dir) / f"trace-rank{os.environ.get('RANK', '0')}.json.gz"))
                 self.prof = None
 
     return WindowProfiler()
@@ -73,9 +77,13 @@ def report(prof, wall: float, steps: int) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    window = "12:15"
-    if argv[:1] == ["--window"]:
-        window, argv = argv[1], argv[2:]
+    window, trace_dir = "12:15", None
+    while argv[:1] in (["--window"], ["--trace"]):
+        if argv[0] == "--window":
+            window = argv[1]
+        else:
+            trace_dir = argv[1]
+        argv = argv[2:]
     start, stop = (int(x) for x in window.split(":"))
     from transformers import Trainer
 
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        self.add_callback(_window_profiler(start, stop))
+        self.add_callback(_window_profiler(start, stop, trace_dir))
 
     Trainer.__init__ = init
     return lawtune_main(["train", *argv])

@@ -1,9 +1,12 @@
 """The GPU benchmarks run end to end in their CPU smoke modes, so they cannot rot between GPU runs."""
 
+import gzip
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -39,11 +42,18 @@ def test_train_bench_smoke():
 
 def test_multi_gpu_bench_smoke():
     """One process and two (torchrun, gloo) run the real `lawtune train`; rates come from its metrics.jsonl."""
-    rows = {r["run"]: r for r in _run("multi_gpu.py", "--steps", "6", "--warmup", "2", "--records", "200")}
-    assert set(rows) == {"single", "ddp"}
-    assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
-    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 4 for r in rows.values())
-    assert rows["ddp"]["ratio_to_single"] > 0
+    rows = {r["run"]: r for r in _run("multi_gpu.py", "--steps", "6", "--warmup", "2", "--records", "200",
+                                      "--runs", "single,ddp",
+                                      "--variant", "half=single,train.batch_tokens=512,data.max_length=512,env:LAWTUNE_BENCH_PROBE=1",
+                                      "--variant", "indep_half=independent,train.batch_tokens=512,data.max_length=512")}
+    assert set(rows) == {"single", "ddp", "indep_half", "half"}
+    assert rows["single"]["processes"] == 1 and rows["half"]["processes"] == 1 and rows["ddp"]["processes"] == 2
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 4 for r in rows.values() if "tokens" in r)
+    both = rows["indep_half"]["each_tokens_per_s"]
+    assert len(both) == 2 and rows["indep_half"]["tokens_per_s"] == pytest.approx(sum(both), abs=0.2)
+    assert set(rows["ddp"]["ratio_to"]) == {"single"} and rows["ddp"]["ratio_to"]["single"] > 0
+    # the variant's override reached the run: half the token budget, fewer tokens in the same steps
+    assert rows["half"]["tokens"] < rows["single"]["tokens"]
 
 
 def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
@@ -51,7 +61,7 @@ def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
     from lawtune.demo import demo_data_path
 
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "profile_train.py"), "--window", "1:3", "configs/demo.yaml",
+        [sys.executable, str(BENCH / "profile_train.py"), "--window", "1:3", "--trace", str(tmp_path / "tr"), "configs/demo.yaml",
          f"model.path={tiny_model_dir}", f"data.train={demo_data_path()}", "model.dtype=float32", "train.max_steps=4",
          f"train.output_dir={tmp_path / 'run'}", "train.report_to=[none]", "data.eval_fraction=0", "train.eval_steps=0"],
         capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
@@ -60,3 +70,5 @@ def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
     assert len(lines) == 1
     row = json.loads(lines[0].split(" ", 1)[1])
     assert row["steps"] == 2 and row["wall_s"] > 0 and row["top_cpu_self_ms"]
+    with gzip.open(tmp_path / "tr" / "trace-rank0.json.gz", "rt") as fh:
+        assert json.load(fh)["traceEvents"]

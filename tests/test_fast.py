@@ -144,6 +144,47 @@ def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_c
     model.train()
     assert dropout_like.training
 
+    # clipping through the accelerator: the norm over all parameters, from the list of trainable ones
+    model(**batch).logits.float().pow(2).mean().backward()
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lora]))
+    before = [p.grad.clone() for p in lora]
+    walked = []
+    model.named_modules = lambda *a, **k: walked.append(1) or torch.nn.Module.named_modules(model, *a, **k)
+    norm = trainer.accelerator.clip_grad_norm_(model.parameters(), 1e-3)  # a generator the shortcut never runs
+    assert not walked
+    del model.named_modules
+    assert torch.allclose(norm, expected) and norm > 1e-3
+    assert all(torch.allclose(p.grad, g * 1e-3 / (norm + 1e-6), rtol=1e-4) for p, g in zip(lora, before))
+
+
+def test_trimmed_zero_grad_reaches_the_ddp_wrapper(tiny_config, tmp_path):
+    """Under DDP the Trainer zeroes gradients through the wrapper: it must clear them the short way too."""
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from lawtune.train import setup
+
+    parts = setup(tiny_config("train.batch_tokens=512", "train.packing=true"))
+    trainer, model = parts["trainer"], parts["model"]
+    trainer.create_optimizer()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        trainer.model_wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        trainer.callback_handler.on_train_begin(trainer.args, TrainerState(), TrainerControl())
+        batch = next(iter(trainer.get_train_dataloader()))
+        batch.pop("labels", None)
+        trainer.model_wrapped(**batch).logits.float().pow(2).mean().backward()
+        lora = [p for n, p in model.named_parameters() if "lora_" in n]
+        assert lora and all(p.grad is not None for p in lora)
+        walked = []
+        model.named_modules = lambda *a, **k: walked.append(1) or torch.nn.Module.named_modules(model, *a, **k)
+        trainer.model_wrapped.zero_grad()
+        assert not walked
+        del model.named_modules
+        assert all(p.grad is None for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+
 
 def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):
     from lawtune.train import train
