@@ -32,6 +32,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (Linux /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a launcher and every rank it started. torchrun starts each rank in a session of its own, so
+    killing the launcher's process group left ranks running (and compiling) into the next run of a
+    benchmark; SIGTERM lets the launcher shut its ranks down, SIGKILL then takes whatever is left."""
+    tree = descendants(proc.pid)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [proc.pid, *tree, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def run(jobs: list[tuple[list[str], dict, Path]], timeout: float | None = None) -> None:
     """Run commands at the same time, each into its log file; a failure or a timeout raises RuntimeError
     with the failed log's tail."""
@@ -45,8 +80,7 @@ def run(jobs: list[tuple[list[str], dict, Path]], timeout: float | None = None) 
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank it started
-            proc.wait()
+            stop(proc)
             code = f"timed out after {timeout:.0f} s"
         fh.close()
         if code != 0 and failed is None:

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,34 @@ def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
     assert row["steps"] == 2 and row["wall_s"] > 0 and row["top_cpu_self_ms"]
     with gzip.open(tmp_path / "tr" / "trace-rank0.json.gz", "rt") as fh:
         assert json.load(fh)["traceEvents"]
+
+
+def test_allreduce_probe_reports_a_bandwidth():
+    """bench/allreduce.py under torchrun (gloo on the CPU) prints one line from rank 0 with a time and a rate."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(BENCH / "allreduce.py"), "--numel", "1e5", "--repeat", "2"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1 and rows[0]["world_size"] == 2 and rows[0]["bytes"] == 400_000
+    assert rows[0]["median_ms"] > 0 and rows[0]["bus_gb_s"] > 0
+
+
+def test_a_timed_out_launch_leaves_no_rank_running(tmp_path):
+    """torchrun starts each rank in its own session: the benchmark's timeout must still stop them all, or a
+    left-over rank keeps using the machine during the next measured run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multi_gpu", BENCH / "multi_gpu.py")
+    multi_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(multi_gpu)
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, pathlib, sys, time\n"
+                      f"pathlib.Path({str(tmp_path)!r}, 'pid-' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+                      "time.sleep(300)\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    with pytest.raises(RuntimeError, match="timed out"):
+        multi_gpu.run([(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, tmp_path / "log")], timeout=20)
+    pids = [int((tmp_path / f"pid-{rank}").read_text()) for rank in (0, 1)]  # both ranks had started
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
