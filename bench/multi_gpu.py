@@ -13,8 +13,8 @@ on all ranks) over the optimizer steps after the warm-up. Prints one JSON line p
 to one GPU. The per-device batch is the same in every run, so N GPUs do N times the work per step:
 that is what "tokens/s on N GPUs vs one" measures (weak scaling, as data parallelism is used).
 
-    --variant NAME=BASE,ITEM,...   one more run: BASE (single, ddp or fsdp2) with extra items, each
-                                   either a launcher flag (--enable_cpu_affinity), an override
+    --variant NAME=BASE,ITEM,...   one more run: BASE (single, independent, ddp or fsdp2) with items,
+                                   each a launcher flag (--enable_cpu_affinity), an override
                                    (train.batch_tokens=12288) or an environment variable (env:X=Y)
 """
 
