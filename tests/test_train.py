@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import torch
 import yaml
@@ -138,3 +139,28 @@ def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_
     assert gpu.ddp_broadcast_buffers is False
     cpu = training_arguments(tiny_config(), tmp_path, torch.float32, torch.device("cpu"))
     assert not cpu.dataloader_pin_memory and not cpu.accelerator_config.non_blocking
+
+
+def _count_on_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from lawtune.fast import CountingCollator
+    from lawtune.train import MetricsCallback
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        counter = CountingCollator(lambda items: items)
+        counter.tokens = 100 * (rank + 1)  # the ranks' micro-batches differ in real tokens
+        seen = MetricsCallback(Path(out) / "metrics.jsonl", append=False, counter=counter).seen(None)
+        (Path(out) / f"seen-{rank}").write_text(str(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tokens_seen_sums_the_ranks_counts(tmp_path):
+    """With a token budget each rank counts its own tokens on the CPU; metrics.jsonl gets their sum, not an
+    estimate from rank 0's count (the multi-GPU tokens/s is computed from it)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_count_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert [int((tmp_path / f"seen-{r}").read_text()) for r in (0, 1)] == [300, 300]

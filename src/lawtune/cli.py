@@ -46,7 +46,7 @@ def _common_flags(p: argparse.ArgumentParser, data_help: str = "JEC-QA file") ->
 
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that generate answers for new questions (ask, predict)."""
-    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 12 direct, 2048 reasoning)")
+    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 8 direct, 2048 reasoning)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
     p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
     p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")

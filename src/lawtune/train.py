@@ -131,6 +131,18 @@ def save_model_dir(model, tokenizer, cfg: Config, manifest: dict, dest: Path, tr
 # ----------------------------------------------------------------------------- callbacks
 
 
+def sum_over_ranks(value: int) -> int:
+    """value summed over the processes of a distributed job (the value itself in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
 class MetricsCallback(TrainerCallback):
     """Progress bar with loss, lr and tokens/s, and one JSON line per log in metrics.jsonl."""
 
@@ -143,10 +155,11 @@ class MetricsCallback(TrainerCallback):
         self.last = (0, time.time())
 
     def seen(self, state) -> int:
+        """Real tokens trained so far, all ranks together. Every rank calls this at the same points (train
+        begin and each loss log), so the sum across ranks is one small all-reduce per log, not per step."""
         if self.counter is None:
             return state.num_input_tokens_seen
-        # each rank counts its own micro-batches, which a token budget keeps about equal in size
-        return self.counter.tokens * int(os.environ.get("WORLD_SIZE", "1"))
+        return sum_over_ranks(self.counter.tokens)
 
     def write(self, row: dict) -> None:
         if is_main_process():
@@ -167,10 +180,11 @@ class MetricsCallback(TrainerCallback):
         now = time.time()
         tokens, then = self.last
         if "loss" in logs and now > then:
-            logs["tokens_per_s"] = round((self.seen(state) - tokens) / (now - then), 1)
-            self.last = (self.seen(state), now)
+            seen = self.seen(state)
+            logs["tokens_per_s"] = round((seen - tokens) / (now - then), 1)
+            self.last = (seen, now)
             # cumulative trained tokens (all ranks) and wall time, so any interval's rate can be checked
-            logs["tokens_seen"] = self.seen(state)
+            logs["tokens_seen"] = seen
             logs["time"] = round(now, 3)
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         self.write(row)
