@@ -30,11 +30,12 @@ def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(tiny_model
         "model": {"path": str(tiny_model_dir), "dtype": "float32"},
         "data": {"train": str(demo_data_path()), "eval_fraction": 0.15, "max_length": 512},
         "train": {"output_dir": str(out), "max_steps": 4, "save_steps": 2, "logging_steps": 1, "eval_steps": 2,
-                  "optim": "adamw_torch", "report_to": ["none"], "warmup_steps": 0},
+                  "optim": "adamw_torch", "report_to": ["none"], "warmup_steps": 0, "ddp_bucket_cap_mb": 3},
         "eval": {"batch_size": 4},
     }), encoding="utf-8")
     proc = _launch(config)
     assert proc.stdout.count("done: 4 steps") == 1  # rank 1 stays quiet
+    assert proc.stderr.count("all-reduced in buckets of 3 MiB") == 1  # the config reached DDP; rank 0 says so
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss_steps = [r["step"] for r in rows if "loss" in r]

@@ -246,11 +246,12 @@ def trim_step_overhead(trainer) -> None:
             return clip(trainable, max_norm, norm_type=norm_type)
 
         trainer.accelerator.clip_grad_norm_ = clip_grad_norm_
-    trainer.add_callback(_ZeroGradThroughWrapper(trainer, zero_grad))
+    trainer.add_callback(_DdpWrapperSetup(trainer, zero_grad))
 
 
-class _ZeroGradThroughWrapper(TrainerCallback):
-    """Gives the DDP wrapper (made when training starts) the optimizer's zero_grad."""
+class _DdpWrapperSetup(TrainerCallback):
+    """When training starts (the Trainer wraps the model in DDP then): gives the wrapper the optimizer's
+    zero_grad, and says on rank 0 how its gradients are all-reduced."""
 
     def __init__(self, trainer, zero_grad):
         self.trainer, self.zero_grad = trainer, zero_grad
@@ -259,6 +260,10 @@ class _ZeroGradThroughWrapper(TrainerCallback):
         wrapped = self.trainer.model_wrapped
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
             wrapped.zero_grad = self.zero_grad
+            if self.trainer.is_world_process_zero():
+                grads = sum(p.numel() * p.element_size() for p in wrapped.parameters() if p.requires_grad)
+                log.info("DDP over %d processes: %.1f MiB of gradients a step, all-reduced in buckets of %.0f MiB "
+                         "(train.ddp_bucket_cap_mb)", args.world_size, grads / 2**20, wrapped.bucket_bytes_cap / 2**20)
 
 
 # ----------------------------------------------------------------------------- logits only where a label is

@@ -283,6 +283,7 @@ def training_arguments(cfg: Config, out: Path, dtype: torch.dtype, device: torch
         ddp_find_unused_parameters=False,
         # A decoder LM's buffers (rotary tables) never change in training: no broadcast before every forward.
         ddp_broadcast_buffers=False,
+        ddp_bucket_cap_mb=t.ddp_bucket_cap_mb,
         # Batches go to the GPU from pinned memory without waiting: a blocking copy makes the CPU wait for
         # the GPU at every step, and under DDP that turns every step into a barrier for the slowest rank
         # (profiled on 2 H100s: 4 stream synchronisations a step, bench/README.md).
