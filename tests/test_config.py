@@ -62,6 +62,8 @@ def test_overrides_dotted_shorthand_and_scientific_floats(tmp_path):
     ("model.dtype=int8", "model.dtype"),
     ("data.prompt_format=xml", "data.prompt_format"),
     ("train.max_steps=0", "train.max_steps"),
+    ("train.ddp_bucket_cap_mb=2.5", "train.ddp_bucket_cap_mb"),
+    ("train.batch_tokens=0", "train.batch_tokens"),
     ("train.learning_rate=fast", "train.learning_rate"),
     ("eval.mode=vote", "eval.mode"),
     ("lora.dropout=1.5", "lora.dropout"),

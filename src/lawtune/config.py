@@ -180,12 +180,12 @@ class TrainConfig:
             _check_positive(f"train.{key}", getattr(self, key))
             if not isinstance(getattr(self, key), int):
                 raise ConfigError(f"train.{key}: expected an integer, got {getattr(self, key)!r}")
-        if self.batch_tokens is not None:
-            _check_positive("train.batch_tokens", self.batch_tokens)
-            if not isinstance(self.batch_tokens, int):
-                raise ConfigError(f"train.batch_tokens: expected an integer, got {self.batch_tokens!r}")
-        if self.ddp_bucket_cap_mb is not None:
-            _check_positive("train.ddp_bucket_cap_mb", self.ddp_bucket_cap_mb)
+        for key in ("batch_tokens", "ddp_bucket_cap_mb"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_positive(f"train.{key}", value)
+                if not isinstance(value, int):
+                    raise ConfigError(f"train.{key}: expected an integer, got {value!r}")
         for key in ("warmup_steps", "eval_steps", "weight_decay", "dataloader_num_workers"):
             _check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
         _check_positive("train.learning_rate", self.learning_rate)
