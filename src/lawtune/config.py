@@ -160,7 +160,7 @@ class TrainConfig:
     With compile it measured slower (bench/README.md), so the default config leaves it off."""
     compile: bool = False
     """torch.compile each decoder layer (one graph shared by all layers), on GPUs with inductor's C++ wrapper.
-    Compiling makes the first steps slow: a benchmark run of 15 steps took ~2 min on an H100 machine.
+    Compiling makes the first step slow: ~150 s for the 1.5B model on an H100 (bench/README.md, fifth session).
     TORCHINDUCTOR_CPP_WRAPPER=0 in the environment keeps inductor's Python wrapper instead."""
     seed: int = 42
     """Seed of LoRA initialisation, data order and dropout."""
