@@ -42,6 +42,18 @@ def test_default_config_is_the_fast_one_with_the_original_model_and_lora():
     assert resolve_output_dir(cfg) == Path("outputs/deepseek-r1-distill-qwen-1.5b_lora")
 
 
+def test_ddp_config_sees_as_many_tokens_as_the_default_on_two_gpus():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    one = load_config(root / "deepseek-r1-distill-qwen-1.5b_lora.yaml")
+    ddp = load_config(root / "deepseek-r1-distill-qwen-1.5b_lora_ddp.yaml")
+    a, b = one.train, ddp.train
+    scale = (b.batch_tokens * b.gradient_accumulation_steps * 2) / (a.batch_tokens * a.gradient_accumulation_steps)
+    for key in ("max_steps", "warmup_steps", "eval_steps", "save_steps"):  # intervals shrink with the larger batch
+        assert abs(getattr(b, key) * scale / getattr(a, key) - 1) < 0.1, key
+    assert b.ddp_bucket_cap_mb == 80 and b.learning_rate == a.learning_rate
+    assert (ddp.model, ddp.lora, ddp.data) == (one.model, one.lora, one.data)
+
+
 def test_unknown_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"train": {"max_stpes": 3}})

@@ -36,6 +36,7 @@ def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(tiny_model
     proc = _launch(config)
     assert proc.stdout.count("done: 4 steps") == 1  # rank 1 stays quiet
     assert proc.stderr.count("all-reduced in buckets of 3 MiB") == 1  # the config reached DDP; rank 0 says so
+    assert proc.stderr.count("rank 1: ") == 1 and "full Python garbage collections during training" in proc.stderr
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loss_steps = [r["step"] for r in rows if "loss" in r]

@@ -1,6 +1,8 @@
 """Speed features (lawtune/fast.py): same loss and gradients as the plain path, and clean fallbacks."""
 
+import gc
 import logging
+import re
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from transformers import DataCollatorForSeq2Seq
 from lawtune.config import ConfigError, LoraSection, load_config
 from lawtune.data import load_records
 from lawtune.demo import build_tiny_model, demo_data_path
-from lawtune.fast import (PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, plan_batches, real_tokens,
+from lawtune.fast import (GcPauses, PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, plan_batches, real_tokens,
                           sparse_logits_loss)
 from lawtune.model import add_lora
 from lawtune.prompts import encode_records
@@ -183,7 +185,34 @@ def test_trimmed_zero_grad_reaches_the_ddp_wrapper(tiny_config, tmp_path):
         del model.named_modules
         assert all(p.grad is None for p in model.parameters())
     finally:
+        for cb in trainer.callback_handler.callbacks:  # training never ends here: undo what its start froze
+            if isinstance(cb, GcPauses):
+                cb.on_train_end(trainer.args, TrainerState(), TrainerControl())
         dist.destroy_process_group()
+
+
+def test_gc_pauses_freezes_what_lives_through_training_and_times_the_full_collections_left(caplog):
+    from transformers import TrainerState
+
+    state = TrainerState()
+    alive = [[i] for i in range(2000)]  # stands in for the tokenized data set
+    cb = GcPauses()
+    cb.on_train_begin(None, state, None)
+    frozen_at_start = gc.get_freeze_count()
+    assert frozen_at_start >= len(alive)  # out of every later collection
+    made_in_step_0 = [[i] for i in range(2000)]  # stands in for compiled graphs and optimizer state
+    state.global_step = 1
+    cb.on_step_end(None, state, None)
+    assert gc.get_freeze_count() >= frozen_at_start + len(made_in_step_0)
+    state.global_step = 2
+    cb.on_step_end(None, state, None)
+    gc.collect()  # a full collection during step 3, as Python runs one when enough objects have piled up
+    with caplog.at_level(logging.INFO, logger="lawtune"):
+        cb.on_train_end(None, state, None)
+    assert gc.get_freeze_count() == 0  # unfrozen once training is over
+    assert (2, cb.pauses[-1][1]) in cb.pauses and not any(step == 1 for step, _ in cb.pauses)  # own ones not timed
+    assert re.search(r"rank 0: \d+ full Python garbage collections during training \(longest: \d+ ms at step 2",
+                     caplog.text)
 
 
 def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):

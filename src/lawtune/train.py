@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .config import Config, resolve_output_dir, save_config
 from .data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
-from .fast import (CountingCollator, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
+from .fast import (CountingCollator, GcPauses, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
                    make_collator, plan_batches, sparse_logits_loss, trim_step_overhead)
 from .model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
@@ -376,6 +376,7 @@ def setup(cfg: Config, resume: bool = False) -> dict:
         log.info("%d GPUs visible: training on one; use accelerate launch or torchrun for all of them", trainer.args.n_gpu)
         trainer.args._n_gpu = 1
     trim_step_overhead(trainer)
+    trainer.add_callback(GcPauses())
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     log.info("model %s on %s (%s): %s trainable LoRA parameters of %s (%.2f%%)", cfg.model.path, device,
