@@ -192,6 +192,10 @@ def main(argv=None) -> int:
         else:
             row = {"bench": "multi_gpu", "run": name, "processes": 1 if single else (2 if opts.smoke else opts.gpus),
                    **throughput(out / "metrics.jsonl", opts.warmup)}
+        # what each rank's full garbage collections cost during training (lawtune.fast.GcPauses logs it)
+        row["gc"] = [line.split(" INFO ", 1)[-1] for o in outs
+                     for line in (work / f"{o.name.removeprefix('run-')}.log").read_text(errors="replace").splitlines()
+                     if "full Python garbage collections" in line]
         if not single:  # against every one-process run so far (a variant compares with its own baseline)
             row["ratio_to"] = {k: round(row["tokens_per_s"] / v["tokens_per_s"], 3) for k, v in results.items() if k in singles}
         results[name] = row

@@ -53,6 +53,8 @@ def test_multi_gpu_bench_smoke():
     both = rows["indep_half"]["each_tokens_per_s"]
     assert len(both) == 2 and rows["indep_half"]["tokens_per_s"] == pytest.approx(sum(both), abs=0.2)
     assert set(rows["ddp"]["ratio_to"]) == {"single"} and rows["ddp"]["ratio_to"]["single"] > 0
+    assert [line.split(":")[0] for line in rows["ddp"]["gc"]] == ["rank 0", "rank 1"]  # both ranks' pauses, once
+    assert len(rows["indep_half"]["gc"]) == 2 and len(rows["single"]["gc"]) == 1
     # the variant's override reached the run: half the token budget, fewer tokens in the same steps
     assert rows["half"]["tokens"] < rows["single"]["tokens"]
 

@@ -274,8 +274,8 @@ class GcPauses(TrainerCallback):
 
     A full (generation-2) collection stops its process for as long as it takes to walk every tracked object:
     the tokenized data set, the model's modules, the optimizer's state and, with ``train.compile``, the
-    compiled graphs. In a DDP run of the 1.5B model on two H100s each rank ran one during its first
-    (compiling) step, 691 and 591 ms long; under DDP the other ranks wait for such a pause in the next
+    compiled graphs. In a DDP run of the 1.5B model on two H100s each rank ran two; the longest, during the
+    first (compiling) step, took 691 and 591 ms. Under DDP the other ranks wait for such a pause in the next
     all-reduce. What is alive when training starts, and what the first step builds, lives until training
     ends, so it is collected once and frozen (``gc.freeze``: left out of later collections, which then walk
     only what training allocates since); unfrozen when training ends.
