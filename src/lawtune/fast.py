@@ -326,8 +326,8 @@ class GcPauses(TrainerCallback):
         if state.is_world_process_zero:
             for rank, pauses in enumerate(ranks):
                 longest = ", ".join(f"{ms:.0f} ms at step {step}" for step, ms in sorted(pauses, key=lambda p: -p[1])[:3])
-                log.info("rank %d: %d full Python garbage collections during training%s", rank, len(pauses),
-                         f" (longest: {longest})" if pauses else "")
+                log.info("%s%d full Python garbage collections during training%s",
+                         f"rank {rank}: " if len(ranks) > 1 else "", len(pauses), f" (longest: {longest})" if pauses else "")
 
 
 # ----------------------------------------------------------------------------- logits only where a label is
