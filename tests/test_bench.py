@@ -106,3 +106,18 @@ def test_a_timed_out_launch_leaves_no_rank_running(tmp_path):
     pids = [int((tmp_path / f"pid-{rank}").read_text()) for rank in (0, 1)]  # both ranks had started
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+
+
+def test_gc_pause_bench_times_full_collections_before_and_after_freezing(tiny_model_dir, tmp_path):
+    from lawtune.demo import demo_data_path
+
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gc_pause.py"), "configs/demo.yaml", f"model.path={tiny_model_dir}",
+         f"data.train={demo_data_path()}", "model.dtype=float32", f"train.output_dir={tmp_path / 'run'}",
+         "train.report_to=[none]"],
+        capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"bench": "gc_pause"')))
+    assert row["examples"] > 0 and row["tracked_objects"] > 10_000
+    # a frozen heap leaves a full collection almost nothing to walk
+    assert 0 <= row["frozen_full_collection_ms"] < row["full_collection_ms"] / 10

@@ -20,6 +20,7 @@ from .config import EvalConfig, ModelConfig
 from .data import Record, load_records, sha256_file, statement_key
 from .attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .decode import graph_decode_supported, greedy_decode
+from .model import world_size
 from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
 from .scoring import extract_answer, summarize
 
@@ -82,8 +83,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ec
     Extra keyword arguments (a streamer, stopping criteria) are passed on to ``model.generate``.
     """
     batch = _encode_batch(tokenizer, prompts, _device_of(model))
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    distributed = world_size() > 1
     if (ecfg.cuda_graphs and not ecfg.do_sample and not generate_kwargs and not distributed
             and batch["input_ids"].device.type == "cuda" and graph_decode_supported(model)):
         with fast_attention(model), eager_stance(model):
@@ -343,7 +343,7 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return evaluate_records(model, tokenizer, records, ecfg, prompt_format, show_progress=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = -(-len(records) // world)

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from .model import world_size
+
 log = logging.getLogger("lawtune")
 
 
@@ -320,8 +322,8 @@ class GcPauses(TrainerCallback):
         import torch.distributed as dist
 
         ranks = [self.pauses]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
+        if world_size() > 1:
+            ranks = [None] * world_size()
             dist.all_gather_object(ranks, self.pauses)
         if state.is_world_process_zero:
             for rank, pauses in enumerate(ranks):

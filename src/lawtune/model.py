@@ -29,6 +29,12 @@ def resolve_device(mcfg: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def world_size() -> int:
+    """Processes of the running distributed job (torchrun / accelerate launch); 1 outside one."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
     if mcfg.dtype != "auto":
         return getattr(torch, mcfg.dtype)

@@ -32,7 +32,8 @@ from .config import Config, resolve_output_dir, save_config
 from .data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from .fast import (CountingCollator, GcPauses, PlannedBatches, apply_liger, compile_layers, install_packed_block_mask,
                    make_collator, plan_batches, sparse_logits_loss, trim_step_overhead)
-from .model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from .model import (add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype,
+                    world_size)
 from .prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
 
 log = logging.getLogger("lawtune")
@@ -135,7 +136,7 @@ def sum_over_ranks(value: int) -> int:
     """value summed over the processes of a distributed job (the value itself in a single process)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     total = torch.tensor([value], dtype=torch.long, device=device)
