@@ -138,9 +138,10 @@ def main(argv=None) -> int:
         args.n, args.batch_sizes, args.reasoning_n, args.reasoning_tokens, args.reasoning_batch = 24, "8,16", 8, 12, 8
         args.single_n, args.single_tokens, args.baseline_tokens = 2, 6, 6
 
-    from lawtune.config import EvalConfig
+    from lawtune.config import EvalConfig, GenerationConfig
     from lawtune.data import load_records
-    from lawtune.evaluate import evaluate_records, generate_batch
+    from lawtune.evaluate import evaluate_records
+    from lawtune.generation import generate
     from lawtune.prompts import render_prompt
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -156,10 +157,11 @@ def main(argv=None) -> int:
           "parameters": sum(p.numel() for p in model.parameters()), "prompt_tokens": jecqa_synth.percentiles(prompt_lengths)})
     results: dict[str, dict] = {}
 
-    def lawtune_run(name: str, recs, ecfg: EvalConfig) -> dict:
+    def lawtune_run(name: str, recs, ecfg: EvalConfig, gcfg: GenerationConfig | None = None) -> dict:
+        gcfg = gcfg or GenerationConfig()
         # warm-up on a few batches' worth (kernels, allocator), then the timed run over all questions
-        evaluate_records(model, tokenizer, recs[: min(len(recs), ecfg.batch_size)], ecfg, "chat", show_progress=False)
-        (samples, summary), seconds = timed(device, lambda: evaluate_records(model, tokenizer, recs, ecfg, "chat",
+        evaluate_records(model, tokenizer, recs[: min(len(recs), ecfg.batch_size)], ecfg, gcfg, "chat", show_progress=False)
+        (samples, summary), seconds = timed(device, lambda: evaluate_records(model, tokenizer, recs, ecfg, gcfg, "chat",
                                                                                show_progress=False))
         generated = sum(s["generated_tokens"] for s in samples)
         row = {"bench": name, "what": "lawtune evaluate_records", "mode": ecfg.mode, "questions": len(recs),
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
                "generated_tokens": generated, "generated_tokens_per_s": round(generated / seconds, 1),
                "forced": summary["forced"]}
         if ecfg.mode == "reasoning":
-            row["max_new_tokens"] = ecfg.max_new_tokens
+            row["max_new_tokens"] = gcfg.max_new_tokens
         results[name] = emit(row)
         return row
 
@@ -175,9 +177,9 @@ def main(argv=None) -> int:
         for mode in ("direct", "choice"):
             ecfg = EvalConfig(mode=mode, batch_size=256)
             batch = sorted(records, key=lambda r: len(r.statement))[len(records) // 2:][:256]
-            evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False)
+            evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False)
             profile_call(device, f"eval {mode}, 256 questions",
-                         lambda: evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False))
+                         lambda: evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False))
         if args.only_profile:
             return 0
 
@@ -186,10 +188,10 @@ def main(argv=None) -> int:
 
         ecfg = EvalConfig(mode="direct", batch_size=256)
         batch = records[:256]
-        evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False)
+        evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False)
         prof = cProfile.Profile()
         prof.enable()
-        _, wall = timed(device, lambda: evaluate_records(model, tokenizer, batch, ecfg, "chat", show_progress=False))
+        _, wall = timed(device, lambda: evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False))
         prof.disable()
         emit({"bench": "cprofile", "what": "eval direct, 256 questions", "wall_s": round(wall, 3),
               "top_self_cpu": jecqa_synth.cprofile_top(prof)})
@@ -199,27 +201,28 @@ def main(argv=None) -> int:
         lawtune_run(f"choice_bs{bs}", records, EvalConfig(mode="choice", batch_size=bs))
     if args.direct_dynamic:  # direct generates 8 tokens: does the preallocated cache pay for itself there?
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            row = lawtune_run(f"dyncache_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, static_cache=False))
+            row = lawtune_run(f"dyncache_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs), GenerationConfig(static_cache=False))
             row["what"] += ", dynamic cache"
     if args.graph_variant:  # lawtune's generation without its CUDA-graph decoding loop (decode.py)
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            row = lawtune_run(f"nograph_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs, cuda_graphs=False))
+            row = lawtune_run(f"nograph_direct_bs{bs}", records, EvalConfig(mode="direct", batch_size=bs), GenerationConfig(cuda_graphs=False))
             row["what"] += ", transformers generate"
         row = lawtune_run("nograph_reasoning", records[: args.reasoning_n],
-                          EvalConfig(mode="reasoning", batch_size=args.reasoning_batch, max_new_tokens=args.reasoning_tokens,
-                                     cuda_graphs=False))
+                          EvalConfig(mode="reasoning", batch_size=args.reasoning_batch),
+                          GenerationConfig(max_new_tokens=args.reasoning_tokens, cuda_graphs=False))
         row["what"] += ", transformers generate"
     if args.cudnn_variant:  # the same runs with every attention backend allowed, cuDNN's included
-        import lawtune.attention
+        import lawtune.generation.attention as eval_attention
 
-        kept, lawtune.attention.EVAL_SDPA_BACKENDS = lawtune.attention.EVAL_SDPA_BACKENDS, None
+        kept, eval_attention.EVAL_SDPA_BACKENDS = eval_attention.EVAL_SDPA_BACKENDS, None
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
             for mode in ("direct", "choice"):
                 row = lawtune_run(f"cudnn_{mode}_bs{bs}", records, EvalConfig(mode=mode, batch_size=bs))
                 row["what"] += ", cuDNN attention allowed"
-        lawtune.attention.EVAL_SDPA_BACKENDS = kept
+        eval_attention.EVAL_SDPA_BACKENDS = kept
     lawtune_run("reasoning", records[: args.reasoning_n],
-                EvalConfig(mode="reasoning", batch_size=args.reasoning_batch, max_new_tokens=args.reasoning_tokens))
+                EvalConfig(mode="reasoning", batch_size=args.reasoning_batch),
+                GenerationConfig(max_new_tokens=args.reasoning_tokens))
 
     prompts = [render_prompt(r, tokenizer, "chat", think=True) for r in records]
     if not args.skip_baselines:
@@ -270,18 +273,18 @@ def main(argv=None) -> int:
 
     if args.cache_variants:  # generation alone, on the prompts of lawtune's reasoning batch (sorted by length)
         subset = sorted(prompts[: args.reasoning_n], key=len)[: args.reasoning_batch]
-        ecfg = EvalConfig(mode="reasoning", batch_size=args.reasoning_batch)
+        gcfg = GenerationConfig()
         for name, extra in (("dynamic", {}), ("static", {"cache_implementation": "static", "disable_compile": True}),
                             ("static_compiled", {"cache_implementation": "static"})):
             try:
                 # warm-up; a compiled static cache is specialised to the batch shape, so it warms up on the same call
                 if name == "static_compiled":
-                    generate_batch(model, tokenizer, subset, args.reasoning_tokens, ecfg, **extra)
+                    generate(model, tokenizer, subset, args.reasoning_tokens, gcfg, **extra)
                 else:
-                    generate_batch(model, tokenizer, subset[:8], 8, ecfg, **extra)
-                out, seconds = timed(device, lambda: generate_batch(model, tokenizer, subset, args.reasoning_tokens, ecfg, **extra))
-                tokens = sum(n for _, n, _ in out)
-                emit({"bench": f"cache_{name}", "what": "lawtune generate_batch", "rows": len(subset),
+                    generate(model, tokenizer, subset[:8], 8, gcfg, **extra)
+                out, seconds = timed(device, lambda: generate(model, tokenizer, subset, args.reasoning_tokens, gcfg, **extra))
+                tokens = sum(o.tokens for o in out)
+                emit({"bench": f"cache_{name}", "what": "lawtune generation.generate", "rows": len(subset),
                       "max_new_tokens": args.reasoning_tokens, "seconds": round(seconds, 2),
                       "generated_tokens_per_s": round(tokens / seconds, 1)})
             except Exception as exc:  # a variant that cannot run here is reported, not fatal

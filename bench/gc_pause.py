@@ -5,7 +5,7 @@
 
 Builds everything `lawtune train` builds before its first step (tokenized data, model with LoRA, Trainer,
 optimizer), then times full collections while all of it is tracked, and again after ``gc.freeze()`` (what
-``lawtune.fast.GcPauses`` does when training starts). Prints one JSON line with the median of each.
+``lawtune.train.callbacks.GcPauses`` does when training starts). Prints one JSON line with the median of each.
 No compiled graphs exist yet at that point, so a compiled run's pauses are longer (bench/README.md).
 """
 
@@ -38,13 +38,13 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     parts = setup(load_config(argv[0], argv[1:]))
-    parts["trainer"].create_optimizer()
+    parts.trainer.create_optimizer()
     tracked = len(gc.get_objects())
     unfrozen = full_collection_ms()
     gc.freeze()
     frozen = full_collection_ms()
     gc.unfreeze()
-    print(json.dumps({"bench": "gc_pause", "examples": parts["n_train"], "tracked_objects": tracked,
+    print(json.dumps({"bench": "gc_pause", "examples": parts.n_train, "tracked_objects": tracked,
                       "full_collection_ms": round(unfrozen, 2), "frozen_full_collection_ms": round(frozen, 4)}))
     return 0
 

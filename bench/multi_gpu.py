@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         else:
             row = {"bench": "multi_gpu", "run": name, "processes": 1 if single else (2 if opts.smoke else opts.gpus),
                    **throughput(out / "metrics.jsonl", opts.warmup)}
-        # what each rank's full garbage collections cost during training (lawtune.fast.GcPauses logs it)
+        # what each rank's full garbage collections cost during training (lawtune.train.callbacks.GcPauses logs it)
         row["gc"] = [line.split(" INFO ", 1)[-1] for o in outs
                      for line in (work / f"{o.name.removeprefix('run-')}.log").read_text(errors="replace").splitlines()
                      if "full Python garbage collections" in line]

@@ -122,10 +122,10 @@ class Meter:
             torch.cuda.synchronize(self.device)
 
     def wrap_collator(self, collate):
-        from lawtune.fast import _examples
+        from lawtune.train.collate import examples_of
 
         def counted(items):
-            examples = _examples(items)
+            examples = examples_of(items)
             self.queue.append((sum(len(ex["input_ids"]) for ex in examples), len(examples)))
             return collate(items)
 
@@ -243,8 +243,9 @@ def run_lawtune(opts, work: Path, device, meter: Meter, config: Path, overrides:
             base.append("train.batch_tokens=512")
     cfg = load_config(config, base + overrides)
     parts = setup(cfg)
-    meter.attach(parts["trainer"])
-    fit(cfg, parts)
+    meter.attach(parts.trainer)
+    fit(parts)
+    cfg = parts.cfg  # what ran (CPU fallbacks applied)
     t = cfg.train
     return {"what": f"lawtune train {config.name}" + (f" + {' '.join(overrides)}" if overrides else ""),
             "config": {"attn": cfg.model.attn_implementation, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,

@@ -2,7 +2,7 @@
 
 import torch
 
-from lawtune.attention import fast_attention, gqa_sdpa_attention
+from lawtune.generation.attention import fast_attention, gqa_sdpa_attention
 from lawtune.demo import build_tiny_model
 
 

@@ -58,7 +58,7 @@ def test_unknown_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError) as err:
         config_from_dict({"train": {"max_stpes": 3}})
     assert "train.max_stpes" in str(err.value) and "max_steps" in str(err.value)
-    with pytest.raises(ConfigError, match="unknown section"):
+    with pytest.raises(ConfigError, match="not a section of `lawtune train`"):
         config_from_dict({"trainer": {}})
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lawtune.attention import fast_attention
-from lawtune.config import EvalConfig
-from lawtune.decode import graph_decode_supported, greedy_decode
+from lawtune.generation.attention import fast_attention
+from lawtune.config import GenerationConfig
+from lawtune.generation.decode import graph_decode_supported, greedy_decode
 from lawtune.demo import build_tiny_model
-from lawtune.evaluate import _encode_batch, generate_batch
+from lawtune.generation import encode_batch, generate
 
 from conftest import lora_tiny_model
 
@@ -24,7 +24,7 @@ def _model(tokenizer, device="cpu", lora=False):
 
 
 def _both(model, tokenizer, new_tokens, eos, device="cpu", use_graph=False, prompts=PROMPTS):
-    batch = _encode_batch(tokenizer, prompts, device)
+    batch = encode_batch(tokenizer, prompts, device)
     with fast_attention(model), torch.inference_mode():
         ref = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
@@ -70,7 +70,7 @@ def test_cuda_graph_replay_matches_generate(tiny_tokenizer):
     model = _model(tiny_tokenizer, device="cuda", lora=True)
     ref, got = _both(model, tiny_tokenizer, 24, tiny_tokenizer.eos_token_id, device="cuda", use_graph=True)
     assert torch.equal(ref, got)
-    ecfg = EvalConfig(batch_size=4)
-    graphed = generate_batch(model, tiny_tokenizer, PROMPTS, 24, ecfg)
-    plain = generate_batch(model, tiny_tokenizer, PROMPTS, 24, EvalConfig(batch_size=4, cuda_graphs=False))
+    gcfg = GenerationConfig()
+    graphed = generate(model, tiny_tokenizer, PROMPTS, 24, gcfg)
+    plain = generate(model, tiny_tokenizer, PROMPTS, 24, GenerationConfig(cuda_graphs=False))
     assert graphed == plain

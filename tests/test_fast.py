@@ -1,4 +1,4 @@
-"""Speed features (lawtune/fast.py): same loss and gradients as the plain path, and clean fallbacks."""
+"""Speed features (lawtune/train/: collate, loss, kernels, trainer): same loss and gradients as the plain path, and clean fallbacks."""
 
 import gc
 import logging
@@ -11,8 +11,9 @@ from transformers import DataCollatorForSeq2Seq
 from lawtune.config import ConfigError, LoraSection, load_config
 from lawtune.data import load_records
 from lawtune.demo import build_tiny_model, demo_data_path
-from lawtune.fast import (GcPauses, PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, plan_batches, real_tokens,
-                          sparse_logits_loss)
+from lawtune.train.callbacks import GcPauses
+from lawtune.train.collate import PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, plan_batches, real_tokens
+from lawtune.train.loss import sparse_logits_loss
 from lawtune.model import add_lora
 from lawtune.prompts import encode_records
 
@@ -108,7 +109,7 @@ def test_batch_tokens_must_hold_the_longest_example():
 def test_the_trainer_counts_every_sparse_label_once(tiny_config):
     from lawtune.train import setup
 
-    trainer = setup(tiny_config("train.batch_tokens=512", "train.packing=true", "train.sparse_logits=true"))["trainer"]
+    trainer = setup(tiny_config("train.batch_tokens=512", "train.packing=true", "train.sparse_logits=true")).trainer
     items = [trainer.train_dataset[0]]  # one planned micro-batch, as the DataLoader hands it over
     batch = trainer.data_collator(items)
     full = trainer.data_collator.inner.inner(items)  # counting -> sparse logits -> token budget
@@ -124,7 +125,7 @@ def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_c
     from lawtune.train import setup
 
     parts = setup(tiny_config("train.batch_tokens=512", "train.packing=true", "train.sparse_logits=true"))
-    trainer, model = parts["trainer"], parts["model"]
+    trainer, model = parts.trainer, parts.model
     inputs = {"input_ids": torch.ones(1, 37, dtype=torch.long)}
     assert trainer.floating_point_ops(inputs) == Trainer.floating_point_ops(trainer, inputs) > 0
     batch = next(iter(trainer.get_train_dataloader()))
@@ -146,44 +147,39 @@ def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_c
     model.train()
     assert dropout_like.training
 
-    # clipping through the accelerator: the norm over all parameters, from the list of trainable ones
+    # the Trainer's clipping step: the norm over all parameters, from the list of trainable ones, without a walk
     model(**batch).logits.float().pow(2).mean().backward()
     expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in lora]))
     before = [p.grad.clone() for p in lora]
     walked = []
     model.named_modules = lambda *a, **k: walked.append(1) or torch.nn.Module.named_modules(model, *a, **k)
-    norm = trainer.accelerator.clip_grad_norm_(model.parameters(), 1e-3)  # a generator the shortcut never runs
-    assert not walked
+    trainer.args.max_grad_norm = 1e-3
+    norm = trainer._clip_grad_norm(model)
+    model.zero_grad(set_to_none=False)  # zeroing the short way walks nothing either
+    assert not walked and all(torch.count_nonzero(p.grad) == 0 for p in lora)
     del model.named_modules
+    for p, g in zip(lora, before):
+        p.grad = g.clone()
+    norm = trainer._clip_grad_norm(model)
     assert torch.allclose(norm, expected) and norm > 1e-3
     assert all(torch.allclose(p.grad, g * 1e-3 / (norm + 1e-6), rtol=1e-4) for p, g in zip(lora, before))
 
 
-def test_trimmed_zero_grad_reaches_the_ddp_wrapper(tiny_config, tmp_path):
-    """Under DDP the Trainer zeroes gradients through the wrapper: it must clear them the short way too."""
+def test_ddp_bucket_report_reads_the_wrapper(tiny_config, tmp_path, caplog):
+    """When training starts under DDP, rank 0 says how the gradients are bucketed (train.ddp_bucket_cap_mb)."""
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState
 
     from lawtune.train import setup
 
     parts = setup(tiny_config("train.batch_tokens=512", "train.packing=true"))
-    trainer, model = parts["trainer"], parts["model"]
-    trainer.create_optimizer()
+    trainer, model = parts.trainer, parts.model
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        trainer.model_wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        trainer.callback_handler.on_train_begin(trainer.args, TrainerState(), TrainerControl())
-        batch = next(iter(trainer.get_train_dataloader()))
-        batch.pop("labels", None)
-        trainer.model_wrapped(**batch).logits.float().pow(2).mean().backward()
-        lora = [p for n, p in model.named_parameters() if "lora_" in n]
-        assert lora and all(p.grad is not None for p in lora)
-        walked = []
-        model.named_modules = lambda *a, **k: walked.append(1) or torch.nn.Module.named_modules(model, *a, **k)
-        trainer.model_wrapped.zero_grad()
-        assert not walked
-        del model.named_modules
-        assert all(p.grad is None for p in model.parameters())
+        trainer.model_wrapped = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=3)
+        with caplog.at_level("INFO", logger="lawtune"):
+            trainer.callback_handler.on_train_begin(trainer.args, TrainerState(), TrainerControl())
+        assert "all-reduced in buckets of 3 MiB" in caplog.text
     finally:
         for cb in trainer.callback_handler.callbacks:  # training never ends here: undo what its start froze
             if isinstance(cb, GcPauses):
@@ -224,13 +220,13 @@ def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):
         result = train(tiny_config("train.liger=true", "train.packing=true", "train.batch_tokens=1024",
                                    "train.sparse_logits=true", "train.optim=adamw_torch_fused", "train.max_steps=2"))
     assert "train.liger" in caplog.text
-    assert result["steps"] == 2 and result["final_loss"] > 0
+    assert result.steps == 2 and result.final_loss > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a CUDA GPU")
 def test_liger_kernels_give_the_same_loss_and_gradients_on_gpu(tiny_tokenizer, features):
     pytest.importorskip("liger_kernel")
-    from lawtune.fast import apply_liger
+    from lawtune.train.kernels import apply_liger
 
     def run(liger: bool):
         torch.manual_seed(0)
@@ -251,24 +247,22 @@ def test_liger_kernels_give_the_same_loss_and_gradients_on_gpu(tiny_tokenizer, f
 
 
 def test_static_cache_generates_what_the_dynamic_cache_generates(tiny_model_dir):
-    from lawtune.config import EvalConfig
-    from lawtune.evaluate import generate_batch
+    from lawtune.config import GenerationConfig, ModelConfig
+    from lawtune.generation import STATIC_CACHE_MIN_TOKENS, generate
     from lawtune.model import load_for_inference
-    from lawtune.config import ModelConfig
 
     model, tok = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"))
-    from lawtune.evaluate import STATIC_CACHE_MIN_TOKENS
 
     prompts = ["甲乙丙丁的合同纠纷", "短", "法院认定的证据"]
     seen = []
-    generate = model.generate
-    model.generate = lambda **kw: seen.append(kw.get("cache_implementation")) or generate(**kw)
+    hf_generate = model.generate
+    model.generate = lambda **kw: seen.append(kw.get("cache_implementation")) or hf_generate(**kw)
     n = STATIC_CACHE_MIN_TOKENS
     # cuda_graphs off: on a GPU greedy generation would otherwise bypass generate (decode.py)
-    dynamic = generate_batch(model, tok, prompts, n, EvalConfig(static_cache=False, cuda_graphs=False))
-    static = generate_batch(model, tok, prompts, n, EvalConfig(static_cache=True, cuda_graphs=False))
-    generate_batch(model, tok, prompts, 8, EvalConfig(static_cache=True, cuda_graphs=False))  # short: growing cache
-    assert static == dynamic and max(len(text) for text, _, _ in static) > 0
+    dynamic = generate(model, tok, prompts, n, GenerationConfig(static_cache=False, cuda_graphs=False))
+    static = generate(model, tok, prompts, n, GenerationConfig(static_cache=True, cuda_graphs=False))
+    generate(model, tok, prompts, 8, GenerationConfig(static_cache=True, cuda_graphs=False))  # short: growing cache
+    assert static == dynamic and max(len(out.text) for out in static) > 0
     assert seen == [None, "static", None]
 
 
@@ -276,7 +270,7 @@ def test_packed_block_mask_is_causal_within_each_example(tiny_tokenizer, feature
     """The flex mask lawtune builds from position ids (no GPU sync) is the packed-sequence mask."""
     from torch.nn.attention.flex_attention import create_mask
 
-    from lawtune.fast import install_packed_block_mask, packed_block_mask
+    from lawtune.train.kernels import install_packed_block_mask, packed_block_mask
 
     n = sum(len(f["input_ids"]) for f in features[:5]) + 50
     batch = TokenBudgetCollator(tiny_tokenizer.pad_token_id, packing=True, pack_length=n)([features[:5]])
@@ -303,7 +297,7 @@ def test_packed_block_mask_is_causal_within_each_example(tiny_tokenizer, feature
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains only on a GPU")
 def test_flex_packed_training_equals_padded_sdpa_on_gpu(tiny_tokenizer, features):
-    from lawtune.fast import install_packed_block_mask
+    from lawtune.train.kernels import install_packed_block_mask
 
     n_real = sum(len(f["input_ids"]) for f in features)
     padded = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True, label_pad_token_id=-100)(features)
@@ -321,7 +315,7 @@ def test_liger_changes_only_the_given_model_not_the_transformers_module(tiny_tok
     import types
 
     from lawtune.demo import build_tiny_model
-    from lawtune.fast import apply_liger
+    from lawtune.train.kernels import apply_liger
 
     model = build_tiny_model(tiny_tokenizer)
     module = sys.modules[type(model).__module__]

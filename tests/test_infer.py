@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import synthetic_records, write_jsonl
-from lawtune import infer
+from lawtune import evaluate, infer
 from lawtune.cli import main
-from lawtune.config import EvalConfig, ModelConfig
+from lawtune.config import GenerationConfig, ModelConfig
 from lawtune.data import DataError
 from lawtune.model import ModelError
 
@@ -63,7 +63,7 @@ def test_think_splitter_holds_back_a_split_marker():
 
 
 def test_ask_streams_reasoning_then_prints_the_answer_line(tiny_model_dir, capsys):
-    engine = infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), EvalConfig(max_new_tokens=12))
+    engine = infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), GenerationConfig(max_new_tokens=12))
     record = infer.record_from_fields("甲乙之间的合同纠纷如何处理？", {"A": "调解", "B": "仲裁", "C": "诉讼"})
     events = list(infer.generate_events(engine, record, "reasoning"))
     kinds = [k for k, _ in events]
@@ -117,13 +117,13 @@ def test_predict_writes_one_line_per_record_and_resumes(tiny_model_dir, tmp_path
     raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
     out.write_text("".join(raw[:3]) + raw[3][:10], encoding="utf-8")
     generated = []
-    real = infer.MODES["direct"]
+    real = evaluate.MODES["direct"]
 
-    def counting(model, tokenizer, records, prompt_format, ecfg):
+    def counting(model, tokenizer, records, prompt_format, gcfg):
         generated.extend(r.id for r in records)
-        return real(model, tokenizer, records, prompt_format, ecfg)
+        return real(model, tokenizer, records, prompt_format, gcfg)
 
-    monkeypatch.setitem(infer.MODES, "direct", counting)
+    monkeypatch.setitem(evaluate.MODES, "direct", counting)
     assert main(args) == 0
     assert generated == ids[3:]
     rows2 = read_lines(out)

@@ -7,9 +7,10 @@ import torch
 
 from conftest import synthetic_records
 from lawtune import infer
+from lawtune.rundir import resolve_prompt_format
 from lawtune.cli import main
-from lawtune.config import EvalConfig, ModelConfig
-from lawtune.evaluate import generate_batch
+from lawtune.config import GenerationConfig, ModelConfig
+from lawtune.generation import generate
 from lawtune.model import load_for_inference
 from lawtune.prompts import render_prompt
 
@@ -17,7 +18,7 @@ from lawtune.prompts import render_prompt
 def _greedy(model, tokenizer, n_tokens=10):
     records = [infer.record_from_fields(r["statement"], r["option_list"]) for r in synthetic_records(3, seed=5)]
     prompts = [render_prompt(r, tokenizer, "chat", think=True) for r in records]
-    return [text for text, _, _ in generate_batch(model, tokenizer, prompts, n_tokens, EvalConfig())]
+    return [out.text for out in generate(model, tokenizer, prompts, n_tokens, GenerationConfig())]
 
 
 def test_merged_model_generates_what_base_plus_adapter_generates(tiny_model_dir, adapter_dir, tmp_path, capsys):
@@ -63,6 +64,6 @@ def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, adapt
         assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    assert infer.resolve_prompt_format(str(out), None) == "plain"  # the merged model keeps the adapter's format
+    assert resolve_prompt_format(str(out), None) == "plain"  # the merged model keeps the adapter's format
 
 

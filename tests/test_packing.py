@@ -41,4 +41,4 @@ def test_packing_config_trains(tiny_config):
     from lawtune.train import train
 
     result = train(tiny_config("train.packing=true", "train.max_steps=2"))
-    assert result["steps"] == 2 and result["final_loss"] > 0
+    assert result.steps == 2 and result.final_loss > 0

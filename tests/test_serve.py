@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 
-from lawtune.config import EvalConfig, ModelConfig
+from lawtune.config import GenerationConfig, ModelConfig
 from lawtune.demo import build_tiny_model
 from lawtune.infer import load_engine
 from lawtune.serve import make_server
@@ -75,7 +75,7 @@ def answering(answering_model_dir):
 @pytest.fixture(scope="module")
 def random_engine(tiny_model_dir):
     return load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"),
-                       EvalConfig(max_new_tokens=16, direct_max_new_tokens=8))
+                       GenerationConfig(max_new_tokens=16))
 
 
 @pytest.fixture(scope="module")

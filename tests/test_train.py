@@ -16,17 +16,17 @@ def _adapter(path):
 def test_training_changes_exactly_the_lora_parameters_and_writes_a_complete_run(tiny_config, tmp_path):
     cfg = tiny_config("train.eval_steps=2", "train.report_to=[tensorboard]")
     parts = setup(cfg)
-    model = parts["model"]
+    model = parts.model
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert sum(1 for n in trainable if "lora_A" in n) == 7 * 2  # seven projections in each of two layers
-    result = fit(cfg, parts)
+    result = fit(parts)
     after = dict(model.named_parameters())
     unchanged = [n for n, before in trainable.items() if torch.equal(before, after[n].detach())]
     assert not unchanged, f"LoRA parameters that did not change: {unchanged[:3]}"
     assert all(torch.equal(before, after[n].detach()) for n, before in frozen.items())
-    assert result["steps"] == 4
+    assert result.steps == 4
 
     out = tmp_path / "run"
     final = out / "final_model"
@@ -77,14 +77,14 @@ def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_pat
 
     cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4")
     parts = setup(cfg)
-    parts["trainer"].add_callback(CrashInStepThree())
+    parts.trainer.add_callback(CrashInStepThree())
     try:
-        fit(cfg, parts)
+        fit(parts)
     except KeyboardInterrupt:
         pass
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final_model").exists()
     resumed = train(cfg, resume=True)
-    assert resumed["steps"] == straight["steps"] == 4
+    assert resumed.steps == straight.steps == 4
     a, b = _adapter(tmp_path / "a" / "final_model"), _adapter(tmp_path / "b" / "final_model")
     assert set(a) == set(b)
     for key in a:
@@ -105,7 +105,7 @@ def test_separate_eval_file_removes_overlapping_statements(tiny_config, tmp_path
     manifest = json.loads((tmp_path / "run" / "final_model" / "data_manifest.json").read_text(encoding="utf-8"))
     assert manifest["dropped_train_overlapping_eval"] == 5
     assert manifest["split"] == {"train": len(records) - 5, "eval": 5}
-    assert result["eval_history"][-1]["eval_n"] == 5
+    assert result.eval_history[-1]["eval_n"] == 5
     saved = yaml.safe_load((tmp_path / "run" / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
     assert saved["data"]["eval"] == str(eval_file)
 
@@ -122,7 +122,7 @@ def test_the_gpu_default_config_falls_back_cleanly_on_cpu(tiny_model_dir, tmp_pa
     assert cfg.model.attn_implementation == "flex_attention" and cfg.train.compile and cfg.train.packing
     with caplog.at_level("WARNING", logger="lawtune"):
         result = train(cfg)
-    assert result["steps"] == 2 and result["final_loss"] > 0
+    assert result.steps == 2 and result.final_loss > 0
     assert "flex_attention cannot train on the CPU" in caplog.text
     saved = load_config(tmp_path / "out" / "final_model" / "lawtune_config.yaml")
     assert saved.model.attn_implementation == "sdpa" and not saved.train.compile  # what actually ran
@@ -132,7 +132,7 @@ def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_
     """A blocking host-to-GPU copy syncs the CPU with the GPU at every step (a barrier per step under DDP)."""
     import torch
 
-    from lawtune.train import training_arguments
+    from lawtune.train.sft import training_arguments
 
     gpu = training_arguments(tiny_config(), tmp_path, torch.float32, torch.device("cuda"))
     assert gpu.dataloader_pin_memory and gpu.accelerator_config.non_blocking
@@ -144,8 +144,8 @@ def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_
 def _count_on_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from lawtune.fast import CountingCollator
-    from lawtune.train import MetricsCallback
+    from lawtune.train.collate import CountingCollator
+    from lawtune.train.callbacks import MetricsCallback
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

@@ -1,5 +1,9 @@
 """`lawtune` command line: a thin dispatcher to functions that take config objects.
 
+Each command has its own config (``config.COMMANDS``); ``FLAGS`` below is the one place where its flags map
+onto that config's keys, and each flag's help is the documentation of its field. Any command also takes
+``key=value`` overrides anywhere on the line, ``--config FILE`` and ``--print-config``.
+
 Every problem a user can cause (bad config key, malformed data line, unusable model directory)
 ends in one line on stderr and exit code 2, never a traceback.
 """
@@ -7,24 +11,163 @@ ends in one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 
+from .config import COMMANDS, ConfigError, config_to_yaml, field_docs, load_config, sections_of
+
 EXIT_USAGE = 2
+
+# command -> [(flag, config key)]. A flag whose key's field is a bool switches it on; a list field's flag
+# may be repeated. A flag without a dash is positional.
+FLAGS: dict[str, list[tuple[str, str]]] = {
+    "demo": [("--model", "model.path"), ("--data", "data.train"), ("--output-dir", "train.output_dir")],
+    "train": [("--model", "model.path"), ("--data", "data.train"), ("--output-dir", "train.output_dir")],
+    "eval": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+             ("--data", "eval.data"), ("--output", "eval.output"), ("--mode", "eval.mode"),
+             ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"),
+             ("--shuffle-options", "eval.shuffle_options"), ("--max-new-tokens", "generation.max_new_tokens"),
+             ("--sample", "generation.do_sample")],
+    "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+                ("--data", "predict.data"), ("--output", "predict.output"), ("--mode", "predict.mode"),
+                ("--batch-size", "predict.batch_size"), ("--max-new-tokens", "generation.max_new_tokens"),
+                ("--sample", "generation.do_sample")],
+    "ask": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+            ("--question", "ask.question"), ("--option", "ask.option"), ("--record", "ask.record"),
+            ("--mode", "ask.mode"), ("--max-new-tokens", "generation.max_new_tokens"),
+            ("--sample", "generation.do_sample")],
+    "serve": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+              ("--host", "serve.host"), ("--port", "serve.port"), ("--max-new-tokens", "generation.max_new_tokens"),
+              ("--sample", "generation.do_sample")],
+    "merge": [("--model", "merge.model"), ("--adapter", "merge.adapter"), ("--output", "merge.output"),
+              ("--dtype", "merge.dtype"), ("--force", "merge.force")],
+    "data check": [("file", "check.file"), ("--tokenizer", "check.tokenizer"),
+                   ("--prompt-format", "check.prompt_format"), ("--json", "check.json")],
+    "compare": [("report_a", "compare.report_a"), ("report_b", "compare.report_b"), ("--html", "compare.html")],
+}
+HELP = {"demo": "offline CPU demo: tiny random model trained on bundled questions",
+        "train": "LoRA SFT from a YAML config",
+        "eval": "score a model (and adapter) on a JEC-QA file",
+        "predict": "answer every question of a file without answers (JSON Lines, resumable)",
+        "ask": "answer one question, streaming the reasoning (interactive without --question)",
+        "serve": "OpenAI-compatible HTTP API and a question page at /",
+        "merge": "merge a LoRA adapter into its base model (plain transformers directory)",
+        "data check": "validate a JEC-QA file and print what it holds",
+        "compare": "compare two eval reports (flips, McNemar, bootstrap CIs)"}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a usage mistake is one line naming the command's valid flags (exit 2)."""
+
+    def error(self, message: str):
+        flags = sorted({o for a in self._actions for o in a.option_strings if o.startswith("--")})
+        valid = f"; valid flags: {', '.join(flags)}" if flags and "unrecognized" in message else ""
+        sys.stderr.write(f"error: {self.prog}: {message}{valid}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _field(key: str, command: str) -> dataclasses.Field:
+    section, name = key.split(".")
+    cls = sections_of(COMMANDS[command])[section]
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
+    for flag, key in FLAGS[command]:
+        f = _field(key, command)
+        section = sections_of(COMMANDS[command])[key.split(".")[0]]
+        help_text = f"{field_docs(section).get(f.name, '')} ({key})".replace("%", "%%")
+        kind = str(f.type)
+        if not flag.startswith("-"):
+            p.add_argument(flag, help=help_text)
+            continue
+        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "help": help_text}
+        if kind == "bool":
+            kwargs["action"] = "store_true"
+        elif kind.startswith("list"):
+            kwargs["action"] = "append"
+        elif "int" in kind:
+            kwargs["type"] = int
+        elif "float" in kind:
+            kwargs["type"] = float
+        p.add_argument(flag, **kwargs)
+    if command == "train":
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    if command != "train":  # train's YAML is its positional argument
+        p.add_argument("--config", help="YAML whose sections this command reads are the starting point "
+                                        "(e.g. an adapter's lawtune_config.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.top_p=0.9")
+
+
+def command_parser(command: str) -> ArgumentParser:
+    p = ArgumentParser(prog=f"lawtune {command}", description=HELP[command])
+    if command == "train":
+        p.add_argument("config", help="YAML config file (see configs/)")
+    _add_flags(p, command)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser (help and the list of commands)."""
+    parser = ArgumentParser(prog="lawtune", description="LoRA fine-tuning and evaluation on JEC-QA")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for command in ("demo", "train", "eval", "predict", "ask", "serve", "merge", "compare"):
+        sub.add_parser(command, help=HELP[command], add_help=False)
+    data = sub.add_parser("data", help="data utilities")
+    data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser).add_parser(
+        "check", help=HELP["data check"], add_help=False)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command's own parser reads the rest of the line, flags and key=value overrides in any order
+    (argparse's intermixed parsing, which works on a parser without subcommands)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["data", "check"]:
+        command, rest = "data check", argv[2:]
+    elif argv and argv[0] in FLAGS:
+        command, rest = argv[0], argv[1:]
+    else:
+        build_parser().parse_args(argv)  # help, or the error that names what is missing
+        raise SystemExit(EXIT_USAGE)
+    args = command_parser(command).parse_intermixed_args(rest)
+    args.command = command
+    return args
+
+
+def resolve_config(args):
+    """The command's config: its YAML, then key=value overrides, then flags."""
+    command = args.command
+    run_cls = COMMANDS[command]
+    settings = {key: getattr(args, key) for _, key in FLAGS[command] if key in vars(args)}
+    settings.update({key: getattr(args, flag) for flag, key in FLAGS[command]
+                     if not flag.startswith("-") and getattr(args, flag, None) is not None})
+    if command == "train":
+        path, lend = args.config, False
+    elif command == "demo":
+        from .demo import demo_config_path
+
+        path, lend = args.config or demo_config_path(), False
+    else:
+        path, lend = args.config, True
+    return load_config(path, list(args.overrides), run_cls=run_cls, lend=lend, settings=settings)
 
 
 def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
+    from .dist import is_main_process
+
     # Deprecation notices from the HF stack are for lawtune's developers, not its users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.WARNING)
     # In a distributed job only rank 0 talks; the others report warnings and errors only.
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    logging.getLogger("lawtune").setLevel(logging.INFO if rank0 else logging.WARNING)
+    logging.getLogger("lawtune").setLevel(logging.INFO if is_main_process() else logging.WARNING)
     for noisy in ("bitsandbytes", "transformers", "peft", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
@@ -37,147 +180,47 @@ def _setup_logging() -> None:
         pass
 
 
-def _common_flags(p: argparse.ArgumentParser, data_help: str = "JEC-QA file") -> None:
-    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
-    p.add_argument("--data", help=data_help)
-    p.add_argument("--output-dir", help="output directory")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
+# ----------------------------------------------------------------------------- commands
 
 
-def _generation_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by the commands that generate answers for new questions (ask, predict)."""
-    p.add_argument("--max-new-tokens", type=int, help="token budget (default: 8 direct, 2048 reasoning)")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
-    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
-    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lawtune", description="LoRA fine-tuning and evaluation on JEC-QA")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="offline CPU demo: tiny random model trained on bundled questions")
-    _common_flags(p)
-
-    p = sub.add_parser("train", help="LoRA SFT from a YAML config")
-    p.add_argument("config", help="YAML config file (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
-    _common_flags(p, "training file (sets data.train)")
-
-    p = sub.add_parser("data", help="data utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    c = data_sub.add_parser("check", help="validate a JEC-QA file and print what it holds")
-    c.add_argument("file")
-    c.add_argument("--tokenizer", help="tokenizer directory: also report token lengths of training examples")
-    c.add_argument("--prompt-format", default="chat", choices=["chat", "plain"])
-    c.add_argument("--json", action="store_true", help="print one JSON object")
-
-    p = sub.add_parser("eval", help="score a model (and adapter) on a JEC-QA file")
-    p.add_argument("--adapter", help="LoRA adapter directory (e.g. outputs/run/final_model)")
-    p.add_argument("--mode", choices=["direct", "reasoning", "choice"], help="default: direct")
-    p.add_argument("--output", default="report.json", help="report file (default report.json)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-new-tokens", type=int, help="reasoning-mode token budget (default 2048)")
-    p.add_argument("--max-samples", type=int, help="score only the first N questions")
-    p.add_argument("--shuffle-options", action="store_true", help="re-letter options with a fixed seed")
-    p.add_argument("--sample", action="store_true", help="sample (temperature 0.6, top-p 0.95) instead of greedy")
-    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
-    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
-    _common_flags(p, "JEC-QA file with answers")
-
-    p = sub.add_parser("compare", help="compare two eval reports (flips, McNemar, bootstrap CIs)")
-    p.add_argument("report_a")
-    p.add_argument("report_b")
-    p.add_argument("--html", default="compare.html", help="HTML report path (default compare.html)")
-
-    p = sub.add_parser("ask", help="answer one question, streaming the reasoning (interactive without --question)")
-    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
-    p.add_argument("--adapter", help="LoRA adapter directory (e.g. outputs/run/final_model)")
-    p.add_argument("--question", help="the question; trailing lines 'A. …' are read as its options")
-    p.add_argument("--option", action="append", default=[], metavar="A=TEXT", help="an option (repeat for each)")
-    p.add_argument("--record", metavar="JSON", help="one JEC-QA record as JSON (statement, option_list)")
-    p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
-    _generation_flags(p)
-
-    p = sub.add_parser("predict", help="answer every question of a file without answers (JSON Lines, resumable)")
-    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
-    p.add_argument("--adapter", help="LoRA adapter directory")
-    p.add_argument("--data", required=True, help="JEC-QA file (answers not needed, e.g. 0_test.json)")
-    p.add_argument("--output", required=True, help="predictions file; a rerun skips the ids already in it")
-    p.add_argument("--mode", choices=["direct", "reasoning"], default="direct", help="default: direct")
-    p.add_argument("--batch-size", type=int, help="questions per batch (default 64)")
-    _generation_flags(p)
-
-    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model (plain transformers directory)")
-    p.add_argument("--model", required=True, help="base model directory or hub id")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory")
-    p.add_argument("--output", required=True, help="directory for the merged model")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="saved dtype (default: the base's)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a question page at /")
-    p.add_argument("--model", help="base model directory or hub id (sets model.path)")
-    p.add_argument("--adapter", help="LoRA adapter directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
-    p.add_argument("--max-new-tokens", type=int, help="reasoning-mode budget when a request sets none (default 2048)")
-    p.add_argument("--prompt-format", choices=["chat", "plain"], help="default: the adapter's, else chat")
-    p.add_argument("--config", help="YAML config whose model/eval sections are the starting point")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dtype=bfloat16")
-    return parser
-
-
-def cmd_demo(args) -> int:
+def cmd_demo(cfg, args) -> int:
     from .demo import run_demo
 
-    run_demo(args.output_dir or "outputs/demo", _with_flags(args, skip_output=True))
+    run_demo(cfg)
     return 0
 
 
-def _with_flags(args, skip_output: bool = False) -> list[str]:
-    overrides = list(args.overrides)
-    if getattr(args, "model", None):
-        overrides.append(f"model.path={args.model}")
-    if getattr(args, "data", None):
-        overrides.append(f"data.train={args.data}")
-    if getattr(args, "output_dir", None) and not skip_output:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    return overrides
-
-
-def cmd_train(args) -> int:
-    from .config import load_config
+def cmd_train(cfg, args) -> int:
+    from .dist import main_print
     from .train import train
 
-    cfg = load_config(args.config, _with_flags(args))
     result = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {result['steps']} steps, final loss {result['final_loss']:.4f}, adapter in {result['final_model']}")
+    main_print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, adapter in {result.final_model}")
     return 0
 
 
-def cmd_data_check(args) -> int:
+def cmd_data_check(cfg, args) -> int:
     from .data import data_stats, load_records
 
-    loaded = load_records(args.file, require_answer=False)
+    c = cfg.check
+    loaded = load_records(c.file, require_answer=False)
     lengths = None
-    if args.tokenizer:
+    if c.tokenizer:
         from .model import load_tokenizer
         from .prompts import encode_example, render_prompt
 
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(c.tokenizer)
         lengths = []
         for r in loaded.records:
             if r.answer is not None:
-                lengths.append(len(encode_example(r, tokenizer, args.prompt_format, 10**9).input_ids))
+                lengths.append(len(encode_example(r, tokenizer, c.prompt_format, 10**9).input_ids))
             else:
-                lengths.append(len(tokenizer(render_prompt(r, tokenizer, args.prompt_format), add_special_tokens=False)["input_ids"]))
+                lengths.append(len(tokenizer(render_prompt(r, tokenizer, c.prompt_format), add_special_tokens=False)["input_ids"]))
     stats = data_stats(loaded, lengths)
-    if args.json:
+    if c.json:
         print(json.dumps(stats, ensure_ascii=False))
         return 0
-    print(f"{args.file}: {stats['records']} usable records")
+    print(f"{c.file}: {stats['records']} usable records")
     for reason, count in stats["skipped"].items():
         print(f"  skipped: {count} ({reason})")
     print(f"  single-answer {stats['single']}, multi-answer {stats['multi']}, "
@@ -186,150 +229,85 @@ def cmd_data_check(args) -> int:
     print(f"  repeated statements: {stats['repeated_statements']}")
     if "token_length" in stats:
         t = stats["token_length"]
-        print(f"  tokens per example ({args.prompt_format}): p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
+        print(f"  tokens per example ({c.prompt_format}): p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .config import load_config
+def cmd_eval(cfg, args) -> int:
     from .evaluate import run_eval
 
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.append(f"model.path={args.model}")
-    for flag, key in (("mode", "mode"), ("batch_size", "batch_size"), ("max_new_tokens", "max_new_tokens")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"eval.{key}={getattr(args, flag)}")
-    if args.shuffle_options:
-        overrides.append("eval.shuffle_options=true")
-    if args.sample:
-        overrides.append("eval.do_sample=true")
-    cfg = load_config(args.config, overrides)
-    if not args.data:
-        raise SystemExit("error: --data is required")
-    report = run_eval(cfg.model, cfg.eval, args.data, args.output, adapter=args.adapter,
-                      prompt_format=args.prompt_format, max_samples=args.max_samples)
+    report = run_eval(cfg)
     s = report["summary"]
     print(f"{s['mode']}: accuracy {s['accuracy']:.4f} on {s['n']} questions (single {s['single']['accuracy']:.4f}, "
           f"multi {s['multi']['accuracy']:.4f}), invalid {s['invalid']}, forced {s['forced']}, "
-          f"{s['questions_per_s']} questions/s -> {args.output}")
+          f"{s['questions_per_s']} questions/s -> {cfg.eval.output}")
     return 0
 
 
-def cmd_compare(args) -> int:
+def cmd_compare(cfg, args) -> int:
     from .compare import compare_reports, format_comparison, load_report, write_html
 
-    result = compare_reports(load_report(args.report_a), load_report(args.report_b))
-    print(format_comparison(result, args.report_a, args.report_b))
-    write_html(result, args.report_a, args.report_b, args.html)
-    print(f"HTML report -> {args.html}")
+    c = cfg.compare
+    result = compare_reports(load_report(c.report_a), load_report(c.report_b))
+    print(format_comparison(result, c.report_a, c.report_b))
+    write_html(result, c.report_a, c.report_b, c.html)
+    print(f"HTML report -> {c.html}")
     return 0
 
 
-def cmd_ask(args) -> int:
-    from .data import DataError
-    from .infer import ask, config_from_args, load_engine, parse_options_arg, record_from_fields, record_from_json
-    from .infer import record_from_lines, record_from_text
+def cmd_ask(cfg, args) -> int:
+    from .infer import run_ask
 
-    given = [flag for flag in ("question", "record") if getattr(args, flag)]
-    if len(given) > 1:
-        raise ValueError("ask: give --question (with --option) or --record, not both")
-    if args.option and not args.question:
-        raise ValueError("ask: --option needs --question")
-    record = None  # checked before the model loads, so a typo costs no loading time
-    if args.record:
-        record = record_from_json(args.record)
-    elif args.question and args.option:
-        record = record_from_fields(args.question, parse_options_arg(args.option), where="--question")
-    elif args.question:
-        record = record_from_text(args.question, where="--question")
-    cfg = config_from_args(args)
-    engine = load_engine(cfg.model, cfg.eval, args.adapter, args.prompt_format)
-    if record is not None:
-        ask(engine, record, args.mode)
-        return 0
-    interactive = sys.stdin.isatty()
-    while True:  # a question, then its options, one per line; an empty line asks it
-        if interactive:
-            print("题目和选项（每行一个，空行提问，Ctrl-D 退出）：", file=sys.stderr)
-        lines = []
-        for line in sys.stdin:
-            if not line.strip():
-                break
-            lines.append(line)
-        if not lines:
-            return 0
-        try:
-            record = record_from_lines(lines)
-        except DataError as exc:
-            if not interactive:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        ask(engine, record, args.mode)
+    run_ask(cfg)
+    return 0
 
 
-def cmd_predict(args) -> int:
-    from .infer import config_from_args, run_predict
+def cmd_predict(cfg, args) -> int:
+    from .infer import run_predict
 
-    cfg = config_from_args(args)
-    s = run_predict(cfg.model, cfg.eval, args.data, args.output, adapter=args.adapter, prompt_format=args.prompt_format)
+    s = run_predict(cfg)
     print(f"{s['generated']} answered ({s['unreadable']} unreadable), {s['already_done']} already in {s['output']}, "
-          f"{s['records']} records in {args.data}")
+          f"{s['records']} records in {cfg.predict.data}")
     return 0
 
 
-def cmd_merge(args) -> int:
+def cmd_merge(cfg, args) -> int:
     from .merge import merge_adapter
 
-    info = merge_adapter(args.model, args.adapter, args.output, dtype=args.dtype, force=args.force)
-    print(f"merged {args.adapter} into {args.model} ({info['dtype']}, {info['tensors']} tensors, no LoRA keys, "
+    m = cfg.merge
+    info = merge_adapter(m)
+    print(f"merged {m.adapter} into {m.model} ({info['dtype']}, {info['tensors']} tensors, no LoRA keys, "
           f"reloaded and checked) -> {info['output']}")
     return 0
 
 
-def cmd_serve(args) -> int:
-    from .infer import config_from_args, load_engine
-    from .serve import MODEL_ID, make_server
+def cmd_serve(cfg, args) -> int:
+    from .serve import run_serve
 
-    cfg = config_from_args(args)
-    engine = load_engine(cfg.model, cfg.eval, args.adapter, args.prompt_format)
-    try:
-        server = make_server(engine, args.host, args.port)
-    except OSError as exc:
-        raise ValueError(f"serve: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
-    host, port = server.server_address[:2]
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
-    print(f"serving model id {MODEL_ID!r} on http://{host}:{port}/ (API: http://{host}:{port}/v1); Ctrl-C stops",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    run_serve(cfg)
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
-            "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve}
+HANDLERS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
+            "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve, "data check": cmd_data_check}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     _setup_logging()
-    from .config import ConfigError
     from .data import DataError
     from .model import ModelError
 
-    handler = cmd_data_check if args.command == "data" else COMMANDS[args.command]
     try:
-        return handler(args)
+        cfg = resolve_config(args)
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            return 0
+        return HANDLERS[args.command](cfg, args)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -15,6 +15,8 @@ import random
 import unicodedata
 from pathlib import Path
 
+from .stats import percentile
+
 CATEGORIES = ("overall", "single", "multi", "KD", "CA")
 _FLIP_LIMIT = 20
 
@@ -49,15 +51,6 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
-def _percentile(sorted_vals: list[float], q: float) -> float:
-    if not sorted_vals:
-        return 0.0
-    pos = (len(sorted_vals) - 1) * q
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_vals) - 1)
-    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
-
-
 def _bootstrap(a: list[bool], b: list[bool], n_boot: int, seed: int) -> dict:
     n = len(a)
     if n == 0 or n_boot <= 0:
@@ -78,7 +71,7 @@ def _bootstrap(a: list[bool], b: list[bool], n_boot: int, seed: int) -> dict:
     out = {"level": 0.95, "n_boot": n_boot, "seed": seed}
     for key, vals in (("a", acc_a), ("b", acc_b), ("diff", diff)):
         vals.sort()
-        out[key] = [_percentile(vals, 0.025), _percentile(vals, 0.975)]
+        out[key] = [percentile(vals, 2.5), percentile(vals, 97.5)]
     return out
 
 

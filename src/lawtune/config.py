@@ -1,19 +1,28 @@
-"""Typed run configuration: one dataclass per section, validated once in ``__post_init__``.
+"""Typed configuration: one dataclass per section, validated once in ``__post_init__``, and one config per
+command holding exactly the sections that command reads (``COMMANDS``).
 
-A YAML file holds the sections ``model``, ``lora``, ``data``, ``train`` and ``eval``; command-line
-overrides are ``key=value`` with dotted keys for nested fields (``train.max_steps=10``). Two
-shorthands exist because they are what a user types most: ``model=DIR`` sets ``model.path`` and
-``data=FILE`` sets ``data.train``.
+A key, section or override that a command does not read is an error naming it and the command's valid
+keys. Overrides are ``key=value`` with dotted keys (``train.max_steps=10``); ``model=DIR`` and
+``data=FILE`` are shorthands for ``model.path`` and ``data.train`` where the command has those keys. A
+YAML given to a command other than ``train``/``demo`` with ``--config`` (a full run file, such as an
+adapter's ``lawtune_config.yaml``) lends only the sections the command reads.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import logging
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger("lawtune")
 
 
 class ConfigError(ValueError):
@@ -117,7 +126,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str | None = None
-    """Where checkpoints and the final adapter go; default outputs/<config file stem>."""
+    """Where checkpoints and the final adapter go; default outputs/<config file stem> (a run records the one
+    it used)."""
     per_device_batch_size: int = 2
     """Sequences per device per micro-step (the original recipe's 2)."""
     gradient_accumulation_steps: int = 4
@@ -192,16 +202,26 @@ class TrainConfig:
         _check_positive("train.max_grad_norm", self.max_grad_norm)
 
 
+PROMPT_FORMATS = ("chat", "plain")
+
+
 @dataclass
-class EvalConfig:
-    mode: str = "direct"
-    """direct = empty think block then read the letters; reasoning = think first; choice = score answers."""
-    batch_size: int = 64
-    """Questions per generation / scoring batch (on an 80 GB GPU 256-512 is fastest; see bench/README.md)."""
-    max_new_tokens: int = 2048
-    """Token budget of reasoning mode (R1-style thinking often runs past 1,000 tokens)."""
-    direct_max_new_tokens: int = 8
-    """Token budget of direct mode: '答案：ABCD' and the end token are 5 tokens of R1-Distill's tokenizer."""
+class AdapterConfig:
+    path: str | None = None
+    """LoRA adapter directory (e.g. outputs/run/final_model); None = the base model alone."""
+    prompt_format: str | None = None
+    """chat or plain; None = the adapter's own (its lawtune_config.yaml), a merged model's, else chat."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_format is not None:
+            _check_choice("adapter.prompt_format", self.prompt_format, PROMPT_FORMATS)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int | None = None
+    """Token budget of the selected mode and a hard cap on generated tokens, a forced answer included;
+    None = the mode's default: 8 in direct mode, 2048 in reasoning mode."""
     do_sample: bool = False
     """Greedy decoding by default; sampling uses temperature and top_p."""
     temperature: float = 0.6
@@ -214,31 +234,250 @@ class EvalConfig:
     mode's 8 tokens measured faster without it). The CUDA-graph loop always uses a static cache."""
     cuda_graphs: bool = True
     """Greedy generation on a GPU replays each decoding step from a CUDA graph on a static cache
-    (lawtune/decode.py); false = transformers' generate. Sampling always uses generate."""
-    shuffle_options: bool = False
-    """Re-letter options with a fixed seed (answers mapped back) to expose letter bias."""
-    seed: int = 0
-    """Seed of option shuffling and sampling."""
+    (lawtune/generation/decode.py); false = transformers' generate. Sampling always uses generate."""
 
     def __post_init__(self) -> None:
-        _check_choice("eval.mode", self.mode, ("direct", "reasoning", "choice"))
-        for key in ("batch_size", "max_new_tokens", "direct_max_new_tokens", "temperature", "top_p"):
-            _check_positive(f"eval.{key}", getattr(self, key))
+        if self.max_new_tokens is not None:
+            _check_positive("generation.max_new_tokens", self.max_new_tokens)
+            if not isinstance(self.max_new_tokens, int):
+                raise ConfigError(f"generation.max_new_tokens: expected an integer, got {self.max_new_tokens!r}")
+        for key in ("temperature", "top_p"):
+            _check_positive(f"generation.{key}", getattr(self, key))
 
 
 @dataclass
-class Config:
+class EvalConfig:
+    mode: str = "direct"
+    """direct = empty think block then read the letters; reasoning = think first; choice = score answers.
+    During training, reasoning is evaluated as direct (thousands of tokens a question)."""
+    batch_size: int = 64
+    """Questions per generation / scoring batch (on an 80 GB GPU 256-512 is fastest; see bench/README.md)."""
+    shuffle_options: bool = False
+    """Re-letter options with a fixed seed (answers mapped back) to expose letter bias."""
+    seed: int = 0
+    """Seed of option shuffling."""
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.mode", self.mode, ("direct", "reasoning", "choice"))
+        _check_positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class EvalFileConfig(EvalConfig):
+    data: str = ""
+    """JEC-QA file with answers to score."""
+    output: str = "report.json"
+    """Report file (one JSON file: summary and every question's output)."""
+    max_samples: int | None = None
+    """Score only the first N questions."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_samples is not None:
+            _check_positive("eval.max_samples", self.max_samples)
+
+
+INFER_MODES = ("direct", "reasoning")
+
+
+@dataclass
+class PredictConfig:
+    data: str = ""
+    """JEC-QA file (answers not needed, e.g. 0_test.json)."""
+    output: str = ""
+    """Predictions file (JSON Lines); a rerun skips the ids already in it."""
+    mode: str = "direct"
+    """direct or reasoning."""
+    batch_size: int = 64
+    """Questions per batch."""
+
+    def __post_init__(self) -> None:
+        _check_choice("predict.mode", self.mode, INFER_MODES)
+        _check_positive("predict.batch_size", self.batch_size)
+
+
+@dataclass
+class AskConfig:
+    question: str | None = None
+    """The question; trailing lines 'A. …' are read as its options. None = interactive (stdin)."""
+    option: list[str] = field(default_factory=list)
+    """Options as A=TEXT, one entry each."""
+    record: str | None = None
+    """One JEC-QA record as JSON (statement, option_list)."""
+    mode: str = "direct"
+    """direct or reasoning."""
+
+    def __post_init__(self) -> None:
+        _check_choice("ask.mode", self.mode, INFER_MODES)
+        if not isinstance(self.option, list):
+            raise ConfigError(f"ask.option: expected a list of A=TEXT entries, got {self.option!r}")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 8000
+    """Port (0 = any free port)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"serve.port: expected a port number from 0 to 65535, got {self.port!r}")
+
+
+@dataclass
+class MergeConfig:
+    model: str = ""
+    """Base model directory or hub id."""
+    adapter: str = ""
+    """LoRA adapter directory."""
+    output: str = ""
+    """Directory for the merged model."""
+    dtype: str | None = None
+    """Saved dtype: bfloat16, float16 or float32; None = the base checkpoint's."""
+    force: bool = False
+    """Replace a non-empty output directory."""
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            _check_choice("merge.dtype", self.dtype, ("bfloat16", "float16", "float32"))
+
+
+@dataclass
+class CheckConfig:
+    file: str = ""
+    """JEC-QA file to validate."""
+    tokenizer: str | None = None
+    """Tokenizer directory: also report token lengths of training examples."""
+    prompt_format: str = "chat"
+    """Prompt format of those token lengths (chat or plain)."""
+    json: bool = False
+    """Print one JSON object."""
+
+    def __post_init__(self) -> None:
+        _check_choice("check.prompt_format", self.prompt_format, PROMPT_FORMATS)
+
+
+@dataclass
+class CompareConfig:
+    report_a: str = ""
+    """First eval report (e.g. the base model's)."""
+    report_b: str = ""
+    """Second eval report (e.g. the fine-tuned model's)."""
+    html: str = "compare.html"
+    """HTML report path."""
+
+
+# ----------------------------------------------------------------------------- one config per command
+
+
+@dataclass
+class TrainRun:
+    """`lawtune train` and `lawtune demo`: everything a training run reads; saved as lawtune_config.yaml."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     source: str | None = None
-    """The YAML file this config came from (sets the default output directory)."""
+
+    def __post_init__(self) -> None:
+        tokens, longest = self.train.batch_tokens, self.data.max_length
+        if tokens is not None and tokens < longest:
+            raise ConfigError(f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens")
 
 
-SECTIONS = {"model": ModelConfig, "lora": LoraSection, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+@dataclass
+class EvalRun:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    eval: EvalFileConfig = field(default_factory=EvalFileConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None
+
+
+@dataclass
+class PredictRun:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None
+
+
+@dataclass
+class AskRun:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    ask: AskConfig = field(default_factory=AskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None
+
+
+@dataclass
+class ServeRun:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None
+
+
+@dataclass
+class MergeRun:
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    source: str | None = None
+
+
+@dataclass
+class CheckRun:
+    check: CheckConfig = field(default_factory=CheckConfig)
+    source: str | None = None
+
+
+@dataclass
+class CompareRun:
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    source: str | None = None
+
+
+COMMANDS: dict[str, type] = {"train": TrainRun, "demo": TrainRun, "eval": EvalRun, "predict": PredictRun,
+                             "ask": AskRun, "serve": ServeRun, "merge": MergeRun, "data check": CheckRun,
+                             "compare": CompareRun}
+# Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
+KNOWN_SECTIONS = {f.name for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.name != "source"}
 SHORTHANDS = {"model": "model.path", "data": "data.train"}
+
+
+def sections_of(run_cls: type) -> dict[str, type]:
+    """Section name -> section dataclass of a command's config."""
+    return {f.name: f.default_factory().__class__ for f in dataclasses.fields(run_cls) if f.name != "source"}
+
+
+def valid_keys(run_cls: type) -> list[str]:
+    return [f"{name}.{f.name}" for name, cls in sections_of(run_cls).items() for f in dataclasses.fields(cls)]
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a section dataclass (its one documentation), base classes included."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def command_name(run_cls: type) -> str:
+    return next(name for name, cls in COMMANDS.items() if cls is run_cls)
 
 
 def _build_section(name: str, cls: type, values: Any) -> Any:
@@ -264,67 +503,116 @@ def _build_section(name: str, cls: type, values: Any) -> Any:
         raise ConfigError(f"{name}: {exc}") from None
 
 
-def config_from_dict(raw: dict, source: str | None = None) -> Config:
+def config_from_dict(raw: dict, source: str | None = None, run_cls: type = TrainRun):
+    """A command's config from a mapping of sections; a section the command does not read is an error."""
     raw = dict(raw or {})
+    sections = sections_of(run_cls)
     for key in raw:
-        if key not in SECTIONS:
-            raise ConfigError(f"{key}: unknown section; valid sections: {', '.join(SECTIONS)}")
-    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
-    tokens, longest = sections["train"].batch_tokens, sections["data"].max_length
-    if tokens is not None and tokens < longest:
-        raise ConfigError(f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens")
-    return Config(**sections, source=source)
+        if key not in sections:
+            raise ConfigError(f"{key}: not a section of `lawtune {command_name(run_cls)}`; "
+                              f"valid sections: {', '.join(sections)}")
+    built = {name: _build_section(name, cls, raw.get(name)) for name, cls in sections.items()}
+    return run_cls(**built, source=source)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+# Run files written before the generation section existed kept its keys under eval, with one budget per mode.
+_GENERATION_KEYS = ("max_new_tokens", "direct_max_new_tokens", "do_sample", "temperature", "top_p", "static_cache",
+                    "cuda_graphs")
+_OLD_BUDGETS = {"max_new_tokens": 2048, "direct_max_new_tokens": 8}
+
+
+def upgrade_run_file(raw: dict) -> dict:
+    """Move an older run file's generation keys from ``eval`` to ``generation``. Its two budgets become the one
+    budget of the mode the file selects; the old defaults (2048 reasoning, 8 direct) are today's mode defaults."""
+    old = raw.get("eval")
+    if not isinstance(old, dict) or not any(k in old for k in _GENERATION_KEYS):
+        return raw
+    raw = {**raw, "eval": {k: v for k, v in old.items() if k not in _GENERATION_KEYS}}
+    gen = dict(raw.get("generation") or {})
+    gen.update({k: old[k] for k in _GENERATION_KEYS if k in old and k not in _OLD_BUDGETS})
+    budgets = {k: old.get(k, default) for k, default in _OLD_BUDGETS.items()}
+    if budgets != _OLD_BUDGETS:
+        key = "direct_max_new_tokens" if old.get("mode", "direct") == "direct" else "max_new_tokens"
+        gen["max_new_tokens"] = budgets[key]
+    raw["generation"] = gen
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return upgrade_run_file(raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str], run_cls: type = TrainRun) -> dict:
     """Apply ``key=value`` overrides (values parsed as YAML scalars) to a raw config dict."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()}
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()}
+    keys = valid_keys(run_cls)
+    command = command_name(run_cls)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=100)")
         key, _, text = item.partition("=")
-        key = SHORTHANDS.get(key.strip(), key.strip())
-        parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in SECTIONS:
-            raise ConfigError(f"override {item!r}: key must be section.field with section one of {', '.join(SECTIONS)}")
-        value = yaml.safe_load(text) if text.strip() else None
+        key = key.strip()
+        if SHORTHANDS.get(key) in keys:
+            key = SHORTHANDS[key]
+        if key not in keys:
+            raise ConfigError(f"{key}: not a key of `lawtune {command}`; valid keys: {', '.join(keys)}")
+        section, name = key.split(".")
         # A bare number-like path such as "1_train.json" stays a string; YAML only turns true numbers into numbers.
-        raw.setdefault(parts[0], {})[parts[1]] = value
+        raw.setdefault(section, {})[name] = yaml.safe_load(text) if text.strip() else None
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, list(overrides))
+def load_config(path: str | Path | None, overrides: list[str] = (), run_cls: type = TrainRun, lend: bool = False,
+                settings: dict[str, Any] | None = None):
+    """A command's config: the YAML file (if any), then ``key=value`` overrides, then ``settings`` (typed values by
+    dotted key, from command-line flags).
+
+    ``lend``: the file is a full run file lending the sections the command reads; its other known sections are
+    left out. Otherwise every section in the file must be one the command reads."""
+    raw: dict = read_yaml(path) if path is not None else {}
+    if lend:
+        unknown = [k for k in raw if k not in KNOWN_SECTIONS]
+        if unknown:
+            raise ConfigError(f"{path}: {unknown[0]}: unknown section; valid sections: {', '.join(sorted(KNOWN_SECTIONS))}")
+        raw = {k: v for k, v in raw.items() if k in sections_of(run_cls)}
     try:
-        return config_from_dict(raw, source=str(path) if path else None)
+        raw = apply_overrides(raw, list(overrides), run_cls)
+        for key, value in (settings or {}).items():
+            section, name = key.split(".")
+            if not isinstance(raw.get(section), dict):
+                raw[section] = {}
+            raw[section][name] = value
+        return config_from_dict(raw, source=str(path) if path else None, run_cls=run_cls)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
 
 
-def config_to_dict(cfg: Config) -> dict:
+def config_to_dict(cfg) -> dict:
     out = dataclasses.asdict(cfg)
     out.pop("source", None)
     return out
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False), encoding="utf-8")
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), allow_unicode=True, sort_keys=False)
 
 
-def resolve_output_dir(cfg: Config) -> Path:
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+
+
+def resolve_output_dir(cfg: TrainRun) -> Path:
     if cfg.train.output_dir:
         return Path(cfg.train.output_dir)
     stem = Path(cfg.source).stem if cfg.source else "run"

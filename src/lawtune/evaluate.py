@@ -1,7 +1,7 @@
-"""Evaluation on JEC-QA: direct, reasoning and choice modes, batched on the model's device.
+"""Evaluation on JEC-QA: the direct, reasoning and choice modes, and the report of `lawtune eval`.
 
-Scoring follows JEC-QA's official rule (a question counts only when the predicted letter set equals
-the gold set); extraction and the summary live in ``scoring.py``.
+Generation is ``generation``'s; scoring follows JEC-QA's official rule (a question counts only when the
+predicted letter set equals the gold set); extraction and the summary live in ``scoring.py``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import EvalConfig, ModelConfig
-from .data import Record, load_records, sha256_file, statement_key
-from .attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
-from .decode import graph_decode_supported, greedy_decode
-from .model import world_size
-from .prompts import ANSWER_PREFIX, THINK_CLOSE, answer_text, render_prompt
+from .config import EvalConfig, EvalRun, GenerationConfig
+from .data import Record, load_records, sha256_file
+from .dist import gather_objects, world_size
+from .dist import rank as process_rank
+from .generation import answer_part, default_budget, device_of, encode_batch, generate, reason_then_answer
+from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
+from .prompts import answer_text, render_prompt
+from .rundir import resolve_prompt_format, training_overlap
 from .scoring import extract_answer, summarize
 
 log = logging.getLogger("lawtune")
@@ -43,111 +45,25 @@ def shuffle_options(record: Record, seed: int) -> tuple[Record, dict[str, str]]:
     return Record(**{**record.__dict__, "options": options, "answer": answer}), new_to_old
 
 
-# ----------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- modes
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _encode_batch(tokenizer, texts: list[str], device) -> dict:
-    """Left-padded input ids and attention mask (generation appends on the right, so pad on the left).
-
-    Padding is done here with torch: the tokenizer's own padding to tensors goes through Python lists.
-    Measured on the development CPU for 1,000 JEC-QA prompts with the real tokenizer: 0.40 s with the
-    tokenizer's padding, 0.26 s tokenizing unpadded and padding here. The GPU idles during that time.
-    """
-    tokenizer.padding_side = "left"
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, width - len(x):] = torch.tensor(x, dtype=torch.long)
-        mask[row, width - len(x):] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
-
-
-# A preallocated cache pays off for long generations only. Measured on an H100 (bench/README.md): for direct
-# mode's 8 tokens the growing cache was faster (1,000 questions: 4.51 s vs 4.83 s static); for 512-token
-# reasoning the static one was (9,117 vs 6,938 generated tokens/s). Where between them the two cross was
-# not measured; 32 is a chosen cut that puts direct mode and forced answers on the growing cache.
-STATIC_CACHE_MIN_TOKENS = 32
-
-
-@torch.inference_mode()
-def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, ecfg: EvalConfig,
-                   **generate_kwargs) -> list[tuple[str, int, bool]]:
-    """Generate for a batch of prompts; returns (text, generated token count, stopped by the end token).
-
-    Extra keyword arguments (a streamer, stopping criteria) are passed on to ``model.generate``.
-    """
-    batch = _encode_batch(tokenizer, prompts, _device_of(model))
-    distributed = world_size() > 1
-    if (ecfg.cuda_graphs and not ecfg.do_sample and not generate_kwargs and not distributed
-            and batch["input_ids"].device.type == "cuda" and graph_decode_supported(model)):
-        with fast_attention(model), eager_stance(model):
-            new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                                tokenizer.eos_token_id, tokenizer.pad_token_id).tolist()
-        return _decode_rows(tokenizer, new)
-    kwargs = {"do_sample": ecfg.do_sample}
-    if ecfg.do_sample:
-        kwargs.update(temperature=ecfg.temperature, top_p=ecfg.top_p)
-    else:  # a model's generation_config may ask for sampling; greedy must mean greedy
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if ecfg.static_cache and max_new_tokens >= STATIC_CACHE_MIN_TOKENS and "past_key_values" not in generate_kwargs:
-        # A preallocated cache: no per-token copy of the whole cache. transformers would compile the model for it,
-        # once per batch shape, which costs more than it saves here.
-        kwargs.update(cache_implementation="static", disable_compile=True)
-    # In a distributed job every rank keeps stepping until all are done (sharded models need it).
-    kwargs["synced_gpus"] = distributed
-    with fast_attention(model), eager_stance(model):
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             use_cache=True, eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
-    return _decode_rows(tokenizer, out[:, batch["input_ids"].shape[1]:].tolist())
-
-
-def _decode_rows(tokenizer, new: list[list[int]]) -> list[tuple[str, int, bool]]:
-    results = []
-    for row in new:
-        stopped = tokenizer.eos_token_id in row
-        ids = row[: row.index(tokenizer.eos_token_id)] if stopped else row
-        results.append((tokenizer.decode(ids, skip_special_tokens=True), len(ids) + int(stopped), stopped))
-    return results
-
-
-def _answer_part(text: str) -> str:
-    """The text after the last </think>: reasoning may mention letters it later rejects."""
-    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
-
-
-def _direct(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+def _direct(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
+    budget = default_budget("direct", gcfg.max_new_tokens)
     rows = []
-    for (text, n_tokens, _), r in zip(generate_batch(model, tokenizer, prompts, ecfg.direct_max_new_tokens, ecfg), records):
-        rows.append({"output": text, "pred": extract_answer(text, "".join(r.options)), "generated_tokens": n_tokens,
-                     "forced": False})
+    for out, r in zip(generate(model, tokenizer, prompts, budget, gcfg), records):
+        rows.append({"output": out.text, "pred": extract_answer(out.text, "".join(r.options)),
+                     "generated_tokens": out.tokens, "forced": False})
     return rows
 
 
-def _reasoning(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+def _reasoning(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=True) for r in records]
-    results = generate_batch(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg)
-    rows: list[dict] = [{} for _ in records]
-    cut = [i for i, (_, _, stopped) in enumerate(results) if not stopped]
-    for i, (text, n_tokens, stopped) in enumerate(results):
-        rows[i] = {"output": text, "generated_tokens": n_tokens, "forced": not stopped}
-    if cut:
-        # A row that ran out of budget is closed and asked for its answer; it is flagged as forced so
-        # a cut-off never silently counts as an ordinary right or wrong answer.
-        closing = {i: ("\n" + ANSWER_PREFIX if "</think>" in results[i][0] else THINK_CLOSE[prompt_format] + ANSWER_PREFIX)
-                   for i in cut}
-        forced_prompts = [prompts[i] + results[i][0] + closing[i] for i in cut]
-        for i, (text, n_tokens, _) in zip(cut, generate_batch(model, tokenizer, forced_prompts, ecfg.direct_max_new_tokens, ecfg)):
-            rows[i]["output"] = results[i][0] + closing[i] + text
-            rows[i]["generated_tokens"] += n_tokens
+    rows = reason_then_answer(model, tokenizer, prompts, default_budget("reasoning", gcfg.max_new_tokens), gcfg,
+                              prompt_format)
     for row, r in zip(rows, records):
-        row["pred"] = extract_answer(_answer_part(row["output"]), "".join(r.options))
+        row["pred"] = extract_answer(answer_part(row["output"]), "".join(r.options))
     return rows
 
 
@@ -184,7 +100,7 @@ def _candidate_tokens(tokenizer, letters: str) -> tuple[list[str], list[list[int
 
 
 def _score_candidates_tree(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
-    device = _device_of(model)
+    device = device_of(model)
     prompts = [tokenizer(render_prompt(r, tokenizer, prompt_format, think=False), add_special_tokens=False)["input_ids"]
                for r in records]
     by_letters: dict[str, tuple] = {}  # candidates depend only on the option letters: tokenize each set once
@@ -252,9 +168,9 @@ def _score_candidates_tree(model, tokenizer, records, prompt_format) -> list[lis
 @torch.inference_mode()
 def _score_candidates_with_cache(model, tokenizer, records, prompt_format) -> list[list[tuple[str, float]]]:
     """The same scores for attention kernels that take no 4D mask: a prompt pass, its cache repeated per candidate."""
-    device = _device_of(model)
+    device = device_of(model)
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
-    batch = _encode_batch(tokenizer, prompts, device)
+    batch = encode_batch(tokenizer, prompts, device)
     mask = batch["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
@@ -288,7 +204,7 @@ def _score_candidates_with_cache(model, tokenizer, records, prompt_format) -> li
     return out_rows
 
 
-def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
+def _choice(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
     rows = []
     for scored in score_candidates(model, tokenizer, records, prompt_format):
         best, value = max(scored, key=lambda cs: cs[1])
@@ -300,10 +216,16 @@ def _choice(model, tokenizer, records, prompt_format, ecfg) -> list[dict]:
 MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
 
 
-def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, prompt_format: str = "chat",
-                     show_progress: bool = True) -> tuple[list[dict], dict]:
+def answer_batch(mode: str, model, tokenizer, records: list[Record], prompt_format: str,
+                 gcfg: GenerationConfig) -> list[dict]:
+    """One batch of questions in a mode: {output, pred, generated_tokens, forced} per record."""
+    return MODES[mode](model, tokenizer, records, prompt_format, gcfg)
+
+
+def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig | None = None,
+                     prompt_format: str = "chat", show_progress: bool = True) -> tuple[list[dict], dict]:
     """Score records with a live model; returns (per-question samples, summary)."""
-    run = MODES[ecfg.mode]
+    gcfg = gcfg or GenerationConfig()
     shown = [shuffle_options(r, ecfg.seed) if ecfg.shuffle_options else (r, None) for r in records]
     # Sorting by length keeps padding (and wasted compute) low inside each batch.
     order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
@@ -312,7 +234,7 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     start = time.time()
     for k in range(0, len(order), ecfg.batch_size):
         idx = order[k: k + ecfg.batch_size]
-        for i, row in zip(idx, run(model, tokenizer, [shown[i][0] for i in idx], prompt_format, ecfg)):
+        for i, row in zip(idx, answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, gcfg)):
             record, new_to_old = records[i], shown[i][1]
             pred = row["pred"]
             if pred is not None and new_to_old:
@@ -334,26 +256,24 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     return samples, summary
 
 
-def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, prompt_format: str = "chat"):
+def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
+                     prompt_format: str = "chat"):
     """evaluate_records split across the ranks of a distributed job, gathered on every rank.
 
     Each rank scores a disjoint, equally long slice (the last one padded with repeats that are dropped
     after gathering), so all ranks run the same number of forward passes, which sharded (FSDP)
     models need.
     """
-    import torch.distributed as dist
-
     if world_size() == 1:
-        return evaluate_records(model, tokenizer, records, ecfg, prompt_format, show_progress=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+        return evaluate_records(model, tokenizer, records, ecfg, gcfg, prompt_format, show_progress=False)
+    rank, world = process_rank(), world_size()
     per_rank = -(-len(records) // world)
     indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(records))))
     real = len(indices)
     indices += [indices[-1] if indices else 0] * (per_rank - real)
-    samples, _ = evaluate_records(model, tokenizer, [records[i] for i in indices], ecfg, prompt_format,
+    samples, _ = evaluate_records(model, tokenizer, [records[i] for i in indices], ecfg, gcfg, prompt_format,
                                   show_progress=False)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, samples[:real])
+    gathered = gather_objects(samples[:real])
     merged = [s for part in gathered for s in part]
     summary = summarize(merged)
     summary["mode"] = ecfg.mode
@@ -363,50 +283,31 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 # ----------------------------------------------------------------------------- command
 
 
-def training_overlap(adapter: str | None, records: list[Record]) -> int:
-    """How many evaluated questions share a statement with the adapter's training split."""
-    if not adapter:
-        return 0
-    manifest_path = Path(adapter) / "data_manifest.json"
-    if not manifest_path.is_file():
-        return 0
-    import hashlib
+def run_eval(cfg: EvalRun) -> dict:
+    """`lawtune eval`: load the model once, score a file, write the report (one JSON file)."""
+    from .model import load_for_inference, quiet_loading
 
-    trained = set(json.loads(manifest_path.read_text(encoding="utf-8")).get("train_statements_sha256", []))
-    return sum(hashlib.sha256(statement_key(r).encode("utf-8")).hexdigest()[:16] in trained for r in records)
-
-
-def run_eval(mcfg: ModelConfig, ecfg: EvalConfig, data: str, output: str = "report.json", adapter: str | None = None,
-             prompt_format: str | None = None, max_samples: int | None = None) -> dict:
-    """`lawtune eval`: load the model once, score a file, write the report."""
-    from .model import load_for_inference
-
-    loaded = load_records(data, require_answer=True, max_samples=max_samples)
+    ecfg, data, adapter = cfg.eval, cfg.eval.data, cfg.adapter.path
+    if not data:
+        raise ValueError("eval.data: no file to score (pass --data FILE)")
+    output = Path(ecfg.output)
+    if output.is_dir():
+        raise ValueError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
+    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples)
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", data, count, reason)
-    if prompt_format is None:  # an adapter remembers the format it was trained with
-        prompt_format = _adapter_prompt_format(adapter) or "chat"
+    prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
     overlap = training_overlap(adapter, loaded.records)
     if overlap:
         log.warning("!!! %d of %d questions in %s share a statement with this adapter's TRAINING split: "
                     "the accuracy below is not a held-out result !!!", overlap, len(loaded.records), data)
-    model, tokenizer = load_for_inference(mcfg, adapter)
-    samples, summary = evaluate_records(model, tokenizer, loaded.records, ecfg, prompt_format)
-    summary.update({"model": mcfg.path, "adapter": adapter, "data": str(data), "data_sha256": sha256_file(data),
+    quiet_loading()
+    model, tokenizer = load_for_inference(cfg.model, adapter)
+    samples, summary = evaluate_records(model, tokenizer, loaded.records, ecfg, cfg.generation, prompt_format)
+    summary.update({"model": cfg.model.path, "adapter": adapter, "data": str(data), "data_sha256": sha256_file(data),
                     "prompt_format": prompt_format, "shuffle_options": ecfg.shuffle_options,
                     "skipped": loaded.skipped, "train_overlap": overlap})
     report = {"summary": summary, "samples": samples}
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
     return report
-
-
-def _adapter_prompt_format(adapter: str | None) -> str | None:
-    if not adapter:
-        return None
-    path = Path(adapter) / "lawtune_config.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data", {}).get("prompt_format")

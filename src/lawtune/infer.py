@@ -9,7 +9,8 @@ adapter was trained with, so a question is asked exactly as in training and eval
   answer, as ``lawtune eval`` does (the answer is then flagged as forced).
 
 ``generate_events`` is the one streaming generation path, shared by ``lawtune ask`` and the HTTP
-server (``serve.py``); ``predict`` reuses the batched evaluation modes of ``evaluate.py``.
+server (``serve.py``); ``predict`` reuses the batched evaluation modes of ``evaluate.py``. All text comes
+from ``generation``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ from typing import Iterator
 import torch
 from transformers import StoppingCriteria
 
-from .config import EvalConfig, ModelConfig
-from .data import DataError, Record, _parse_record, load_records
-from .evaluate import MODES, _adapter_prompt_format, _answer_part, generate_batch
-from .model import ModelError, load_for_inference
-from .prompts import ANSWER_PREFIX, THINK_CLOSE, render_prompt
+from .config import INFER_MODES, AskRun, GenerationConfig, ModelConfig, PredictRun
+from .data import DataError, Record, load_records, parse_record
+from .evaluate import answer_batch
+from .generation import answer_part, closing_text, default_budget, generate, split_budget
+from .model import ModelError, load_for_inference, quiet_loading
+from .prompts import ANSWER_PREFIX, render_prompt
+from .rundir import resolve_prompt_format
 from .scoring import extract_answer
 
 log = logging.getLogger("lawtune")
 
-INFER_MODES = ("direct", "reasoning")
 UNREADABLE = "（无法识别）"
-MERGE_INFO = "lawtune_merge.json"
 
 
 def answer_line(letters: list[str] | None) -> str:
@@ -60,7 +61,7 @@ def _letter(match: re.Match) -> str:
 def record_from_fields(statement: str, options: dict[str, str], record_id: str = "question",
                        where: str = "question") -> Record:
     """A validated record (at least two options, letters A-Z) from a statement and its options."""
-    record, problem, _ = _parse_record({"id": record_id, "statement": statement, "option_list": options}, where, False)
+    record, problem, _ = parse_record({"id": record_id, "statement": statement, "option_list": options}, where, False)
     if problem:
         raise DataError([problem])
     return record
@@ -76,7 +77,7 @@ def record_from_json(text: str, where: str = "--record") -> Record:
         raise DataError([f"{where}: expected a JSON object with 'statement' and 'option_list'"])
     obj = {k: v for k, v in obj.items() if k != "answer"}  # a gold answer plays no part in asking
     obj.setdefault("id", "question")
-    record, problem, _ = _parse_record(obj, where, False)
+    record, problem, _ = parse_record(obj, where, False)
     if problem:
         raise DataError([problem])
     return record
@@ -163,26 +164,6 @@ def record_from_lines(lines: list[str], where: str = "stdin") -> Record:
 # ----------------------------------------------------------------------------- engine
 
 
-def config_from_args(args):
-    """The run config of ask / predict / serve: --config, then key=value overrides, then the flags."""
-    from .config import load_config
-
-    overrides = list(getattr(args, "overrides", None) or [])
-    if getattr(args, "model", None):
-        overrides.append(f"model.path={args.model}")
-    mode = getattr(args, "mode", None) or "direct"
-    overrides.append(f"eval.mode={mode}")
-    if getattr(args, "batch_size", None) is not None:
-        overrides.append(f"eval.batch_size={args.batch_size}")
-    if getattr(args, "max_new_tokens", None) is not None:
-        # The budget of the mode asked for (serve: of reasoning mode; direct requests keep their own).
-        key = "direct_max_new_tokens" if mode == "direct" and args.command != "serve" else "max_new_tokens"
-        overrides.append(f"eval.{key}={args.max_new_tokens}")
-    if getattr(args, "sample", False):
-        overrides.append("eval.do_sample=true")
-    return load_config(getattr(args, "config", None), overrides)
-
-
 @dataclass
 class Engine:
     """One loaded model: generation through it is serialized by ``lock``."""
@@ -190,40 +171,21 @@ class Engine:
     model: object
     tokenizer: object
     prompt_format: str
-    ecfg: EvalConfig
+    gcfg: GenerationConfig
+    """The default generation settings of its requests."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def resolve_prompt_format(model_path: str, adapter: str | None, override: str | None = None) -> str:
-    """The format given, else the adapter's (its lawtune_config.yaml), else a merged model's, else chat."""
-    if override:
-        return override
-    fmt = _adapter_prompt_format(adapter)
-    if fmt:
-        return fmt
-    info = Path(model_path or ".") / MERGE_INFO
-    if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8")).get("prompt_format") or "chat"
-    return "chat"
-
-
-def _quiet_loading() -> None:
-    """No weight-loading progress bars: a refusal must stay one line on stderr."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def load_engine(mcfg: ModelConfig, ecfg: EvalConfig | None = None, adapter: str | None = None,
+def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
                 prompt_format: str | None = None) -> Engine:
     fmt = resolve_prompt_format(mcfg.path, adapter, prompt_format)
-    _quiet_loading()
+    quiet_loading()
     try:
         model, tokenizer = load_for_inference(mcfg, adapter)
     except RuntimeError as exc:  # peft's size mismatch for a shape check_adapter does not cover
         raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
                          f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
-    return Engine(model, tokenizer, fmt, ecfg or EvalConfig())
+    return Engine(model, tokenizer, fmt, gcfg or GenerationConfig())
 
 
 class _Cancel(StoppingCriteria):
@@ -287,12 +249,12 @@ class Answer:
     """Ended by the end token; False when the budget ran out (reasoning mode: the answer was forced)."""
 
 
-def _generate(engine: Engine, prompt: str, budget: int, ecfg: EvalConfig, splitter: ThinkSplitter,
+def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool, cancel: _Cancel):
-    """Yield text events of one generation; return (text, tokens, stopped)."""
+    """Yield text events of one generation; return its Generated."""
     if not stream:
-        result = generate_batch(engine.model, engine.tokenizer, [prompt], budget, ecfg)[0]
-        yield from splitter.feed(result[0])
+        result = generate(engine.model, engine.tokenizer, [prompt], budget, gcfg)[0]
+        yield from splitter.feed(result.text)
         return result
     from transformers import TextIteratorStreamer
 
@@ -301,8 +263,8 @@ def _generate(engine: Engine, prompt: str, budget: int, ecfg: EvalConfig, splitt
 
     def work() -> None:
         try:
-            holder["result"] = generate_batch(engine.model, engine.tokenizer, [prompt], budget, ecfg,
-                                              streamer=streamer, stopping_criteria=[cancel])[0]
+            holder["result"] = generate(engine.model, engine.tokenizer, [prompt], budget, gcfg,
+                                        streamer=streamer, stopping_criteria=[cancel])[0]
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
             holder["error"] = exc
             streamer.end()
@@ -324,34 +286,35 @@ def _generate(engine: Engine, prompt: str, budget: int, ecfg: EvalConfig, splitt
 
 
 def generate_events(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
-                    ecfg: EvalConfig | None = None, stream: bool = True) -> Iterator[tuple[str, object]]:
+                    gcfg: GenerationConfig | None = None, stream: bool = True) -> Iterator[tuple[str, object]]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer).
 
-    Holds the engine's lock while generating; closing the iterator early stops the generation."""
+    ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
+    answer's included. Holds the engine's lock while generating; closing the iterator early stops it."""
     if mode not in INFER_MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
-    ecfg = ecfg or engine.ecfg
+    gcfg = gcfg or engine.gcfg
     think = mode == "reasoning"
-    budget = max_new_tokens or (ecfg.max_new_tokens if think else ecfg.direct_max_new_tokens)
+    budget = default_budget(mode, max_new_tokens or gcfg.max_new_tokens)
+    budget, reserve = split_budget(budget) if think else (budget, 0)
     prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
     prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     splitter, cancel = ThinkSplitter(reasoning=think), _Cancel()
     with engine.lock:
-        text, n_tokens, stopped = yield from _generate(engine, prompt, budget, ecfg, splitter, stream, cancel)
-        output = text
-        if think and not stopped:
-            # Out of budget: close the trace and ask for the answer, exactly as `lawtune eval` does.
-            closing = "\n" + ANSWER_PREFIX if "</think>" in text else THINK_CLOSE[engine.prompt_format] + ANSWER_PREFIX
+        first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, cancel)
+        output, n_tokens, stopped = first.text, first.tokens, first.stopped
+        if think and not stopped and reserve:
+            # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
+            closing = closing_text(first.text, engine.prompt_format)
             yield from splitter.feed(closing)
-            more, n_more, _ = yield from _generate(engine, prompt + text + closing, ecfg.direct_max_new_tokens, ecfg,
-                                                   splitter, stream, cancel)
-            output, n_tokens = text + closing + more, n_tokens + n_more
+            more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream, cancel)
+            output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
         yield from splitter.flush()
     # Split as the stream was: reasoning up to the first </think>; the letters are read after the last one.
     reasoning, _, content = output.partition("</think>") if think else ("", "", output)
     reasoning, content = reasoning.strip(), content.strip()
     letters = "".join(record.options)
-    pred = extract_answer(_answer_part(output), letters) if letters else None
+    pred = extract_answer(answer_part(output), letters) if letters else None
     yield "done", Answer(output, reasoning, content, pred, prompt_tokens, n_tokens, stopped)
 
 
@@ -381,6 +344,52 @@ def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: in
     out.write(line + "\n")
     out.flush()
     return result
+
+
+def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
+    """`lawtune ask`: one question from the config (checked before the model loads, so a typo costs no loading
+    time), or, without one, questions from stdin: a question, then its options one per line; an empty line
+    asks it. Returns how many were asked."""
+    import sys
+
+    a = cfg.ask
+    if a.question and a.record:
+        raise ValueError("ask: give --question (with --option) or --record, not both")
+    if a.option and not a.question:
+        raise ValueError("ask: --option needs --question")
+    record = None
+    if a.record:
+        record = record_from_json(a.record)
+    elif a.question and a.option:
+        record = record_from_fields(a.question, parse_options_arg(a.option), where="--question")
+    elif a.question:
+        record = record_from_text(a.question, where="--question")
+    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    if record is not None:
+        ask(engine, record, a.mode, out=out)
+        return 1
+    stdin = stdin or sys.stdin
+    interactive = stdin.isatty()
+    asked = 0
+    while True:
+        if interactive:
+            print("题目和选项（每行一个，空行提问，Ctrl-D 退出）：", file=sys.stderr)
+        lines = []
+        for line in stdin:
+            if not line.strip():
+                break
+            lines.append(line)
+        if not lines:
+            return asked
+        try:
+            record = record_from_lines(lines)
+        except DataError as exc:
+            if not interactive:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        ask(engine, record, a.mode, out=out)
+        asked += 1
 
 
 # ----------------------------------------------------------------------------- predict
@@ -414,15 +423,18 @@ def _done_ids(output: Path) -> set[str]:
     return done
 
 
-def run_predict(mcfg: ModelConfig, ecfg: EvalConfig, data: str, output: str, adapter: str | None = None,
-                prompt_format: str | None = None, show_progress: bool = True, engine: Engine | None = None) -> dict:
-    """`lawtune predict`: answers for every record of ``data`` not yet in ``output`` (JSON Lines, appended)."""
+def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | None = None) -> dict:
+    """`lawtune predict`: answers for every record of ``predict.data`` not yet in ``predict.output`` (JSON Lines,
+    appended)."""
     from tqdm.auto import tqdm
 
-    if ecfg.mode not in INFER_MODES:
-        raise ValueError(f"mode: {ecfg.mode!r} is not one of {', '.join(INFER_MODES)}")
-    records = load_records(data, require_answer=False).records
-    out_path = Path(output)
+    pcfg = cfg.predict
+    if not pcfg.data or not pcfg.output:
+        raise ValueError(f"predict.{'data' if not pcfg.data else 'output'}: required (pass --data FILE --output FILE)")
+    out_path = Path(pcfg.output)
+    if out_path.is_dir():
+        raise ValueError(f"predict.output: {out_path} is a directory; give a file (e.g. {out_path / 'preds.jsonl'})")
+    records = load_records(pcfg.data, require_answer=False).records
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = _done_ids(out_path)
     todo = [r for r in records if r.id not in done]
@@ -430,15 +442,14 @@ def run_predict(mcfg: ModelConfig, ecfg: EvalConfig, data: str, output: str, ada
                "output": str(out_path)}
     if not todo:
         return summary
-    engine = engine or load_engine(mcfg, ecfg, adapter, prompt_format)
-    run = MODES[ecfg.mode]
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"predict ({ecfg.mode})", unit="q",
+    engine = engine or load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
                disable=not show_progress, dynamic_ncols=True)
     with open(out_path, "a", encoding="utf-8") as fh:
-        for k in range(0, len(todo), ecfg.batch_size):
-            batch = todo[k: k + ecfg.batch_size]
+        for k in range(0, len(todo), pcfg.batch_size):
+            batch = todo[k: k + pcfg.batch_size]
             with engine.lock:
-                rows = run(engine.model, engine.tokenizer, batch, engine.prompt_format, ecfg)
+                rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation)
             for record, row in zip(batch, rows):
                 line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
                 if row.get("forced"):

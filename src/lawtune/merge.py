@@ -13,19 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .evaluate import _adapter_prompt_format
-from .infer import MERGE_INFO, _quiet_loading
-from .model import ModelError, load_for_inference
-
-
-def _adapter_quantization(adapter: str) -> str:
-    path = Path(adapter) / "lawtune_config.yaml"
-    if not path.is_file():
-        return "none"
-    import yaml
-
-    return str(((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model") or {}).get("quantization") or "none")
+from .config import MergeConfig, ModelConfig
+from .model import ModelError, load_for_inference, quiet_loading
+from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization
 
 
 def _checkpoint_dtype(path: str) -> torch.dtype:
@@ -51,25 +41,27 @@ def _safetensors_keys(directory: Path) -> list[str]:
     return keys
 
 
-def merge_adapter(base: str, adapter: str, output: str, dtype: str | None = None, force: bool = False,
-                  say=print) -> dict:
+def merge_adapter(mcfg: MergeConfig, say=print) -> dict:
     """`lawtune merge`: fold the LoRA update into the base weights and save a plain HF model directory.
 
     The merge runs in float32 on the CPU and the result is saved in the base checkpoint's dtype (or
     ``dtype``). A QLoRA adapter is merged into the unquantised base, never into 4-bit weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    base, adapter, dtype = mcfg.model, mcfg.adapter, mcfg.dtype
+    if not base or not mcfg.output:
+        raise ModelError(f"merge.{'model' if not base else 'output'}: required (pass --model, --adapter and --output)")
+    out = Path(mcfg.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not mcfg.force:
         raise ModelError(f"{out}: already exists and is not empty (pass --force to replace it)")
     if not adapter:
         raise ModelError("merge: --adapter is required")
-    quantization = _adapter_quantization(adapter)
+    quantization = adapter_quantization(adapter)
     if quantization == "4bit":
         say(f"note: {adapter} is a QLoRA adapter (trained on a 4-bit base); merging it into the unquantised "
             f"base weights, not into 4-bit ones (outputs can differ slightly from base-4bit + adapter)")
     save_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(base)
-    _quiet_loading()
+    quiet_loading()
     mcfg = ModelConfig(path=base, dtype="float32", quantization="none")
     model, _ = load_for_inference(mcfg, adapter, device=torch.device("cpu"))
     merged = model.merge_and_unload()
@@ -98,7 +90,7 @@ def merge_adapter(base: str, adapter: str, output: str, dtype: str | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{out}: the saved model does not reload as merged ({', '.join(problems[:3])})")
     del reloaded
-    info_out = {"base_model": str(base), "adapter": str(adapter), "prompt_format": _adapter_prompt_format(adapter) or "chat",
+    info_out = {"base_model": str(base), "adapter": str(adapter), "prompt_format": adapter_prompt_format(adapter) or "chat",
                 "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
     (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
     if out.exists():

@@ -29,12 +29,6 @@ def resolve_device(mcfg: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def world_size() -> int:
-    """Processes of the running distributed job (torchrun / accelerate launch); 1 outside one."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
     if mcfg.dtype != "auto":
         return getattr(torch, mcfg.dtype)
@@ -63,8 +57,18 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.device | None = None):
-    """The frozen base model on its device (or spread by device_map), in the resolved dtype."""
+def quiet_loading() -> None:
+    """No weight-loading progress bars: a refusal must stay one line on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.device | None = None,
+                    use_cache: bool | None = None):
+    """The frozen base model on its device (or spread by device_map), in the resolved dtype.
+
+    ``use_cache`` False builds the model without a KV cache (training); None keeps the checkpoint's setting."""
     path = path or mcfg.path
     if not path:
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
@@ -72,6 +76,8 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     device = device or resolve_device(mcfg)
     dtype = resolve_dtype(mcfg, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
+    if use_cache is not None:
+        kwargs["use_cache"] = use_cache
     if mcfg.quantization == "4bit":
         if device.type != "cuda":
             raise ModelError("model.quantization: 4bit (QLoRA) needs a CUDA GPU")
@@ -95,7 +101,9 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     return model
 
 
-def add_lora(model, lcfg: LoraSection, quantized: bool = False):
+def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None):
+    """The model with fresh LoRA adapters; ``peft_class`` (a PeftModelForCausalLM subclass) wraps it instead of
+    peft's own class."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -112,6 +120,8 @@ def add_lora(model, lcfg: LoraSection, quantized: bool = False):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    if peft_class is not None:
+        return peft_class(model, peft_config)
     return get_peft_model(model, peft_config)
 
 

@@ -26,9 +26,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from .config import ConfigError
+from .config import INFER_MODES, ConfigError, ServeRun
 from .data import DataError
-from .infer import INFER_MODES, Engine, generate_events, record_from_text
+from .infer import Engine, generate_events, load_engine, record_from_text
 
 log = logging.getLogger("lawtune")
 
@@ -53,7 +53,7 @@ class ChatRequest:
     mode: str
     stream: bool
     max_tokens: int | None
-    ecfg: object
+    gcfg: object
 
 
 def _message_text(content) -> str:
@@ -93,19 +93,19 @@ def parse_chat_request(body, engine: Engine) -> ChatRequest:
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                    or not 1 <= max_tokens <= MAX_TOKENS_LIMIT):
         raise RequestError(400, f"max_tokens: expected an integer from 1 to {MAX_TOKENS_LIMIT}", param="max_tokens")
-    ecfg = engine.ecfg
+    gcfg = engine.gcfg
     temperature, top_p = body.get("temperature"), body.get("top_p")
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
             raise RequestError(400, f"{name}: expected a number >= 0", param=name)
     try:
         if temperature:  # absent or 0: greedy, as in evaluation
-            ecfg = dataclasses.replace(ecfg, do_sample=True, temperature=float(temperature),
-                                       top_p=float(top_p) if top_p else ecfg.top_p)
+            gcfg = dataclasses.replace(gcfg, do_sample=True, temperature=float(temperature),
+                                       top_p=float(top_p) if top_p else gcfg.top_p)
         record = record_from_text(text, where="messages[-1].content", require_options=False)
     except (ConfigError, DataError) as exc:
         raise RequestError(400, str(exc).splitlines()[0], param="messages") from None
-    return ChatRequest(record, mode, stream, max_tokens, ecfg)
+    return ChatRequest(record, mode, stream, max_tokens, gcfg)
 
 
 def _completion_id() -> str:
@@ -120,7 +120,7 @@ def _usage(answer) -> dict:
 def complete(engine: Engine, req: ChatRequest) -> dict:
     """A non-streaming chat completion."""
     answer = None
-    for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, req.ecfg, stream=False):
+    for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, req.gcfg, stream=False):
         if kind == "done":
             answer = value
     message = {"role": "assistant", "content": answer.content, "reasoning_content": answer.reasoning,
@@ -138,7 +138,7 @@ def stream_chunks(engine: Engine, req: ChatRequest):
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
     yield chunk({"role": "assistant", "content": ""})
-    events = generate_events(engine, req.record, req.mode, req.max_tokens, req.ecfg, stream=True)
+    events = generate_events(engine, req.record, req.mode, req.max_tokens, req.gcfg, stream=True)
     try:
         for kind, value in events:
             if kind == "reasoning":
@@ -289,3 +289,26 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> Se
     server = Server((host, port), handler)
     server.started = int(time.time())
     return server
+
+
+def run_serve(cfg: ServeRun, say=print) -> None:
+    """`lawtune serve`: load the model once and answer requests until Ctrl-C."""
+    import sys
+
+    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    host, port = cfg.serve.host, cfg.serve.port
+    try:
+        server = make_server(engine, host, port)
+    except (OSError, OverflowError) as exc:
+        raise ValueError(f"serve: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
+    bound_host, bound_port = server.server_address[:2]
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without authentication", file=sys.stderr)
+    say(f"serving model id {MODEL_ID!r} on http://{bound_host}:{bound_port}/ (API: http://{bound_host}:{bound_port}/v1); "
+        f"Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

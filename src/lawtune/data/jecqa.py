@@ -1,75 +1,21 @@
-"""JEC-QA loading, validation, statistics and the statement-grouped train/eval split.
+"""The JEC-QA release format: JSON Lines (or one JSON array) of ``id``, ``statement``, ``option_list``,
+``answer`` (and optional ``type``, ``subject``, ``reasoning``).
 
-JEC-QA release files are JSON Lines; converted copies are often one JSON array. Both load, the
-shape detected from the first non-blank character. Every record is validated and every problem is
-reported as ``FILE:LINE: what is wrong``; nothing is dropped silently (records with an empty answer
-list are skipped and counted, since training and scoring need a gold answer).
+Release files are JSON Lines; converted copies are often one JSON array. Both load, the shape detected
+from the first non-blank character. Every record is validated and every problem is reported as
+``FILE:LINE: what is wrong``; nothing is dropped silently (records with an empty answer list are skipped
+and counted, since training and scoring need a gold answer).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import string
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_REPORTED_PROBLEMS = 20
-TYPE_NAMES = {"0": "KD", "1": "CA"}  # knowledge-driven / case analysis, as in the release
-
-
-class DataError(ValueError):
-    """Invalid data; ``problems`` holds one ``FILE:LINE: what is wrong`` line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = len(problems) - len(shown)
-        super().__init__("\n".join(shown + ([f"... and {more} more problems"] if more else [])))
-
-
-@dataclass
-class Record:
-    id: str
-    statement: str
-    options: dict[str, str]
-    """Letter -> option text, in display order."""
-    answer: list[str] | None
-    """Sorted gold letters; None for prediction-only files (JEC-QA *_test.json)."""
-    type: str = "unknown"
-    """KD, CA or unknown."""
-    subject: str | None = None
-    reasoning: str | None = None
-    """Optional worked analysis, trained inside the think block."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Unknown fields, kept and written back unchanged."""
-    where: str = ""
-    """FILE:LINE the record came from, for messages."""
-
-    def to_json(self) -> dict:
-        out: dict[str, Any] = {"id": self.id, "statement": self.statement, "option_list": dict(self.options)}
-        if self.answer is not None:
-            out["answer"] = list(self.answer)
-        if self.type != "unknown":
-            out["type"] = {v: k for k, v in TYPE_NAMES.items()}[self.type]
-        if self.subject is not None:
-            out["subject"] = self.subject
-        if self.reasoning is not None:
-            out["reasoning"] = self.reasoning
-        out.update(self.extra)
-        return out
-
-
-@dataclass
-class LoadResult:
-    records: list[Record]
-    skipped: dict[str, int]
-    """Reason -> number of records skipped for it."""
-    path: str
-
+from .records import TYPE_NAMES, DataError, LoadResult, Record
 
 KNOWN_FIELDS = {"id", "statement", "option_list", "answer", "type", "subject", "reasoning"}
 
@@ -112,7 +58,7 @@ def _normalize_type(value: Any, record_id: str) -> str:
     return TYPE_NAMES.get(prefix, "unknown") if "_" in record_id else "unknown"
 
 
-def _parse_record(obj: Any, where: str, require_answer: bool) -> tuple[Record | None, str | None, str | None]:
+def parse_record(obj: Any, where: str, require_answer: bool) -> tuple[Record | None, str | None, str | None]:
     """Return (record, problem, skip_reason); exactly one of record/problem is set unless skipped."""
     if not isinstance(obj, dict):
         return None, f"{where}: expected a JSON object, got {type(obj).__name__}", None
@@ -195,7 +141,7 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
         if isinstance(obj, str):
             problems.append(f"{where}: {obj}")
             continue
-        record, problem, skip = _parse_record(obj, where, require_answer)
+        record, problem, skip = parse_record(obj, where, require_answer)
         if problem:
             problems.append(problem)
         elif skip:
@@ -212,83 +158,3 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
     if not records:
         raise DataError([f"{path}: no usable records"])
     return LoadResult(records=records, skipped=dict(skipped), path=str(path))
-
-
-def statement_key(record: Record) -> str:
-    """Repeated questions are detected on the whitespace-free statement."""
-    return "".join(record.statement.split())
-
-
-def count_repeated(records: list[Record]) -> int:
-    counts = Counter(statement_key(r) for r in records)
-    return sum(n - 1 for n in counts.values() if n > 1)
-
-
-def split_records(records: list[Record], eval_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """Seeded split by statement, so that a repeated question never sits on both sides."""
-    groups: dict[str, list[Record]] = {}
-    for record in records:
-        groups.setdefault(statement_key(record), []).append(record)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    n_eval = round(len(keys) * eval_fraction)
-    if eval_fraction > 0 and n_eval == 0 and len(keys) > 1:
-        n_eval = 1
-    eval_keys = set(keys[:n_eval])
-    train = [r for r in records if statement_key(r) not in eval_keys]
-    held_out = [r for r in records if statement_key(r) in eval_keys]
-    return train, held_out
-
-
-def drop_overlap(train: list[Record], held_out: list[Record]) -> tuple[list[Record], int]:
-    """With a separate eval file, drop training records whose statement is also in it."""
-    eval_keys = {statement_key(r) for r in held_out}
-    kept = [r for r in train if statement_key(r) not in eval_keys]
-    return kept, len(train) - len(kept)
-
-
-def write_jsonl(records: list[Record], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def percentile(values: list[int], q: float) -> int:
-    ordered = sorted(values)
-    if not ordered:
-        return 0
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def data_stats(result: LoadResult, token_lengths: list[int] | None = None) -> dict:
-    """What `lawtune data check --json` prints."""
-    records = result.records
-    with_answer = [r for r in records if r.answer is not None]
-    by_type = Counter({"KD": 0, "CA": 0, "unknown": 0})
-    by_type.update(r.type for r in records)
-    stats: dict[str, Any] = {
-        "file": result.path,
-        "records": len(records),
-        "skipped": dict(result.skipped),
-        "single": sum(1 for r in with_answer if len(r.answer) == 1),
-        "multi": sum(1 for r in with_answer if len(r.answer) > 1),
-        "by_type": dict(by_type),
-        "repeated_statements": count_repeated(records),
-    }
-    if token_lengths is not None:
-        stats["token_length"] = {
-            "p50": percentile(token_lengths, 50),
-            "p95": percentile(token_lengths, 95),
-            "max": max(token_lengths) if token_lengths else 0,
-        }
-    return stats

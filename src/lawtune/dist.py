@@ -1,0 +1,58 @@
+"""Which process am I, how many are there: the one place that asks (torchrun / accelerate launch set RANK).
+
+Before a process group exists (argument parsing, logging setup) the launcher's environment answers;
+afterwards the process group does. Outside a distributed job there is one process, rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def _group_ready() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 outside a distributed job)."""
+    return torch.distributed.get_rank() if _group_ready() else int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    """Processes of the running distributed job once its process group exists; 1 outside one (collective
+    operations need the group, so the launcher's WORLD_SIZE alone does not count)."""
+    return torch.distributed.get_world_size() if _group_ready() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes logs, reports and models."""
+    return rank() == 0
+
+
+def main_print(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def sum_over_ranks(value: int) -> int:
+    """value summed over the processes of a distributed job (the value itself in a single process)."""
+    if world_size() == 1:
+        return value
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    total = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def gather_objects(obj) -> list:
+    """obj from every rank, in rank order, on every rank ([obj] in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

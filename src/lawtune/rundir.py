@@ -1,0 +1,113 @@
+"""Reading and writing a run directory: model directories (adapter, tokenizer, config, manifest), what an
+adapter says about how it was trained, and whether evaluated questions were trained on.
+
+A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config) and
+``data_manifest.json`` (files, sha256, split, prompt format, the hashed statements trained on); a merged
+model holds ``lawtune_merge.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from .config import save_config
+from .data import Record, statement_key
+
+CONFIG_FILE = "lawtune_config.yaml"
+MANIFEST_FILE = "data_manifest.json"
+MERGE_INFO = "lawtune_merge.json"
+
+
+def statement_hash(record: Record) -> str:
+    """A short hash of a record's statement: what a manifest keeps of the questions trained on."""
+    return hashlib.sha256(statement_key(record).encode("utf-8")).hexdigest()[:16]
+
+
+def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
+    """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model.
+
+    With a trainer, every rank must call this: Trainer.save_model gathers sharded (FSDP) weights
+    collectively and writes on the main process only.
+    """
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    if trainer is not None:
+        if trainer.is_world_process_zero() and tmp.exists():
+            shutil.rmtree(tmp)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(tmp))
+        if not trainer.is_world_process_zero():
+            trainer.accelerator.wait_for_everyone()
+            return dest
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+    else:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_config(cfg, tmp / CONFIG_FILE)
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    if trainer is not None:
+        trainer.accelerator.wait_for_everyone()
+    return dest
+
+
+def _run_config(directory: str | Path | None) -> dict:
+    """The raw lawtune_config.yaml of a model directory ({} where there is none). Read leniently: adapters
+    written by every lawtune release must still load."""
+    if not directory:
+        return {}
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def adapter_prompt_format(adapter: str | None) -> str | None:
+    """The prompt format an adapter was trained with, where it says."""
+    return (_run_config(adapter).get("data") or {}).get("prompt_format")
+
+
+def adapter_quantization(adapter: str | None) -> str:
+    """none, or 4bit for a QLoRA adapter."""
+    return str((_run_config(adapter).get("model") or {}).get("quantization") or "none")
+
+
+def resolve_prompt_format(model_path: str, adapter: str | None, override: str | None = None) -> str:
+    """The format given, else the adapter's, else a merged model's, else chat."""
+    if override:
+        return override
+    fmt = adapter_prompt_format(adapter)
+    if fmt:
+        return fmt
+    info = Path(model_path or ".") / MERGE_INFO
+    if info.is_file():
+        return json.loads(info.read_text(encoding="utf-8")).get("prompt_format") or "chat"
+    return "chat"
+
+
+def training_overlap(adapter: str | None, records: list[Record]) -> int:
+    """How many evaluated questions share a statement with the adapter's training split."""
+    if not adapter:
+        return 0
+    manifest_path = Path(adapter) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return 0
+    trained = set(json.loads(manifest_path.read_text(encoding="utf-8")).get("train_statements_sha256", []))
+    return sum(statement_hash(r) in trained for r in records)
