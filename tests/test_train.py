@@ -164,3 +164,25 @@ def test_tokens_seen_sums_the_ranks_counts(tmp_path):
 
     mp.spawn(_count_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     assert [int((tmp_path / f"seen-{r}").read_text()) for r in (0, 1)] == [300, 300]
+
+
+def test_in_training_evaluation_leaves_the_training_batches_padded_as_before(tiny_config):
+    """Evaluation pads its prompts on the left; the training collator shares the tokenizer and must keep padding
+    on the right after every in-training evaluation (it pads through tokenizer.padding_side)."""
+    run = setup(tiny_config("train.eval_steps=1", "train.max_steps=3", "train.per_device_batch_size=4",
+                            "train.gradient_accumulation_steps=2", "data.eval_max_samples=4"))
+    masks = []
+    collate = run.trainer.data_collator
+
+    def recording(items):
+        batch = collate(items)
+        masks.append(batch["attention_mask"].clone())
+        return batch
+
+    run.trainer.data_collator = recording
+    fit(run)
+    assert len(run.held_out.history) == 3 and len(masks) >= 6
+    padded = [m for m in masks if not bool(m.all())]
+    assert padded, "no micro-batch needed padding: the test would prove nothing"
+    for mask in masks:  # right padding: ones, then only zeros, in every row
+        assert torch.equal(mask, mask.sort(dim=1, descending=True).values)

@@ -293,7 +293,10 @@ HANDLERS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line on stderr already) or --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     _setup_logging()
     from .data import DataError
     from .model import ModelError

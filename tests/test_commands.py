@@ -1,0 +1,108 @@
+"""One config per command: what each command reads, what it refuses, and run files it is lent."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lawtune.cli import FLAGS, main
+from lawtune.config import COMMANDS, ConfigError, load_config, sections_of
+from lawtune.demo import demo_data_path
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD_ADAPTER = Path(__file__).resolve().parent / "fixtures" / "adapter_before_issue14"
+
+
+def test_eval_refuses_a_flag_it_does_not_have_and_creates_nothing(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "X"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--output-dir" in err and "valid flags:" in err and "--output," in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override", ["data.prompt_format=plain", "train.max_steps=7", "lora.r=3", "eval.nope=1"])
+def test_eval_refuses_keys_it_does_not_read(override, tiny_model_dir, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--output", str(report),
+                 override])
+    err = capsys.readouterr().err.strip()
+    key = override.split("=")[0]
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{key}: not a key of `lawtune eval`" in err and "valid keys: model.path" in err and "eval.output" in err
+    assert not report.exists()
+
+
+def test_overrides_may_follow_flags_and_print_config_shows_what_would_run(capsys):
+    config = ROOT / "configs" / "demo.yaml"
+    assert main(["train", str(config), "--output-dir", "X", "train.max_steps=2", "--print-config", "lora.r=4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert list(printed) == ["model", "lora", "data", "train", "eval", "generation"]
+    assert (printed["train"]["max_steps"], printed["train"]["output_dir"], printed["lora"]["r"]) == (2, "X", 4)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_prints_exactly_its_sections(command, capsys):
+    argv = command.split() + ([str(ROOT / "configs" / "demo.yaml")] if command == "train" else [])
+    argv += ["a", "b"] if command == "compare" else ["f.json"] if command == "data check" else []
+    assert main([*argv, "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert list(printed) == list(sections_of(COMMANDS[command]))
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "ask", "serve"])
+def test_max_new_tokens_means_the_same_in_every_command(command, capsys):
+    assert main([command, "--max-new-tokens", "77", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["generation"]["max_new_tokens"] == 77
+
+
+def test_every_flag_maps_onto_a_key_of_its_command():
+    for command, flags in FLAGS.items():
+        sections = sections_of(COMMANDS[command])
+        for flag, key in flags:
+            section, name = key.split(".")
+            assert name in {f for f in sections[section].__dataclass_fields__}, (command, flag)
+
+
+def test_a_run_file_lends_only_the_sections_the_command_reads(tmp_path, capsys):
+    run_file = tmp_path / "lawtune_config.yaml"
+    shutil.copy(OLD_ADAPTER / "lawtune_config.yaml", run_file)
+    assert main(["eval", "--config", str(run_file), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert set(printed) == {"model", "adapter", "eval", "generation"}  # lora, data and train stay behind
+    # the old file's reasoning budget (300) is not direct mode's: direct keeps its own (8), now the mode default
+    assert printed["generation"]["max_new_tokens"] == 8 and printed["eval"]["mode"] == "direct"
+    assert printed["model"]["dtype"] == "float32"
+    reasoning = run_file.read_text(encoding="utf-8").replace("  mode: direct", "  mode: reasoning")
+    cfg = load_config(_yaml(tmp_path, yaml.safe_load(reasoning)), run_cls=COMMANDS["eval"], lend=True)
+    assert cfg.generation.max_new_tokens == 300 and cfg.eval.mode == "reasoning"
+    # a section no command reads is a mistake, not something to lend
+    run_file.write_text(run_file.read_text(encoding="utf-8") + "trainer:\n  x: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="trainer: unknown section"):
+        load_config(run_file, run_cls=COMMANDS["eval"], lend=True)
+    # the train command's own YAML is not lent: a section train does not read is an error there
+    with pytest.raises(ConfigError, match="adapter: not a section of `lawtune train`"):
+        load_config(_yaml(tmp_path, {"adapter": {}}), run_cls=COMMANDS["train"])
+
+
+def _yaml(tmp_path, raw: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def test_an_adapter_written_before_issue_14_still_loads_and_keeps_its_prompt_format(tiny_model_dir, tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(OLD_ADAPTER), "--data", str(demo_data_path()),
+                 "--max-samples", "4", "--output", str(report), "model.dtype=float32"]) == 0
+    summary = json.loads(report.read_text(encoding="utf-8"))["summary"]
+    assert summary["prompt_format"] == "plain" and summary["n"] == 4 and summary["adapter"] == str(OLD_ADAPTER)
+
+
+def test_eval_output_that_is_a_directory_is_refused_before_loading(tmp_path, capsys):
+    code = main(["eval", "--model", str(tmp_path / "none"), "--data", str(demo_data_path()), "--output", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "is a directory" in err and len(err.splitlines()) == 1
