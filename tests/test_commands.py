@@ -106,3 +106,12 @@ def test_eval_output_that_is_a_directory_is_refused_before_loading(tmp_path, cap
     code = main(["eval", "--model", str(tmp_path / "none"), "--data", str(demo_data_path()), "--output", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "is a directory" in err and len(err.splitlines()) == 1
+
+
+def test_eval_without_a_model_or_data_says_which_flag_is_missing(tmp_path, capsys):
+    assert main(["eval", "--data", str(demo_data_path()), "--output", str(tmp_path / "r.json")]) == 2
+    assert "model.path: no base model given (pass --model" in capsys.readouterr().err
+    assert main(["eval", "--model", "m", "--output", str(tmp_path / "r.json")]) == 2
+    assert "eval.data: no file to score (pass --data" in capsys.readouterr().err
+    assert main(["eval", "--model", "m", "--data", "d.json", "--max-samples", "0"]) == 2
+    assert "eval.max_samples: must be > 0" in capsys.readouterr().err

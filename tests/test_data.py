@@ -31,7 +31,7 @@ def test_test_files_without_answers_load_for_prediction_only(tmp_path):
     rows = [{k: v for k, v in r.items() if k != "answer"} for r in GOOD]
     path = write_jsonl(tmp_path / "0_test.json", rows)
     assert [r.answer for r in load_records(path, require_answer=False).records] == [None, None, None]
-    with pytest.raises(DataError, match=r"0_test\.json:1: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"0_test\.json:1: 3 records have no 'answer'"):
         load_records(path)
 
 
@@ -105,3 +105,15 @@ def test_bundled_demo_set_is_varied():
     stats = data_stats(load_records(demo_data_path()))
     assert stats["records"] >= 60 and stats["by_type"]["KD"] >= 20 and stats["by_type"]["CA"] >= 20
     assert stats["single"] >= 20 and stats["multi"] >= 20
+
+
+def test_a_file_without_answers_is_one_line_pointing_to_predict_and_a_folder_is_named(tmp_path):
+    rows = [{"id": f"0_{i}", "statement": "下列哪些正确？", "option_list": ["甲", "乙"]} for i in range(30)]
+    path = write_jsonl(tmp_path / "test.json", rows)
+    with pytest.raises(DataError) as err:
+        load_records(path, require_answer=True)
+    assert len(str(err.value).splitlines()) == 1
+    assert f"{path}:1: 30 records have no 'answer'" in str(err.value) and "lawtune predict" in str(err.value)
+    assert len(load_records(path, require_answer=False).records) == 30
+    with pytest.raises(DataError, match="is a directory"):
+        load_records(tmp_path)

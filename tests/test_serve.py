@@ -261,3 +261,18 @@ def test_the_page_in_headless_chromium(answering, tmp_path, monkeypatch):
         assert driver.find_element(By.ID, "content").text == "答案：A"
     finally:
         driver.quit()
+
+
+def test_max_tokens_caps_reasoning_with_its_forced_answer(rand):
+    resp = chat(rand, PLAIN, mode="reasoning", max_tokens=24)
+    assert resp.status_code == 200
+    usage = resp.json()["usage"]
+    assert 0 < usage["completion_tokens"] <= 24  # a random model runs out of budget: the forced answer fits inside
+
+
+def test_a_port_out_of_range_is_one_line(capsys):
+    from lawtune.cli import main
+
+    assert main(["serve", "--model", "m", "--port", "99999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "serve.port" in err and len(err.splitlines()) == 1

@@ -186,3 +186,40 @@ def test_in_training_evaluation_leaves_the_training_batches_padded_as_before(tin
     assert padded, "no micro-batch needed padding: the test would prove nothing"
     for mask in masks:  # right padding: ones, then only zeros, in every row
         assert torch.equal(mask, mask.sort(dim=1, descending=True).values)
+
+
+def test_a_folder_holding_a_run_is_continued_only_by_that_run_and_replaced_only_on_request(tiny_model_dir, tmp_path,
+                                                                                              capsys):
+    from lawtune.cli import main
+    from lawtune.demo import demo_data_path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    out = tmp_path / "X"
+    common = [str(config), "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
+              "train.save_steps=2", "train.eval_steps=0", "train.report_to=[none]", "train.optim=adamw_torch",
+              "train.warmup_steps=0"]
+    assert main(["train", *common, "train.max_steps=4"]) == 0
+    assert (out / "checkpoint-4").is_dir()
+    capsys.readouterr()
+    # a fresh run into it is refused before anything is written
+    assert main(["train", *common, "train.max_steps=2", "data.max_samples=30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and len(err.splitlines()) == 1
+    # --resume by a run that would train other weights (another LoRA rank) is refused and says what differs
+    assert main(["train", *common, "train.max_steps=6", "lora.r=4", "--resume"]) == 2
+    assert "lora.r" in capsys.readouterr().err
+    # --overwrite starts over: the old run's checkpoints are gone
+    assert main(["train", *common, "train.max_steps=2", "data.max_samples=30", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    manifest = json.loads((out / "final_model" / "data_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["files"][0]["records"] == 30
+    saved = yaml.safe_load((out / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
+    assert saved["train"]["output_dir"] == str(out)  # the run records the folder it used
+
+
+def test_half_precision_on_a_cpu_trains_in_float32_with_a_warning(tiny_config, caplog):
+    with caplog.at_level("WARNING", logger="lawtune"):
+        run = setup(tiny_config("model.dtype=float16", "train.warmup_steps=3"))
+    assert run.cfg.model.dtype == "float32" and next(run.model.parameters()).dtype == torch.float32
+    assert "many times slower than float32" in caplog.text
+    assert "warmup_steps=3 is half or more of train.max_steps=4" in caplog.text

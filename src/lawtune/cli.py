@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import COMMANDS, ConfigError, config_to_yaml, field_docs, load_config, sections_of
 
@@ -87,7 +88,9 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         kwargs: dict = {"dest": key, "default": argparse.SUPPRESS, "help": help_text}
         if kind == "bool":
             kwargs["action"] = "store_true"
-        elif kind.startswith("list"):
+        else:
+            kwargs["metavar"] = f.name.upper()
+        if kind.startswith("list"):
             kwargs["action"] = "append"
         elif "int" in kind:
             kwargs["type"] = int
@@ -96,6 +99,7 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument(flag, **kwargs)
     if command == "train":
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+        p.add_argument("--overwrite", action="store_true", help="start over in an output dir that holds a run")
     if command != "train":  # train's YAML is its positional argument
         p.add_argument("--config", help="YAML whose sections this command reads are the starting point "
                                         "(e.g. an adapter's lawtune_config.yaml)")
@@ -194,7 +198,7 @@ def cmd_train(cfg, args) -> int:
     from .dist import main_print
     from .train import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     main_print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, adapter in {result.final_model}")
     return 0
 
@@ -248,6 +252,8 @@ def cmd_compare(cfg, args) -> int:
     from .compare import compare_reports, format_comparison, load_report, write_html
 
     c = cfg.compare
+    if Path(c.html).is_dir():  # checked before the work, which is then not lost
+        raise ValueError(f"compare.html: {c.html} is a directory; give a file (e.g. {Path(c.html) / 'compare.html'})")
     result = compare_reports(load_report(c.report_a), load_report(c.report_b))
     print(format_comparison(result, c.report_a, c.report_b))
     write_html(result, c.report_a, c.report_b, c.html)

@@ -143,7 +143,7 @@ def run_demo(cfg=None):
         data=dataclasses.replace(cfg.data, train=str(data)),
         train=dataclasses.replace(cfg.train, output_dir=str(output_dir)),
     )
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # the demo folder is a scratch area: a rerun replaces it
     elapsed = time.time() - start
     print(f"[demo] done in {elapsed:.0f} s: {result.steps} steps, final loss {result.final_loss:.4f}")
     if result.eval_history:

@@ -160,6 +160,8 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
 
 def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: torch.device | None = None):
     """(model, tokenizer) ready for generation: base once, plus the adapter when given."""
+    if not mcfg.path:
+        raise ModelError("model.path: no base model given (pass --model DIR or model.path=DIR)")
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else mcfg.path
     tokenizer = load_tokenizer(tokenizer_source, padding_side="left")
     model = load_base_model(mcfg, device=device)

@@ -8,6 +8,7 @@ model holds ``lawtune_merge.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import save_config
-from .data import Record, statement_key
+from .data import Record, sha256_file, statement_key
 
 CONFIG_FILE = "lawtune_config.yaml"
 MANIFEST_FILE = "data_manifest.json"
@@ -111,3 +112,58 @@ def training_overlap(adapter: str | None, records: list[Record]) -> int:
         return 0
     trained = set(json.loads(manifest_path.read_text(encoding="utf-8")).get("train_statements_sha256", []))
     return sum(statement_hash(r) in trained for r in records)
+
+
+# ----------------------------------------------------------------------------- a training run's output folder
+
+RUN_FILE = "lawtune_run.json"
+# What training writes into its output folder (a fresh run with --overwrite removes these, nothing else).
+RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs", "data", RUN_FILE)
+
+
+def run_fingerprint(cfg) -> dict:
+    """What decides a training run's weights: the base model, the data files (by content), the split, LoRA and the
+    prompt format. A checkpoint continues only the run it came from."""
+    files = {"data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    return {
+        "model.path": cfg.model.path, "model.quantization": cfg.model.quantization,
+        **{f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()},
+        **{f"data.{k}": getattr(cfg.data, k) for k in ("prompt_format", "max_length", "max_samples", "eval_fraction", "seed")},
+        **{f"{key} sha256": sha256_file(path) if path and Path(path).is_file() else None for key, path in files.items()},
+    }
+
+
+def holds_a_run(out: Path) -> bool:
+    """Checkpoints or a final model: what --resume would continue from or a new run would mix with."""
+    return out.is_dir() and (any(out.glob("checkpoint-*")) or (out / "final_model").exists())
+
+
+def prepare_run_dir(out: Path, fingerprint: dict, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Refuse to mix two runs in one folder: a fresh run into a folder that holds one needs --overwrite (which
+    removes the old run's outputs first); --resume needs the same fingerprint as the run it continues."""
+    from .config import ConfigError
+
+    if resume and overwrite:
+        raise ConfigError("train: --resume continues the run in the output folder, --overwrite replaces it: give one")
+    if resume:
+        path = out / RUN_FILE
+        if path.is_file():
+            before = json.loads(path.read_text(encoding="utf-8"))
+            differs = [k for k in fingerprint if before.get(k) != fingerprint[k]]
+            if differs:
+                raise ConfigError(f"{out}: --resume would continue a run with another {', '.join(differs)} "
+                                  f"(was {before.get(differs[0])!r}, now {fingerprint[differs[0]]!r}); "
+                                  f"use another output folder or --overwrite")
+    elif holds_a_run(out):
+        if not overwrite:
+            raise ConfigError(f"{out}: holds a run already (checkpoints or final_model); pass --resume to continue "
+                              f"it or --overwrite to start over there")
+        if main:
+            for old in [*out.glob("checkpoint-*"), *(out / name for name in RUN_OUTPUTS)]:
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_FILE).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -17,6 +17,7 @@ from typing import Any
 
 from .records import TYPE_NAMES, DataError, LoadResult, Record
 
+ANSWER_MISSING = "missing field 'answer' (needed for training and evaluation)"
 KNOWN_FIELDS = {"id", "statement", "option_list", "answer", "type", "subject", "reasoning"}
 
 
@@ -104,7 +105,7 @@ def parse_record(obj: Any, where: str, require_answer: bool) -> tuple[Record | N
         if not answer:
             return None, None, "empty answer list"
     elif require_answer:
-        return None, f"{where}: missing field 'answer' (needed for training and evaluation)", None
+        return None, f"{where}: {ANSWER_MISSING}", None
 
     reasoning = obj.get("reasoning")
     if reasoning is not None and not isinstance(reasoning, str):
@@ -126,6 +127,8 @@ def parse_record(obj: Any, where: str, require_answer: bool) -> tuple[Record | N
 def load_records(path: str | Path, require_answer: bool = True, max_samples: int | None = None) -> LoadResult:
     """Load and validate a JEC-QA file; raise DataError listing every problem found."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError([f"{path}: is a directory; give a JEC-QA file (JSON Lines or a JSON array)"])
     if not path.is_file():
         raise DataError([f"{path}: file not found"])
     try:
@@ -153,6 +156,10 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
             records.append(record)
             if max_samples is not None and len(records) >= max_samples:
                 break
+    unanswered = [p for p in problems if p.endswith(ANSWER_MISSING)]
+    if unanswered and len(unanswered) == len(problems):
+        raise DataError([f"{unanswered[0].rsplit(': ', 1)[0]}: {len(unanswered)} records have no 'answer' (scoring and "
+                         f"training need one); to answer questions without gold answers use `lawtune predict`"])
     if problems:
         raise DataError(problems)
     if not records:
