@@ -187,3 +187,26 @@ def test_empty_overlap_does_not_crash():
     assert r["mcnemar"]["p_value"] == 1.0
     assert r["ci"]["a"] is None
     assert "WARNING:" in format_comparison(r, "a", "b")
+
+
+def test_a_run_with_constant_answers_is_flagged_and_empty_categories_are_not_drawn_as_zero(tmp_path):
+    golds = [["A"], ["B"], ["C"], ["D"], ["A", "B"], ["C", "D"]] * 4
+    def report(preds):
+        return {"summary": {"mode": "direct"},
+                "samples": [{"id": str(i), "type": "KD", "gold": g, "pred": p, "correct": sorted(p) == g}
+                            for i, (g, p) in enumerate(zip(golds, preds))]}
+    varied = report([g if i % 3 else ["A"] for i, g in enumerate(golds)])
+    constant = report([["A", "B", "C", "D"]] * len(golds))
+    result = compare_reports(varied, constant)
+    assert result["most_common_answer"]["b"] == {"answer": "ABCD", "share": 1.0}
+    assert result["most_common_answer"]["a"]["share"] <= 0.75
+    assert any(w.startswith("B answers ABCD to 100%") for w in result["warnings"])
+    assert not any(w.startswith("A answers") for w in result["warnings"])
+    text = format_comparison(result, "a.json", "b.json")
+    assert "WARNING: B answers ABCD" in text and "CA (n=0)" in text
+    ca_row = next(line for line in text.splitlines() if line.startswith("CA (n=0)"))
+    assert "%" not in ca_row  # no accuracy for a category without questions
+    html_path = tmp_path / "c.html"
+    write_html(result, "a.json", "b.json", html_path)
+    page = html_path.read_text(encoding="utf-8")
+    assert "B answers ABCD" in page and "CA A:" not in page

@@ -112,6 +112,23 @@ def _counts(pairs: list[tuple[dict, dict]], side: int, summary: dict) -> dict:
     }
 
 
+# One answer set for more than this share of the questions marks a run whose predictions are (nearly) constant.
+# A chosen cut: well above what a model that reads the questions gives on four-option, partly multi-answer sets.
+DEGENERATE_SHARE = 0.75
+
+
+def _most_common_answer(samples: list[dict]) -> tuple[str, float]:
+    """The answer set predicted most often, and the share of questions it was predicted for."""
+    counts: dict[str, int] = {}
+    for s in samples:
+        key = "".join(sorted(s.get("pred") or []))
+        counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return "", 0.0
+    letters, count = max(counts.items(), key=lambda kv: kv[1])
+    return letters, count / len(samples)
+
+
 def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """Pair two reports by question id and compare them."""
     sa, sb = a.get("summary", {}), b.get("summary", {})
@@ -148,6 +165,11 @@ def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict
         )
     if dup_a or dup_b:
         warnings.append(f"duplicate ids ignored: {dup_a} in A, {dup_b} in B")
+    top = {"a": _most_common_answer([p[0] for p in pairs]), "b": _most_common_answer([p[1] for p in pairs])}
+    for side, (letters, share) in top.items():
+        if n and share > DEGENERATE_SHARE:
+            warnings.append(f"{side.upper()} answers {letters or '(nothing)'} to {100 * share:.0f}% of the questions: its "
+                            f"predictions are (nearly) constant, so its accuracy says little about legal skill")
     gold_diff = sum(1 for x, y in pairs if sorted(x.get("gold") or []) != sorted(y.get("gold") or []))
     if gold_diff:
         warnings.append(f"{gold_diff} paired questions have different gold answers")
@@ -167,6 +189,7 @@ def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict
         },
         "ci": _bootstrap(ok_a, ok_b, n_boot, seed),
         "categories": categories,
+        "most_common_answer": {side: {"answer": letters, "share": share} for side, (letters, share) in top.items()},
         "counts": {"a": _counts(pairs, 0, sa), "b": _counts(pairs, 1, sb)},
         "summary_a": sa,
         "summary_b": sb,
@@ -207,8 +230,12 @@ def _interpret(result: dict) -> str:
     if p < 0.05:
         better = "B" if nb > na else "A"
         return (f"significant at the 5% level: {better} is better "
-                f"({nb} questions only B got right, {na} only A)")
-    return f"not significant at the 5% level ({nb} questions only B got right, {na} only A)"
+                f"({_questions(nb)} only B got right, {na} only A)")
+    return f"not significant at the 5% level ({_questions(nb)} only B got right, {na} only A)"
+
+
+def _questions(k: int) -> str:
+    return f"{k} question" if k == 1 else f"{k} questions"
 
 
 def _rows(result: dict) -> list[tuple[str, str, str, str]]:
@@ -224,9 +251,15 @@ def _rows(result: dict) -> list[tuple[str, str, str, str]]:
     ]
     for cat in CATEGORIES[1:]:
         c = cats[cat]
+        if c["n"] == 0:  # no such question: nothing to show, not a 0% accuracy
+            rows.append((f"{cat} (n=0)", "-", "-", ""))
+            continue
         rows.append((f"{cat} (n={c['n']})", _pct(c["a"]), _pct(c["b"]), _delta(c["a"], c["b"], pct=True)))
     rows.append(("invalid", _num(ca["invalid"]), _num(cb["invalid"]), _delta(ca["invalid"], cb["invalid"])))
     rows.append(("forced", _num(ca["forced"]), _num(cb["forced"]), _delta(ca["forced"], cb["forced"])))
+    top = result.get("most_common_answer")
+    if top:
+        rows.append(("most common answer", *(f"{top[k]['answer'] or '-'} ({_pct(top[k]['share'])})" for k in ("a", "b")), ""))
     rows.append(("questions/s", _num(qa), _num(qb), _delta(qa, qb)))
     return rows
 
@@ -280,7 +313,7 @@ def _svg_chart(result: dict) -> str:
     x = left + group_gap / 2
     for cat in CATEGORIES:
         c = cats[cat]
-        for j, (side, val) in enumerate((("A", c["a"]), ("B", c["b"]))):
+        for j, (side, val) in enumerate((("A", c["a"]), ("B", c["b"])) if c["n"] else ()):  # n=0: no bar
             h = plot_h * val
             bx = x + j * (bar_w + gap)
             label = html.escape(f"{cat} {side}: {100 * val:.1f}% (n={c['n']})")
