@@ -164,3 +164,22 @@ def test_adapter_for_another_base_model_is_refused_in_one_line(command, tiny_mod
 def test_load_engine_raises_model_error(tiny_model_dir, foreign_adapter_dir):
     with pytest.raises(ModelError, match="another base model"):
         infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), adapter=str(foreign_adapter_dir))
+
+
+def test_ask_prints_one_answer_line_the_letters_as_read(monkeypatch):
+    """The model's raw answer line (all four letters on a two-option question) is not printed beside the read one."""
+    import io
+
+    record = infer.record_from_fields("甲能否撤销合同？", {"A": "能", "B": "不能"})
+    answer = infer.Answer(output="答案：ABCD", reasoning="", content="理由如下。\n答案：ABCD", answer=["A", "B"],
+                          prompt_tokens=10, generated_tokens=6, stopped=True)
+
+    def events(engine, record, mode, max_new_tokens):
+        yield "content", "理由如下。\n答案：ABCD"
+        yield "done", answer
+
+    monkeypatch.setattr(infer, "generate_events", events)
+    out = io.StringIO()
+    infer.ask(None, record, "direct", out=out)
+    lines = out.getvalue().strip().splitlines()
+    assert lines == ["理由如下。", "答案：AB"]

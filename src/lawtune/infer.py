@@ -338,8 +338,11 @@ def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: in
     if last != "\n":
         out.write("\n")
     line = answer_line(result.answer)
-    content = "".join(content_parts).strip()
-    if content and content != line:  # the model's own words after thinking, when they say more than the letters
+    # The model's own words after thinking, without its own answer line: the letters are printed once, as read
+    # (a raw 答案：ABCD on a two-option question is 答案：AB).
+    words = [x for x in "".join(content_parts).strip().splitlines() if not x.strip().startswith(ANSWER_PREFIX)]
+    content = "\n".join(words).strip()
+    if content:
         out.write(content + "\n")
     out.write(line + "\n")
     out.flush()
