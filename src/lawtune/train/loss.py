@@ -2,7 +2,7 @@
 
 Only the answer tokens carry loss, so ~97% of the 151,936-wide logits the plain path computes would be
 thrown away; the LM head runs where ``collate.SparseLogitsCollator`` says instead. Same loss and gradients
-as transformers' causal-LM loss (tests/train/test_loss.py).
+as transformers' causal-LM loss (tests/test_fast.py).
 """
 
 from __future__ import annotations
