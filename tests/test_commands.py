@@ -95,11 +95,18 @@ def _yaml(tmp_path, raw: dict) -> Path:
 
 
 def test_an_adapter_written_before_issue_14_still_loads_and_keeps_its_prompt_format(tiny_model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_adapter
+
+    adapter = make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter")
+    for name in ("lawtune_config.yaml", "data_manifest.json"):
+        shutil.copy(OLD_ADAPTER / name, adapter / name)
     report = tmp_path / "r.json"
-    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(OLD_ADAPTER), "--data", str(demo_data_path()),
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(demo_data_path()),
                  "--max-samples", "4", "--output", str(report), "model.dtype=float32"]) == 0
     summary = json.loads(report.read_text(encoding="utf-8"))["summary"]
-    assert summary["prompt_format"] == "plain" and summary["n"] == 4 and summary["adapter"] == str(OLD_ADAPTER)
+    assert summary["prompt_format"] == "plain" and summary["n"] == 4 and summary["adapter"] == str(adapter)
 
 
 def test_eval_output_that_is_a_directory_is_refused_before_loading(tmp_path, capsys):
