@@ -22,7 +22,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import TrainRun, resolve_output_dir
-from ..data import Record, drop_overlap, load_records, sha256_file, split_records, write_jsonl
+from ..data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from ..dist import is_main_process
 from ..model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
@@ -165,7 +165,7 @@ def cpu_fallbacks(cfg: TrainRun, device: torch.device) -> TrainRun:
         log.warning("train.compile: skipped on the CPU")
         train = dataclasses.replace(train, compile=False)
     if model.dtype in ("float16", "bfloat16"):
-        # measured on a tiny model: fp16 trained 16x slower than fp32 on the CPU (56 vs 918 tokens/s)
+        # issue 15 reports fp16 16x slower than fp32 on a CPU for a tiny model (56 vs 918 tokens/s); not re-measured
         log.warning("model.dtype: %s is many times slower than float32 on a CPU; training in float32", model.dtype)
         model = dataclasses.replace(model, dtype="float32")
     return dataclasses.replace(cfg, model=model, train=train)
