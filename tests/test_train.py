@@ -223,3 +223,41 @@ def test_half_precision_on_a_cpu_trains_in_float32_with_a_warning(tiny_config, c
     assert run.cfg.model.dtype == "float32" and next(run.model.parameters()).dtype == torch.float32
     assert "many times slower than float32" in caplog.text
     assert "warmup_steps=3 is half or more of train.max_steps=4" in caplog.text
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_a_resumed_run_counts_tokens_from_where_it_stopped_and_examples_per_second_counts_examples(tiny_config, tmp_path):
+    """With a token budget (the GPU configs) tokens are counted on the CPU; a resumed run must go on from the
+    checkpoint's count, and a packed micro-batch of many examples is not one sample."""
+    from transformers import TrainerCallback
+
+    packed = ("train.batch_tokens=1024", "train.packing=true", "train.max_steps=4", "train.save_steps=2")
+    straight = tmp_path / "a"
+    train(tiny_config(f"train.output_dir={straight}", *packed))
+
+    class CrashInStepThree(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", *packed)
+    parts = setup(cfg)
+    parts.trainer.add_callback(CrashInStepThree())
+    try:
+        fit(parts)
+    except KeyboardInterrupt:
+        pass
+    train(cfg, resume=True)
+    a, b = _metrics(straight), _metrics(tmp_path / "b")
+    seen_a = {r["step"]: r["tokens_seen"] for r in a if "tokens_seen" in r}
+    seen_b = {r["step"]: r["tokens_seen"] for r in b if "tokens_seen" in r}
+    assert seen_a[4] > seen_a[2] > 0
+    assert seen_b[4] == seen_a[4]  # the resumed run's count goes on from checkpoint-2's
+    end = next(r for r in a if "train_samples_per_second" in r)
+    rows = 4 * parts.trainer.args.gradient_accumulation_steps  # packed micro-batches in 4 steps
+    examples = parts.n_train / len(parts.trainer.train_dataset) * rows  # examples in them, on average
+    assert examples > 3 * rows  # else the test could not tell the two apart
+    assert abs(end["train_samples_per_second"] * end["train_runtime"] - examples) < 0.3 * examples

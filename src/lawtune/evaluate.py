@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import EvalConfig, EvalRun, GenerationConfig
 from .data import Record, load_records, sha256_file
@@ -22,6 +21,7 @@ from .dist import gather_objects, world_size
 from .dist import rank as process_rank
 from .generation import answer_part, default_budget, device_of, encode_batch, generate, reason_then_answer
 from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
+from .progress import progress
 from .prompts import answer_text, render_prompt
 from .rundir import resolve_prompt_format, training_overlap
 from .scoring import extract_answer, summarize
@@ -230,7 +230,7 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     # Sorting by length keeps padding (and wasted compute) low inside each batch.
     order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
     samples: list[dict | None] = [None] * len(records)
-    bar = tqdm(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress, dynamic_ncols=True)
+    bar = progress(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress)
     start = time.time()
     for k in range(0, len(order), ecfg.batch_size):
         idx = order[k: k + ecfg.batch_size]

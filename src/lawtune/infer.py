@@ -33,6 +33,7 @@ from .data import DataError, Record, load_records, parse_record
 from .evaluate import answer_batch
 from .generation import answer_part, closing_text, default_budget, generate, split_budget
 from .model import ModelError, load_for_inference, quiet_loading
+from .progress import progress
 from .prompts import ANSWER_PREFIX, render_prompt
 from .rundir import resolve_prompt_format
 from .scoring import extract_answer
@@ -429,8 +430,6 @@ def _done_ids(output: Path) -> set[str]:
 def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | None = None) -> dict:
     """`lawtune predict`: answers for every record of ``predict.data`` not yet in ``predict.output`` (JSON Lines,
     appended)."""
-    from tqdm.auto import tqdm
-
     pcfg = cfg.predict
     if not pcfg.data or not pcfg.output:
         raise ValueError(f"predict.{'data' if not pcfg.data else 'output'}: required (pass --data FILE --output FILE)")
@@ -446,8 +445,8 @@ def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | No
     if not todo:
         return summary
     engine = engine or load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
-    bar = tqdm(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
-               disable=not show_progress, dynamic_ncols=True)
+    bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
+                   disable=not show_progress)
     with open(out_path, "a", encoding="utf-8") as fh:
         for k in range(0, len(todo), pcfg.batch_size):
             batch = todo[k: k + pcfg.batch_size]

@@ -14,17 +14,23 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..dist import gather_objects, is_main_process, sum_over_ranks
+from ..progress import progress
 from ..rundir import save_model_dir
 
 log = logging.getLogger("lawtune")
 
 
 class MetricsCallback(TrainerCallback):
-    """Progress bar with loss, lr and tokens/s, and one JSON line per log in metrics.jsonl."""
+    """Progress bar with loss, lr and tokens/s, and one JSON line per log in metrics.jsonl.
+
+    ``tokens_seen`` counts the whole run: a resumed run goes on from the count saved in its checkpoint. The
+    Trainer's ``train_samples_per_second`` counts micro-batches; with a token budget one micro-batch holds many
+    examples, so it is replaced by the examples trained per second."""
 
     def __init__(self, path: Path, append: bool, counter=None):
         self.path = path
         self.counter = counter  # a CountingCollator: tokens counted on the CPU, else the Trainer's count
+        self.base = 0  # tokens trained before this session (a resumed run), with a counter
         if not append and path.exists() and is_main_process():
             path.unlink()
         self.bar = None
@@ -35,7 +41,7 @@ class MetricsCallback(TrainerCallback):
         begin and each loss log), so the sum across ranks is one small all-reduce per log, not per step."""
         if self.counter is None:
             return state.num_input_tokens_seen
-        return sum_over_ranks(self.counter.tokens)
+        return self.base + sum_over_ranks(self.counter.tokens)
 
     def write(self, row: dict) -> None:
         if is_main_process():
@@ -44,12 +50,18 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if is_main_process():
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = progress(total=state.max_steps, initial=state.global_step, desc="train", unit="step")
+        if self.counter is not None:
+            self.base = state.num_input_tokens_seen  # loaded from the checkpoint when resuming, else 0
         self.last = (self.seen(state), time.time())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+        # The flow callback has decided already whether this step saves a checkpoint (every rank alike): the
+        # count goes into the state the checkpoint keeps, which is what a resumed run goes on from.
+        if self.counter is not None and control.should_save:
+            state.num_input_tokens_seen = self.seen(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -62,6 +74,8 @@ class MetricsCallback(TrainerCallback):
             # cumulative trained tokens (all ranks) and wall time, so any interval's rate can be checked
             logs["tokens_seen"] = seen
             logs["time"] = round(now, 3)
+        if "train_samples_per_second" in logs and logs.get("train_runtime") and self.counter is not None:
+            logs["train_samples_per_second"] = round(sum_over_ranks(self.counter.examples) / logs["train_runtime"], 3)
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
         self.write(row)
         if self.bar is not None and "loss" in logs:

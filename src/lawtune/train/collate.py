@@ -130,16 +130,28 @@ def real_tokens(items: list) -> int:
     return sum(len(ex["input_ids"]) for ex in examples_of(items))
 
 
+COUNT_KEY = "lawtune_counted"
+
+
 class CountingCollator:
-    """Counts the real tokens it collates, on the CPU: tokens/s without a GPU sync after every micro-step
-    (transformers' own count reads a GPU tensor back each time, which stalls the CPU until the GPU is idle)."""
+    """Marks every batch with its real tokens and examples, counted on the CPU, under ``COUNT_KEY``; the trainer
+    takes the mark off and adds it to ``tokens`` and ``examples`` when it trains the batch. Tokens/s without a GPU
+    sync after every micro-step (transformers' own count reads a GPU tensor back each time, which stalls the CPU
+    until the GPU is idle), and examples/s where a micro-batch is a packed row of many examples. Counted when
+    trained, not when collated: the data loader collates ahead, and a resumed run would count such a batch twice.
+    """
 
     def __init__(self, inner):
-        self.inner, self.tokens = inner, 0
+        self.inner, self.tokens, self.examples = inner, 0, 0
 
     def __call__(self, items: list):
-        self.tokens += real_tokens(items)
-        return self.inner(items)
+        batch = self.inner(items)
+        batch[COUNT_KEY] = (real_tokens(items), len(examples_of(items)))
+        return batch
+
+    def add(self, counted: tuple[int, int]) -> None:
+        self.tokens += counted[0]
+        self.examples += counted[1]
 
 
 class SparseLogitsCollator:

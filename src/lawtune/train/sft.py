@@ -133,8 +133,7 @@ def training_arguments(cfg: TrainRun, out: Path, dtype: torch.dtype, device: tor
         remove_unused_columns=False,
         # Padding-free batches have no padding to leave out; padded ones count attention-mask tokens.
         # (with a token budget lawtune counts on the CPU instead: transformers' count syncs with the GPU)
-        include_num_input_tokens_seen=("no" if t.batch_tokens and t.dataloader_num_workers == 0
-                                       else "all" if t.packing and not t.batch_tokens else "non_padding"),
+        include_num_input_tokens_seen=("no" if t.batch_tokens else "all" if t.packing else "non_padding"),
         # No GPU->CPU sync after every micro-step to test the loss for NaN (a NaN then shows in the log).
         logging_nan_inf_filter=False,
         disable_tqdm=True,
@@ -223,7 +222,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
         compile_layers(model)
     collator = make_collator(tokenizer, cfg.train, cfg.data.max_length)
     counter = None
-    if cfg.train.batch_tokens and cfg.train.dataloader_num_workers == 0:
+    if cfg.train.batch_tokens:
         collator = counter = CountingCollator(collator)
     train_dataset = features
     if cfg.train.batch_tokens:
@@ -246,6 +245,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
         processing_class=tokenizer,
         callbacks=[metrics, held_out, GcPauses()],
         compute_loss_func=sparse_logits_loss if cfg.train.sparse_logits else None,
+        counter=counter,
     )
     held_out.trainer = trainer
     trainer.remove_callback(ProgressCallback)

@@ -14,6 +14,7 @@ checked from a list of the modules, so:
 * ``LoraForTraining`` (the PEFT model lawtune trains) sets train mode only when a module is not in it
   already, and zeroes the gradients of its trainable parameters from a list. Under DDP the wrapper's own
   ``zero_grad`` still walks its modules once a step;
+* ``LawtuneTrainer.training_step`` takes a ``CountingCollator``'s count off the batch and adds it up;
 * ``LawtuneTrainingArguments.n_gpu`` is at most 1: several visible GPUs in one process would make the
   Trainer wrap the model in ``nn.DataParallel``, which replicates the model every step and is not what
   compiled layers, flex attention and the token budget are built for. Several GPUs are used through one
@@ -29,6 +30,7 @@ from peft import PeftModelForCausalLM
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..dist import is_main_process
+from .collate import COUNT_KEY
 
 log = logging.getLogger("lawtune")
 
@@ -71,8 +73,10 @@ class LawtuneTrainingArguments(TrainingArguments):
 
 
 class LawtuneTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, counter=None, **kwargs):
+        """``counter``: the ``CountingCollator`` of the data collator, if any."""
         super().__init__(*args, **kwargs)
+        self.counter = counter
         model = self.model
         self._n_params = model.num_parameters(exclude_embeddings=True) if hasattr(model, "num_parameters") else 0
         self._trainable = None
@@ -81,6 +85,12 @@ class LawtuneTrainer(Trainer):
             if isinstance(model, LoraForTraining):
                 model.cache_module_walks()
         self.add_callback(DdpReport(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        counted = inputs.pop(COUNT_KEY, None)
+        if counted is not None and self.counter is not None:
+            self.counter.add(counted)
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def floating_point_ops(self, inputs) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
