@@ -122,3 +122,15 @@ def test_eval_without_a_model_or_data_says_which_flag_is_missing(tmp_path, capsy
     assert "eval.data: no file to score (pass --data" in capsys.readouterr().err
     assert main(["eval", "--model", "m", "--data", "d.json", "--max-samples", "0"]) == 2
     assert "eval.max_samples: must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", sorted(FLAGS))
+def test_each_commands_help_shows_an_override_it_accepts(command, capsys):
+    from lawtune.cli import EXAMPLE_OVERRIDE
+
+    argv = command.split()
+    assert main([*argv, "--help"]) == 0
+    assert EXAMPLE_OVERRIDE[command] in capsys.readouterr().out.replace("\n", " ").replace("  ", "")
+    positional = {"train": [str(ROOT / "configs" / "demo.yaml")], "compare": ["a.json", "b.json"],
+                  "data check": ["file.json"]}.get(command, [])
+    assert main([*argv, *positional, EXAMPLE_OVERRIDE[command], "--print-config"]) == 0

@@ -276,3 +276,63 @@ def test_a_port_out_of_range_is_one_line(capsys):
     assert main(["serve", "--model", "m", "--port", "99999"]) == 2
     err = capsys.readouterr().err.strip()
     assert "serve.port" in err and len(err.splitlines()) == 1
+
+
+def test_64_concurrent_clients_lose_no_request(rand):
+    """A burst of connections bigger than socketserver's default listen backlog of 5 (issue 15: 4 of 160
+    requests reset with 20 clients)."""
+    start = threading.Barrier(64)
+    statuses, errors = [], []
+
+    def client():
+        start.wait()
+        for _ in range(2):
+            try:
+                statuses.append(chat(rand, PLAIN, max_tokens=2).status_code)
+            except httpx.HTTPError as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and statuses == [200] * 128
+
+
+def test_a_prompt_longer_than_the_context_or_the_limit_is_refused_at_once(random_engine):
+    long_question = "甲与乙订立买卖合同。" * 3000 + "\nA. 合同成立\nB. 合同无效"  # 30,000 characters
+    with running(random_engine) as url:
+        resp = chat(url, long_question)
+        assert resp.status_code == 400
+        err = resp.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "context" in err["message"]
+        # a short prompt with a budget the context cannot hold
+        resp = chat(url, PLAIN, max_tokens=4090)
+        assert resp.status_code == 400 and "max_tokens" in resp.json()["error"]["message"]
+        assert chat(url, PLAIN, max_tokens=2).status_code == 200
+    server = make_server(random_engine, "127.0.0.1", 0, max_prompt_tokens=20)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        resp = chat(f"http://127.0.0.1:{server.server_address[1]}", PLAIN, max_tokens=2)
+        assert resp.status_code == 400 and "serve.max_prompt_tokens" in resp.json()["error"]["message"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback_in_the_log(rand, capfd):
+    import struct
+
+    host, port = rand.removeprefix("http://").split(":")
+    for body in (b'{"messages": [', b"{not json"):  # cut off mid-body / a bad request it never reads the answer of
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(body) + (100 if body.startswith(b'{"') else 0)) + body)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        sock.close()
+    time.sleep(0.5)
+    assert chat(rand, PLAIN, max_tokens=2).status_code == 200  # the server goes on
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err + captured.out

@@ -27,28 +27,34 @@ EXIT_USAGE = 2
 FLAGS: dict[str, list[tuple[str, str]]] = {
     "demo": [("--model", "model.path"), ("--data", "data.train"), ("--output-dir", "train.output_dir")],
     "train": [("--model", "model.path"), ("--data", "data.train"), ("--output-dir", "train.output_dir")],
-    "eval": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+    "eval": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
              ("--data", "eval.data"), ("--output", "eval.output"), ("--mode", "eval.mode"),
              ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"),
              ("--shuffle-options", "eval.shuffle_options"), ("--max-new-tokens", "generation.max_new_tokens"),
              ("--sample", "generation.do_sample")],
-    "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+    "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
                 ("--data", "predict.data"), ("--output", "predict.output"), ("--mode", "predict.mode"),
                 ("--batch-size", "predict.batch_size"), ("--max-new-tokens", "generation.max_new_tokens"),
                 ("--sample", "generation.do_sample")],
-    "ask": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+    "ask": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
             ("--question", "ask.question"), ("--option", "ask.option"), ("--record", "ask.record"),
             ("--mode", "ask.mode"), ("--max-new-tokens", "generation.max_new_tokens"),
             ("--sample", "generation.do_sample")],
-    "serve": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"),
+    "serve": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
               ("--host", "serve.host"), ("--port", "serve.port"), ("--max-new-tokens", "generation.max_new_tokens"),
               ("--sample", "generation.do_sample")],
     "merge": [("--model", "merge.model"), ("--adapter", "merge.adapter"), ("--output", "merge.output"),
-              ("--dtype", "merge.dtype"), ("--force", "merge.force")],
+              ("--dtype", "merge.dtype"), ("--force", "merge.force"),
+              ("--force-base", "merge.force_base")],
     "data check": [("file", "check.file"), ("--tokenizer", "check.tokenizer"),
                    ("--prompt-format", "check.prompt_format"), ("--json", "check.json")],
     "compare": [("report_a", "compare.report_a"), ("report_b", "compare.report_b"), ("--html", "compare.html")],
 }
+# The example override each command's help shows: a key that command reads.
+EXAMPLE_OVERRIDE = {"demo": "train.max_steps=20", "train": "train.max_steps=100", "eval": "generation.top_p=0.9",
+                    "predict": "generation.top_p=0.9", "ask": "generation.temperature=0.6",
+                    "serve": "serve.max_prompt_tokens=4096", "merge": "merge.dtype=bfloat16",
+                    "data check": "check.prompt_format=plain", "compare": "compare.html=cmp.html"}
 HELP = {"demo": "offline CPU demo: tiny random model trained on bundled questions",
         "train": "LoRA SFT from a YAML config",
         "eval": "score a model (and adapter) on a JEC-QA file",
@@ -104,7 +110,8 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--config", help="YAML whose sections this command reads are the starting point "
                                         "(e.g. an adapter's lawtune_config.yaml)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. generation.top_p=0.9")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"config overrides, anywhere on the line, e.g. {EXAMPLE_OVERRIDE[command]}")
 
 
 def command_parser(command: str) -> ArgumentParser:

@@ -211,6 +211,9 @@ class AdapterConfig:
     """LoRA adapter directory (e.g. outputs/run/final_model); None = the base model alone."""
     prompt_format: str | None = None
     """chat or plain; None = the adapter's own (its lawtune_config.yaml), a merged model's, else chat."""
+    force: bool = False
+    """Load the adapter even where the base model it records (architecture, vocabulary, tokenizer, embedding
+    weights) differs from this one."""
 
     def __post_init__(self) -> None:
         if self.prompt_format is not None:
@@ -319,8 +322,13 @@ class ServeConfig:
     """Address to listen on."""
     port: int = 8000
     """Port (0 = any free port)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt a request may send, in tokens; None = the model's context. A prompt longer than this, or one
+    that leaves no room in the context for the request's token budget, is refused at once (400)."""
 
     def __post_init__(self) -> None:
+        if self.max_prompt_tokens is not None:
+            _check_positive("serve.max_prompt_tokens", self.max_prompt_tokens)
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:
             raise ConfigError(f"serve.port: expected a port number from 0 to 65535, got {self.port!r}")
 
@@ -337,6 +345,8 @@ class MergeConfig:
     """Saved dtype: bfloat16, float16 or float32; None = the base checkpoint's."""
     force: bool = False
     """Replace a non-empty output directory."""
+    force_base: bool = False
+    """Merge even where the base model the adapter records differs from this one."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None:

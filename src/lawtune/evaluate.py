@@ -302,7 +302,7 @@ def run_eval(cfg: EvalRun) -> dict:
         log.warning("!!! %d of %d questions in %s share a statement with this adapter's TRAINING split: "
                     "the accuracy below is not a held-out result !!!", overlap, len(loaded.records), data)
     quiet_loading()
-    model, tokenizer = load_for_inference(cfg.model, adapter)
+    model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
     samples, summary = evaluate_records(model, tokenizer, loaded.records, ecfg, cfg.generation, prompt_format)
     summary.update({"model": cfg.model.path, "adapter": adapter, "data": str(data), "data_sha256": sha256_file(data),
                     "prompt_format": prompt_format, "shuffle_options": ecfg.shuffle_options,

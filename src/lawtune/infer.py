@@ -178,11 +178,11 @@ class Engine:
 
 
 def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
-                prompt_format: str | None = None) -> Engine:
+                prompt_format: str | None = None, force: bool = False) -> Engine:
     fmt = resolve_prompt_format(mcfg.path, adapter, prompt_format)
     quiet_loading()
     try:
-        model, tokenizer = load_for_inference(mcfg, adapter)
+        model, tokenizer = load_for_inference(mcfg, adapter, force=force)
     except RuntimeError as exc:  # peft's size mismatch for a shape check_adapter does not cover
         raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
                          f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
@@ -368,7 +368,7 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
         record = record_from_fields(a.question, parse_options_arg(a.option), where="--question")
     elif a.question:
         record = record_from_text(a.question, where="--question")
-    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     if record is not None:
         ask(engine, record, a.mode, out=out)
         return 1
@@ -444,7 +444,7 @@ def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | No
                "output": str(out_path)}
     if not todo:
         return summary
-    engine = engine or load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    engine = engine or load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
                    disable=not show_progress)
     with open(out_path, "a", encoding="utf-8") as fh:

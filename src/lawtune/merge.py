@@ -14,15 +14,16 @@ from pathlib import Path
 import torch
 
 from .config import MergeConfig, ModelConfig
-from .model import ModelError, load_for_inference, quiet_loading
+from .model import ModelError, load_for_inference, model_source, quiet_loading
 from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization
 
 
 def _checkpoint_dtype(path: str) -> torch.dtype:
     from transformers import AutoConfig
 
+    source = model_source(path)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read the model config ({str(exc).splitlines()[0]})") from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -48,7 +49,7 @@ def merge_adapter(mcfg: MergeConfig, say=print) -> dict:
     ``dtype``). A QLoRA adapter is merged into the unquantised base, never into 4-bit weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, adapter, dtype = mcfg.model, mcfg.adapter, mcfg.dtype
+    base, adapter, dtype, force_base = mcfg.model, mcfg.adapter, mcfg.dtype, mcfg.force_base
     if not base or not mcfg.output:
         raise ModelError(f"merge.{'model' if not base else 'output'}: required (pass --model, --adapter and --output)")
     out = Path(mcfg.output)
@@ -62,13 +63,13 @@ def merge_adapter(mcfg: MergeConfig, say=print) -> dict:
             f"base weights, not into 4-bit ones (outputs can differ slightly from base-4bit + adapter)")
     save_dtype = getattr(torch, dtype) if dtype else _checkpoint_dtype(base)
     quiet_loading()
-    mcfg = ModelConfig(path=base, dtype="float32", quantization="none")
-    model, _ = load_for_inference(mcfg, adapter, device=torch.device("cpu"))
+    model, _ = load_for_inference(ModelConfig(path=base, dtype="float32", quantization="none"), adapter,
+                                  device=torch.device("cpu"), force=force_base)
     merged = model.merge_and_unload()
     merged.to(save_dtype)
     merged.config.dtype = save_dtype
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(tokenizer_source))
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

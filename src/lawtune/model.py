@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -10,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import LoraSection, ModelConfig
+from .rundir import MANIFEST_FILE
 
 log = logging.getLogger("lawtune")
 
@@ -38,17 +41,45 @@ def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def check_model_path(path: str) -> None:
-    """A hub id is 'org/name'; anything that looks like a filesystem path must exist."""
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
-    if looks_local and not Path(path).expanduser().exists():
+HUB_PROBE_TIMEOUT_S = 5
+
+
+@functools.lru_cache(maxsize=None)
+def model_source(path: str) -> str:
+    """Where to load ``path`` from: the directory itself, or for a hub id ('org/name') the hub when it answers,
+    else the copy in the Hugging Face cache. Offline, transformers would spend most of a minute on retries (and
+    print dozens of warnings) before failing: the hub is asked once, with a short timeout, instead."""
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1 or "\\" in path
+    if Path(path).expanduser().exists():
+        return path
+    if looks_local:
         raise ModelError(f"{path}: model directory does not exist (pass a local model directory or a hub id)")
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    reason = "HF_HUB_OFFLINE is set"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            huggingface_hub.HfApi().model_info(path, timeout=HUB_PROBE_TIMEOUT_S)
+            return path
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the hub means: not downloadable now
+            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    try:
+        cached = huggingface_hub.snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the cache either
+        cached = None
+    if cached:
+        log.info("%s: the hub cannot be reached (%s); using the cached copy in %s", path, reason, cached)
+        return cached
+    raise ModelError(f"{path}: neither a local model directory nor reachable on the Hugging Face Hub ({reason}); "
+                     f"download it where there is network (hf download {path} --local-dir DIR) and pass the "
+                     f"directory (--model DIR or model.path=DIR)")
 
 
 def load_tokenizer(path: str, padding_side: str = "right"):
-    check_model_path(str(path))
+    source = model_source(str(path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token_id is None:
@@ -72,7 +103,7 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     path = path or mcfg.path
     if not path:
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
-    check_model_path(str(path))
+    source = model_source(str(path))
     device = device or resolve_device(mcfg)
     dtype = resolve_dtype(mcfg, device)
     kwargs: dict = {"dtype": dtype, "attn_implementation": mcfg.attn_implementation}
@@ -93,7 +124,7 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     elif mcfg.device_map:
         kwargs["device_map"] = mcfg.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if "device_map" not in kwargs:
@@ -125,9 +156,94 @@ def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None)
     return get_peft_model(model, peft_config)
 
 
+# ----------------------------------------------------------------------------- the base an adapter belongs to
+
+# The embedding probe: the first values of the first rows of the input embedding, compared with a tolerance so
+# that one checkpoint loaded in fp32, bf16 or fp16 still matches itself, while two different models never do.
+PROBE_ROWS, PROBE_COLS, PROBE_RTOL = 4, 8, 2e-2
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary (token -> id): two tokenizers with one digest map text to the same ids."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def base_fingerprint(model, tokenizer=None) -> dict:
+    """What identifies a base model: architecture, sizes, tokenizer (when given) and a probe of its embedding
+    weights. Recorded in the data manifest of every adapter lawtune trains (``base_model``)."""
+    config = model.config
+    weight = model.get_input_embeddings().weight
+    probe = weight[:PROBE_ROWS, :PROBE_COLS].detach().float().cpu()
+    found = {"architecture": (getattr(config, "architectures", None) or [config.model_type])[0],
+             "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+             "num_hidden_layers": config.num_hidden_layers,
+             "embedding_probe": [round(v, 6) for v in probe.flatten().tolist()]}
+    if tokenizer is not None:
+        found.update(tokenizer_size=len(tokenizer), tokenizer_sha256=tokenizer_digest(tokenizer))
+    return found
+
+
+def base_differences(recorded: dict, current: dict) -> list[str]:
+    """How the base an adapter was trained on (``recorded``) differs from ``current``; what either leaves out is
+    not compared."""
+    names = {"architecture": "architecture", "vocab_size": "vocabulary", "hidden_size": "hidden size",
+             "num_hidden_layers": "layers", "tokenizer_size": "tokenizer size"}
+    diffs = [f"{label} {recorded[key]} vs {current[key]}" for key, label in names.items()
+             if None not in (recorded.get(key), current.get(key)) and recorded[key] != current[key]]
+    if (recorded.get("tokenizer_sha256") and current.get("tokenizer_sha256")
+            and recorded["tokenizer_sha256"] != current["tokenizer_sha256"]
+            and not any(d.startswith("tokenizer size") for d in diffs)):
+        diffs.append("another tokenizer vocabulary")
+    probe = recorded.get("embedding_probe")
+    if not diffs and probe and current.get("embedding_probe"):
+        a, b = torch.tensor(probe), torch.tensor(current["embedding_probe"])
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=PROBE_RTOL, atol=1e-4):
+            diffs.append("other embedding weights (same architecture and tokenizer, another checkpoint)")
+    return diffs
+
+
+def recorded_base(adapter_dir: str | Path) -> dict:
+    """The base an adapter was trained on, as far as its directory says: the manifest's ``base_model`` (adapters
+    trained since issue 15), else what its saved tokenizer tells (older ones)."""
+    manifest = Path(adapter_dir) / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            recorded = json.loads(manifest.read_text(encoding="utf-8")).get("base_model")
+        except (json.JSONDecodeError, AttributeError):
+            recorded = None
+        if isinstance(recorded, dict):
+            return recorded
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        try:
+            saved = AutoTokenizer.from_pretrained(adapter_dir)
+        except (OSError, ValueError):
+            return {}
+        return {"tokenizer_size": len(saved), "tokenizer_sha256": tokenizer_digest(saved)}
+    return {}
+
+
+def check_adapter_base(adapter_dir: str | Path, model, base_path: str) -> None:
+    """Refuse an adapter trained on another base model whose tensor shapes happen to fit this one (a model with
+    another vocabulary or tokenizer, or another checkpoint of the same architecture)."""
+    recorded = recorded_base(adapter_dir)
+    if not recorded:
+        return
+    try:
+        base_tokenizer = AutoTokenizer.from_pretrained(model_source(base_path))
+    except (OSError, ValueError):
+        base_tokenizer = None
+    diffs = base_differences(recorded, base_fingerprint(model, base_tokenizer))
+    if diffs:
+        raise ModelError(f"{adapter_dir}: adapter was trained for another base model than {base_path} "
+                         f"({'; '.join(diffs)}); pass --force to load it anyway")
+
+
 def check_adapter(adapter_dir: str | Path, model) -> None:
     """Refuse an adapter that was trained for another architecture, before peft fails obscurely."""
     config_path = Path(adapter_dir) / "adapter_config.json"
+    if not Path(adapter_dir).is_dir():
+        raise ModelError(f"{adapter_dir}: adapter directory does not exist (pass --adapter DIR, e.g. outputs/RUN/final_model)")
     if not config_path.is_file():
         raise ModelError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter directory)")
     adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -158,8 +274,10 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
                     )
 
 
-def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: torch.device | None = None):
-    """(model, tokenizer) ready for generation: base once, plus the adapter when given."""
+def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: torch.device | None = None,
+                       force: bool = False):
+    """(model, tokenizer) ready for generation: base once, plus the adapter when given. An adapter whose recorded
+    base differs from this model is refused unless ``force``."""
     if not mcfg.path:
         raise ModelError("model.path: no base model given (pass --model DIR or model.path=DIR)")
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else mcfg.path
@@ -169,6 +287,10 @@ def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: to
         from peft import PeftModel
 
         check_adapter(adapter, model)
+        if force:
+            log.warning("%s: --force: the adapter's base model is not checked", adapter)
+        else:
+            check_adapter_base(adapter, model, mcfg.path)
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     return model, tokenizer

@@ -28,7 +28,9 @@ from importlib import resources
 
 from .config import INFER_MODES, ConfigError, ServeRun
 from .data import DataError
+from .generation import default_budget
 from .infer import Engine, generate_events, load_engine, record_from_text
+from .prompts import render_prompt
 
 log = logging.getLogger("lawtune")
 
@@ -38,13 +40,15 @@ MAX_TOKENS_LIMIT = 32768
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 @dataclasses.dataclass
@@ -65,6 +69,29 @@ def _message_text(content) -> str:
             return "\n".join(parts)
     raise RequestError(400, "messages: the user message content must be a string or a list of text parts",
                        param="messages")
+
+
+def context_size(engine: Engine) -> int | None:
+    """Tokens the model can attend to (its max_position_embeddings), where its config says."""
+    return getattr(engine.model.config, "max_position_embeddings", None)
+
+
+def check_prompt_length(engine: Engine, req: ChatRequest, max_prompt_tokens: int | None) -> None:
+    """Refuse, before the request waits for the model, a prompt that is over the limit or leaves no room in the
+    context for the request's token budget (one long prompt would otherwise hold the model for minutes)."""
+    prompt = render_prompt(req.record, engine.tokenizer, engine.prompt_format, think=req.mode == "reasoning")
+    n = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    context = context_size(engine)
+    limit = min(x for x in (max_prompt_tokens, context) if x) if (max_prompt_tokens or context) else None
+    if limit and n > limit:
+        where = "serve.max_prompt_tokens" if limit == max_prompt_tokens else "the model's context"
+        raise RequestError(400, f"messages: the prompt is {n} tokens, over the limit of {limit} ({where})",
+                           param="messages", code="context_length_exceeded")
+    budget = default_budget(req.mode, req.max_tokens or req.gcfg.max_new_tokens)
+    if context and n + budget > context:
+        raise RequestError(400, f"messages: the prompt's {n} tokens and a budget of {budget} new tokens exceed the "
+                                f"model's context of {context} tokens; send a shorter prompt or a smaller max_tokens",
+                           param="messages", code="context_length_exceeded")
 
 
 def parse_chat_request(body, engine: Engine) -> ChatRequest:
@@ -155,6 +182,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "lawtune"
     protocol_version = "HTTP/1.1"
     engine: Engine  # set on the subclass made by make_server
+    max_prompt_tokens: int | None = None
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -184,7 +212,7 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, exc: RequestError) -> None:
         if exc.status in (411, 413):  # the body was not read: the connection cannot be reused
             self.close_connection = True
-        self._send_json(exc.status, error_body(exc.message, exc.kind, exc.param))
+        self._send_json(exc.status, error_body(exc.message, exc.kind, exc.param, exc.code))
 
     # -- routes
 
@@ -211,6 +239,7 @@ class Handler(BaseHTTPRequestHandler):
             if path != "/v1/chat/completions":
                 raise RequestError(404, f"no route {path}", "not_found_error")
             req = parse_chat_request(body, self.engine)
+            check_prompt_length(self.engine, req, self.max_prompt_tokens)
         except RequestError as exc:
             self._error(exc)
             return
@@ -286,10 +315,20 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256
     started = 0
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hangs up (before reading its answer, or in the middle of its request) is not a server
+        error: no traceback in the log for it. Anything else is reported as socketserver does."""
+        import sys
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> Server:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("%s: the client went away", client_address[0])
+            return
+        super().handle_error(request, client_address)
+
+
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_prompt_tokens: int | None = None) -> Server:
     """A ready server (port 0 = any free port; the bound one is ``server.server_address[1]``)."""
-    handler = type("LawtuneHandler", (Handler,), {"engine": engine})
+    handler = type("LawtuneHandler", (Handler,), {"engine": engine, "max_prompt_tokens": max_prompt_tokens})
     server = Server((host, port), handler)
     server.started = int(time.time())
     return server
@@ -299,10 +338,10 @@ def run_serve(cfg: ServeRun, say=print) -> None:
     """`lawtune serve`: load the model once and answer requests until Ctrl-C."""
     import sys
 
-    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format)
+    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     host, port = cfg.serve.host, cfg.serve.port
     try:
-        server = make_server(engine, host, port)
+        server = make_server(engine, host, port, cfg.serve.max_prompt_tokens)
     except (OSError, OverflowError) as exc:
         raise ValueError(f"serve: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
     bound_host, bound_port = server.server_address[:2]

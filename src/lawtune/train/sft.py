@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..config import TrainRun, resolve_output_dir
 from ..data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from ..dist import is_main_process
-from ..model import add_lora, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
 from ..rundir import prepare_run_dir, run_fingerprint, save_model_dir, statement_hash
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
@@ -210,6 +210,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
     # No KV cache while training: it costs memory, and with a cache transformers does not detect packed
     # sequences from their position ids (examples would attend across their boundaries).
     model = load_base_model(cfg.model, device=device, use_cache=False)
+    manifest["base_model"] = base_fingerprint(model, tokenizer)  # what eval, serve and merge check an adapter by
     if cfg.train.liger:
         apply_liger(model, device, fused_cross_entropy=not cfg.train.sparse_logits)
     model = add_lora(model, cfg.lora, quantized=cfg.model.quantization == "4bit", peft_class=LoraForTraining)
