@@ -3,6 +3,8 @@ from pathlib import Path
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_jsonl
 from lawtune.cli import main
 
@@ -60,3 +62,16 @@ def test_missing_model_directory_is_one_line_exit_2(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "model directory does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["predict", "compare"])
+def test_an_output_that_is_a_directory_is_refused_before_the_work(command, tmp_path, capsys):
+    """The work (generation, loading reports) would otherwise be done and then lost in a traceback."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    args = {"predict": ["predict", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.json"),
+                        "--output", str(folder)],
+            "compare": ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--html", str(folder)]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a directory" in err and len(err.splitlines()) == 1
