@@ -119,9 +119,9 @@ def test_predict_writes_one_line_per_record_and_resumes(tiny_model_dir, tmp_path
     generated = []
     real = evaluate.MODES["direct"]
 
-    def counting(model, tokenizer, records, prompt_format, gcfg):
+    def counting(model, tokenizer, records, prompt_format, gcfg, slots=None):
         generated.extend(r.id for r in records)
-        return real(model, tokenizer, records, prompt_format, gcfg)
+        return real(model, tokenizer, records, prompt_format, gcfg, slots)
 
     monkeypatch.setitem(evaluate.MODES, "direct", counting)
     assert main(args) == 0

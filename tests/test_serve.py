@@ -176,46 +176,45 @@ def test_protocol_errors_and_wrong_routes_are_json_too(rand):
     assert httpx.get(f"{rand}/v1/models").status_code == 200 and chat(rand, PLAIN).status_code == 200
 
 
-def test_generation_is_serialized_and_a_client_that_leaves_frees_the_model(rand, random_engine, monkeypatch):
-    active, peak = [0], [0]
-    real_generate = random_engine.model.generate
-
-    def generate(*args, **kwargs):
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        try:
-            time.sleep(0.05)
-            return real_generate(*args, **kwargs)
-        finally:
-            active[0] -= 1
-
-    monkeypatch.setattr(random_engine.model, "generate", generate)
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(chat(rand, PLAIN).json())) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(results) == 4 and peak[0] == 1
-    assert len({r["choices"][0]["message"]["content"] for r in results}) == 1
-
-    # A streaming client that hangs up: generation stops at once instead of running its 3,000 slow tokens.
-    forwards = []
-    hook = random_engine.model.register_forward_hook(lambda *a: forwards.append(1) or time.sleep(0.02))
+def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_row(random_engine):
+    server = make_server(random_engine, "127.0.0.1", 0, slots=8)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    generator = server.generator
     try:
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(chat(url, PLAIN, mode="reasoning", max_tokens=40)))
+                   for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r.status_code for r in results] == [200] * 8
+        tokens = sum(r.json()["usage"]["completion_tokens"] for r in results)
+        assert tokens > 8 * 20  # a random model runs (nearly) to its budget
+        assert generator.steps < tokens / 2, "the requests were not decoded side by side"
+        assert generator.busy_rows / generator.steps > 2
+        assert len({r.json()["choices"][0]["message"]["reasoning_content"] for r in results}) == 1  # greedy
+
+        # A streaming client that hangs up: its row is freed at once instead of running its 3,000 tokens.
+        before = generator.steps
         body = {"stream": True, "mode": "reasoning", "max_tokens": 3000, "messages": [{"role": "user", "content": PLAIN}]}
-        with httpx.stream("POST", f"{rand}/v1/chat/completions", json=body, timeout=30) as resp:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             assert next(lines).startswith("data: ")
-            while not random_engine.lock.locked():
+            while not generator.running:
                 time.sleep(0.01)
-        # The slot is given back once generation stops; the timeout only keeps a broken build from hanging.
-        assert random_engine.lock.acquire(timeout=120)
-        random_engine.lock.release()
-        assert len(forwards) < 1000  # stopped early: the request allowed 3,000 tokens
+        for _ in range(12000):  # the bound only keeps a broken build from hanging
+            if not generator.running:
+                break
+            time.sleep(0.01)
+        assert not generator.running and generator.steps - before < 1000
+        assert chat(url, PLAIN).status_code == 200
     finally:
-        hook.remove()
-    assert chat(rand, PLAIN).status_code == 200
+        server.shutdown()
+        server.server_close()
+    assert generator.thread is None  # server_close stops the engine's loop
 
 
 def test_the_command_starts_a_server(tiny_model_dir):

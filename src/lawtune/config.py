@@ -231,13 +231,19 @@ class GenerationConfig:
     """Sampling temperature (the model card's 0.6)."""
     top_p: float = 0.95
     """Nucleus sampling mass (the model card's 0.95)."""
+    top_k: int = 0
+    """Sample among the k likeliest tokens only; 0 = no limit."""
+    seed: int = 0
+    """Sampling seed; each question's samples come from (seed, the question, the sample index), whatever else is
+    generated beside it."""
+    engine: bool = True
+    """Generate with lawtune's engine (continuous batching on a static KV cache, lawtune/generation/engine.py);
+    false = transformers' generate. Models the engine cannot run use generate anyway."""
     static_cache: bool = True
-    """Where transformers' generate runs (sampling, the CPU, cuda_graphs false): a preallocated (static) KV
-    cache instead of one that grows by copying every token, for generations of 32 tokens or more (direct
-    mode's 8 tokens measured faster without it). The CUDA-graph loop always uses a static cache."""
+    """Where transformers' generate runs: a preallocated (static) KV cache instead of one that grows by copying
+    every token, for generations of 32 tokens or more (direct mode's 8 tokens measured faster without it)."""
     cuda_graphs: bool = True
-    """Greedy generation on a GPU replays each decoding step from a CUDA graph on a static cache
-    (lawtune/generation/decode.py); false = transformers' generate. Sampling always uses generate."""
+    """On a GPU the engine replays each decoding step from a CUDA graph; false = every step eagerly."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None:
@@ -246,6 +252,9 @@ class GenerationConfig:
                 raise ConfigError(f"generation.max_new_tokens: expected an integer, got {self.max_new_tokens!r}")
         for key in ("temperature", "top_p"):
             _check_positive(f"generation.{key}", getattr(self, key))
+        if self.top_p > 1:
+            raise ConfigError(f"generation.top_p: must be at most 1, got {self.top_p}")
+        _check_positive("generation.top_k", self.top_k, allow_zero=True)
 
 
 @dataclass
@@ -325,8 +334,15 @@ class ServeConfig:
     max_prompt_tokens: int | None = None
     """Longest prompt a request may send, in tokens; None = the model's context. A prompt longer than this, or one
     that leaves no room in the context for the request's token budget, is refused at once (400)."""
+    slots: int = 32
+    """Requests generated at once (rows of the engine's KV cache); more wait for a free row."""
+    max_len: int = 8192
+    """Tokens of one request, prompt and answer together (the engine's row length; at most the model's context).
+    The cache takes slots x max_len tokens: 32 x 8,192 is 7 GiB for the 1.5B model in bf16."""
 
     def __post_init__(self) -> None:
+        _check_positive("serve.slots", self.slots)
+        _check_positive("serve.max_len", self.max_len)
         if self.max_prompt_tokens is not None:
             _check_positive("serve.max_prompt_tokens", self.max_prompt_tokens)
         if not isinstance(self.port, int) or isinstance(self.port, bool) or not 0 <= self.port <= 65535:

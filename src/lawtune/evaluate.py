@@ -48,20 +48,21 @@ def shuffle_options(record: Record, seed: int) -> tuple[Record, dict[str, str]]:
 # ----------------------------------------------------------------------------- modes
 
 
-def _direct(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
+def _direct(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
     budget = default_budget("direct", gcfg.max_new_tokens)
     rows = []
-    for out, r in zip(generate(model, tokenizer, prompts, budget, gcfg), records):
+    for out, r in zip(generate(model, tokenizer, prompts, budget, gcfg, slots=slots, keys=[r.id for r in records]),
+                      records):
         rows.append({"output": out.text, "pred": extract_answer(out.text, "".join(r.options)),
                      "generated_tokens": out.tokens, "forced": False})
     return rows
 
 
-def _reasoning(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
+def _reasoning(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=True) for r in records]
     rows = reason_then_answer(model, tokenizer, prompts, default_budget("reasoning", gcfg.max_new_tokens), gcfg,
-                              prompt_format)
+                              prompt_format, slots=slots)
     for row, r in zip(rows, records):
         row["pred"] = extract_answer(answer_part(row["output"]), "".join(r.options))
     return rows
@@ -204,7 +205,7 @@ def _score_candidates_with_cache(model, tokenizer, records, prompt_format) -> li
     return out_rows
 
 
-def _choice(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
+def _choice(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
     rows = []
     for scored in score_candidates(model, tokenizer, records, prompt_format):
         best, value = max(scored, key=lambda cs: cs[1])
@@ -216,10 +217,15 @@ def _choice(model, tokenizer, records, prompt_format, gcfg) -> list[dict]:
 MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
 
 
+# Generating modes hand the engine this many batches' worth of questions at once: a row that ends takes the next
+# question instead of waiting for the longest row of its batch (the progress bar moves once a chunk).
+GENERATE_CHUNK = 8
+
+
 def answer_batch(mode: str, model, tokenizer, records: list[Record], prompt_format: str,
-                 gcfg: GenerationConfig) -> list[dict]:
-    """One batch of questions in a mode: {output, pred, generated_tokens, forced} per record."""
-    return MODES[mode](model, tokenizer, records, prompt_format, gcfg)
+                 gcfg: GenerationConfig, slots: int | None = None) -> list[dict]:
+    """Questions in a mode, ``slots`` generated at once: {output, pred, generated_tokens, forced} per record."""
+    return MODES[mode](model, tokenizer, records, prompt_format, gcfg, slots)
 
 
 def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig | None = None,
@@ -232,9 +238,12 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     samples: list[dict | None] = [None] * len(records)
     bar = progress(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress)
     start = time.time()
-    for k in range(0, len(order), ecfg.batch_size):
-        idx = order[k: k + ecfg.batch_size]
-        for i, row in zip(idx, answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, gcfg)):
+    chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
+    for k in range(0, len(order), chunk):
+        idx = order[k: k + chunk]
+        rows = answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, gcfg,
+                            slots=ecfg.batch_size)
+        for i, row in zip(idx, rows):
             record, new_to_old = records[i], shown[i][1]
             pred = row["pred"]
             if pred is not None and new_to_old:

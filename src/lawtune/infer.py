@@ -21,17 +21,17 @@ import os
 import re
 import threading
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from transformers import StoppingCriteria
 
 from .config import INFER_MODES, AskRun, GenerationConfig, ModelConfig, PredictRun
 from .data import DataError, Record, load_records, parse_record
 from .evaluate import answer_batch
-from .generation import answer_part, closing_text, default_budget, generate, split_budget
+from .generation import (answer_part, closing_text, default_budget, generated, hf_generate, sampling_params,
+                         split_budget, uses_engine)
+from .generation.engine import GenerationEngine, engine_for
 from .model import ModelError, load_for_inference, quiet_loading
 from .progress import progress
 from .prompts import ANSWER_PREFIX, render_prompt
@@ -167,14 +167,16 @@ def record_from_lines(lines: list[str], where: str = "stdin") -> Record:
 
 @dataclass
 class Engine:
-    """One loaded model: generation through it is serialized by ``lock``."""
+    """One loaded model and how its questions are asked."""
 
     model: object
     tokenizer: object
     prompt_format: str
     gcfg: GenerationConfig
     """The default generation settings of its requests."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    generator: GenerationEngine | None = None
+    """A generation engine running in the background, shared by concurrent requests (``serve``); None = the
+    model's own engine, driven by the caller."""
 
 
 def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
@@ -187,16 +189,6 @@ def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter
         raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
                          f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
     return Engine(model, tokenizer, fmt, gcfg or GenerationConfig())
-
-
-class _Cancel(StoppingCriteria):
-    """A stopping criterion that ends generation once set (a client went away)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ThinkSplitter:
@@ -250,40 +242,40 @@ class Answer:
     """Ended by the end token; False when the budget ran out (reasoning mode: the answer was forced)."""
 
 
+# Models the engine cannot run go through transformers' generate, one request at a time.
+HF_GENERATE_LOCK = threading.Lock()
+
+
 def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
-              stream: bool, cancel: _Cancel):
-    """Yield text events of one generation; return its Generated."""
-    if not stream:
-        result = generate(engine.model, engine.tokenizer, [prompt], budget, gcfg)[0]
+              stream: bool):
+    """Yield text events of one generation as its tokens arrive; return its Generated. Closing the generator early
+    cancels the request (its engine row is freed)."""
+    model, tokenizer = engine.model, engine.tokenizer
+    if not uses_engine(model, gcfg):
+        with HF_GENERATE_LOCK:  # one model, several request threads (serve)
+            result = hf_generate(model, tokenizer, [prompt], budget, gcfg)[0]
         yield from splitter.feed(result.text)
         return result
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(engine.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    holder: dict = {}
-
-    def work() -> None:
-        try:
-            holder["result"] = generate(engine.model, engine.tokenizer, [prompt], budget, gcfg,
-                                        streamer=streamer, stopping_criteria=[cancel])[0]
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
-            holder["error"] = exc
-            streamer.end()
-
-    thread = threading.Thread(target=work, name="lawtune-generate", daemon=True)
-    thread.start()
-    finished = False
-    try:
-        for piece in streamer:
-            yield from splitter.feed(piece)
-        finished = True
-    finally:
-        if not finished:  # the consumer stopped listening: stop generating, then give the lock back
-            cancel.event.set()
-        thread.join()
-    if "error" in holder:
-        raise holder["error"]
-    return holder["result"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
+                                            use_graph=None if gcfg.cuda_graphs else False)
+    request = runner.submit(ids, sampling_params(gcfg, budget))
+    tokens: list[int] = []
+    shown = ""
+    for _, token, _ in runner.stream(request):
+        if not stream or token == tokenizer.eos_token_id:
+            continue
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        # A character split across tokens decodes as U+FFFD until its last byte arrives.
+        if text.startswith(shown) and not text.endswith("\ufffd"):
+            yield from splitter.feed(text[len(shown):])
+            shown = text
+    sample = request.samples[0]
+    result = generated(tokenizer, sample.tokens, sample.logprobs)
+    if result.text.startswith(shown):
+        yield from splitter.feed(result.text[len(shown):])
+    return result
 
 
 def generate_events(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
@@ -291,7 +283,7 @@ def generate_events(engine: Engine, record: Record, mode: str = "direct", max_ne
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
-    answer's included. Holds the engine's lock while generating; closing the iterator early stops it."""
+    answer's included. Closing the iterator early stops the generation."""
     if mode not in INFER_MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
@@ -300,17 +292,16 @@ def generate_events(engine: Engine, record: Record, mode: str = "direct", max_ne
     budget, reserve = split_budget(budget) if think else (budget, 0)
     prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
     prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    splitter, cancel = ThinkSplitter(reasoning=think), _Cancel()
-    with engine.lock:
-        first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, cancel)
-        output, n_tokens, stopped = first.text, first.tokens, first.stopped
-        if think and not stopped and reserve:
-            # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
-            closing = closing_text(first.text, engine.prompt_format)
-            yield from splitter.feed(closing)
-            more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream, cancel)
-            output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
-        yield from splitter.flush()
+    splitter = ThinkSplitter(reasoning=think)
+    first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream)
+    output, n_tokens, stopped = first.text, first.tokens, first.stopped
+    if think and not stopped and reserve:
+        # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
+        closing = closing_text(first.text, engine.prompt_format)
+        yield from splitter.feed(closing)
+        more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream)
+        output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
+    yield from splitter.flush()
     # Split as the stream was: reasoning up to the first </think>; the letters are read after the last one.
     reasoning, _, content = output.partition("</think>") if think else ("", "", output)
     reasoning, content = reasoning.strip(), content.strip()
@@ -450,8 +441,8 @@ def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | No
     with open(out_path, "a", encoding="utf-8") as fh:
         for k in range(0, len(todo), pcfg.batch_size):
             batch = todo[k: k + pcfg.batch_size]
-            with engine.lock:
-                rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation)
+            rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
+                                slots=pcfg.batch_size)
             for record, row in zip(batch, rows):
                 line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
                 if row.get("forced"):

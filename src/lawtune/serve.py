@@ -1,14 +1,16 @@
 """`lawtune serve`: an OpenAI-compatible HTTP API and a one-page UI for one loaded model.
 
-Standard library only (``http.server.ThreadingHTTPServer``): each request has its own thread, and
-generation is serialized by the engine's lock, since there is one model.
+Standard library only (``http.server.ThreadingHTTPServer``): each request has its own thread, and all of them
+generate through one generation engine running in the background (``generation/engine.py``): a request that
+arrives while others run joins their batch at the next step, and a client that disconnects frees its row.
 
 * ``GET /v1/models``: the one model id, ``lawtune``.
 * ``POST /v1/chat/completions``: streaming (server-sent events ``data: {...}`` then ``data: [DONE]``)
   and non-streaming. The last user message is the question: a JEC-QA-shaped JSON record, or plain
   text whose trailing lines ``A. …``, ``B. …`` are read as its options. Extra request field ``mode``
   (``direct``, the default, or ``reasoning``). The reasoning comes back in ``reasoning_content``
-  beside ``content`` (split at ``</think>``), and the letters read from the answer in ``answer``.
+  beside ``content`` (split at ``</think>``), and the letters read from the answer in ``answer``. ``n`` > 1
+  samples (``temperature`` > 0) come back as that many choices (not streamed).
 * ``GET /``: a self-contained page to type a question and options and watch the answer arrive.
 
 Every bad request gets a 4xx status with ``{"error": {"message": …, "type": …}}``; no request can
@@ -28,7 +30,8 @@ from importlib import resources
 
 from .config import INFER_MODES, ConfigError, ServeRun
 from .data import DataError
-from .generation import default_budget
+from .generation import default_budget, uses_engine
+from .generation.engine import GenerationEngine
 from .infer import Engine, generate_events, load_engine, record_from_text
 from .prompts import render_prompt
 
@@ -37,6 +40,7 @@ log = logging.getLogger("lawtune")
 MODEL_ID = "lawtune"
 MAX_BODY = 1 << 20
 MAX_TOKENS_LIMIT = 32768
+MAX_CHOICES = 16
 
 
 class RequestError(Exception):
@@ -58,6 +62,7 @@ class ChatRequest:
     stream: bool
     max_tokens: int | None
     gcfg: object
+    n: int = 1
 
 
 def _message_text(content) -> str:
@@ -72,8 +77,11 @@ def _message_text(content) -> str:
 
 
 def context_size(engine: Engine) -> int | None:
-    """Tokens the model can attend to (its max_position_embeddings), where its config says."""
-    return getattr(engine.model.config, "max_position_embeddings", None)
+    """Tokens a request may hold, prompt and answer: the model's max_position_embeddings, and the engine's slot."""
+    sizes = [getattr(engine.model.config, "max_position_embeddings", None),
+             engine.generator.max_len if engine.generator is not None else None]
+    sizes = [s for s in sizes if s]
+    return min(sizes) if sizes else None
 
 
 def check_prompt_length(engine: Engine, req: ChatRequest, max_prompt_tokens: int | None) -> None:
@@ -114,8 +122,11 @@ def parse_chat_request(body, engine: Engine) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "stream: expected true or false", param="stream")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "n: only one choice per request is supported", param="n")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
+        raise RequestError(400, f"n: expected an integer from 1 to {MAX_CHOICES}", param="n")
+    if n > 1 and stream:
+        raise RequestError(400, "n: several choices are returned without streaming only (stream false)", param="n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                    or not 1 <= max_tokens <= MAX_TOKENS_LIMIT):
@@ -132,7 +143,7 @@ def parse_chat_request(body, engine: Engine) -> ChatRequest:
         record = record_from_text(text, where="messages[-1].content", require_options=False)
     except (ConfigError, DataError) as exc:
         raise RequestError(400, str(exc).splitlines()[0], param="messages") from None
-    return ChatRequest(record, mode, stream, max_tokens, gcfg)
+    return ChatRequest(record, mode, stream, max_tokens, gcfg, n)
 
 
 def _completion_id() -> str:
@@ -144,17 +155,32 @@ def _usage(answer) -> dict:
             "total_tokens": answer.prompt_tokens + answer.generated_tokens}
 
 
-def complete(engine: Engine, req: ChatRequest) -> dict:
-    """A non-streaming chat completion."""
+def _answer(engine: Engine, req: ChatRequest, index: int):
+    """Choice ``index`` of a request: sample i draws with seed + i, so the n choices differ."""
+    gcfg = dataclasses.replace(req.gcfg, seed=req.gcfg.seed + index) if index else req.gcfg
     answer = None
-    for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, req.gcfg, stream=False):
+    for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, gcfg, stream=False):
         if kind == "done":
             answer = value
-    message = {"role": "assistant", "content": answer.content, "reasoning_content": answer.reasoning,
-               "answer": answer.answer or []}
+    return answer
+
+
+def complete(engine: Engine, req: ChatRequest) -> dict:
+    """A non-streaming chat completion; its ``n`` choices are generated side by side in the engine's batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if req.n == 1:
+        answers = [_answer(engine, req, 0)]
+    else:
+        with ThreadPoolExecutor(max_workers=req.n) as pool:
+            answers = list(pool.map(lambda i: _answer(engine, req, i), range(req.n)))
+    choices = [{"index": i, "message": {"role": "assistant", "content": a.content, "reasoning_content": a.reasoning,
+                                        "answer": a.answer or []},
+                "finish_reason": "stop" if a.stopped else "length"} for i, a in enumerate(answers)]
+    usage = {"prompt_tokens": answers[0].prompt_tokens, "completion_tokens": sum(a.generated_tokens for a in answers)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
     return {"id": _completion_id(), "object": "chat.completion", "created": int(time.time()), "model": MODEL_ID,
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop" if answer.stopped else "length"}],
-            "usage": _usage(answer)}
+            "choices": choices, "usage": usage}
 
 
 def stream_chunks(engine: Engine, req: ChatRequest):
@@ -314,6 +340,12 @@ class Server(ThreadingHTTPServer):
     # connections. (640 requests from 64 threads on loopback here lost none even with 5: not reproduced.)
     request_queue_size = 256
     started = 0
+    generator: GenerationEngine | None = None
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.generator is not None:
+            self.generator.stop()
 
     def handle_error(self, request, client_address) -> None:
         """A client that hangs up (before reading its answer, or in the middle of its request) is not a server
@@ -326,11 +358,27 @@ class Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_prompt_tokens: int | None = None) -> Server:
-    """A ready server (port 0 = any free port; the bound one is ``server.server_address[1]``)."""
-    handler = type("LawtuneHandler", (Handler,), {"engine": engine, "max_prompt_tokens": max_prompt_tokens})
-    server = Server((host, port), handler)
+def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_prompt_tokens: int | None = None,
+                slots: int = 32, max_len: int = 8192) -> Server:
+    """A ready server (port 0 = any free port; the bound one is ``server.server_address[1]``) whose requests share
+    one background generation engine of ``slots`` rows of ``max_len`` tokens (stopped by ``server_close``)."""
+    generator = None
+    if uses_engine(engine.model, engine.gcfg):
+        context = getattr(engine.model.config, "max_position_embeddings", None) or max_len
+        generator = GenerationEngine(engine.model, engine.tokenizer.eos_token_id, slots=slots,
+                                     max_len=min(max_len, context),
+                                     use_graph=None if engine.gcfg.cuda_graphs else False)
+    served = dataclasses.replace(engine, generator=generator)
+    handler = type("LawtuneHandler", (Handler,), {"engine": served, "max_prompt_tokens": max_prompt_tokens})
+    try:
+        server = Server((host, port), handler)
+    except BaseException:
+        del generator
+        raise
     server.started = int(time.time())
+    if generator is not None:
+        generator.start()
+        server.generator = generator
     return server
 
 
@@ -341,7 +389,7 @@ def run_serve(cfg: ServeRun, say=print) -> None:
     engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     host, port = cfg.serve.host, cfg.serve.port
     try:
-        server = make_server(engine, host, port, cfg.serve.max_prompt_tokens)
+        server = make_server(engine, host, port, cfg.serve.max_prompt_tokens, cfg.serve.slots, cfg.serve.max_len)
     except (OSError, OverflowError) as exc:
         raise ValueError(f"serve: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
     bound_host, bound_port = server.server_address[:2]

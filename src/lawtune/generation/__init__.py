@@ -1,9 +1,11 @@
 """Generation: the one place that turns prompts into text (eval, ask, predict, serve and in-training eval).
 
-``generate`` runs a batch of prompts: greedy decoding on a GPU through the CUDA-graph loop of
-``decode.py``, everything else (sampling, streaming, the CPU) through transformers' ``generate``, both
+``generate`` runs a batch of prompts through the engine of ``engine.py`` (continuous batching on a static cache,
+greedy or sampled, CUDA graphs on a GPU); where the engine cannot run the model (another attention kernel,
+sliding windows, a model sharded across the ranks of a distributed job) through transformers' ``generate``, both
 with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the one forced-answer rule of
-reasoning mode.
+reasoning mode. ``decode.py`` keeps the static-batch CUDA-graph decoder the engine replaced, as the baseline of
+``bench/generation.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from ..dist import world_size
 from ..prompts import ANSWER_PREFIX, THINK_CLOSE
 from .attention import eager_stance, fast_attention
-from .decode import graph_decode_supported, greedy_decode
+from .engine import SamplingParams, engine_for, engine_supported
 
 # Default budgets of the two generating modes: '答案：ABCD' and the end token are 5 tokens of R1-Distill's
 # tokenizer; R1-style thinking often runs past 1,000 tokens.
@@ -39,6 +41,10 @@ class Generated:
     """New tokens the model produced, the end token included."""
     stopped: bool
     """Ended by the end token (False: the budget ran out)."""
+    token_ids: list[int] | None = None
+    """The new tokens, the end token included (engine path)."""
+    logprobs: list[float] | None = None
+    """Their log-probabilities under the model (engine path)."""
 
 
 def default_budget(mode: str, max_new_tokens: int | None) -> int:
@@ -86,26 +92,58 @@ def encode_batch(tokenizer, texts: list[str], device) -> dict:
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
+def sampling_params(gcfg, max_new_tokens: int, n: int = 1) -> SamplingParams:
+    """The engine's settings for a GenerationConfig: greedy unless ``do_sample``."""
+    if not gcfg.do_sample:
+        return SamplingParams(max_new_tokens=max_new_tokens, n=n)
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=gcfg.temperature, top_p=gcfg.top_p,
+                          top_k=gcfg.top_k, seed=gcfg.seed, n=n)
+
+
+def uses_engine(model, gcfg) -> bool:
+    """Whether ``generate`` runs ``model`` on the engine (else on transformers' generate)."""
+    return gcfg.engine and world_size() == 1 and engine_supported(model)
+
+
+def generated(tokenizer, tokens: list[int], logprobs: list[float] | None = None) -> Generated:
+    """A Generated from new token ids (the end token, where it came, ends them)."""
+    eos = tokenizer.eos_token_id
+    stopped = eos in tokens
+    ids = tokens[: tokens.index(eos)] if stopped else tokens
+    return Generated(tokenizer.decode(ids, skip_special_tokens=True), len(ids) + int(stopped), stopped,
+                     ids + [eos] * stopped, logprobs[: len(ids) + int(stopped)] if logprobs is not None else None)
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg, **generate_kwargs) -> list[Generated]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg, slots: int | None = None,
+             keys: list[str] | None = None) -> list[Generated]:
     """Generate for a batch of prompts with the settings of a GenerationConfig ``gcfg``.
 
-    Extra keyword arguments (a streamer, stopping criteria) are passed on to ``model.generate``.
-    """
+    ``slots``: sequences decoded at once (default: all of them); ``keys`` name the prompts for their sampling seeds
+    (default: the prompt text), so that a question samples the same whatever else is asked beside it."""
+    if not prompts:
+        return []
+    if uses_engine(model, gcfg):
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        slots = min(slots or len(prompts), len(prompts))
+        engine = engine_for(model, tokenizer.eos_token_id, slots, max(map(len, ids)) + max_new_tokens,
+                            use_graph=None if gcfg.cuda_graphs else False)
+        params = sampling_params(gcfg, max_new_tokens)
+        done = engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
+        return [generated(tokenizer, r.samples[0].tokens, r.samples[0].logprobs) for r in done]
+    return hf_generate(model, tokenizer, prompts, max_new_tokens, gcfg)
+
+
+def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg) -> list[Generated]:
+    """transformers' generate, for the models the engine cannot run."""
     batch = encode_batch(tokenizer, prompts, device_of(model))
     distributed = world_size() > 1
-    if (gcfg.cuda_graphs and not gcfg.do_sample and not generate_kwargs and not distributed
-            and batch["input_ids"].device.type == "cuda" and graph_decode_supported(model)):
-        with fast_attention(model), eager_stance(model):
-            new = greedy_decode(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                                tokenizer.eos_token_id, tokenizer.pad_token_id).tolist()
-        return decode_rows(tokenizer, new)
     kwargs = {"do_sample": gcfg.do_sample}
     if gcfg.do_sample:
-        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p)
+        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k or None)
     else:  # a model's generation_config may ask for sampling; greedy must mean greedy
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if gcfg.static_cache and max_new_tokens >= STATIC_CACHE_MIN_TOKENS and "past_key_values" not in generate_kwargs:
+    if gcfg.static_cache and max_new_tokens >= STATIC_CACHE_MIN_TOKENS:
         # A preallocated cache: no per-token copy of the whole cache. transformers would compile the model for it,
         # once per batch shape, which costs more than it saves here.
         kwargs.update(cache_implementation="static", disable_compile=True)
@@ -113,7 +151,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg, **
     kwargs["synced_gpus"] = distributed
     with fast_attention(model), eager_stance(model):
         out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             use_cache=True, eos_token_id=tokenizer.eos_token_id, **kwargs, **generate_kwargs)
+                             use_cache=True, eos_token_id=tokenizer.eos_token_id, **kwargs)
     return decode_rows(tokenizer, out[:, batch["input_ids"].shape[1]:].tolist())
 
 
@@ -126,17 +164,19 @@ def decode_rows(tokenizer, new: list[list[int]]) -> list[Generated]:
     return results
 
 
-def reason_then_answer(model, tokenizer, prompts: list[str], budget: int, gcfg, prompt_format: str) -> list[dict]:
+def reason_then_answer(model, tokenizer, prompts: list[str], budget: int, gcfg, prompt_format: str,
+                       slots: int | None = None) -> list[dict]:
     """Reasoning mode for a batch: think within the budget; a trace cut off by it is closed and asked for its
     answer (``forced``), so a cut-off never silently counts as an ordinary answer. Generated tokens, the forced
     answer's included, never exceed ``budget``. Returns {output, generated_tokens, forced} per prompt."""
     think, reserve = split_budget(budget)
-    results = generate(model, tokenizer, prompts, think, gcfg)
+    results = generate(model, tokenizer, prompts, think, gcfg, slots=slots)
     rows = [{"output": r.text, "generated_tokens": r.tokens, "forced": not r.stopped} for r in results]
     cut = [i for i, r in enumerate(results) if not r.stopped]
     if cut and reserve:
         closing = {i: closing_text(results[i].text, prompt_format) for i in cut}
-        forced = generate(model, tokenizer, [prompts[i] + results[i].text + closing[i] for i in cut], reserve, gcfg)
+        forced = generate(model, tokenizer, [prompts[i] + results[i].text + closing[i] for i in cut], reserve, gcfg,
+                          slots=slots, keys=[prompts[i] for i in cut])
         for i, more in zip(cut, forced):
             rows[i]["output"] = results[i].text + closing[i] + more.text
             rows[i]["generated_tokens"] += more.tokens

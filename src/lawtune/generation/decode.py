@@ -25,22 +25,23 @@ import torch
 from .attention import FAST_ATTENTION, attention_implementation
 
 
-def _base(model):
+def base_model(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def graph_decode_supported(model) -> bool:
     """True where ``greedy_decode`` reproduces greedy ``generate`` (see the module docstring)."""
-    config = getattr(_base(model), "config", None)
+    config = getattr(base_model(model), "config", None)
     if config is None or attention_implementation(model) not in ("sdpa", "flex_attention", FAST_ATTENTION):
         return False
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     return set(layer_types) == {"full_attention"} and not getattr(config, "is_encoder_decoder", False)
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name still warns)."""
-    params = inspect.signature(_base(model).forward).parameters
+    params = inspect.signature(base_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
@@ -59,8 +60,8 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     device = input_ids.device
     use_graph = device.type == "cuda" if use_graph is None else use_graph
     total = width + max_new_tokens
-    cache = StaticCache(config=_base(model).config, max_cache_len=total)
-    cache_kw = _cache_keyword(model)
+    cache = StaticCache(config=base_model(model).config, max_cache_len=total)
+    cache_kw = cache_keyword(model)
 
     # Which cache slots each row may attend to: its real prompt tokens now, each new token as it is fed.
     visible = torch.zeros(rows, total, dtype=torch.bool, device=device)

@@ -1,0 +1,161 @@
+"""The generation engine (continuous batching): the same tokens as transformers' generate, reproducible sampling,
+log-probabilities, streaming, and live weights. CPU, eager steps (CUDA graphs are what a GPU adds)."""
+
+import pytest
+import torch
+
+from lawtune.generation.engine import GenerationEngine, SamplingParams, choose_tokens, engine_for
+
+TEXTS = ["甲与乙订立买卖合同", "合同", "物权问题：甲与乙的物权纠纷，涉及房屋。下列哪些规则适用？", "丙", "法院认为当事人",
+         "侵权", "继承问题：甲死亡后", "婚姻"]
+BUDGETS = [5, 12, 7, 20, 3, 9, 15, 6]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return model, tok, [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+
+
+def _reference(model, tok, prompt, budget):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=budget, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_output_equals_generate_token_for_token_while_rows_are_refilled(tiny):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64)
+    done = engine.generate([(p, SamplingParams(max_new_tokens=b), None) for p, b in zip(prompts, BUDGETS)])
+    assert engine.steps < sum(BUDGETS) - 3  # rows were refilled as others ended: fewer steps than one at a time
+    for prompt, budget, request in zip(prompts, BUDGETS, done):
+        assert request.samples[0].tokens == _reference(model, tok, prompt, budget)
+        assert request.samples[0].finish_reason in ("stop", "length")
+
+
+def test_log_probabilities_are_the_models_own(tiny):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64)
+    request = engine.generate([(prompts[2], SamplingParams(max_new_tokens=6, temperature=1.0, seed=3), None)])[0]
+    tokens, logprobs = request.samples[0].tokens, request.samples[0].logprobs
+    full = torch.tensor([prompts[2] + tokens])
+    with torch.no_grad():
+        logits = model(full).logits[0, len(prompts[2]) - 1: -1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(logprobs), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_repeats_with_a_seed_and_does_not_depend_on_the_batch(tiny):
+    model, tok, prompts = tiny
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.95, top_k=50, seed=7, n=3)
+    crowded = GenerationEngine(model, tok.eos_token_id, slots=5, max_len=64).generate(
+        [(p, params, f"q{i}") for i, p in enumerate(prompts)])
+    alone = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64).generate([(prompts[2], params, "q2")])[0]
+    assert [s.tokens for s in alone.samples] == [s.tokens for s in crowded[2].samples]
+    assert len({tuple(s.tokens) for s in alone.samples}) == 3  # the n samples differ
+    other_seed = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64).generate(
+        [(prompts[2], SamplingParams(max_new_tokens=10, temperature=0.8, seed=8, n=3), "q2")])[0]
+    assert [s.tokens for s in other_seed.samples] != [s.tokens for s in alone.samples]
+
+
+def test_sampled_tokens_follow_the_softmax_and_top_k_top_p_cut_it():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    rows = logits.shape[0]
+    ones, zeros = torch.ones(rows), torch.zeros(rows, dtype=torch.long)
+    seeds = torch.arange(rows)
+    no = torch.zeros(rows, dtype=torch.bool)
+    token, _ = choose_tokens(logits, ones, ones, zeros, seeds, zeros, no, 4, sampling=True)
+    freq = torch.bincount(token, minlength=5).float() / rows
+    assert (freq - logits[0].softmax(-1)).abs().max() < 0.015
+    top2, _ = choose_tokens(logits, ones, ones, torch.full((rows,), 2), seeds, zeros, no, 4, sampling=True)
+    assert set(top2.tolist()) == {0, 1}
+    nucleus, _ = choose_tokens(logits, ones, torch.full((rows,), 0.5), zeros, seeds, zeros, no, 4, sampling=True)
+    assert set(nucleus.tolist()) == {0}  # the first token alone holds over half the mass
+    banned, _ = choose_tokens(logits, torch.zeros(rows), ones, zeros, seeds, zeros, torch.ones(rows, dtype=torch.bool),
+                              0, sampling=True)
+    assert set(banned.tolist()) == {1}  # greedy, with the likeliest token banned
+
+
+def test_end_rules_min_tokens_ignore_eos_and_stop_tokens(tiny):
+    model, tok, prompts = tiny
+    first = _reference(model, tok, prompts[0], 1)[0]
+    engine = GenerationEngine(model, first, slots=2, max_len=64)  # the greedy first token plays the end token
+    ends, held, runs = engine.generate([(prompts[0], SamplingParams(max_new_tokens=8), None),
+                                        (prompts[0], SamplingParams(max_new_tokens=8, min_tokens=3), None),
+                                        (prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])
+    assert ends.samples[0].tokens == [first] and ends.samples[0].finish_reason == "stop"
+    assert len(held.samples[0].tokens) >= 3 and held.samples[0].tokens[0] != first
+    assert len(runs.samples[0].tokens) == 8 and runs.samples[0].finish_reason == "length"
+    second = _reference(model, tok, prompts[1], 2)[1]
+    stop = GenerationEngine(model, tok.eos_token_id, slots=1, max_len=64).generate(
+        [(prompts[1], SamplingParams(max_new_tokens=8, stop_token_ids=(second,)), None)])[0]
+    assert stop.samples[0].tokens[-1] == second and stop.samples[0].finish_reason == "stop"
+
+
+def test_streaming_yields_tokens_as_made_and_closing_frees_the_row(tiny):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=64)
+    request = engine.submit(prompts[3], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    seen = []
+    for _, token, _ in engine.stream(request):
+        seen.append(token)
+        if len(seen) == 4:
+            break
+    assert seen == request.samples[0].tokens[:4]
+    assert request.cancelled and not engine.running and len(engine.free) == 2
+    assert request.samples[0].finish_reason == "cancelled"
+
+
+def test_background_loop_serves_callers_from_several_threads(tiny):
+    import threading
+
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64)
+    engine.start()
+    try:
+        results = {}
+
+        def ask(i):
+            request = engine.submit(prompts[i], SamplingParams(max_new_tokens=BUDGETS[i]))
+            results[i] = [t for _, t, _ in engine.stream(request)]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        engine.stop()
+    for i, prompt in enumerate(prompts):
+        assert results[i] == _reference(model, tok, prompt, BUDGETS[i])
+
+
+def test_generation_follows_the_live_weights_after_an_update(tiny):
+    """GRPO and in-training evaluation generate from the weights being trained, never from a stale copy."""
+    model, tok, prompts = tiny
+    engine = engine_for(model, tok.eos_token_id, slots=2, max_len=64)
+    before = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
+    head = model.get_output_embeddings().weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.add_(torch.randn_like(head) * 0.5)  # in place, as an optimizer step does
+        assert engine_for(model, tok.eos_token_id, slots=2, max_len=64) is engine
+        after = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
+        assert after == _reference(model, tok, prompts[2], 8) and after != before
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
+def test_a_request_that_cannot_fit_is_refused(tiny):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=32)
+    with pytest.raises(ValueError, match="do not fit"):
+        engine.submit(prompts[2], SamplingParams(max_new_tokens=30))
+    with pytest.raises(ValueError, match="slots"):
+        engine.submit(prompts[1], SamplingParams(max_new_tokens=2, n=3))
