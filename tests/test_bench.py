@@ -119,3 +119,14 @@ def test_gc_pause_bench_times_full_collections_before_and_after_freezing(tiny_mo
     assert row["examples"] > 0 and row["tracked_objects"] > 10_000
     # a frozen heap leaves a full collection almost nothing to walk
     assert 0 <= row["frozen_full_collection_ms"] < row["full_collection_ms"] / 10
+
+
+def test_generation_bench_smoke():
+    rows = {r["bench"]: r for r in _run("generation.py")}
+    for name in ("env", "mixed12_engine", "mixed12_static", "mixed12_generate", "ask_stream", "serve", "summary"):
+        assert name in rows, name
+    engine = rows["mixed12_engine"]
+    assert engine["useful_tokens"] == rows["mixed12_static"]["useful_tokens"] > 0
+    assert 0 < engine["occupancy"] <= 1 and engine["steps"] > 0
+    assert rows["ask_stream"]["generated_tokens"] == 24 and rows["ask_stream"]["pieces"] > 1  # streamed, not at once
+    assert rows["serve"]["concurrent"]["clients"] == 4 and rows["serve"]["concurrent"]["tokens"] == 4 * 12

@@ -159,3 +159,20 @@ def test_a_request_that_cannot_fit_is_refused(tiny):
         engine.submit(prompts[2], SamplingParams(max_new_tokens=30))
     with pytest.raises(ValueError, match="slots"):
         engine.submit(prompts[1], SamplingParams(max_new_tokens=2, n=3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer).to("cuda").eval()
+    prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    outputs = []
+    for use_graph in (False, True):
+        engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=64, use_graph=use_graph)
+        for temperature in (0.0, 0.9):
+            done = engine.generate([(p, SamplingParams(max_new_tokens=b, temperature=temperature, seed=1), str(i))
+                                    for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
+            outputs.append([r.samples[0].tokens for r in done])
+        assert not use_graph or set(engine.graphs) == {False, True}
+    assert outputs[:2] == outputs[2:]

@@ -259,18 +259,23 @@ def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
                                             use_graph=None if gcfg.cuda_graphs else False)
-    request = runner.submit(ids, sampling_params(gcfg, budget))
+    request = runner.submit(ids, sampling_params(gcfg, budget), stream=stream)
     tokens: list[int] = []
     shown = ""
+    # Incremental decoding: only the tokens since the last stable point are decoded again (a byte-level token can
+    # end in the middle of a character, which decodes as U+FFFD until the rest arrives).
+    head, tail = 0, 0  # tokens[head:tail] decode to the last few characters shown
     for _, token, _ in runner.stream(request):
         if not stream or token == tokenizer.eos_token_id:
             continue
         tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        # A character split across tokens decodes as U+FFFD until its last byte arrives.
-        if text.startswith(shown) and not text.endswith("\ufffd"):
-            yield from splitter.feed(text[len(shown):])
-            shown = text
+        before = tokenizer.decode(tokens[head:tail], skip_special_tokens=True)
+        after = tokenizer.decode(tokens[head:], skip_special_tokens=True)
+        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
+            piece = after[len(before):]
+            shown += piece
+            yield from splitter.feed(piece)
+            head, tail = tail, len(tokens)
     sample = request.samples[0]
     result = generated(tokenizer, sample.tokens, sample.logprobs)
     if result.text.startswith(shown):

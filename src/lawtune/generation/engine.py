@@ -43,6 +43,16 @@ from transformers.cache_utils import Cache
 from .decode import base_model, cache_keyword, graph_decode_supported
 
 MASK64 = (1 << 64) - 1
+# Stop tokens a request may name besides the end token (a fixed table on the device)
+MAX_STOP_TOKENS = 4
+# Without a streaming caller the host looks at the rows every this many steps (or sooner, when a row's budget
+# runs out): a row that ends on its end token waits at most this many steps for its successor, and the GPU is
+# not held up by the host after every step.
+CHECK_EVERY = 8
+# Admission of waiting requests with rows running: once 1/ADMIT_FRACTION of the rows are free, or after ADMIT_WAIT
+# steps (see GenerationEngine._admit).
+ADMIT_FRACTION = 16
+ADMIT_WAIT = 8
 
 
 def _signed(value: int) -> int:
@@ -212,6 +222,7 @@ class Request:
         self.error: BaseException | None = None
         self.events: collections.deque = collections.deque()  # (sample index, token, logprob), for stream()
         self.wake = threading.Condition()
+        self.streaming = False
 
     @property
     def finished(self) -> bool:
@@ -250,8 +261,17 @@ class GenerationEngine:
         self.seed = torch.zeros(s, dtype=torch.long, device=d)
         self.step_no = torch.zeros(s, dtype=torch.long, device=d)
         self.min_tokens = torch.zeros(s, dtype=torch.long, device=d)
-        self.next_token = torch.zeros(s, dtype=torch.long, device=d)
-        self.next_logprob = torch.zeros(s, device=d)
+        self.budget = torch.ones(s, dtype=torch.long, device=d)
+        self.ignore_eos = torch.zeros(s, dtype=torch.bool, device=d)
+        self.stop_ids = torch.full((s, MAX_STOP_TOKENS), -1, dtype=torch.long, device=d)
+        # What the device keeps of each row between the host's looks: its tokens, their log-probabilities, whether
+        # it still runs, and how many tokens it had when it ended.
+        self.out_tokens = torch.zeros(s, max_len, dtype=torch.long, device=d)
+        self.out_logprobs = torch.zeros(s, max_len, device=d)
+        self.alive = torch.zeros(s, dtype=torch.bool, device=d)
+        self.length = torch.zeros(s, dtype=torch.long, device=d)
+        self.delivered = [0] * s  # tokens of the row's sample the host has recorded
+        self.admitted_at = [0] * s  # self.steps when the row's sample was admitted
         self.free = list(range(slots))
         self.running: dict[int, tuple[Request, Sample]] = {}
         self.waiting: collections.deque[Request] = collections.deque()
@@ -262,11 +282,15 @@ class GenerationEngine:
         self.stopping = False
         self.steps = 0  # decoding steps run, and the rows busy in them: slot occupancy
         self.busy_rows = 0
+        self.since_look = 0
+        self.since_admit = 0
 
     # -- submitting
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, key: str | None = None) -> Request:
-        """Queue a request (thread-safe). ``key`` names it for its samples' seeds (default: its prompt)."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, key: str | None = None,
+               stream: bool = False) -> Request:
+        """Queue a request (thread-safe). ``key`` names it for its samples' seeds (default: its prompt); ``stream``:
+        its tokens are wanted as they come (the host looks after every step while it runs)."""
         if len(prompt_ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"a prompt of {len(prompt_ids)} tokens and {params.max_new_tokens} new tokens do not fit "
                              f"in a slot of {self.max_len} tokens")
@@ -274,8 +298,11 @@ class GenerationEngine:
             raise ValueError(f"n={params.n} samples need more than the engine's {self.slots} slots")
         if not prompt_ids:
             raise ValueError("an empty prompt")
+        if len(params.stop_token_ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(params.stop_token_ids)}")
         key = key if key is not None else hashlib.sha256(str(prompt_ids).encode()).hexdigest()[:16]
         request = Request(prompt_ids, params, key)
+        request.streaming = stream
         with self.lock:
             self.waiting.append(request)
             self.lock.notify_all()
@@ -380,8 +407,12 @@ class GenerationEngine:
             raise request.error
 
     def generate(self, requests: list[tuple[list[int], SamplingParams, str | None]]) -> list[Request]:
-        """Submit all, run until all are done, return them (their samples hold tokens and log-probabilities)."""
-        submitted = [self.submit(ids, params, key) for ids, params, key in requests]
+        """Submit all, run until all are done, return them in their order (their samples hold tokens and
+        log-probabilities). Known up front, they are admitted largest budget first: the rows still running at the
+        end, alone, are then the short ones."""
+        order = sorted(range(len(requests)), key=lambda i: -requests[i][1].max_new_tokens)  # stable: ties keep order
+        by_index = {i: self.submit(*requests[i]) for i in order}
+        submitted = [by_index[i] for i in range(len(requests))]
         if self.thread is None:
             self.run()
         for request in submitted:
@@ -417,23 +448,30 @@ class GenerationEngine:
                 sample.finish_reason = "cancelled"
             self._notify(request)
 
-    def _accept(self, slot: int, token: int, logprob: float) -> None:
-        """A new token of the sample in ``slot``: record it, end the sample where a rule says so."""
+    def _record(self, slot: int, tokens: list[int], logprobs: list[float], ended: bool) -> None:
+        """New tokens of the sample in ``slot``; ``ended``: the device saw it end (the last token ends it)."""
         request, sample = self.running[slot]
-        sample.tokens.append(token)
-        sample.logprobs.append(logprob)
-        request.events.append((sample.index, token, logprob))
-        params = request.params
-        n = len(sample.tokens)
-        stops = (not params.ignore_eos and token == self.eos) or token in params.stop_token_ids
-        if stops and n >= params.min_tokens:
-            self._finish(slot, "stop")
-        elif n >= params.max_new_tokens:
-            self._finish(slot, "length")
-        self._notify(request)
+        sample.tokens.extend(tokens)
+        sample.logprobs.extend(logprobs)
+        request.events.extend((sample.index, t, lp) for t, lp in zip(tokens, logprobs))
+        self.delivered[slot] += len(tokens)
+        if ended:
+            last, params = sample.tokens[-1], request.params
+            stops = (last == self.eos and not params.ignore_eos) or last in params.stop_token_ids
+            self._finish(slot, "stop" if stops and len(sample.tokens) >= params.min_tokens else "length")
+        if tokens or ended:
+            self._notify(request)
 
     def _admit(self) -> None:
+        """Prefill waiting requests into free rows. A prefill is a whole forward pass of its own (on a GPU mostly
+        kernel launches, whatever its size), so with rows running it waits until ``ADMIT_FRACTION`` of the rows are
+        free or ``ADMIT_WAIT`` steps have passed: a free row idles a few steps instead of every step paying a
+        prefill."""
         self._drop_cancelled()
+        self.since_admit += 1
+        enough = len(self.free) >= max(1, self.slots // ADMIT_FRACTION) or self.since_admit >= ADMIT_WAIT
+        if self.running and not enough:
+            return
         batch: list[Request] = []
         with self.lock:
             free, tokens = len(self.free), 0
@@ -447,6 +485,7 @@ class GenerationEngine:
                 tokens += len(request.prompt_ids)
         if batch:
             self._prefill(batch)
+            self.since_admit = 0
 
     def _prefill(self, batch: list[Request]) -> None:
         """Prompts of ``batch`` into free rows, right-padded in one forward; each sample's first token."""
@@ -484,7 +523,14 @@ class GenerationEngine:
                 self.top_k[slot] = p.top_k
                 self.seed[slot] = sample.seed
                 self.min_tokens[slot] = p.min_tokens
+                self.budget[slot] = p.max_new_tokens
+                self.ignore_eos[slot] = p.ignore_eos
+                self.stop_ids[slot] = -1
+                if p.stop_token_ids:
+                    self.stop_ids[slot, : len(p.stop_token_ids)] = torch.tensor(p.stop_token_ids)
                 self.step_no[slot] = 0
+                self.delivered[slot] = 0
+                self.admitted_at[slot] = self.steps
                 self.visible[slot] = False
                 self.visible[slot, : lengths[i]] = True
                 self.cache.write_at[slot] = lengths[i]
@@ -497,11 +543,23 @@ class GenerationEngine:
                                        self.min_tokens[index] > 0, self.eos, sampling)
         self.token[index] = token
         self.step_no[index] = 1
-        for slot, t, lp in zip(sample_rows, token.tolist(), logprob.tolist()):
-            self._accept(slot, t, lp)
+        self.out_tokens[index, 0] = token
+        self.out_logprobs[index, 0] = logprob
+        ended = self._ends(token, torch.ones_like(token), index)
+        self.alive[index] = ~ended
+        self.length[index] = 1
+        for slot, t, lp, e in zip(sample_rows, token.tolist(), logprob.tolist(), ended.tolist()):
+            self._record(slot, [t], [lp], e)
+
+    def _ends(self, token: torch.Tensor, count: torch.Tensor, rows) -> torch.Tensor:
+        """Whether a row's ``count``-th token ``token`` ends it: an end or stop token (after ``min_tokens``), or the
+        budget."""
+        stops = ((token == self.eos) & ~self.ignore_eos[rows]) | (self.stop_ids[rows] == token[:, None]).any(-1)
+        return (stops & (count >= self.min_tokens[rows])) | (count >= self.budget[rows])
 
     def _decode_step(self, sampling: bool) -> None:
         """One token for every row, on fixed tensors only (what a CUDA graph records)."""
+        every = slice(None)
         self.visible.scatter_(1, self.cache.write_at[:, None], True)
         hidden = self.decoder(input_ids=self.token[:, None], attention_mask={"full_attention": self.visible[:, None, None, :]},
                               position_ids=self.cache.write_at[:, None], use_cache=True,
@@ -509,15 +567,17 @@ class GenerationEngine:
         logits = self.head(hidden[:, -1]).float()
         token, logprob = choose_tokens(logits, self.temperature, self.top_p, self.top_k, self.seed, self.step_no,
                                        self.step_no < self.min_tokens, self.eos, sampling)
-        self.next_token.copy_(token)
-        self.next_logprob.copy_(logprob)
-        self.token.copy_(token)
+        column = self.step_no.clamp(max=self.max_len - 1)[:, None]  # an ended row's writes land past its end
+        self.out_tokens.scatter_(1, column, token[:, None])
+        self.out_logprobs.scatter_(1, column, logprob[:, None])
         self.step_no.add_(1)
+        self.length.copy_(torch.where(self.alive, self.step_no, self.length))
+        self.alive.logical_and_(~self._ends(token, self.step_no, every))
+        self.token.copy_(token)
         # A free row's column stops at the end; a running row never gets there (its budget fits in the slot).
         self.cache.write_at.add_(1).clamp_(max=self.max_len - 1)
 
-    def _decode(self) -> None:
-        sampling = any(request.params.temperature > 0 for request, _ in self.running.values())
+    def _run_step(self, sampling: bool) -> None:
         if not self.use_graph:
             self._decode_step(sampling)
         elif sampling in self.graphs:
@@ -535,11 +595,36 @@ class GenerationEngine:
                 self._decode_step(sampling)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warm.add(sampling)
+
+    def _decode(self) -> None:
+        """One decoding step; then, when a streaming caller waits, a row's budget runs out or ``CHECK_EVERY`` steps
+        have passed, the host reads what the rows made and frees the rows that ended."""
+        running = list(self.running.items())
+        sampling = any(request.params.temperature > 0 for request, _ in self.running.values())
+        self._run_step(sampling)
         self.steps += 1
-        self.busy_rows += len(self.running)
-        tokens, logprobs = self.next_token.tolist(), self.next_logprob.tolist()
-        for slot in list(self.running):
-            self._accept(slot, tokens[slot], logprobs[slot])
+        self.busy_rows += len(running)
+        self.since_look += 1
+        counts = {slot: 1 + self.steps - self.admitted_at[slot] for slot, _ in running}
+        budget_out = any(counts[slot] >= request.params.max_new_tokens for slot, (request, _) in running)
+        streaming = any(request.streaming for request, _ in self.running.values())
+        cancelled = any(request.cancelled for request, _ in self.running.values())
+        if not (streaming or budget_out or cancelled or self.since_look >= CHECK_EVERY):
+            return
+        self.since_look = 0
+        # Only the columns each row made since the last look travel (a window of a few columns per row).
+        width = max(counts[slot] - self.delivered[slot] for slot, _ in running)
+        start = torch.tensor(self.delivered, device=self.device)[:, None]
+        columns = (start + torch.arange(max(width, 1), device=self.device)[None, :]).clamp(max=self.max_len - 1)
+        # One transfer (one wait for the GPU): float64 holds token ids and lengths exactly.
+        look = torch.cat([self.out_tokens.gather(1, columns).double(), self.out_logprobs.gather(1, columns).double(),
+                          self.alive[:, None].double(), self.length[:, None].double()], dim=1).tolist()
+        w = columns.shape[1]
+        for slot, _ in running:
+            row = look[slot]
+            alive = row[2 * w] > 0
+            new = (int(row[2 * w + 1]) if not alive else counts[slot]) - self.delivered[slot]
+            self._record(slot, [int(t) for t in row[:new]], row[w: w + new], not alive)
 
 
 # ----------------------------------------------------------------------------- one engine per model

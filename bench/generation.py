@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Generation throughput (issue 16), side by side in one run on one model:
+
+    python bench/generation.py [--requests 512,2048]   # full size, one GPU (see bench/README.md)
+    python bench/generation.py --smoke                  # tiny model on the CPU, seconds (tests/test_bench.py)
+
+1. Mixed lengths: N reasoning prompts (JEC-QA-shaped, bench/jecqa_synth.py) whose budgets are drawn like R1
+   traces (lognormal, median 900, p95 2,048, clipped to 100-2,048); every request runs to its budget (random
+   weights never end on their own; the end token is ignored). Useful tokens = the budgets' sum.
+   - ``static``: today's static batches before the engine (``decode.greedy_decode``, CUDA graphs, batches of
+     ``--static-batch`` in the given order, each running to its longest budget);
+   - ``engine``: the continuous-batching engine with ``--slots`` rows;
+   - ``generate``: plain transformers ``generate`` batches (static cache), on ``--plain-n`` requests only.
+   Reported: useful tokens/s, raw tokens/s (every row of every step), slot occupancy, ratios.
+2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode).
+3. ``serve`` with ``--clients`` concurrent streaming clients on loopback, and one client alone: aggregate
+   tokens/s and time to first token.
+
+The model is DeepSeek-R1-Distill-Qwen-1.5B's architecture with random weights in bf16 and the real tokenizer
+(as in eval_throughput.py). Prints one JSON line per measurement, then a summary line with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jecqa_synth  # noqa: E402
+from eval_throughput import build, emit, env_info, timed  # noqa: E402
+
+
+def workload(tokenizer, n: int, seed: int, smoke: bool):
+    """(prompt ids, budget) of n reasoning requests."""
+    from lawtune.data import load_records
+    from lawtune.prompts import render_prompt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = jecqa_synth.eval_rows(tokenizer, n, seed=seed, scale=0.25 if smoke else 1.0)
+        records = load_records(jecqa_synth.write_jsonl(rows, Path(tmp) / "q.jsonl")).records
+    prompts = [tokenizer(render_prompt(r, tokenizer, "chat", think=True), add_special_tokens=False)["input_ids"]
+               for r in records]
+    rng = random.Random(seed)
+    if smoke:
+        budgets = [rng.randint(4, 24) for _ in prompts]
+    else:
+        budgets = [jecqa_synth.lognormal(rng, 900, 2048, 100, 2048) for _ in prompts]
+    return prompts, budgets
+
+
+def run_static(model, tokenizer, prompts, budgets, batch: int, device) -> dict:
+    from lawtune.generation.attention import fast_attention
+    from lawtune.generation.decode import greedy_decode
+
+    def go():
+        raw = 0
+        for k in range(0, len(prompts), batch):
+            ids, bud = prompts[k: k + batch], budgets[k: k + batch]
+            width = max(map(len, ids))
+            x = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for i, p in enumerate(ids):
+                x[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            with fast_attention(model):  # as generation.generate ran it before the engine
+                out = greedy_decode(model, x.to(device), mask.to(device), max(bud), eos_token_id=-1,
+                                    pad_token_id=tokenizer.pad_token_id)
+            raw += out.numel()
+        return raw
+
+    raw, seconds = timed(device, go)
+    useful = sum(budgets)
+    return {"seconds": round(seconds, 2), "useful_tokens_per_s": round(useful / seconds, 1),
+            "raw_tokens_per_s": round(raw / seconds, 1), "occupancy": round(useful / raw, 3)}
+
+
+def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: bool = False) -> dict:
+    """``GenerationEngine.generate`` (all known up front: largest budget first), or with ``fifo`` the requests
+    submitted one by one in their order, as a server receives them."""
+    from lawtune.generation.engine import GenerationEngine, SamplingParams
+
+    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots,
+                              max_len=max(map(len, prompts)) + max(budgets))
+    engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])  # graph capture
+    engine.steps = engine.busy_rows = 0
+    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), str(i)) for i, (p, b) in enumerate(zip(prompts, budgets))]
+    def fifo_run():
+        submitted = [engine.submit(*r) for r in requests]
+        engine.run()
+        return submitted
+
+    done, seconds = timed(device, fifo_run if fifo else lambda: engine.generate(requests))
+    useful = sum(len(r.samples[0].tokens) for r in done)
+    assert useful == sum(budgets), (useful, sum(budgets))
+    row = {"seconds": round(seconds, 2), "useful_tokens_per_s": round(useful / seconds, 1),
+           "raw_tokens_per_s": round(engine.steps * slots / seconds, 1),
+           "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), "steps": engine.steps}
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_plain(model, tokenizer, prompts, budgets, device) -> dict:
+    from lawtune.generation.attention import fast_attention
+    def go():
+        width = max(map(len, prompts))
+        x = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, p in enumerate(prompts):
+            x[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode(), fast_attention(model):
+            out = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets),
+                                 min_new_tokens=max(budgets), do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 pad_token_id=tokenizer.pad_token_id, cache_implementation="static", disable_compile=True)
+        return (out.shape[1] - width) * out.shape[0]
+
+    raw, seconds = timed(device, go)
+    return {"seconds": round(seconds, 2), "useful_tokens_per_s": round(sum(budgets) / seconds, 1),
+            "raw_tokens_per_s": round(raw / seconds, 1), "requests": len(prompts)}
+
+
+def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
+    from lawtune.config import GenerationConfig
+    from lawtune.infer import Engine, generate_events, record_from_fields
+
+    engine = Engine(model, tokenizer, "chat", GenerationConfig(max_new_tokens=tokens))
+    record = record_from_fields("甲与乙订立买卖合同，下列哪些说法正确？", {"A": "合同成立", "B": "合同无效"})
+    for _ in generate_events(engine, record, "reasoning", 16):  # warm-up, graph capture
+        pass
+
+    def go():
+        first, pieces = None, 0
+        start = time.perf_counter()
+        for kind, value in generate_events(engine, record, "reasoning", tokens):
+            if kind != "done" and first is None:
+                first = time.perf_counter() - start
+            pieces += kind != "done"
+            answer = value
+        return answer, first, pieces
+
+    (answer, first, pieces), seconds = timed(device, go)
+    return {"generated_tokens": answer.generated_tokens, "seconds": round(seconds, 2), "pieces": pieces,
+            "tokens_per_s": round(answer.generated_tokens / seconds, 1), "first_piece_s": round(first or 0, 3)}
+
+
+def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
+    import httpx
+
+    from lawtune.config import GenerationConfig
+    from lawtune.infer import Engine
+    from lawtune.serve import make_server
+
+    engine = Engine(model, tokenizer, "chat", GenerationConfig())
+    server = make_server(engine, "127.0.0.1", 0, slots=slots, max_len=4096)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+    question = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
+
+    def one(out: list, i: int) -> None:
+        body = {"model": "lawtune", "stream": True, "mode": "reasoning", "max_tokens": tokens,
+                "messages": [{"role": "user", "content": question + f"\n（第{i}题）"}]}
+        start, first, usage = time.perf_counter(), None, None
+        with httpx.stream("POST", url, json=body, timeout=600) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                item = json.loads(line[6:])
+                delta = item["choices"][0]["delta"] if item.get("choices") else {}
+                if first is None and (delta.get("reasoning_content") or delta.get("content")):
+                    first = time.perf_counter() - start
+                usage = item.get("usage") or usage
+        out.append({"ttft": first, "tokens": usage["completion_tokens"] if usage else 0})
+
+    def wave(n: int) -> dict:
+        out: list = []
+        threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        ttft = sorted(o["ttft"] for o in out if o["ttft"] is not None)
+        tokens_total = sum(o["tokens"] for o in out)
+        return {"clients": n, "seconds": round(seconds, 2), "tokens": tokens_total,
+                "tokens_per_s": round(tokens_total / seconds, 1),
+                "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+                "ttft_max_s": round(ttft[-1], 3) if ttft else None}
+
+    try:
+        wave(2)  # warm-up, graph capture
+        alone = wave(1)
+        many = wave(clients)
+        sequential = None
+        if clients <= 8:  # the same requests one after another (the CPU target compares these)
+            start, tokens_seq = time.perf_counter(), 0
+            for i in range(clients):
+                out: list = []
+                one(out, i)
+                tokens_seq += out[0]["tokens"]
+            sequential = round(tokens_seq / (time.perf_counter() - start), 1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    return {"one_client": alone, "concurrent": many, "sequential_tokens_per_s": sequential,
+            "aggregate_vs_one": round(many["tokens_per_s"] / alone["tokens_per_s"], 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny model, few requests, CPU: checks that everything runs")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (with --model-dir or the demo-sized model)")
+    p.add_argument("--model-dir", help="directory with config.json and the tokenizer (default .bench_assets/ or ../shared/)")
+    p.add_argument("--requests", default="512", help="mixed-length workload sizes (comma list)")
+    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--static-batch", type=int, default=256)
+    p.add_argument("--plain-n", type=int, default=64, help="requests of the plain-generate baseline (0 = skip)")
+    p.add_argument("--stream-tokens", type=int, default=1024)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--serve-tokens", type=int, default=512)
+    p.add_argument("--skip", default="", help="parts to leave out: mixed,lpt,fifo,static,stream,serve,plain (comma list; lpt = the largest-budget-first run)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.requests, args.slots, args.static_batch, args.plain_n = "12", 4, 4, 4
+        args.stream_tokens, args.clients, args.serve_tokens = 24, 4, 12
+    skip = set(filter(None, args.skip.split(",")))
+    device = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
+    emit(env_info(device))
+    (model, tokenizer), build_s = timed(device, lambda: build(args, device))
+    emit({"bench": "setup", "model_build_s": round(build_s, 1), "parameters": sum(p.numel() for p in model.parameters())})
+    summary: dict = {"bench": "summary", "device": env_info(device)["device"]}
+    plain_work = None
+    for n in (int(x) for x in args.requests.split(",")) if "mixed" not in skip else ():
+        prompts, budgets = workload(tokenizer, n, seed=n, smoke=args.smoke)
+        plain_work = plain_work or (n, prompts[: args.plain_n], budgets[: args.plain_n])
+        base = {"requests": n, "useful_tokens": sum(budgets), "mean_budget": round(sum(budgets) / n, 1),
+                "max_budget": max(budgets)}
+        engine = fifo = None
+        if "lpt" not in skip:
+            engine = emit({"bench": f"mixed{n}_engine", **base, "slots": args.slots,
+                           **run_engine(model, tokenizer, prompts, budgets, args.slots, device)})
+            summary[f"mixed{n}_engine_useful_tokens_per_s"] = engine["useful_tokens_per_s"]
+        if "fifo" not in skip:
+            fifo = emit({"bench": f"mixed{n}_engine_fifo", **base, "slots": args.slots,
+                         **run_engine(model, tokenizer, prompts, budgets, args.slots, device, fifo=True)})
+            summary[f"mixed{n}_engine_fifo_useful_tokens_per_s"] = fifo["useful_tokens_per_s"]
+        if "static" not in skip:
+            static = emit({"bench": f"mixed{n}_static", **base, "batch": args.static_batch,
+                           **run_static(model, tokenizer, prompts, budgets, args.static_batch, device)})
+            if engine:
+                summary[f"mixed{n}_engine_vs_static"] = round(engine["useful_tokens_per_s"]
+                                                              / static["useful_tokens_per_s"], 2)
+            if fifo:
+                summary[f"mixed{n}_engine_fifo_vs_static"] = round(fifo["useful_tokens_per_s"]
+                                                                   / static["useful_tokens_per_s"], 2)
+    if "stream" not in skip:
+        stream = emit({"bench": "ask_stream", **run_ask_stream(model, tokenizer, args.stream_tokens, device)})
+        summary["ask_stream_tokens_per_s"] = stream["tokens_per_s"]
+    if "serve" not in skip:
+        serve = emit({"bench": "serve", **run_serve(model, tokenizer, args.clients, args.serve_tokens,
+                                                     slots=max(args.clients, 1))})
+        summary["serve_aggregate_vs_one_client"] = serve["aggregate_vs_one"]
+        if serve["sequential_tokens_per_s"]:
+            summary["serve_concurrent_vs_sequential"] = round(serve["concurrent"]["tokens_per_s"]
+                                                              / serve["sequential_tokens_per_s"], 2)
+    if args.plain_n and plain_work and "plain" not in skip:  # last: the slowest, and only a baseline
+        n, prompts, budgets = plain_work
+        plain = emit({"bench": f"mixed{n}_generate", "what": f"first {len(prompts)} requests in one batch",
+                      **run_plain(model, tokenizer, prompts, budgets, device)})
+        best = summary.get(f"mixed{n}_engine_useful_tokens_per_s") or summary[f"mixed{n}_engine_fifo_useful_tokens_per_s"]
+        summary[f"mixed{n}_engine_vs_generate"] = round(best / plain["useful_tokens_per_s"], 2)
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
