@@ -202,11 +202,12 @@ def cmd_demo(cfg, args) -> int:
 
 
 def cmd_train(cfg, args) -> int:
-    from .dist import main_print
+    from .dist import main_print, shutdown
     from .train import train
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     main_print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, adapter in {result.final_model}")
+    shutdown()
     return 0
 
 
