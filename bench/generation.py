@@ -56,6 +56,17 @@ def workload(tokenizer, n: int, seed: int, smoke: bool):
     return prompts, budgets
 
 
+def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of prompts padded on the left."""
+    width = max(map(len, prompts))
+    x = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, p in enumerate(prompts):
+        x[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return x.to(device), mask.to(device)
+
+
 def run_static(model, tokenizer, prompts, budgets, batch: int, device) -> dict:
     from lawtune.generation.attention import fast_attention
     from lawtune.generation.decode import greedy_decode
@@ -63,15 +74,9 @@ def run_static(model, tokenizer, prompts, budgets, batch: int, device) -> dict:
     def go():
         raw = 0
         for k in range(0, len(prompts), batch):
-            ids, bud = prompts[k: k + batch], budgets[k: k + batch]
-            width = max(map(len, ids))
-            x = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for i, p in enumerate(ids):
-                x[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            x, mask = left_padded(prompts[k: k + batch], tokenizer.pad_token_id, device)
             with fast_attention(model):  # as generation.generate ran it before the engine
-                out = greedy_decode(model, x.to(device), mask.to(device), max(bud), eos_token_id=-1,
+                out = greedy_decode(model, x, mask, max(budgets[k: k + batch]), eos_token_id=-1,
                                     pad_token_id=tokenizer.pad_token_id)
             raw += out.numel()
         return raw
@@ -91,7 +96,9 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
                               max_len=max(map(len, prompts)) + max(budgets))
     engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])  # graph capture
     engine.steps = engine.busy_rows = 0
-    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), str(i)) for i, (p, b) in enumerate(zip(prompts, budgets))]
+    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), str(i))
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+
     def fifo_run():
         submitted = [engine.submit(*r) for r in requests]
         engine.run()
@@ -103,23 +110,23 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
     row = {"seconds": round(seconds, 2), "useful_tokens_per_s": round(useful / seconds, 1),
            "raw_tokens_per_s": round(engine.steps * slots / seconds, 1),
            "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), "steps": engine.steps}
-    del engine
+    return row
+
+
+def free_cache(device) -> None:
+    """Give an engine's slot cache back before the next run allocates its own."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
 
 
 def run_plain(model, tokenizer, prompts, budgets, device) -> dict:
     from lawtune.generation.attention import fast_attention
+
     def go():
-        width = max(map(len, prompts))
-        x = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for i, p in enumerate(prompts):
-            x[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+        x, mask = left_padded(prompts, tokenizer.pad_token_id, device)
+        width = x.shape[1]
         with torch.inference_mode(), fast_attention(model):
-            out = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), max_new_tokens=max(budgets),
+            out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(budgets),
                                  min_new_tokens=max(budgets), do_sample=False, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=tokenizer.pad_token_id, cache_implementation="static", disable_compile=True)
         return (out.shape[1] - width) * out.shape[0]
@@ -250,10 +257,12 @@ def main(argv=None) -> int:
         if "lpt" not in skip:
             engine = emit({"bench": f"mixed{n}_engine", **base, "slots": args.slots,
                            **run_engine(model, tokenizer, prompts, budgets, args.slots, device)})
+            free_cache(device)
             summary[f"mixed{n}_engine_useful_tokens_per_s"] = engine["useful_tokens_per_s"]
         if "fifo" not in skip:
             fifo = emit({"bench": f"mixed{n}_engine_fifo", **base, "slots": args.slots,
                          **run_engine(model, tokenizer, prompts, budgets, args.slots, device, fifo=True)})
+            free_cache(device)
             summary[f"mixed{n}_engine_fifo_useful_tokens_per_s"] = fifo["useful_tokens_per_s"]
         if "static" not in skip:
             static = emit({"bench": f"mixed{n}_static", **base, "batch": args.static_batch,

@@ -65,23 +65,29 @@ def test_training_changes_exactly_the_lora_parameters_and_writes_a_complete_run(
     assert set(state) == set(live) and all(torch.equal(state[k], live[k].detach().cpu()) for k in state)
 
 
-def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_path):
+def _crash_in_step_three(cfg):
+    """Set up a run and crash it in step 3, after checkpoint-2 was written; returns what setup built."""
     from transformers import TrainerCallback
-
-    straight = train(tiny_config(f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4"))
 
     class CrashInStepThree(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
-                raise KeyboardInterrupt  # a crash in step 3, after checkpoint-2 was written
+                raise KeyboardInterrupt
 
-    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4")
     parts = setup(cfg)
     parts.trainer.add_callback(CrashInStepThree())
     try:
         fit(parts)
     except KeyboardInterrupt:
         pass
+    return parts
+
+
+def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_path):
+    straight = train(tiny_config(f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4"))
+
+    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4")
+    _crash_in_step_three(cfg)
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final_model").exists()
     resumed = train(cfg, resume=True)
     assert resumed.steps == straight.steps == 4
@@ -232,24 +238,12 @@ def _metrics(out):
 def test_a_resumed_run_counts_tokens_from_where_it_stopped_and_examples_per_second_counts_examples(tiny_config, tmp_path):
     """With a token budget (the GPU configs) tokens are counted on the CPU; a resumed run must go on from the
     checkpoint's count, and a packed micro-batch of many examples is not one sample."""
-    from transformers import TrainerCallback
-
     packed = ("train.batch_tokens=1024", "train.packing=true", "train.max_steps=4", "train.save_steps=2")
     straight = tmp_path / "a"
     train(tiny_config(f"train.output_dir={straight}", *packed))
 
-    class CrashInStepThree(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt
-
     cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", *packed)
-    parts = setup(cfg)
-    parts.trainer.add_callback(CrashInStepThree())
-    try:
-        fit(parts)
-    except KeyboardInterrupt:
-        pass
+    parts = _crash_in_step_three(cfg)
     train(cfg, resume=True)
     a, b = _metrics(straight), _metrics(tmp_path / "b")
     seen_a = {r["step"]: r["tokens_seen"] for r in a if "tokens_seen" in r}
