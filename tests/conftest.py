@@ -16,6 +16,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "deepseek-r1-distill-q
 # The synthetic task: the statement names one topic, and each topic has its own answer set (single
 # and multi), so the answer depends on the question's content and is never a constant letter.
 TOPIC_ANSWERS = {"合同": "A", "物权": "B", "侵权": "CD", "继承": "AC", "婚姻": "BD", "刑法": "ABC", "诉讼": "D", "行政": "BCD"}
+# What the rigged answering model (``answering_model_dir``) thinks before it answers 答案：A.
+REASONING = "依据民法典"
 FILLER = ["甲", "乙", "丙", "丁", "公司", "法院", "当事人", "债权人", "房屋", "车辆", "证据", "期限"]
 
 
@@ -86,6 +88,38 @@ def tiny_config(tiny_model_dir, tmp_path):
         ])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def answering_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny model rigged to answer: its layers add nothing, so it is a bigram table, and the table is set
+    so that after the prompt it writes "答案：A" (direct) or "依据民法典</think>\\n\\n答案：A" (reasoning)."""
+    import torch
+
+    from lawtune.infer import record_from_fields
+    from lawtune.prompts import render_prompt
+
+    tok = tiny_tokenizer
+    model = build_tiny_model(tok)
+    record = record_from_fields("题干", {"A": "甲", "B": "乙"})
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    direct_end = ids(render_prompt(record, tok, "chat", think=False))[-1]
+    think_end = ids(render_prompt(record, tok, "chat", think=True))[-1]
+    answer = ids("答案：A") + [tok.eos_token_id]
+    chains = [[direct_end, *answer], [think_end, *ids(REASONING), *ids("</think>"), direct_end]]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for chain in chains:
+            for cur, nxt in zip(chain, chain[1:]):
+                head[nxt] += 20 * emb[cur] / emb[cur].norm()
+    directory = tmp_path_factory.mktemp("answering")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture

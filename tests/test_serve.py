@@ -12,16 +12,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from lawtune.config import GenerationConfig, ModelConfig
-from lawtune.demo import build_tiny_model
 from lawtune.infer import load_engine
 from lawtune.serve import make_server
 
 RECORD = {"statement": "甲与乙订立买卖合同，下列哪些说法正确？", "option_list": {"A": "合同成立", "B": "合同无效", "C": "可撤销"}}
 PLAIN = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
-REASONING = "依据民法典"
+from conftest import REASONING
 
 
 @contextmanager
@@ -34,36 +32,6 @@ def running(engine):
     finally:
         server.shutdown()
         server.server_close()
-
-
-@pytest.fixture(scope="module")
-def answering_model_dir(tiny_tokenizer, tmp_path_factory):
-    """A tiny model rigged to answer: its layers add nothing, so it is a bigram table, and the table is set
-    so that after the prompt it writes "答案：A" (direct) or "依据民法典</think>\\n\\n答案：A" (reasoning)."""
-    from lawtune.infer import record_from_fields
-    from lawtune.prompts import render_prompt
-
-    tok = tiny_tokenizer
-    model = build_tiny_model(tok)
-    record = record_from_fields("题干", {"A": "甲", "B": "乙"})
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    direct_end = ids(render_prompt(record, tok, "chat", think=False))[-1]
-    think_end = ids(render_prompt(record, tok, "chat", think=True))[-1]
-    answer = ids("答案：A") + [tok.eos_token_id]
-    chains = [[direct_end, *answer], [think_end, *ids(REASONING), *ids("</think>"), direct_end]]
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        head.zero_()
-        for chain in chains:
-            for cur, nxt in zip(chain, chain[1:]):
-                head[nxt] += 20 * emb[cur] / emb[cur].norm()
-    directory = tmp_path_factory.mktemp("answering")
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,18 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
     "data check": [("file", "check.file"), ("--tokenizer", "check.tokenizer"),
                    ("--prompt-format", "check.prompt_format"), ("--json", "check.json")],
     "compare": [("report_a", "compare.report_a"), ("report_b", "compare.report_b"), ("--html", "compare.html")],
+    "distill": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--force", "adapter.force"),
+                ("--data", "distill.data"), ("--output", "distill.output"), ("--samples", "distill.samples"),
+                ("--pick", "distill.pick"), ("--batch-size", "distill.batch_size"),
+                ("--max-new-tokens", "generation.max_new_tokens"), ("--teacher-url", "distill.teacher_url"),
+                ("--teacher-model", "distill.teacher_model"), ("--retry-rejected", "distill.retry_rejected")],
 }
 # The example override each command's help shows: a key that command reads.
 EXAMPLE_OVERRIDE = {"demo": "train.max_steps=20", "train": "train.max_steps=100", "eval": "generation.top_p=0.9",
                     "predict": "generation.top_p=0.9", "ask": "generation.temperature=0.6",
                     "serve": "serve.max_prompt_tokens=4096", "merge": "merge.dtype=bfloat16",
-                    "data check": "check.prompt_format=plain", "compare": "compare.html=cmp.html"}
+                    "data check": "check.prompt_format=plain", "compare": "compare.html=cmp.html",
+                    "distill": "generation.temperature=0.7"}
 HELP = {"demo": "offline CPU demo: tiny random model trained on bundled questions",
         "train": "LoRA SFT from a YAML config",
         "eval": "score a model (and adapter) on a JEC-QA file",
@@ -63,7 +69,8 @@ HELP = {"demo": "offline CPU demo: tiny random model trained on bundled question
         "serve": "OpenAI-compatible HTTP API and a question page at /",
         "merge": "merge a LoRA adapter into its base model (plain transformers directory)",
         "data check": "validate a JEC-QA file and print what it holds",
-        "compare": "compare two eval reports (flips, McNemar, bootstrap CIs)"}
+        "compare": "compare two eval reports (flips, McNemar, bootstrap CIs)",
+        "distill": "sample reasoning per question, keep the traces that reach the gold answer (to train on)"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -126,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (help and the list of commands)."""
     parser = ArgumentParser(prog="lawtune", description="LoRA fine-tuning and evaluation on JEC-QA")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for command in ("demo", "train", "eval", "predict", "ask", "serve", "merge", "compare"):
+    for command in ("demo", "train", "eval", "predict", "ask", "serve", "merge", "compare", "distill"):
         sub.add_parser(command, help=HELP[command], add_help=False)
     data = sub.add_parser("data", help="data utilities")
     data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser).add_parser(
@@ -295,6 +302,16 @@ def cmd_merge(cfg, args) -> int:
     return 0
 
 
+def cmd_distill(cfg, args) -> int:
+    from .distill import run_distill
+
+    r = run_distill(cfg)
+    print(f"kept traces for {r['questions_kept']} of {r['questions']} questions ({r['completions_kept']} of "
+          f"{r['completions_sampled']} completions kept, pass@{r['samples']} {r['pass_at_k']:.3f}) -> "
+          f"{cfg.distill.output}; report {r['report_file']}")
+    return 0
+
+
 def cmd_serve(cfg, args) -> int:
     from .serve import run_serve
 
@@ -303,7 +320,8 @@ def cmd_serve(cfg, args) -> int:
 
 
 HANDLERS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
-            "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve, "data check": cmd_data_check}
+            "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve, "data check": cmd_data_check,
+            "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

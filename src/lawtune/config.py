@@ -109,9 +109,17 @@ class DataConfig:
     """Longest tokenized example; longer ones are cut inside the question, never in the answer."""
     seed: int = 42
     """Seed of the train/eval split."""
+    mix: str | None = None
+    """A second JEC-QA file trained answer-only beside data.train (its reasoning, if any, left out): after
+    `lawtune distill`, answer-only records keep direct mode working while the traces train reasoning."""
+    mix_ratio: float = 0.5
+    """Answer-only records drawn from data.mix (seeded) per training record of data.train."""
 
     def __post_init__(self) -> None:
         _check_choice("data.prompt_format", self.prompt_format, ("chat", "plain"))
+        _check_positive("data.mix_ratio", self.mix_ratio)
+        if self.mix is None and self.mix_ratio != 0.5:
+            raise ConfigError("data.mix_ratio: set without data.mix (the file to draw answer-only records from)")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction!r}")
         _check_positive("data.max_length", self.max_length)
@@ -369,6 +377,43 @@ class MergeConfig:
             _check_choice("merge.dtype", self.dtype, ("bfloat16", "float16", "float32"))
 
 
+DISTILL_PICKS = ("shortest", "random", "all")
+
+
+@dataclass
+class DistillConfig:
+    data: str = ""
+    """JEC-QA file with answers (a training split) to sample reasoning for."""
+    output: str = ""
+    """Traces file (JSON Lines: the records with a ``reasoning`` field); beside it ``.rejected.jsonl`` and
+    ``.report.json``. A rerun skips the ids already in either file."""
+    samples: int = 4
+    """Reasoning completions sampled per question."""
+    pick: str = "shortest"
+    """Which kept completion a question gets: shortest, random (seeded), or all (one record each)."""
+    batch_size: int = 64
+    """Questions sampled at once (their samples share the engine's rows)."""
+    teacher_url: str | None = None
+    """An OpenAI-compatible endpoint (e.g. http://host:8000/v1, a larger R1 or `lawtune serve`) to sample from
+    instead of the local model."""
+    teacher_model: str | None = None
+    """The model name the endpoint serves (needed with teacher_url)."""
+    retry_rejected: bool = False
+    """Sample the questions of the rejected file again."""
+    timeout_s: float = 600.0
+    """Seconds one request to the teacher may take."""
+
+    def __post_init__(self) -> None:
+        _check_positive("distill.samples", self.samples)
+        _check_positive("distill.batch_size", self.batch_size)
+        _check_positive("distill.timeout_s", self.timeout_s)
+        _check_choice("distill.pick", self.pick, DISTILL_PICKS)
+        if self.teacher_url and not self.teacher_model:
+            raise ConfigError("distill.teacher_model: required with distill.teacher_url (the endpoint's model name)")
+        if self.teacher_model and not self.teacher_url:
+            raise ConfigError("distill.teacher_url: required with distill.teacher_model")
+
+
 @dataclass
 class CheckConfig:
     file: str = ""
@@ -452,6 +497,15 @@ class ServeRun:
 
 
 @dataclass
+class DistillRun:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    source: str | None = None
+
+
+@dataclass
 class MergeRun:
     merge: MergeConfig = field(default_factory=MergeConfig)
     source: str | None = None
@@ -471,7 +525,7 @@ class CompareRun:
 
 COMMANDS: dict[str, type] = {"train": TrainRun, "demo": TrainRun, "eval": EvalRun, "predict": PredictRun,
                              "ask": AskRun, "serve": ServeRun, "merge": MergeRun, "data check": CheckRun,
-                             "compare": CompareRun}
+                             "compare": CompareRun, "distill": DistillRun}
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
 KNOWN_SECTIONS = {f.name for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.name != "source"}
 SHORTHANDS = {"model": "model.path", "data": "data.train"}

@@ -395,7 +395,7 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
 # ----------------------------------------------------------------------------- predict
 
 
-def _done_ids(output: Path) -> set[str]:
+def done_ids(output: Path) -> set[str]:
     """Ids already in a predictions file; a torn last line (a crash while writing) is cut off."""
     if not output.is_file():
         return set()
@@ -434,7 +434,7 @@ def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | No
         raise ValueError(f"predict.output: {out_path} is a directory; give a file (e.g. {out_path / 'preds.jsonl'})")
     records = load_records(pcfg.data, require_answer=False).records
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = _done_ids(out_path)
+    done = done_ids(out_path)
     todo = [r for r in records if r.id not in done]
     summary = {"records": len(records), "already_done": len(records) - len(todo), "generated": 0, "unreadable": 0,
                "output": str(out_path)}

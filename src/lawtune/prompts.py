@@ -60,6 +60,11 @@ def answer_text(letters: list[str] | str) -> str:
     return ANSWER_PREFIX + "".join(sorted(set(letters)))
 
 
+def chat_user_text(record: Record) -> str:
+    """The user turn of the chat format: the instruction, then the question and its options."""
+    return CHAT_INSTRUCTION + "\n\n" + format_question(record)
+
+
 def _open_prompt(record: Record, tokenizer, prompt_format: str) -> str:
     """The prompt up to and including the opening ``<think>\\n`` of the assistant turn."""
     question = format_question(record)
@@ -67,7 +72,7 @@ def _open_prompt(record: Record, tokenizer, prompt_format: str) -> str:
         return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(question=question)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=plain")
-    messages = [{"role": "user", "content": CHAT_INSTRUCTION + "\n\n" + question}]
+    messages = [{"role": "user", "content": chat_user_text(record)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # R1-Distill's template already opens the think block; a template that does not gets it here, so
     # every model is trained and queried with the same assistant prefix.

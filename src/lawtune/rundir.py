@@ -124,11 +124,13 @@ RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs
 def run_fingerprint(cfg) -> dict:
     """What decides a training run's weights: the base model, the data files (by content), the split, LoRA and the
     prompt format. A checkpoint continues only the run it came from."""
-    files = {"data.train": cfg.data.train, "data.eval": cfg.data.eval}
+    files = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "data.mix": cfg.data.mix}
     return {
         "model.path": cfg.model.path, "model.quantization": cfg.model.quantization,
         **{f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()},
         **{f"data.{k}": getattr(cfg.data, k) for k in ("prompt_format", "max_length", "max_samples", "eval_fraction", "seed")},
+        # only with a mix file, so that runs from before data.mix existed still resume
+        **({"data.mix_ratio": cfg.data.mix_ratio} if cfg.data.mix else {}),
         **{f"{key} sha256": sha256_file(path) if path and Path(path).is_file() else None for key, path in files.items()},
     }
 

@@ -64,6 +64,8 @@ def prepare_data(cfg: TrainRun, out: Path) -> tuple[list, list, dict]:
         train_records, eval_records = split_records(loaded.records, cfg.data.eval_fraction, cfg.data.seed)
     if not train_records:
         raise ValueError(f"{cfg.data.train}: no training records left after the split")
+    if cfg.data.mix:
+        train_records = train_records + mix_answer_only(cfg, len(train_records), eval_records, manifest)
     manifest["split"] = {"train": len(train_records), "eval": len(eval_records)}
     if is_main_process():
         write_jsonl(train_records, out / "data" / "train.jsonl")
@@ -71,6 +73,26 @@ def prepare_data(cfg: TrainRun, out: Path) -> tuple[list, list, dict]:
     manifest["split_files"] = {"train": "data/train.jsonl", "eval": "data/eval.jsonl"}
     manifest["train_statements_sha256"] = sorted({statement_hash(r) for r in train_records})
     return train_records, eval_records, manifest
+
+
+def mix_answer_only(cfg: TrainRun, n_train: int, eval_records: list, manifest: dict) -> list:
+    """Answer-only copies of ``data.mix_ratio`` x n_train records of ``data.mix`` (seeded), none sharing a statement
+    with the held-out split; their ids get ``#direct`` (the same question may also be a trace)."""
+    import random
+
+    mixed = load_records(cfg.data.mix, require_answer=True)
+    pool, overlap = drop_overlap(mixed.records, eval_records)
+    want = round(cfg.data.mix_ratio * n_train)
+    if want > len(pool):
+        log.warning("data.mix: %d answer-only records asked for (data.mix_ratio=%s), %s holds %d; using all",
+                    want, cfg.data.mix_ratio, cfg.data.mix, len(pool))
+    chosen = random.Random(cfg.data.seed).sample(pool, min(want, len(pool)))
+    manifest["files"].append({"role": "mix", "path": str(Path(cfg.data.mix).resolve()),
+                              "sha256": sha256_file(cfg.data.mix), "records": len(mixed.records),
+                              "skipped": mixed.skipped})
+    manifest["mix"] = {"ratio": cfg.data.mix_ratio, "answer_only_records": len(chosen),
+                       "dropped_overlapping_eval": overlap}
+    return [dataclasses.replace(r, reasoning=None, id=f"{r.id}#direct") for r in chosen]
 
 
 # ----------------------------------------------------------------------------- main

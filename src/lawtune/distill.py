@@ -1,0 +1,310 @@
+"""`lawtune distill`: sample reasoning for every training question, keep what reaches the gold answer.
+
+Training on ``答案：X`` after an empty think block teaches an R1 model to stop thinking. JEC-QA has a checkable
+answer for every training question, so the model can teach itself: sample K reasoning completions per question
+(from the model, through the generation engine, or from any OpenAI-compatible endpoint), keep one that
+
+* closed its think block itself and ended on its own (a completion cut off by its budget, or an answer a server
+  forced after the cut, is never kept),
+* has a non-empty think text, and
+* whose answer set (read after the last ``</think>``) equals the gold set exactly (JEC-QA's rule),
+
+and write it as the question's JEC-QA record plus ``reasoning`` (the think text), the field ``lawtune train``
+trains inside the think block. Questions without a kept completion go to ``<output>.rejected.jsonl`` with what
+was sampled. A rerun skips every id in either file (``retry_rejected`` samples the rejected ones again); each
+sample's seed comes from (seed, id, sample index), so a resumed run writes what an uninterrupted one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DistillRun
+from .data import Record, load_records
+from .generation import answer_part
+from .infer import done_ids
+from .progress import progress
+from .prompts import chat_user_text, render_prompt
+from .scoring import extract_answer
+from .stats import percentile
+
+log = logging.getLogger("lawtune")
+
+# Our default budget: the model card allows up to 32,768 new tokens; most JEC-QA traces are far shorter.
+DEFAULT_BUDGET = 4096
+REJECTED_SUFFIX = ".rejected.jsonl"
+REPORT_SUFFIX = ".report.json"
+REASONS = ("kept", "wrong", "unclosed", "empty_reasoning", "no_answer")
+
+
+@dataclass
+class Completion:
+    """One sampled completion, as judged."""
+
+    reasoning: str
+    """The think text, trimmed ('' where the think block was never closed)."""
+    answer_part: str
+    """What came after the last </think>."""
+    closed: bool
+    """The model closed its think block and ended on its own (not cut off by the budget, not forced)."""
+    tokens: int | None
+    """Generated tokens, where known."""
+
+
+def side_files(output: str | Path) -> tuple[Path, Path]:
+    """The rejected-questions file and the report beside a traces file."""
+    out = Path(output)
+    stem = out.name[: -len(out.suffix)] if out.suffix else out.name
+    return out.with_name(stem + REJECTED_SUFFIX), out.with_name(stem + REPORT_SUFFIX)
+
+
+def judge(completion: Completion, record: Record) -> tuple[str, list[str] | None]:
+    """(reason, the answer read): reason is kept, wrong, unclosed, empty_reasoning or no_answer."""
+    letters = "".join(record.options)
+    answer = extract_answer(completion.answer_part, letters) if completion.closed else None
+    if not completion.closed:
+        return "unclosed", None
+    if not completion.reasoning:
+        return "empty_reasoning", answer
+    if answer is None:
+        return "no_answer", None
+    return ("kept" if set(answer) == set(record.answer or []) else "wrong"), answer
+
+
+def split_think(text: str) -> tuple[str | None, str]:
+    """(think text, the rest) of a completion that may start with <think>; None where it never closed."""
+    body = text.lstrip()
+    if body.startswith("<think>"):
+        body = body[len("<think>"):]
+    if "</think>" not in body:
+        return None, ""
+    think, _, rest = body.partition("</think>")
+    return think.strip(), answer_part(rest)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def local_sampler(cfg: DistillRun):
+    """Samples from the model itself through the generation engine: a question's K samples share one prefill."""
+    from .generation import generated
+    from .generation.engine import SamplingParams, engine_for
+    from .infer import load_engine
+
+    loaded = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    tokenizer, g, d = loaded.tokenizer, cfg.generation, cfg.distill
+    budget = g.max_new_tokens or DEFAULT_BUDGET
+
+    def sample(records: list[Record]) -> list[list[Completion]]:
+        prompts = [tokenizer(render_prompt(r, tokenizer, loaded.prompt_format, think=True),
+                             add_special_tokens=False)["input_ids"] for r in records]
+        engine = engine_for(loaded.model, tokenizer.eos_token_id, len(records) * d.samples,
+                            max(map(len, prompts)) + budget, use_graph=None if g.cuda_graphs else False)
+        params = SamplingParams(max_new_tokens=budget, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                                seed=g.seed, n=d.samples)
+        done = engine.generate([(p, params, r.id) for p, r in zip(prompts, records)])
+        out = []
+        for request in done:
+            row = []
+            for s in request.samples:
+                result = generated(tokenizer, s.tokens)
+                # the prompt opened the think block: the completion is think text, </think>, the answer
+                think, rest = split_think(result.text)
+                row.append(Completion(think or "", rest, think is not None and result.stopped, result.tokens))
+            out.append(row)
+        return out
+
+    return sample, tokenizer
+
+
+def teacher_sampler(cfg: DistillRun):
+    """Samples from an OpenAI-compatible endpoint: ``n`` choices per question, reading ``reasoning_content``
+    (vLLM's reasoning parser, `lawtune serve`) or the ``<think>…</think>`` text of ``content``. A choice that did
+    not finish on its own (``finish_reason`` other than ``stop``) counts as not closed."""
+    import httpx
+
+    d, g = cfg.distill, cfg.generation
+    url = d.teacher_url.rstrip("/") + "/chat/completions"
+    budget = g.max_new_tokens or DEFAULT_BUDGET
+
+    def one(client, record: Record) -> list[Completion]:
+        body = {"model": d.teacher_model, "messages": [{"role": "user", "content": chat_user_text(record)}],
+                "n": d.samples, "temperature": g.temperature, "top_p": g.top_p, "max_tokens": budget,
+                "seed": g.seed, "mode": "reasoning"}  # mode: lawtune serve's field; other servers ignore it
+        try:
+            resp = client.post(url, json=body, timeout=d.timeout_s)
+        except httpx.HTTPError as exc:
+            raise ValueError(f"distill.teacher_url: {url} cannot be reached ({type(exc).__name__}: {exc})") from None
+        if resp.status_code != 200:
+            raise ValueError(f"distill.teacher_url: {url} answered {resp.status_code}: {resp.text[:200]}")
+        try:
+            choices = resp.json()["choices"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"distill.teacher_url: {url} did not answer a chat completion: {resp.text[:200]}") from None
+        out = []
+        for choice in choices:
+            message = choice.get("message") or {}
+            finished = choice.get("finish_reason") == "stop"
+            content = message.get("content") or ""
+            if message.get("reasoning_content") is not None:
+                think, rest = message["reasoning_content"].strip(), answer_part(content)
+                closed = finished and bool(content.strip())
+            else:
+                think, rest = split_think(content)
+                closed = finished and think is not None
+            out.append(Completion(think or "", rest, closed, None))
+        return out
+
+    def sample(records: list[Record]) -> list[list[Completion]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with httpx.Client() as client, ThreadPoolExecutor(max_workers=min(16, len(records))) as pool:
+            return list(pool.map(lambda r: one(client, r), records))
+
+    return sample, None
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _base_id(record_id: str) -> str:
+    """The question's id of a traces record (with --pick all, later traces are named id#2, id#3 …)."""
+    return record_id.split("#", 1)[0]
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())  # a crash loses at most the batch being sampled
+
+
+def run_distill(cfg: DistillRun, show_progress: bool = True) -> dict:
+    """`lawtune distill`: traces for every question of ``distill.data`` not yet in the output or rejected file."""
+    d = cfg.distill
+    if not d.data or not d.output:
+        raise ValueError(f"distill.{'data' if not d.data else 'output'}: required (pass --data FILE --output FILE)")
+    if not d.teacher_url and not cfg.model.path:
+        raise ValueError("model.path: no model to sample from (pass --model DIR, or --teacher-url and --teacher-model)")
+    out = Path(d.output)
+    if out.is_dir():
+        raise ValueError(f"distill.output: {out} is a directory; give a file (e.g. {out / 'traces.jsonl'})")
+    rejected_path, report_path = side_files(out)
+    loaded = load_records(d.data, require_answer=True)
+    for reason, count in loaded.skipped.items():
+        log.warning("%s: skipped %d records (%s)", d.data, count, reason)
+    records = loaded.records
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept_ids = {_base_id(i) for i in done_ids(out)}
+    rejected_ids = done_ids(rejected_path)
+    if d.retry_rejected and rejected_ids:
+        _drop_lines(rejected_path, rejected_ids - kept_ids)
+        rejected_ids = set()
+    todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
+    run = {"questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0, "trace_tokens": [],
+           "generated_tokens": 0, "seconds": 0.0, "reasons": dict.fromkeys(REASONS, 0)}
+    if todo:
+        sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+        bar = progress(total=len(records), initial=len(records) - len(todo), desc="distill", unit="q",
+                       disable=not show_progress)
+        for k in range(0, len(todo), d.batch_size):
+            batch = todo[k: k + d.batch_size]
+            start = time.time()
+            sampled = sample(batch)
+            run["seconds"] += time.time() - start
+            traces, rejected = [], []
+            for record, completions in zip(batch, sampled):
+                verdicts = [judge(c, record) for c in completions]
+                _count(run, record, completions, verdicts, tokenizer)
+                good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
+                if good:
+                    traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
+                else:
+                    rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
+                                     "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
+            _append(out, traces)
+            _append(rejected_path, rejected)
+            run["rejected"] += len(rejected)
+            bar.update(len(batch))
+            run["questions"] += len(batch)
+            bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                            completions=f"{run['kept_completions']}/{run['completions']}")
+        bar.close()
+    report = build_report(records, out, rejected_path, run, d.samples)
+    report_path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    return {**report["summary"], "report_file": str(report_path)}
+
+
+def _drop_lines(path: Path, ids: set[str]) -> None:
+    """Rewrite ``path`` without the lines of ``ids`` (atomically: a crash leaves the old file)."""
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and str(json.loads(line)["id"]) not in ids]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _pick(good: list[Completion], pick: str, seed: int, record_id: str) -> list[Completion]:
+    if pick == "all":
+        return good
+    if pick == "random":
+        return [random.Random(f"{seed}:{record_id}").choice(good)]
+    return [min(good, key=lambda c: (len(c.reasoning), good.index(c)))]
+
+
+def _trace(record: Record, completion: Completion, index: int) -> dict:
+    row = record.to_json()
+    row["reasoning"] = completion.reasoning
+    if index:
+        row["id"] = f"{record.id}#{index + 1}"
+    return row
+
+
+def _count(run: dict, record: Record, completions: list[Completion], verdicts: list, tokenizer) -> None:
+    run["completions"] += len(completions)
+    reasons = [reason for reason, _ in verdicts]
+    for reason in reasons:
+        run["reasons"][reason] += 1
+    run["kept_completions"] += reasons.count("kept")
+    # pass@K: some sample's answer is the gold set (kept or not: an empty think text still answered right)
+    run["pass"] += any(answer is not None and set(answer) == set(record.answer or []) for _, answer in verdicts)
+    for c, reason in zip(completions, reasons):
+        tokens = c.tokens
+        if tokens is None and tokenizer is not None:
+            tokens = len(tokenizer(c.reasoning, add_special_tokens=False)["input_ids"])
+        if tokens is not None:
+            run["generated_tokens"] += tokens
+            if reason == "kept":
+                run["trace_tokens"].append(tokens)
+
+
+def build_report(records: list[Record], out: Path, rejected_path: Path, run: dict, samples: int) -> dict:
+    """What the traces and rejected files hold together (all runs), and what this run sampled."""
+    kept = {_base_id(i) for i in done_ids(out)}
+    groups: dict[str, list[bool]] = {}
+    for r in records:
+        hit = r.id in kept
+        for name in ("all", r.type, "single" if len(r.answer or []) == 1 else "multi"):
+            groups.setdefault(name, []).append(hit)
+    by = {name: {"kept": sum(v), "questions": len(v), "rate": round(sum(v) / len(v), 4)} for name, v in groups.items()}
+    lengths = run["trace_tokens"]
+    summary = {"questions": len(records), "questions_kept": by["all"]["kept"], "samples": samples,
+               "completions_sampled": run["completions"], "completions_kept": run["kept_completions"],
+               "pass_at_k": round(run["pass"] / run["questions"], 4) if run["questions"] else 0.0}
+    return {"summary": summary, "by_group": by,
+            "this_run": {"questions_sampled": run["questions"], "completions": run["completions"],
+                         "reasons": run["reasons"],
+                         "trace_tokens": ({"p50": percentile(lengths, 50), "p95": percentile(lengths, 95),
+                                           "max": max(lengths)} if lengths else None),
+                         "generated_tokens": run["generated_tokens"], "seconds": round(run["seconds"], 2),
+                         "tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1) if run["seconds"] else None},
+            "files": {"traces": str(out), "rejected": str(rejected_path)},
+            "note": "summary.questions_kept and by_group count every run's traces; completions, pass@k, lengths "
+                    "and speed are this run's"}
