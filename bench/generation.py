@@ -15,6 +15,9 @@
 2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode).
 3. ``serve`` with ``--clients`` concurrent streaming clients on loopback, and one client alone: aggregate
    tokens/s and time to first token.
+4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
+   completions (temperature 0.6, top-p 0.95, one prefill per question), budgets drawn as in 1, completions/s;
+   beside it plain ``generate`` sampling ``--samples`` sequences per prompt on ``--distill-plain`` completions.
 
 The model is DeepSeek-R1-Distill-Qwen-1.5B's architecture with random weights in bf16 and the real tokenizer
 (as in eval_throughput.py). Prints one JSON line per measurement, then a summary line with the ratios.
@@ -136,6 +139,41 @@ def run_plain(model, tokenizer, prompts, budgets, device) -> dict:
             "raw_tokens_per_s": round(raw / seconds, 1), "requests": len(prompts)}
 
 
+def run_distill_engine(model, tokenizer, prompts, budgets, samples: int, slots: int, device) -> dict:
+    from lawtune.generation.engine import GenerationEngine, SamplingParams
+
+    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=max(map(len, prompts)) + max(budgets))
+    warm = SamplingParams(max_new_tokens=8, temperature=0.6, top_p=0.95, n=samples, ignore_eos=True)
+    engine.generate([(prompts[0], warm, None)])  # graph capture
+    engine.steps = engine.busy_rows = 0
+    requests = [(p, SamplingParams(max_new_tokens=b, temperature=0.6, top_p=0.95, n=samples, ignore_eos=True), str(i))
+                for i, (p, b) in enumerate(zip(prompts, budgets))]
+    done, seconds = timed(device, lambda: engine.generate(requests))
+    completions = sum(len(r.samples) for r in done)
+    tokens = sum(len(s.tokens) for r in done for s in r.samples)
+    assert tokens == samples * sum(budgets)
+    return {"completions": completions, "seconds": round(seconds, 2), "completions_per_s": round(completions / seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3)}
+
+
+def run_distill_plain(model, tokenizer, prompts, budgets, samples: int, device) -> dict:
+    from lawtune.generation.attention import fast_attention
+
+    def go():
+        x, mask = left_padded(prompts, tokenizer.pad_token_id, device)
+        with torch.inference_mode(), fast_attention(model):
+            out = model.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(budgets),
+                                 min_new_tokens=max(budgets), do_sample=True, temperature=0.6, top_p=0.95,
+                                 num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id,
+                                 cache_implementation="static", disable_compile=True)
+        return out.shape[0]
+
+    completions, seconds = timed(device, go)
+    return {"completions": completions, "seconds": round(seconds, 2), "completions_per_s": round(completions / seconds, 2),
+            "useful_tokens_per_s": round(samples * sum(budgets) / seconds, 1)}
+
+
 def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
     from lawtune.config import GenerationConfig
     from lawtune.infer import Engine, generate_events, record_from_fields
@@ -236,10 +274,14 @@ def main(argv=None) -> int:
     p.add_argument("--stream-tokens", type=int, default=1024)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--serve-tokens", type=int, default=512)
+    p.add_argument("--distill", type=int, default=0, help="questions of the distill workload (0 = skip it)")
+    p.add_argument("--samples", type=int, default=4, help="completions per question in the distill workload")
+    p.add_argument("--distill-plain", type=int, default=256, help="completions of its plain-generate baseline")
     p.add_argument("--skip", default="", help="parts to leave out: mixed,lpt,fifo,static,stream,serve,plain (comma list; lpt = the largest-budget-first run)")
     args = p.parse_args(argv)
     if args.smoke:
         args.requests, args.slots, args.static_batch, args.plain_n = "12", 4, 4, 4
+        args.distill, args.samples, args.distill_plain = 6, 2, 4
         args.stream_tokens, args.clients, args.serve_tokens = 24, 4, 12
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
@@ -273,6 +315,17 @@ def main(argv=None) -> int:
             if fifo:
                 summary[f"mixed{n}_engine_fifo_vs_static"] = round(fifo["useful_tokens_per_s"]
                                                                    / static["useful_tokens_per_s"], 2)
+    if args.distill:
+        prompts, budgets = workload(tokenizer, args.distill, seed=17, smoke=args.smoke)
+        engine_row = emit({"bench": "distill_engine", "questions": args.distill, "samples": args.samples,
+                           "slots": args.slots, **run_distill_engine(model, tokenizer, prompts, budgets, args.samples,
+                                                                     args.slots, device)})
+        free_cache(device)
+        k = max(1, args.distill_plain // args.samples)
+        plain_row = emit({"bench": "distill_generate", "questions": k, "samples": args.samples,
+                          **run_distill_plain(model, tokenizer, prompts[:k], budgets[:k], args.samples, device)})
+        summary["distill_engine_vs_generate_completions_per_s"] = round(engine_row["completions_per_s"]
+                                                                        / plain_row["completions_per_s"], 2)
     if "stream" not in skip:
         stream = emit({"bench": "ask_stream", **run_ask_stream(model, tokenizer, args.stream_tokens, device)})
         summary["ask_stream_tokens_per_s"] = stream["tokens_per_s"]

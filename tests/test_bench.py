@@ -123,8 +123,10 @@ def test_gc_pause_bench_times_full_collections_before_and_after_freezing(tiny_mo
 
 def test_generation_bench_smoke():
     rows = {r["bench"]: r for r in _run("generation.py")}
-    for name in ("env", "mixed12_engine", "mixed12_static", "mixed12_generate", "ask_stream", "serve", "summary"):
+    for name in ("env", "mixed12_engine", "mixed12_static", "mixed12_generate", "ask_stream", "serve", "summary",
+                 "distill_engine", "distill_generate"):
         assert name in rows, name
+    assert rows["distill_engine"]["completions"] == 6 * 2 and rows["distill_generate"]["completions"] == 4
     engine = rows["mixed12_engine"]
     assert engine["useful_tokens"] == rows["mixed12_static"]["useful_tokens"] > 0
     assert 0 < engine["occupancy"] <= 1 and engine["steps"] > 0
