@@ -47,7 +47,7 @@ def test_overrides_may_follow_flags_and_print_config_shows_what_would_run(capsys
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_prints_exactly_its_sections(command, capsys):
     argv = command.split() + ([str(ROOT / "configs" / "demo.yaml")] if command == "train" else [])
-    argv += ["a", "b"] if command == "compare" else ["f.json"] if command == "data check" else []
+    argv += ["a", "b"] if command in ("compare", "data overlap") else ["f.json"] if command == "data check" else []
     assert main([*argv, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert list(printed) == list(sections_of(COMMANDS[command]))
@@ -132,5 +132,5 @@ def test_each_commands_help_shows_an_override_it_accepts(command, capsys):
     assert main([*argv, "--help"]) == 0
     assert EXAMPLE_OVERRIDE[command] in capsys.readouterr().out.replace("\n", " ").replace("  ", "")
     positional = {"train": [str(ROOT / "configs" / "demo.yaml")], "compare": ["a.json", "b.json"],
-                  "data check": ["file.json"]}.get(command, [])
+                  "data check": ["file.json"], "data overlap": ["a.json", "b.json"]}.get(command, [])
     assert main([*argv, *positional, EXAMPLE_OVERRIDE[command], "--print-config"]) == 0

@@ -29,7 +29,7 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
     "train": [("--model", "model.path"), ("--data", "data.train"), ("--output-dir", "train.output_dir")],
     "eval": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
              ("--data", "eval.data"), ("--output", "eval.output"), ("--mode", "eval.mode"),
-             ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"),
+             ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"), ("--format", "eval.format"),
              ("--shuffle-options", "eval.shuffle_options"), ("--max-new-tokens", "generation.max_new_tokens"),
              ("--sample", "generation.do_sample")],
     "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
@@ -47,7 +47,8 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
               ("--dtype", "merge.dtype"), ("--force", "merge.force"),
               ("--force-base", "merge.force_base")],
     "data check": [("file", "check.file"), ("--tokenizer", "check.tokenizer"),
-                   ("--prompt-format", "check.prompt_format"), ("--json", "check.json")],
+                   ("--prompt-format", "check.prompt_format"), ("--json", "check.json"), ("--format", "check.format")],
+    "data overlap": [("file_a", "overlap.a"), ("file_b", "overlap.b"), ("--json", "overlap.json")],
     "compare": [("report_a", "compare.report_a"), ("report_b", "compare.report_b"), ("--html", "compare.html")],
     "distill": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--force", "adapter.force"),
                 ("--data", "distill.data"), ("--output", "distill.output"), ("--samples", "distill.samples"),
@@ -60,7 +61,7 @@ EXAMPLE_OVERRIDE = {"demo": "train.max_steps=20", "train": "train.max_steps=100"
                     "predict": "generation.top_p=0.9", "ask": "generation.temperature=0.6",
                     "serve": "serve.max_prompt_tokens=4096", "merge": "merge.dtype=bfloat16",
                     "data check": "check.prompt_format=plain", "compare": "compare.html=cmp.html",
-                    "distill": "generation.temperature=0.7"}
+                    "distill": "generation.temperature=0.7", "data overlap": "overlap.json=true"}
 HELP = {"demo": "offline CPU demo: tiny random model trained on bundled questions",
         "train": "LoRA SFT from a YAML config",
         "eval": "score a model (and adapter) on a JEC-QA file",
@@ -68,7 +69,8 @@ HELP = {"demo": "offline CPU demo: tiny random model trained on bundled question
         "ask": "answer one question, streaming the reasoning (interactive without --question)",
         "serve": "OpenAI-compatible HTTP API and a question page at /",
         "merge": "merge a LoRA adapter into its base model (plain transformers directory)",
-        "data check": "validate a JEC-QA file and print what it holds",
+        "data check": "validate a question file (JEC-QA, AGIEval, LawBench) and print what it holds",
+        "data overlap": "how many questions of file B are in file A (normalised statements, any formats)",
         "compare": "compare two eval reports (flips, McNemar, bootstrap CIs)",
         "distill": "sample reasoning per question, keep the traces that reach the gold answer (to train on)"}
 
@@ -136,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     for command in ("demo", "train", "eval", "predict", "ask", "serve", "merge", "compare", "distill"):
         sub.add_parser(command, help=HELP[command], add_help=False)
     data = sub.add_parser("data", help="data utilities")
-    data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser).add_parser(
-        "check", help=HELP["data check"], add_help=False)
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser)
+    for name in ("check", "overlap"):
+        data_commands.add_parser(name, help=HELP[f"data {name}"], add_help=False)
     return parser
 
 
@@ -145,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command's own parser reads the rest of the line, flags and key=value overrides in any order
     (argparse's intermixed parsing, which works on a parser without subcommands)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["data", "check"]:
-        command, rest = "data check", argv[2:]
+    if argv[:2] in (["data", "check"], ["data", "overlap"]):
+        command, rest = " ".join(argv[:2]), argv[2:]
     elif argv and argv[0] in FLAGS:
         command, rest = argv[0], argv[1:]
     else:
@@ -222,7 +225,7 @@ def cmd_data_check(cfg, args) -> int:
     from .data import data_stats, load_records
 
     c = cfg.check
-    loaded = load_records(c.file, require_answer=False)
+    loaded = load_records(c.file, require_answer=False, fmt=c.format)
     lengths = None
     if c.tokenizer:
         from .model import load_tokenizer
@@ -249,6 +252,23 @@ def cmd_data_check(cfg, args) -> int:
     if "token_length" in stats:
         t = stats["token_length"]
         print(f"  tokens per example ({c.prompt_format}): p50 {t['p50']}, p95 {t['p95']}, max {t['max']}")
+    return 0
+
+
+def cmd_data_overlap(cfg, args) -> int:
+    from .data import find_overlap, load_records
+
+    o = cfg.overlap
+    a, b = load_records(o.a, require_answer=False).records, load_records(o.b, require_answer=False).records
+    pairs = find_overlap(a, b)
+    examples = [{"b_id": rb.id, "a_id": ra.id, "statement": rb.statement[:80]} for rb, ra in pairs[:5]]
+    if o.json:
+        print(json.dumps({"b_records": len(b), "overlap": len(pairs), "examples": examples}, ensure_ascii=False))
+        return 0
+    print(f"{len(pairs)} of {len(b)} questions of {o.b} are in {o.a} ({100 * len(pairs) / len(b):.1f}%; statements "
+          f"compared folded to half width, without whitespace, punctuation or options)")
+    for e in examples:
+        print(f"  {e['b_id']} = {e['a_id']}: {e['statement']}")
     return 0
 
 
@@ -321,7 +341,7 @@ def cmd_serve(cfg, args) -> int:
 
 HANDLERS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
             "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve, "data check": cmd_data_check,
-            "distill": cmd_distill}
+            "distill": cmd_distill, "data overlap": cmd_data_overlap}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,9 @@ class DataConfig:
     """Longest tokenized example; longer ones are cut inside the question, never in the answer."""
     seed: int = 42
     """Seed of the train/eval split."""
+    format: str = "auto"
+    """File format of data.train, data.eval and data.mix: jecqa, agieval or lawbench; auto = told by the first
+    record's fields."""
     mix: str | None = None
     """A second JEC-QA file trained answer-only beside data.train (its reasoning, if any, left out): after
     `lawtune distill`, answer-only records keep direct mode working while the traces train reasoning."""
@@ -117,6 +120,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.prompt_format", self.prompt_format, ("chat", "plain"))
+        _check_choice("data.format", self.format, DATA_FORMATS)
         _check_positive("data.mix_ratio", self.mix_ratio)
         if self.mix is None and self.mix_ratio != 0.5:
             raise ConfigError("data.mix_ratio: set without data.mix (the file to draw answer-only records from)")
@@ -211,6 +215,9 @@ class TrainConfig:
 
 
 PROMPT_FORMATS = ("chat", "plain")
+# Evaluation may also ask a LawBench file in its own words (its instruction and question).
+EVAL_PROMPT_FORMATS = PROMPT_FORMATS + ("native",)
+DATA_FORMATS = ("auto", "jecqa", "agieval", "lawbench")
 
 
 @dataclass
@@ -218,14 +225,15 @@ class AdapterConfig:
     path: str | None = None
     """LoRA adapter directory (e.g. outputs/run/final_model); None = the base model alone."""
     prompt_format: str | None = None
-    """chat or plain; None = the adapter's own (its lawtune_config.yaml), a merged model's, else chat."""
+    """chat, plain, or native (a LawBench file's own instruction and question, LawBench's protocol); None = the
+    adapter's own (its lawtune_config.yaml), a merged model's, else chat."""
     force: bool = False
     """Load the adapter even where the base model it records (architecture, vocabulary, tokenizer, embedding
     weights) differs from this one."""
 
     def __post_init__(self) -> None:
         if self.prompt_format is not None:
-            _check_choice("adapter.prompt_format", self.prompt_format, PROMPT_FORMATS)
+            _check_choice("adapter.prompt_format", self.prompt_format, EVAL_PROMPT_FORMATS)
 
 
 @dataclass
@@ -290,9 +298,12 @@ class EvalFileConfig(EvalConfig):
     """Report file (one JSON file: summary and every question's output)."""
     max_samples: int | None = None
     """Score only the first N questions."""
+    format: str = "auto"
+    """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_choice("eval.format", self.format, DATA_FORMATS)
         if self.max_samples is not None:
             _check_positive("eval.max_samples", self.max_samples)
 
@@ -421,12 +432,25 @@ class CheckConfig:
     tokenizer: str | None = None
     """Tokenizer directory: also report token lengths of training examples."""
     prompt_format: str = "chat"
-    """Prompt format of those token lengths (chat or plain)."""
+    """Prompt format of those token lengths (chat, plain, or native for LawBench files)."""
     json: bool = False
     """Print one JSON object."""
+    format: str = "auto"
+    """File format: jecqa, agieval or lawbench; auto = told by the first record's fields."""
 
     def __post_init__(self) -> None:
-        _check_choice("check.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        _check_choice("check.prompt_format", self.prompt_format, EVAL_PROMPT_FORMATS)
+        _check_choice("check.format", self.format, DATA_FORMATS)
+
+
+@dataclass
+class OverlapConfig:
+    a: str = ""
+    """The file that may hold the questions (e.g. a training file)."""
+    b: str = ""
+    """The file whose questions are looked for in A (e.g. a benchmark)."""
+    json: bool = False
+    """Print one JSON object: {"b_records", "overlap", "examples"}."""
 
 
 @dataclass
@@ -518,6 +542,12 @@ class CheckRun:
 
 
 @dataclass
+class OverlapRun:
+    overlap: OverlapConfig = field(default_factory=OverlapConfig)
+    source: str | None = None
+
+
+@dataclass
 class CompareRun:
     compare: CompareConfig = field(default_factory=CompareConfig)
     source: str | None = None
@@ -525,7 +555,8 @@ class CompareRun:
 
 COMMANDS: dict[str, type] = {"train": TrainRun, "demo": TrainRun, "eval": EvalRun, "predict": PredictRun,
                              "ask": AskRun, "serve": ServeRun, "merge": MergeRun, "data check": CheckRun,
-                             "compare": CompareRun, "distill": DistillRun}
+                             "compare": CompareRun, "distill": DistillRun,
+                             "data overlap": OverlapRun}
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
 KNOWN_SECTIONS = {f.name for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.name != "source"}
 SHORTHANDS = {"model": "model.path", "data": "data.train"}

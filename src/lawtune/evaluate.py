@@ -24,7 +24,7 @@ from .generation.attention import FAST_ATTENTION, attention_implementation, eage
 from .progress import progress
 from .prompts import answer_text, render_prompt
 from .rundir import resolve_prompt_format, training_overlap
-from .scoring import extract_answer, summarize
+from .scoring import extract_answer, lawbench_summary, summarize
 
 log = logging.getLogger("lawtune")
 
@@ -259,6 +259,10 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     bar.close()
     elapsed = time.time() - start
     summary = summarize(samples)
+    if any(r.format == "lawbench" for r in records):
+        # the output names the letters as shown (re-lettered with --shuffle-options)
+        summary.update(lawbench_summary([{"output": s["output"], "gold": shown[i][0].answer}
+                                         for i, (s, r) in enumerate(zip(samples, records)) if r.format == "lawbench"]))
     summary["questions_per_s"] = round(len(records) / max(elapsed, 1e-9), 2)
     summary["seconds"] = round(elapsed, 2)
     summary["mode"] = ecfg.mode
@@ -302,7 +306,7 @@ def run_eval(cfg: EvalRun) -> dict:
     output = Path(ecfg.output)
     if output.is_dir():
         raise ValueError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
-    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples)
+    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format)
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", data, count, reason)
     prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)

@@ -46,7 +46,7 @@ PLAIN_TEMPLATE = (
 THINK_OPEN = "<think>\n"
 # What closes the think block before the answer, per format: the chat form mirrors what R1 models
 # emit ("</think>\n\n"); the plain form is the original template's "\n</think>" plus a line break.
-THINK_CLOSE = {"chat": "\n</think>\n\n", "plain": "\n</think>\n"}
+THINK_CLOSE = {"chat": "\n</think>\n\n", "plain": "\n</think>\n", "native": "\n</think>\n\n"}
 ANSWER_PREFIX = "答案："
 
 
@@ -68,6 +68,15 @@ def chat_user_text(record: Record) -> str:
 def _open_prompt(record: Record, tokenizer, prompt_format: str) -> str:
     """The prompt up to and including the opening ``<think>\\n`` of the assistant turn."""
     question = format_question(record)
+    if prompt_format == "native":
+        # LawBench's protocol: the file's own instruction and question are the user turn, in the chat template
+        if record.format != "lawbench":
+            raise ValueError(f"{record.where or record.id}: prompt format 'native' needs a LawBench file (its "
+                             f"instruction and question); this record is {record.format}")
+        user = record.extra["instruction"] + "\n" + record.extra["question"]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+        return text if text.endswith(THINK_OPEN) else text + THINK_OPEN
     if prompt_format == "plain":
         return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(question=question)
     if not getattr(tokenizer, "chat_template", None):

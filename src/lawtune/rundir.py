@@ -18,16 +18,21 @@ from pathlib import Path
 import yaml
 
 from .config import save_config
-from .data import Record, sha256_file, statement_key
+from .data import Record, legacy_statement_key, sha256_file, statement_key
 
 CONFIG_FILE = "lawtune_config.yaml"
 MANIFEST_FILE = "data_manifest.json"
 MERGE_INFO = "lawtune_merge.json"
 
 
-def statement_hash(record: Record) -> str:
-    """A short hash of a record's statement: what a manifest keeps of the questions trained on."""
-    return hashlib.sha256(statement_key(record).encode("utf-8")).hexdigest()[:16]
+# The manifest says which statement key its hashes are of; manifests without it used the legacy key.
+STATEMENT_KEY_VERSION = "normalized-1"
+
+
+def statement_hash(record: Record, legacy: bool = False) -> str:
+    """A short hash of a record's statement key: what a manifest keeps of the questions trained on."""
+    key = legacy_statement_key(record) if legacy else statement_key(record)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
 def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
@@ -110,8 +115,10 @@ def training_overlap(adapter: str | None, records: list[Record]) -> int:
     manifest_path = Path(adapter) / MANIFEST_FILE
     if not manifest_path.is_file():
         return 0
-    trained = set(json.loads(manifest_path.read_text(encoding="utf-8")).get("train_statements_sha256", []))
-    return sum(statement_hash(r) in trained for r in records)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    trained = set(manifest.get("train_statements_sha256", []))
+    legacy = manifest.get("train_statements_key") != STATEMENT_KEY_VERSION
+    return sum(statement_hash(r, legacy=legacy) in trained for r in records)
 
 
 # ----------------------------------------------------------------------------- a training run's output folder

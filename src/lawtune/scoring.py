@@ -27,7 +27,7 @@ _MARKER = re.compile(
 # "故选择", "answer is", markdown bold, an opening bracket.  Bounded so that a
 # marker cannot reach letters far away in unrelated text.
 _FILLER = re.compile(
-    r"(?:\s|[:=*(\[【「{]|是|为|应|该|当|选项|选|择|即|就|则|最终|"
+    r"(?:\s|[:=*(\[\]【】「{]|是|为|应|该|当|选项|选|择|即|就|则|最终|"
     r"(?i:is|are|would\s+be|should\s+be|will\s+be))*"
 )
 _FILLER_MAX = 16
@@ -213,3 +213,23 @@ def summarize(samples: list[dict]) -> dict:
         "option_f1": _option_f1(samples),
         "avg_generated_tokens": tokens / n if n else 0.0,
     }
+
+
+LAWBENCH_RULE = ("LawBench's rule, applied to the text after the last </think> (R1 reasoning mentions every option "
+                 "letter): correct when the gold letter appears and no other option letter does; abstained when no "
+                 "option letter appears")
+
+
+def lawbench_judgement(output: str, gold: list[str], letters: str = "ABCD") -> tuple[bool, bool]:
+    """(correct, abstained) of one output by LawBench's rule for its single-answer questions (``LAWBENCH_RULE``)."""
+    region = _normalize(output.rsplit("</think>", 1)[-1] if "</think>" in output else output)
+    present = {ch for ch in region if ch in letters}
+    return present == set(gold), not present
+
+
+def lawbench_summary(samples: list[dict]) -> dict:
+    """lawbench_score and abstention_rate over samples with ``output`` and ``gold``."""
+    judged = [lawbench_judgement(s.get("output") or "", s.get("gold") or []) for s in samples]
+    n = len(judged)
+    return {"lawbench_score": sum(c for c, _ in judged) / n if n else 0.0,
+            "abstention_rate": sum(a for _, a in judged) / n if n else 0.0, "lawbench_rule": LAWBENCH_RULE}

@@ -1,9 +1,11 @@
 """Data: file formats (one module each), the record they are read into, the split, statistics.
 
-``load_records`` is the one entry point; today it reads the JEC-QA release format (``jecqa.py``).
+``load_records`` (``load.py``) is the one entry point; it reads JEC-QA (``jecqa.py``), AGIEval (``agieval.py``)
+and LawBench (``lawbench.py``) files.
 """
 
-from .jecqa import parse_record, load_records
+from .jecqa import parse_record
+from .load import FORMATS, load_records
 from .records import (
     TYPE_NAMES,
     DataError,
@@ -12,11 +14,13 @@ from .records import (
     count_repeated,
     data_stats,
     drop_overlap,
+    find_overlap,
+    legacy_statement_key,
     sha256_file,
     split_records,
     statement_key,
     write_jsonl,
 )
 
-__all__ = ["TYPE_NAMES", "DataError", "LoadResult", "Record", "count_repeated", "data_stats", "drop_overlap",
-           "load_records", "parse_record", "sha256_file", "split_records", "statement_key", "write_jsonl"]
+__all__ = ["FORMATS", "TYPE_NAMES", "DataError", "LoadResult", "Record", "count_repeated", "data_stats", "drop_overlap", "find_overlap",
+           "legacy_statement_key", "load_records", "parse_record", "sha256_file", "split_records", "statement_key", "write_jsonl"]

@@ -1,55 +1,20 @@
 """The JEC-QA release format: JSON Lines (or one JSON array) of ``id``, ``statement``, ``option_list``,
 ``answer`` (and optional ``type``, ``subject``, ``reasoning``).
 
-Release files are JSON Lines; converted copies are often one JSON array. Both load, the shape detected
-from the first non-blank character. Every record is validated and every problem is reported as
-``FILE:LINE: what is wrong``; nothing is dropped silently (records with an empty answer list are skipped
-and counted, since training and scoring need a gold answer).
+Every record is validated and every problem is reported as ``FILE:LINE: what is wrong``; nothing is dropped
+silently (records with an empty answer list are skipped and counted, since training and scoring need a gold
+answer). Reading the file and the loop over its records are in ``load.py``.
 """
 
 from __future__ import annotations
 
-import json
 import string
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from .records import TYPE_NAMES, DataError, LoadResult, Record
+from .records import TYPE_NAMES, Record
 
 ANSWER_MISSING = "missing field 'answer' (needed for training and evaluation)"
 KNOWN_FIELDS = {"id", "statement", "option_list", "answer", "type", "subject", "reasoning"}
-
-
-def _iter_objects(path: Path, text: str):
-    """Yield (line_number, object_or_error_message) for JSON Lines or a JSON array."""
-    stripped = text.lstrip("\ufeff \t\r\n")
-    if stripped.startswith("["):
-        decoder = json.JSONDecoder()
-        pos = text.index("[") + 1
-        while True:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
-            if pos >= len(text):
-                yield text.count("\n") + 1, "unterminated JSON array (missing ']')"
-                return
-            if text[pos] == "]":
-                return
-            line = text.count("\n", 0, pos) + 1
-            try:
-                obj, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError as exc:
-                yield text.count("\n", 0, exc.pos) + 1, f"malformed JSON ({exc.msg})"
-                return
-            yield line, obj
-    else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield number, f"malformed JSON ({exc.msg})"
 
 
 def _normalize_type(value: Any, record_id: str) -> str:
@@ -124,44 +89,9 @@ def parse_record(obj: Any, where: str, require_answer: bool) -> tuple[Record | N
     return record, None, None
 
 
-def load_records(path: str | Path, require_answer: bool = True, max_samples: int | None = None) -> LoadResult:
-    """Load and validate a JEC-QA file; raise DataError listing every problem found."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError([f"{path}: is a directory; give a JEC-QA file (JSON Lines or a JSON array)"])
-    if not path.is_file():
-        raise DataError([f"{path}: file not found"])
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    records: list[Record] = []
-    problems: list[str] = []
-    skipped: Counter = Counter()
-    seen_ids: dict[str, str] = {}
-    for line, obj in _iter_objects(path, text):
-        where = f"{path}:{line}"
-        if isinstance(obj, str):
-            problems.append(f"{where}: {obj}")
-            continue
-        record, problem, skip = parse_record(obj, where, require_answer)
-        if problem:
-            problems.append(problem)
-        elif skip:
-            skipped[skip] += 1
-        elif record.id in seen_ids:
-            problems.append(f"{where}: duplicate id {record.id!r} (first at {seen_ids[record.id]})")
-        else:
-            seen_ids[record.id] = where
-            records.append(record)
-            if max_samples is not None and len(records) >= max_samples:
-                break
-    unanswered = [p for p in problems if p.endswith(ANSWER_MISSING)]
-    if unanswered and len(unanswered) == len(problems):
-        raise DataError([f"{unanswered[0].rsplit(': ', 1)[0]}: {len(unanswered)} records have no 'answer' (scoring and "
-                         f"training need one); to answer questions without gold answers use `lawtune predict`"])
-    if problems:
-        raise DataError(problems)
-    if not records:
-        raise DataError([f"{path}: no usable records"])
-    return LoadResult(records=records, skipped=dict(skipped), path=str(path))
+def looks_like(obj: Any) -> bool:
+    return isinstance(obj, dict) and "option_list" in obj
+
+
+def parse(obj: Any, where: str, require_answer: bool, path, index: int):
+    return parse_record(obj, where, require_answer) + (None,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ class Record:
     """Unknown fields, kept and written back unchanged."""
     where: str = ""
     """FILE:LINE the record came from, for messages."""
+    format: str = "jecqa"
+    """The file format it was read from (jecqa, agieval, lawbench): LawBench's files are also scored by its rule."""
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"id": self.id, "statement": self.statement, "option_list": dict(self.options)}
@@ -67,7 +70,16 @@ class LoadResult:
 
 
 def statement_key(record: Record) -> str:
-    """Repeated questions are detected on the whitespace-free statement."""
+    """What makes two questions the same one, in any format: the statement (options are never part of it; a
+    LawBench question's inline options are split off when it is read) folded to half width (NFKC), lower case,
+    without whitespace or punctuation. Copies of JEC-QA in AGIEval and LawBench differ from the release in
+    exactly those."""
+    text = unicodedata.normalize("NFKC", record.statement).lower()
+    return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith(("P", "S")))
+
+
+def legacy_statement_key(record: Record) -> str:
+    """The key of manifests written before statement_key was normalised: the whitespace-free statement."""
     return "".join(record.statement.split())
 
 
@@ -97,6 +109,14 @@ def drop_overlap(train: list[Record], held_out: list[Record]) -> tuple[list[Reco
     eval_keys = {statement_key(r) for r in held_out}
     kept = [r for r in train if statement_key(r) not in eval_keys]
     return kept, len(train) - len(kept)
+
+
+def find_overlap(a: list[Record], b: list[Record]) -> list[tuple[Record, Record]]:
+    """(record of b, the record of a with the same statement key) for every record of b that a holds."""
+    by_key = {}
+    for record in a:
+        by_key.setdefault(statement_key(record), record)
+    return [(r, by_key[statement_key(r)]) for r in b if statement_key(r) in by_key]
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> None:

@@ -26,7 +26,7 @@ from ..data import drop_overlap, load_records, sha256_file, split_records, write
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
-from ..rundir import prepare_run_dir, run_fingerprint, save_model_dir, statement_hash
+from ..rundir import STATEMENT_KEY_VERSION, prepare_run_dir, run_fingerprint, save_model_dir, statement_hash
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
 from .collate import CountingCollator, PlannedBatches, make_collator, plan_batches
 from .kernels import apply_liger, compile_layers, install_packed_block_mask
@@ -41,7 +41,7 @@ log = logging.getLogger("lawtune")
 
 def prepare_data(cfg: TrainRun, out: Path) -> tuple[list, list, dict]:
     """Load, split and write the split actually used; returns (train, eval, manifest)."""
-    loaded = load_records(cfg.data.train, require_answer=True, max_samples=cfg.data.max_samples)
+    loaded = load_records(cfg.data.train, require_answer=True, max_samples=cfg.data.max_samples, fmt=cfg.data.format)
     manifest: dict = {
         "files": [{"role": "train", "path": str(Path(cfg.data.train).resolve()), "sha256": sha256_file(cfg.data.train),
                    "records": len(loaded.records), "skipped": loaded.skipped}],
@@ -51,7 +51,7 @@ def prepare_data(cfg: TrainRun, out: Path) -> tuple[list, list, dict]:
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", cfg.data.train, count, reason)
     if cfg.data.eval:
-        held = load_records(cfg.data.eval, require_answer=True)
+        held = load_records(cfg.data.eval, require_answer=True, fmt=cfg.data.format)
         train_records, overlap = drop_overlap(loaded.records, held.records)
         eval_records = held.records
         manifest["files"].append({"role": "eval", "path": str(Path(cfg.data.eval).resolve()),
@@ -72,6 +72,7 @@ def prepare_data(cfg: TrainRun, out: Path) -> tuple[list, list, dict]:
         write_jsonl(eval_records, out / "data" / "eval.jsonl")
     manifest["split_files"] = {"train": "data/train.jsonl", "eval": "data/eval.jsonl"}
     manifest["train_statements_sha256"] = sorted({statement_hash(r) for r in train_records})
+    manifest["train_statements_key"] = STATEMENT_KEY_VERSION
     return train_records, eval_records, manifest
 
 
@@ -80,7 +81,7 @@ def mix_answer_only(cfg: TrainRun, n_train: int, eval_records: list, manifest: d
     with the held-out split; their ids get ``#direct`` (the same question may also be a trace)."""
     import random
 
-    mixed = load_records(cfg.data.mix, require_answer=True)
+    mixed = load_records(cfg.data.mix, require_answer=True, fmt=cfg.data.format)
     pool, overlap = drop_overlap(mixed.records, eval_records)
     want = round(cfg.data.mix_ratio * n_train)
     if want > len(pool):
