@@ -210,3 +210,22 @@ def test_a_run_with_constant_answers_is_flagged_and_empty_categories_are_not_dra
     write_html(result, "a.json", "b.json", html_path)
     page = html_path.read_text(encoding="utf-8")
     assert "B answers ABCD" in page and "CA A:" not in page
+
+
+def test_sampled_reports_are_compared_on_their_per_question_means():
+    from lawtune.compare import compare_reports, format_comparison, paired_permutation
+
+    def sampled(means):
+        return {"summary": {"mode": "reasoning"}, "samples": [
+            {"id": str(i), "type": "KD", "gold": ["A"], "pred": ["A"] if m > 0.5 else ["B"], "correct": m > 0.5,
+             "valid": True, "forced": False, "output": "", "mean_correct": m} for i, m in enumerate(means)]}
+
+    a = sampled([0.25] * 30 + [0.5] * 10)
+    b = sampled([0.75] * 30 + [0.5] * 10)
+    result = compare_reports(a, b)
+    assert result["sampled"]["diff"] == pytest.approx(0.375) and result["sampled"]["p_value"] < 0.001
+    assert "permutation" in format_comparison(result, "a", "b")
+    assert paired_permutation([0.5] * 20, [0.5] * 20) == 1.0  # no difference at all
+    assert compare_reports(a, a)["sampled"]["p_value"] == 1.0
+    plain = {"summary": {}, "samples": [{k: v for k, v in s.items() if k != "mean_correct"} for s in a["samples"]]}
+    assert compare_reports(plain, plain)["sampled"] is None

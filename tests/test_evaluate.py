@@ -6,7 +6,7 @@ import torch
 from conftest import synthetic_records, write_jsonl
 from lawtune.config import AdapterConfig, EvalConfig, EvalFileConfig, EvalRun, GenerationConfig, ModelConfig
 from lawtune.data import Record, load_records
-from lawtune.demo import build_tiny_model, build_tokenizer
+from lawtune.demo import build_tiny_model, build_tokenizer, demo_data_path
 from lawtune.evaluate import candidate_answers, evaluate_records, run_eval, score_candidates, shuffle_options
 from lawtune.prompts import answer_text, render_prompt
 
@@ -140,3 +140,41 @@ def test_prompts_are_left_padded_exactly_as_the_tokenizer_pads_them(tiny_tokeniz
     got = encode_batch(tiny_tokenizer, texts, torch.device("cpu"))
     assert got["input_ids"].shape[1] > 3
     assert torch.equal(got["input_ids"], ref["input_ids"]) and torch.equal(got["attention_mask"], ref["attention_mask"])
+
+
+def _drawn(pred, gold="AC"):
+    valid = pred is not None
+    return {"pred": list(pred or ""), "valid": valid, "correct": valid and set(pred) == set(gold), "forced": False,
+            "generated_tokens": 3, "output": f"答案：{pred}"}
+
+
+def test_majority_vote_mean_and_any_correct_on_planted_samples():
+    from lawtune.evaluate import vote
+
+    v = vote([_drawn("B"), _drawn("AC"), _drawn("AC"), _drawn(None)])
+    assert v["pred"] == ["A", "C"] and v["correct"] and v["mean_correct"] == 0.5 and v["any_correct"]
+    assert v["agreement"] == 0.5 and len(v["sampled"]) == 4
+    tie = vote([_drawn("B"), _drawn("AC"), _drawn("AC"), _drawn("B")])
+    assert tie["pred"] == ["B"] and not tie["correct"]  # a tie goes to the set sampled first
+    unreadable = vote([_drawn(None), _drawn(None)])
+    assert not unreadable["correct"] and not unreadable["any_correct"] and unreadable["agreement"] == 0.0
+    lucky = vote([_drawn("B"), _drawn("B"), _drawn("AC")])
+    assert not lucky["correct"] and lucky["any_correct"] and lucky["mean_correct"] == pytest.approx(1 / 3)
+
+
+def test_eval_with_k_samples_reports_avg_maj_and_pass_at_k(tiny_model_dir, tmp_path):
+    from lawtune.cli import main
+
+    out = tmp_path / "k.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--max-samples", "12",
+                 "--samples", "3", "--output", str(out), "model.dtype=float32"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    s = report["summary"]
+    assert s["samples"] == 3 and s["avg@3"] <= s["pass@3"] and s["maj@3"] == s["accuracy"]
+    assert s["maj@3"] <= s["pass@3"] and "sampled first" in s["majority_rule"]
+    for q in report["samples"]:
+        assert len(q["sampled"]) == 3 and q["mean_correct"] == sum(x["correct"] for x in q["sampled"]) / 3
+    again = tmp_path / "k2.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--max-samples", "12",
+                 "--samples", "3", "--output", str(again), "model.dtype=float32"]) == 0
+    assert json.loads(again.read_text(encoding="utf-8"))["samples"] == report["samples"]  # seeded: repeats

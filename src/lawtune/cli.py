@@ -31,7 +31,7 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
              ("--data", "eval.data"), ("--output", "eval.output"), ("--mode", "eval.mode"),
              ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"), ("--format", "eval.format"),
              ("--shuffle-options", "eval.shuffle_options"), ("--max-new-tokens", "generation.max_new_tokens"),
-             ("--sample", "generation.do_sample")],
+             ("--samples", "eval.samples")],
     "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
                 ("--data", "predict.data"), ("--output", "predict.output"), ("--mode", "predict.mode"),
                 ("--batch-size", "predict.batch_size"), ("--max-new-tokens", "generation.max_new_tokens"),

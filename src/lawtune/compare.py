@@ -129,6 +129,20 @@ def _most_common_answer(samples: list[dict]) -> tuple[str, float]:
     return letters, count / len(samples)
 
 
+PERMUTATIONS = 10000
+
+
+def paired_permutation(a: list[float], b: list[float], draws: int = PERMUTATIONS, seed: int = 0) -> float:
+    """Two-sided p of the mean paired difference b - a under random sign flips (each question's two means are
+    exchangeable under no difference): the test for sampled reports, whose per-question outcomes are the share of
+    correct samples, not yes/no (McNemar needs yes/no)."""
+    diffs = [y - x for x, y in zip(a, b)]
+    observed = abs(sum(diffs))
+    rng = random.Random(seed)
+    hits = sum(abs(sum(d if rng.random() < 0.5 else -d for d in diffs)) >= observed - 1e-12 for _ in range(draws))
+    return (hits + 1) / (draws + 1)
+
+
 def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """Pair two reports by question id and compare them."""
     sa, sb = a.get("summary", {}), b.get("summary", {})
@@ -174,8 +188,16 @@ def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict
     if gold_diff:
         warnings.append(f"{gold_diff} paired questions have different gold answers")
 
+    sampled = None
+    if n and all("mean_correct" in x and "mean_correct" in y for x, y in pairs):
+        mean_a, mean_b = [x["mean_correct"] for x, _ in pairs], [y["mean_correct"] for _, y in pairs]
+        sampled = {"avg_a": sum(mean_a) / n, "avg_b": sum(mean_b) / n, "diff": (sum(mean_b) - sum(mean_a)) / n,
+                   "p_value": paired_permutation(mean_a, mean_b, seed=seed),
+                   "test": f"paired sign-flip permutation test on the per-question avg@K ({PERMUTATIONS:,} draws, "
+                           f"seed {seed})"}
     return {
         "n_paired": n,
+        "sampled": sampled,
         "unmatched": {"a": unmatched_a, "b": unmatched_b},
         "accuracy": {"a": acc_a, "b": acc_b, "diff": acc_b - acc_a},
         "a_only": a_only,
@@ -292,7 +314,14 @@ def format_comparison(result: dict, name_a: str, name_b: str) -> str:
                  f"({result['ci'].get('n_boot')} resamples, seed {result['ci'].get('seed')})")
     lines.append(f"right in A, wrong in B (A only) {_flip_text(result['a_only'])}")
     lines.append(f"right in B, wrong in A (B only) {_flip_text(result['b_only'])}")
-    lines.append(f"McNemar exact p = {result['mcnemar']['p_value']:.4g}: {_interpret(result)}")
+    if result.get("sampled"):
+        s = result["sampled"]
+        lines.append(f"sampled reports: avg@K A {100 * s['avg_a']:.1f}%, B {100 * s['avg_b']:.1f}% "
+                     f"(Δ {100 * s['diff']:+.1f}); {s['test']}: p = {s['p_value']:.4g}")
+        lines.append(f"(McNemar below is on the majority answers, maj@K) McNemar exact p = "
+                     f"{result['mcnemar']['p_value']:.4g}: {_interpret(result)}")
+    else:
+        lines.append(f"McNemar exact p = {result['mcnemar']['p_value']:.4g}: {_interpret(result)}")
     for w in result["warnings"]:
         lines.append(f"WARNING: {w}")
     return "\n".join(lines) + "\n"

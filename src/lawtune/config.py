@@ -300,9 +300,16 @@ class EvalFileConfig(EvalConfig):
     """Score only the first N questions."""
     format: str = "auto"
     """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    samples: int = 1
+    """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
+    gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_positive("eval.samples", self.samples)
+        if self.samples > 1 and self.mode == "choice":
+            raise ConfigError("eval.samples: choice mode scores every answer set, nothing is sampled; use direct or "
+                              "reasoning")
         _check_choice("eval.format", self.format, DATA_FORMATS)
         if self.max_samples is not None:
             _check_positive("eval.max_samples", self.max_samples)

@@ -6,6 +6,7 @@ predicted letter set equals the gold set); extraction and the summary live in ``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -217,6 +218,29 @@ def _choice(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[
 MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
 
 
+MAJORITY_RULE = ("maj@K: the answer set most samples gave; unreadable samples do not vote; a tie goes to the set "
+                 "that was sampled first. A question's pred/correct/output are its majority answer's")
+
+
+def vote(drawn: list[dict]) -> dict:
+    """One question's K samples as one sample: the majority answer set (``MAJORITY_RULE``), with the per-question
+    mean and any correct (avg@K, pass@K) and the agreement among the samples."""
+    votes: dict[tuple, int] = {}
+    for d in drawn:
+        if d["valid"]:
+            key = tuple(sorted(d["pred"]))
+            votes[key] = votes.get(key, 0) + 1  # dicts keep insertion order: the first sampled set wins a tie
+    winner = max(votes, key=votes.get) if votes else None
+    best = next((d for d in drawn if d["valid"] and tuple(sorted(d["pred"])) == winner), drawn[0])
+    return {**best, "correct": bool(winner is not None and best["correct"]),
+            "mean_correct": sum(d["correct"] for d in drawn) / len(drawn), "any_correct": any(d["correct"] for d in drawn),
+            "agreement": (votes[winner] / len(drawn)) if winner is not None else 0.0,
+            "forced": sum(d["forced"] for d in drawn) > len(drawn) / 2,
+            "generated_tokens": sum(d["generated_tokens"] for d in drawn),
+            "sampled": [{"pred": d["pred"], "valid": d["valid"], "correct": d["correct"], "output": d["output"]}
+                        for d in drawn]}
+
+
 # Generating modes hand the engine this many batches' worth of questions at once: a row that ends takes the next
 # question instead of waiting for the longest row of its batch (the progress bar moves once a chunk).
 GENERATE_CHUNK = 8
@@ -239,19 +263,28 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     bar = progress(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress)
     start = time.time()
     chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
+    k_samples = getattr(ecfg, "samples", 1)
+    # K samples: sample j draws with seed + j (each question's draws come from (seed + j, its id) alone)
+    configs = [dataclasses.replace(gcfg, do_sample=True, seed=gcfg.seed + j) for j in range(k_samples)] \
+        if k_samples > 1 else [gcfg]
     for k in range(0, len(order), chunk):
         idx = order[k: k + chunk]
-        rows = answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, gcfg,
-                            slots=ecfg.batch_size)
-        for i, row in zip(idx, rows):
+        runs = [answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, g,
+                             slots=ecfg.batch_size) for g in configs]
+        for n, i in enumerate(idx):
             record, new_to_old = records[i], shown[i][1]
-            pred = row["pred"]
-            if pred is not None and new_to_old:
-                pred = sorted(new_to_old[p] for p in pred)
             gold = record.answer or []
-            samples[i] = {"id": record.id, "type": record.type, "gold": gold, "pred": pred or [],
-                          "valid": pred is not None, "correct": pred is not None and set(pred) == set(gold),
-                          "forced": row["forced"], "generated_tokens": row["generated_tokens"], "output": row["output"]}
+            drawn = []
+            for rows in runs:
+                row = rows[n]
+                pred = row["pred"]
+                if pred is not None and new_to_old:
+                    pred = sorted(new_to_old[p] for p in pred)
+                drawn.append({"pred": pred or [], "valid": pred is not None,
+                              "correct": pred is not None and set(pred) == set(gold), "forced": row["forced"],
+                              "generated_tokens": row["generated_tokens"], "output": row["output"]})
+            samples[i] = {"id": record.id, "type": record.type, "gold": gold, **(drawn[0] if k_samples == 1 else
+                                                                                   vote(drawn))}
             if new_to_old:
                 samples[i]["shown_letters"] = new_to_old
         bar.update(len(idx))
@@ -259,6 +292,12 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     bar.close()
     elapsed = time.time() - start
     summary = summarize(samples)
+    if k_samples > 1:
+        n = len(samples) or 1
+        summary.update({"samples": k_samples, f"avg@{k_samples}": sum(s["mean_correct"] for s in samples) / n,
+                        f"maj@{k_samples}": sum(s["correct"] for s in samples) / n,
+                        f"pass@{k_samples}": sum(s["any_correct"] for s in samples) / n,
+                        "majority_rule": MAJORITY_RULE})
     if any(r.format == "lawbench" for r in records):
         # the output names the letters as shown (re-lettered with --shuffle-options)
         summary.update(lawbench_summary([{"output": s["output"], "gold": shown[i][0].answer}
