@@ -31,7 +31,7 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
              ("--data", "eval.data"), ("--output", "eval.output"), ("--mode", "eval.mode"),
              ("--batch-size", "eval.batch_size"), ("--max-samples", "eval.max_samples"), ("--format", "eval.format"),
              ("--shuffle-options", "eval.shuffle_options"), ("--max-new-tokens", "generation.max_new_tokens"),
-             ("--samples", "eval.samples")],
+             ("--samples", "eval.samples"), ("--suite", "eval.suite")],
     "predict": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--prompt-format", "adapter.prompt_format"), ("--force", "adapter.force"),
                 ("--data", "predict.data"), ("--output", "predict.output"), ("--mode", "predict.mode"),
                 ("--batch-size", "predict.batch_size"), ("--max-new-tokens", "generation.max_new_tokens"),
@@ -276,6 +276,11 @@ def cmd_eval(cfg, args) -> int:
     from .evaluate import run_eval
 
     report = run_eval(cfg)
+    if cfg.eval.suite:
+        for name, s in report["runs"].items():
+            print(f"{name}: {s['mode']} accuracy {s['accuracy']:.4f} on {s['n']} questions ({s['data']})")
+        print(f"page -> {report['page']}")
+        return 0
     s = report["summary"]
     print(f"{s['mode']}: accuracy {s['accuracy']:.4f} on {s['n']} questions (single {s['single']['accuracy']:.4f}, "
           f"multi {s['multi']['accuracy']:.4f}), invalid {s['invalid']}, forced {s['forced']}, "

@@ -300,6 +300,9 @@ class EvalFileConfig(EvalConfig):
     """Score only the first N questions."""
     format: str = "auto"
     """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    suite: str | None = None
+    """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format): every
+    run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
     samples: int = 1
     """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
     gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
@@ -307,6 +310,8 @@ class EvalFileConfig(EvalConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_positive("eval.samples", self.samples)
+        if self.suite and self.data:
+            raise ConfigError("eval.data: a suite names its own files (its runs' data); give --suite or --data")
         if self.samples > 1 and self.mode == "choice":
             raise ConfigError("eval.samples: choice mode scores every answer set, nothing is sampled; use direct or "
                               "reasoning")

@@ -335,31 +335,52 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 # ----------------------------------------------------------------------------- command
 
 
-def run_eval(cfg: EvalRun) -> dict:
-    """`lawtune eval`: load the model once, score a file, write the report (one JSON file)."""
-    from .model import load_for_inference, quiet_loading
-
-    ecfg, data, adapter = cfg.eval, cfg.eval.data, cfg.adapter.path
-    if not data:
-        raise ValueError("eval.data: no file to score (pass --data FILE)")
-    output = Path(ecfg.output)
-    if output.is_dir():
-        raise ValueError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
+def load_eval_file(data: str, ecfg, adapter: str | None) -> tuple:
+    """(records, skipped, training overlap) of a file to score; warns loudly about questions the adapter trained on."""
     loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format)
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", data, count, reason)
-    prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
     overlap = training_overlap(adapter, loaded.records)
     if overlap:
         log.warning("!!! %d of %d questions in %s share a statement with this adapter's TRAINING split: "
                     "the accuracy below is not a held-out result !!!", overlap, len(loaded.records), data)
-    quiet_loading()
-    model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
-    samples, summary = evaluate_records(model, tokenizer, loaded.records, ecfg, cfg.generation, prompt_format)
-    summary.update({"model": cfg.model.path, "adapter": adapter, "data": str(data), "data_sha256": sha256_file(data),
-                    "prompt_format": prompt_format, "shuffle_options": ecfg.shuffle_options,
-                    "skipped": loaded.skipped, "train_overlap": overlap})
-    report = {"summary": summary, "samples": samples}
+    return loaded.records, loaded.skipped, overlap
+
+
+def score_file(model, tokenizer, records, skipped, overlap, cfg: EvalRun, prompt_format: str) -> dict:
+    """The report of one file: its summary and every question."""
+    ecfg, data = cfg.eval, cfg.eval.data
+    samples, summary = evaluate_records(model, tokenizer, records, ecfg, cfg.generation, prompt_format)
+    summary.update({"model": cfg.model.path, "adapter": cfg.adapter.path, "data": str(data),
+                    "data_sha256": sha256_file(data), "prompt_format": prompt_format,
+                    "shuffle_options": ecfg.shuffle_options, "skipped": skipped, "train_overlap": overlap})
+    return {"summary": summary, "samples": samples}
+
+
+def write_report(report: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def run_eval(cfg: EvalRun) -> dict:
+    """`lawtune eval`: load the model once, score a file, write the report (one JSON file); with ``eval.suite``,
+    several files and modes and one HTML page (``suite.py``)."""
+    from .model import load_for_inference, quiet_loading
+
+    ecfg, data, adapter = cfg.eval, cfg.eval.data, cfg.adapter.path
+    if ecfg.suite:
+        from .suite import run_suite
+
+        return run_suite(cfg)
+    if not data:
+        raise ValueError("eval.data: no file to score (pass --data FILE, or --suite SUITE.yaml)")
+    output = Path(ecfg.output)
+    if output.is_dir():
+        raise ValueError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
+    records, skipped, overlap = load_eval_file(data, ecfg, adapter)
+    prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
+    quiet_loading()
+    model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
+    report = score_file(model, tokenizer, records, skipped, overlap, cfg, prompt_format)
+    write_report(report, output)
     return report

@@ -1,0 +1,172 @@
+"""`lawtune eval --suite suite.yaml --output page.html`: one model on several benchmarks and modes, one page.
+
+The suite YAML names the model (and adapter) and its runs::
+
+    model: ./DeepSeek-R1-Distill-Qwen-1.5B      # optional: else --model
+    adapter: outputs/run/final_model            # optional: else --adapter
+    runs:
+      - {name: jecqa_direct, data: JEC-QA/dev.json, mode: direct}
+      - {name: lawbench12, data: LawBench/data/zero_shot/1-2.json, mode: reasoning, prompt_format: native,
+         samples: 4, max_new_tokens: 4096}
+
+The model is loaded once; each run's report is written as ``page.<name>.json`` (the report `lawtune eval` writes,
+which `compare` reads) and the page holds a table per benchmark (data file), bars per category, and every
+question's output one click away. Self-contained HTML: no script or style is fetched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import re
+from pathlib import Path
+
+import yaml
+
+from .config import EVAL_PROMPT_FORMATS, ConfigError, EvalRun
+from .evaluate import load_eval_file, score_file, write_report
+from .rundir import resolve_prompt_format
+
+RUN_KEYS = {"name", "data", "mode", "prompt_format", "samples", "max_new_tokens", "format"}
+CATEGORIES = ("single", "multi", "KD", "CA")
+
+
+def read_suite(path: str) -> dict:
+    """The suite file, checked: every problem is named with its run and key."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"eval.suite: {path} not found")
+    raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict) or set(raw) - {"model", "adapter", "runs"}:
+        extra = sorted(set(raw) - {"model", "adapter", "runs"}) if isinstance(raw, dict) else []
+        raise ConfigError(f"{path}: a suite has model, adapter and runs{'; unknown: ' + ', '.join(extra) if extra else ''}")
+    runs = raw.get("runs")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{path}: runs: expected a list of runs (name, data, mode, …)")
+    names = set()
+    for k, run in enumerate(runs, start=1):
+        where = f"{path}: runs[{k}]"
+        if not isinstance(run, dict):
+            raise ConfigError(f"{where}: expected a mapping")
+        unknown = sorted(set(run) - RUN_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]}; valid: {', '.join(sorted(RUN_KEYS))}")
+        for key in ("name", "data"):
+            if not isinstance(run.get(key), str) or not run[key]:
+                raise ConfigError(f"{where}.{key}: required")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", run["name"]) or run["name"] in names:
+            raise ConfigError(f"{where}.name: {run['name']!r} must be unique and made of letters, digits, . _ -")
+        names.add(run["name"])
+        if run.get("prompt_format") not in (None, *EVAL_PROMPT_FORMATS):
+            raise ConfigError(f"{where}.prompt_format: one of {', '.join(EVAL_PROMPT_FORMATS)}")
+    return raw
+
+
+def run_config(cfg: EvalRun, run: dict, where: str) -> EvalRun:
+    """The eval config of one run: the command's, with the run's data, mode, samples and budget."""
+    try:
+        ecfg = dataclasses.replace(cfg.eval, data=run["data"], suite=None, mode=run.get("mode", cfg.eval.mode),
+                                   samples=run.get("samples", cfg.eval.samples), format=run.get("format", cfg.eval.format))
+        gcfg = dataclasses.replace(cfg.generation, max_new_tokens=run.get("max_new_tokens", cfg.generation.max_new_tokens))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return dataclasses.replace(cfg, eval=ecfg, generation=gcfg)
+
+
+def run_suite(cfg: EvalRun) -> dict:
+    """Score every run of the suite with one loaded model; write each report and the page."""
+    from .model import load_for_inference, quiet_loading
+
+    suite = read_suite(cfg.eval.suite)
+    page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
+    if page.is_dir():
+        raise ValueError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
+    model_cfg = dataclasses.replace(cfg.model, path=suite.get("model") or cfg.model.path)
+    adapter = suite.get("adapter") or cfg.adapter.path
+    cfg = dataclasses.replace(cfg, model=model_cfg, adapter=dataclasses.replace(cfg.adapter, path=adapter))
+    if not model_cfg.path:
+        raise ConfigError(f"{cfg.eval.suite}: no model (give model: in the suite or --model)")
+    runs = [(run, run_config(cfg, run, f"{cfg.eval.suite}: run {run['name']}")) for run in suite["runs"]]
+    loaded = [load_eval_file(rc.eval.data, rc.eval, adapter) for _, rc in runs]  # every file checked first
+    quiet_loading()
+    model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force)
+    reports = {}
+    for (run, rc), (records, skipped, overlap) in zip(runs, loaded):
+        fmt = resolve_prompt_format(model_cfg.path, adapter, run.get("prompt_format") or cfg.adapter.prompt_format)
+        report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
+        report["summary"]["run"] = run["name"]
+        write_report(report, page.with_name(f"{page.stem}.{run['name']}.json"))
+        reports[run["name"]] = report
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render_page(reports, model_cfg.path, adapter), encoding="utf-8")
+    return {"runs": {name: r["summary"] for name, r in reports.items()}, "page": str(page)}
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _bars(summary: dict) -> str:
+    parts = []
+    for cat in CATEGORIES:
+        block = summary.get(cat) if cat in ("single", "multi") else (summary.get("by_type") or {}).get(cat)
+        if not block or not block.get("n"):
+            continue  # a category without questions is left out, not drawn as 0%
+        acc = block["accuracy"]
+        parts.append(f'<div class="bar"><span class="label">{cat} (n={block["n"]})</span>'
+                     f'<span class="track"><span class="fill" style="width:{100 * acc:.1f}%"></span></span>'
+                     f'<span class="value">{_pct(acc)}</span></div>')
+    return "".join(parts)
+
+
+def _questions(name: str, report: dict) -> str:
+    rows = []
+    for s in report["samples"]:
+        mark = "✓" if s["correct"] else "✗"
+        rows.append(f"<tr><td>{html.escape(str(s['id']))}</td><td>{''.join(s['gold'])}</td>"
+                    f"<td>{''.join(s['pred']) or '–'}</td><td>{mark}</td>"
+                    f"<td><details><summary>output</summary><pre>{html.escape(s.get('output') or '')}</pre>"
+                    f"</details></td></tr>")
+    return (f'<details class="questions" id="q-{html.escape(name)}"><summary>{html.escape(name)}: every question '
+            f'({len(report["samples"])})</summary><table><tr><th>id</th><th>gold</th><th>answer</th><th></th>'
+            f'<th></th></tr>{"".join(rows)}</table></details>')
+
+
+def render_page(reports: dict, model: str, adapter: str | None) -> str:
+    by_data: dict[str, list[tuple[str, dict]]] = {}
+    for name, report in reports.items():
+        by_data.setdefault(report["summary"]["data"], []).append((name, report))
+    sections = []
+    for data, items in by_data.items():
+        head = ("<tr><th>run</th><th>mode</th><th>prompt</th><th>n</th><th>accuracy</th><th>LawBench score</th>"
+                "<th>abstention</th><th>invalid</th><th>forced</th><th>avg / maj / pass@K</th></tr>")
+        rows, bars, questions = [], [], []
+        for name, report in items:
+            s = report["summary"]
+            k = s.get("samples")
+            sampled = (f"{_pct(s[f'avg@{k}'])} / {_pct(s[f'maj@{k}'])} / {_pct(s[f'pass@{k}'])} (K={k})"
+                       if k else "–")
+            rows.append(f'<tr data-run="{html.escape(name)}"><td>{html.escape(name)}</td><td>{s["mode"]}</td>'
+                        f'<td>{s["prompt_format"]}</td><td>{s["n"]}</td><td class="accuracy">{_pct(s["accuracy"])}</td>'
+                        f'<td class="lawbench">{_pct(s.get("lawbench_score"))}</td>'
+                        f'<td>{_pct(s.get("abstention_rate"))}</td><td>{s["invalid"]}</td><td>{s["forced"]}</td>'
+                        f"<td>{sampled}</td></tr>")
+            bars.append(f'<div class="bars"><h4>{html.escape(name)}</h4>{_bars(s)}</div>')
+            questions.append(_questions(name, report))
+        note = next((r["summary"]["lawbench_rule"] for _, r in items if r["summary"].get("lawbench_rule")), None)
+        sections.append(f'<section><h2>{html.escape(Path(data).name)}</h2><p class="path">{html.escape(data)}</p>'
+                        f'<table class="runs">{head}{"".join(rows)}</table>'
+                        + (f'<p class="note">{html.escape(note)}</p>' if note else "")
+                        + f'{"".join(bars)}{"".join(questions)}</section>')
+    style = ("body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left;vertical-align:top}"
+             ".bar{display:flex;align-items:center;gap:.5em;margin:.1em 0}.label{width:9em}"
+             ".track{display:inline-block;width:20em;height:.8em;background:#eee}"
+             ".fill{display:block;height:100%;background:#4a7}pre{white-space:pre-wrap;max-width:50em}"
+             ".note,.path{color:#555;font-size:.9em}")
+    title = f"lawtune: {model}" + (f" + {adapter}" if adapter else "")
+    return (f'<!doctype html><html lang="zh"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>")
