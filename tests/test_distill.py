@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REASONING, TOPIC_ANSWERS, synthetic_records, write_jsonl
+from conftest import REASONING, synthetic_records, write_jsonl
 from lawtune import distill
 from lawtune.cli import main
 from lawtune.data import load_records
