@@ -123,6 +123,28 @@ def answering_model_dir(tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture
+def chromium(tmp_path, monkeypatch):
+    """A headless Debian Chromium driven by Selenium (skips where it is not installed)."""
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian's chromium is not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
 def real_tokenizer():
     if not (SHARED / "tokenizer_config.json").is_file():
         pytest.skip("../shared/deepseek-r1-distill-qwen-1.5b is not present")

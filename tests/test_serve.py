@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -198,36 +197,23 @@ def test_the_command_starts_a_server(tiny_model_dir):
         proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
-def test_the_page_in_headless_chromium(answering, tmp_path, monkeypatch):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_the_page_in_headless_chromium(answering, chromium):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    monkeypatch.setenv("SE_OFFLINE", "true")  # never let Selenium Manager look for downloads
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-    try:
-        driver.get(f"{answering}/")
-        driver.find_element(By.ID, "question").send_keys(RECORD["statement"])
-        for letter, text in RECORD["option_list"].items():
-            driver.find_element(By.ID, f"option-{letter}").send_keys(text)
-        Select(driver.find_element(By.ID, "mode")).select_by_value("reasoning")
-        driver.find_element(By.ID, "ask").click()
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text in ("完成", "连接中断")
-                                        or d.find_element(By.ID, "status").text.startswith("出错"))
-        assert driver.find_element(By.ID, "status").text == "完成"
-        assert driver.find_element(By.ID, "answer").text == "答案：A"
-        assert driver.find_element(By.ID, "reasoning").text == REASONING
-        assert driver.find_element(By.ID, "content").text == "答案：A"
-    finally:
-        driver.quit()
+    driver = chromium
+    driver.get(f"{answering}/")
+    driver.find_element(By.ID, "question").send_keys(RECORD["statement"])
+    for letter, text in RECORD["option_list"].items():
+        driver.find_element(By.ID, f"option-{letter}").send_keys(text)
+    Select(driver.find_element(By.ID, "mode")).select_by_value("reasoning")
+    driver.find_element(By.ID, "ask").click()
+    WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text in ("完成", "连接中断")
+                                    or d.find_element(By.ID, "status").text.startswith("出错"))
+    assert driver.find_element(By.ID, "status").text == "完成"
+    assert driver.find_element(By.ID, "answer").text == "答案：A"
+    assert driver.find_element(By.ID, "reasoning").text == REASONING
+    assert driver.find_element(By.ID, "content").text == "答案：A"
 
 
 def test_max_tokens_caps_reasoning_with_its_forced_answer(rand):

@@ -51,29 +51,16 @@ def test_a_bad_run_is_named(tmp_path, capsys):
     assert "runs[1]: unknown key mood" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
-def test_the_page_in_headless_chromium(suite_page, tmp_path, monkeypatch):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+def test_the_page_in_headless_chromium(suite_page, chromium):
     from selenium.webdriver.common.by import By
 
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-    try:
-        driver.get(suite_page.as_uri())
-        rows = driver.find_elements(By.CSS_SELECTOR, "table.runs tr[data-run]")
-        assert [r.get_attribute("data-run") for r in rows] == ["jecqa_direct", "lawbench_native", "lawbench_k2"]
-        native = driver.find_element(By.CSS_SELECTOR, 'tr[data-run="lawbench_native"]')
-        assert native.find_element(By.CLASS_NAME, "accuracy").text == "33.3%"
-        assert native.find_element(By.CLASS_NAME, "lawbench").text == "33.3%"
-        details = driver.find_element(By.ID, "q-jecqa_direct")
-        details.find_element(By.TAG_NAME, "summary").click()  # every question one click away
-        assert len(details.find_elements(By.TAG_NAME, "tr")) == 1 + 3
-    finally:
-        driver.quit()
+    driver = chromium
+    driver.get(suite_page.as_uri())
+    rows = driver.find_elements(By.CSS_SELECTOR, "table.runs tr[data-run]")
+    assert [r.get_attribute("data-run") for r in rows] == ["jecqa_direct", "lawbench_native", "lawbench_k2"]
+    native = driver.find_element(By.CSS_SELECTOR, 'tr[data-run="lawbench_native"]')
+    assert native.find_element(By.CLASS_NAME, "accuracy").text == "33.3%"
+    assert native.find_element(By.CLASS_NAME, "lawbench").text == "33.3%"
+    details = driver.find_element(By.ID, "q-jecqa_direct")
+    details.find_element(By.TAG_NAME, "summary").click()  # every question one click away
+    assert len(details.find_elements(By.TAG_NAME, "tr")) == 1 + 3
