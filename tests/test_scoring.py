@@ -28,6 +28,9 @@ CASES = [
     ("**答案：BC**", ABCD, ["B", "C"]),
     ("答案：**AD**", ABCD, ["A", "D"]),
     ("最终答案：\\boxed{AB}", ABCD, ["A", "B"]),
+    # LawBench's answer form
+    ("[正确答案]C<eoa>", ABCD, ["C"]),
+    ("【正确答案】B<eoa>", ABCD, ["B"]),
     # brackets, separators, width, case, order
     ("答案：(A)(C)", ABCD, ["A", "C"]),
     ("答案：（A）（C）", ABCD, ["A", "C"]),
