@@ -158,14 +158,15 @@ def test_teacher_settings_are_checked_before_anything_runs(tmp_path, capsys):
     assert "distill.pick" in capsys.readouterr().err
 
 
-def test_traces_train_with_loss_on_the_reasoning_the_answer_and_the_end_token_only(tiny_tokenizer, real_tokenizer):
+@pytest.mark.parametrize("tokenizer", ["tiny_tokenizer", "real_tokenizer"])
+def test_traces_train_with_loss_on_the_reasoning_the_answer_and_the_end_token_only(tokenizer, request):
     from lawtune.data import parse_record
     from lawtune.prompts import THINK_CLOSE, encode_example
 
     row = {**synthetic_records(1)[0], "reasoning": "甲与乙的合同成立，因此选A。"}
     record, problem, _ = parse_record(row, "t.json:1", require_answer=True)
     assert problem is None
-    for tok in (tiny_tokenizer, real_tokenizer):
+    for tok in (request.getfixturevalue(tokenizer),):
         ex = encode_example(record, tok, "chat", 4096)
         labels = [t for t in ex.labels if t != -100]
         assert labels[-1] == tok.eos_token_id
