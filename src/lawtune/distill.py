@@ -104,7 +104,8 @@ def local_sampler(cfg: DistillRun):
     def sample(records: list[Record]) -> list[list[Completion]]:
         prompts = [tokenizer(render_prompt(r, tokenizer, loaded.prompt_format, think=True),
                              add_special_tokens=False)["input_ids"] for r in records]
-        engine = engine_for(loaded.model, tokenizer.eos_token_id, len(records) * d.samples,
+        # the same rows for every batch (the last one may be smaller): one engine, one graph capture
+        engine = engine_for(loaded.model, tokenizer.eos_token_id, d.batch_size * d.samples,
                             max(map(len, prompts)) + budget, use_graph=None if g.cuda_graphs else False)
         params = SamplingParams(max_new_tokens=budget, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                 seed=g.seed, n=d.samples)

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
+from transformers import TextStreamer
+
 
 from .config import INFER_MODES, AskRun, GenerationConfig, ModelConfig, PredictRun
 from .data import DataError, Record, load_records, parse_record
@@ -242,6 +245,23 @@ class Answer:
     """Ended by the end token; False when the budget ran out (reasoning mode: the answer was forced)."""
 
 
+class TextPieces(TextStreamer):
+    """transformers' streamer, collecting the text it would print: it decodes the tokens as they come and holds
+    back what may still change (a character split across byte-level tokens, a word in progress)."""
+
+    def __init__(self, tokenizer, **decode_kwargs):
+        super().__init__(tokenizer, skip_prompt=False, **decode_kwargs)
+        self.ready: list[str] = []
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.ready.append(text)
+
+    def take(self) -> list[str]:
+        out, self.ready = self.ready, []
+        return out
+
+
 # Models the engine cannot run go through transformers' generate, one request at a time.
 HF_GENERATE_LOCK = threading.Lock()
 
@@ -260,22 +280,15 @@ def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, 
     runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
                                             use_graph=None if gcfg.cuda_graphs else False)
     request = runner.submit(ids, sampling_params(gcfg, budget), stream=stream)
-    tokens: list[int] = []
+    pieces = TextPieces(tokenizer, skip_special_tokens=True)
     shown = ""
-    # Incremental decoding: only the tokens since the last stable point are decoded again (a byte-level token can
-    # end in the middle of a character, which decodes as U+FFFD until the rest arrives).
-    head, tail = 0, 0  # tokens[head:tail] decode to the last few characters shown
     for _, token, _ in runner.stream(request):
         if not stream or token == tokenizer.eos_token_id:
             continue
-        tokens.append(token)
-        before = tokenizer.decode(tokens[head:tail], skip_special_tokens=True)
-        after = tokenizer.decode(tokens[head:], skip_special_tokens=True)
-        if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
-            piece = after[len(before):]
+        pieces.put(torch.tensor([token]))
+        for piece in pieces.take():
             shown += piece
             yield from splitter.feed(piece)
-            head, tail = tail, len(tokens)
     sample = request.samples[0]
     result = generated(tokenizer, sample.tokens, sample.logprobs)
     if result.text.startswith(shown):
