@@ -12,9 +12,10 @@
    - ``engine``: the continuous-batching engine with ``--slots`` rows;
    - ``generate``: plain transformers ``generate`` batches (static cache), on ``--plain-n`` requests only.
    Reported: useful tokens/s, raw tokens/s (every row of every step), slot occupancy, ratios.
-2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode).
+2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode), beside one row
+   without streaming through the static decoder and the engine.
 3. ``serve`` with ``--clients`` concurrent streaming clients on loopback, and one client alone: aggregate
-   tokens/s and time to first token.
+   tokens/s and time to first token. The clients run in a process of their own.
 4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
    completions (temperature 0.6, top-p 0.95, one prefill per question), budgets drawn as in 1, completions/s;
    beside it plain ``generate`` sampling ``--samples`` sequences per prompt on ``--distill-plain`` completions.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -98,7 +100,7 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
     engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots,
                               max_len=max(map(len, prompts)) + max(budgets))
     engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])  # graph capture
-    engine.steps = engine.busy_rows = 0
+    engine.steps = engine.busy_rows = engine.row_steps = 0
     requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), str(i))
                 for i, (p, b) in enumerate(zip(prompts, budgets))]
 
@@ -111,7 +113,7 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
     useful = sum(len(r.samples[0].tokens) for r in done)
     assert useful == sum(budgets), (useful, sum(budgets))
     row = {"seconds": round(seconds, 2), "useful_tokens_per_s": round(useful / seconds, 1),
-           "raw_tokens_per_s": round(engine.steps * slots / seconds, 1),
+           "raw_tokens_per_s": round(engine.row_steps / seconds, 1),
            "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), "steps": engine.steps}
     return row
 
@@ -145,7 +147,7 @@ def run_distill_engine(model, tokenizer, prompts, budgets, samples: int, slots: 
     engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=max(map(len, prompts)) + max(budgets))
     warm = SamplingParams(max_new_tokens=8, temperature=0.6, top_p=0.95, n=samples, ignore_eos=True)
     engine.generate([(prompts[0], warm, None)])  # graph capture
-    engine.steps = engine.busy_rows = 0
+    engine.steps = engine.busy_rows = engine.row_steps = 0
     requests = [(p, SamplingParams(max_new_tokens=b, temperature=0.6, top_p=0.95, n=samples, ignore_eos=True), str(i))
                 for i, (p, b) in enumerate(zip(prompts, budgets))]
     done, seconds = timed(device, lambda: engine.generate(requests))
@@ -174,6 +176,29 @@ def run_distill_plain(model, tokenizer, prompts, budgets, samples: int, device) 
             "useful_tokens_per_s": round(samples * sum(budgets) / seconds, 1)}
 
 
+def run_one_row(model, tokenizer, tokens: int, device) -> dict:
+    """One sequence of ``tokens`` without streaming: the static decoder and the engine (one slot), the device's
+    speed for one row beside which the stream's host work shows."""
+    from lawtune.generation.attention import fast_attention
+    from lawtune.generation.decode import greedy_decode
+    from lawtune.generation.engine import GenerationEngine, SamplingParams
+
+    prompt = tokenizer("甲与乙订立买卖合同，下列哪些说法正确？", add_special_tokens=False)["input_ids"]
+    x, mask = left_padded([prompt], tokenizer.pad_token_id, device)
+    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=1, max_len=len(prompt) + tokens)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+
+    def static():
+        with fast_attention(model):
+            return greedy_decode(model, x, mask, tokens, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
+
+    static(), engine.generate([(prompt, params, None)])  # warm-up, graph capture
+    _, static_s = timed(device, static)
+    _, engine_s = timed(device, lambda: engine.generate([(prompt, params, None)]))
+    return {"tokens": tokens, "static_tokens_per_s": round(tokens / static_s, 1),
+            "engine_tokens_per_s": round(tokens / engine_s, 1)}
+
+
 def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
     from lawtune.config import GenerationConfig
     from lawtune.infer import Engine, generate_events, record_from_fields
@@ -198,23 +223,17 @@ def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
             "tokens_per_s": round(answer.generated_tokens / seconds, 1), "first_piece_s": round(first or 0, 3)}
 
 
-def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
+QUESTION = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
+
+
+def client_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
+    """``n`` streaming clients at once against ``url`` (or, ``sequential``, one after another): aggregate tokens/s
+    and time to first token."""
     import httpx
-
-    from lawtune.config import GenerationConfig
-    from lawtune.infer import Engine
-    from lawtune.serve import make_server
-
-    engine = Engine(model, tokenizer, "chat", GenerationConfig())
-    server = make_server(engine, "127.0.0.1", 0, slots=slots, max_len=4096)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
-    question = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
 
     def one(out: list, i: int) -> None:
         body = {"model": "lawtune", "stream": True, "mode": "reasoning", "max_tokens": tokens,
-                "messages": [{"role": "user", "content": question + f"\n（第{i}题）"}]}
+                "messages": [{"role": "user", "content": QUESTION + f"\n（第{i}题）"}]}
         start, first, usage = time.perf_counter(), None, None
         with httpx.stream("POST", url, json=body, timeout=600) as resp:
             for line in resp.iter_lines():
@@ -227,34 +246,51 @@ def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
                 usage = item.get("usage") or usage
         out.append({"ttft": first, "tokens": usage["completion_tokens"] if usage else 0})
 
-    def wave(n: int) -> dict:
-        out: list = []
-        threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
+    out: list = []
+    threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+        if sequential:
             t.join()
-        seconds = time.perf_counter() - start
-        ttft = sorted(o["ttft"] for o in out if o["ttft"] is not None)
-        tokens_total = sum(o["tokens"] for o in out)
-        return {"clients": n, "seconds": round(seconds, 2), "tokens": tokens_total,
-                "tokens_per_s": round(tokens_total / seconds, 1),
-                "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
-                "ttft_max_s": round(ttft[-1], 3) if ttft else None}
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    ttft = sorted(o["ttft"] for o in out if o["ttft"] is not None)
+    tokens_total = sum(o["tokens"] for o in out)
+    return {"clients": n, "seconds": round(seconds, 2), "tokens": tokens_total,
+            "tokens_per_s": round(tokens_total / seconds, 1),
+            "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+            "ttft_max_s": round(ttft[-1], 3) if ttft else None}
 
+
+def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
+    """``client_wave`` in a process of its own, as real clients are: clients in the server's process would take
+    turns with its threads for the interpreter and slow the server down."""
+    out = subprocess.run([sys.executable, __file__, "--client-of", url, "--clients", str(n), "--serve-tokens",
+                          str(tokens), *(["--sequential"] if sequential else [])], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(f"client process failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
+    from lawtune.config import GenerationConfig
+    from lawtune.infer import Engine
+    from lawtune.serve import make_server
+
+    engine = Engine(model, tokenizer, "chat", GenerationConfig())
+    server = make_server(engine, "127.0.0.1", 0, slots=slots, max_len=4096)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
     try:
-        wave(2)  # warm-up, graph capture
-        alone = wave(1)
-        many = wave(clients)
+        remote_wave(url, 2, tokens)  # warm-up, graph capture
+        alone = remote_wave(url, 1, tokens)
+        many = remote_wave(url, clients, tokens)
         sequential = None
         if clients <= 8:  # the same requests one after another (the CPU target compares these)
-            start, tokens_seq = time.perf_counter(), 0
-            for i in range(clients):
-                out: list = []
-                one(out, i)
-                tokens_seq += out[0]["tokens"]
-            sequential = round(tokens_seq / (time.perf_counter() - start), 1)
+            sequential = remote_wave(url, clients, tokens, sequential=True)["tokens_per_s"]
     finally:
         server.shutdown()
         server.server_close()
@@ -278,7 +314,12 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=4, help="completions per question in the distill workload")
     p.add_argument("--distill-plain", type=int, default=256, help="completions of its plain-generate baseline")
     p.add_argument("--skip", default="", help="parts to leave out: mixed,lpt,fifo,static,stream,serve,plain (comma list; lpt = the largest-budget-first run)")
+    p.add_argument("--client-of", help=argparse.SUPPRESS)  # the client process of the serve measurement
+    p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client_of:
+        print(json.dumps(client_wave(args.client_of, args.clients, args.serve_tokens, args.sequential)))
+        return 0
     if args.smoke:
         args.requests, args.slots, args.static_batch, args.plain_n = "12", 4, 4, 4
         args.distill, args.samples, args.distill_plain = 6, 2, 4
@@ -327,12 +368,16 @@ def main(argv=None) -> int:
         summary["distill_engine_vs_generate_completions_per_s"] = round(engine_row["completions_per_s"]
                                                                         / plain_row["completions_per_s"], 2)
     if "stream" not in skip:
+        one_row = emit({"bench": "one_row", **run_one_row(model, tokenizer, args.stream_tokens, device)})
+        summary["one_row_engine_vs_static"] = round(one_row["engine_tokens_per_s"] / one_row["static_tokens_per_s"], 2)
         stream = emit({"bench": "ask_stream", **run_ask_stream(model, tokenizer, args.stream_tokens, device)})
         summary["ask_stream_tokens_per_s"] = stream["tokens_per_s"]
+        summary["ask_stream_vs_one_row_static"] = round(stream["tokens_per_s"] / one_row["static_tokens_per_s"], 2)
     if "serve" not in skip:
         serve = emit({"bench": "serve", **run_serve(model, tokenizer, args.clients, args.serve_tokens,
                                                      slots=max(args.clients, 1))})
         summary["serve_aggregate_vs_one_client"] = serve["aggregate_vs_one"]
+        summary["serve_one_client_tokens_per_s"] = serve["one_client"]["tokens_per_s"]
         if serve["sequential_tokens_per_s"]:
             summary["serve_concurrent_vs_sequential"] = round(serve["concurrent"]["tokens_per_s"]
                                                               / serve["sequential_tokens_per_s"], 2)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,6 +76,48 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     build_tiny_model(tiny_tokenizer, hidden_size=64, layers=2).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
+
+
+def ddp_demo_config(path: Path, model_dir, output_dir) -> Path:
+    """The run of the multi-process tests (tests/test_distributed.py): the demo questions, 4 steps, a checkpoint and a
+    held-out evaluation every 2. ``output_dir`` may be relative: it then lies under each launcher's working directory."""
+    import yaml
+
+    path.write_text(f"# lawtune train {path.name}\n" + yaml.safe_dump({
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"train": str(demo_data_path()), "eval_fraction": 0.15, "max_length": 512},
+        "train": {"output_dir": str(output_dir), "max_steps": 4, "save_steps": 2, "logging_steps": 1, "eval_steps": 2,
+                  "optim": "adamw_torch", "report_to": ["none"], "warmup_steps": 0, "ddp_bucket_cap_mb": 3},
+        "eval": {"batch_size": 4},
+    }), encoding="utf-8")
+    return path
+
+
+def launcher_env() -> dict:
+    """The environment of a launched job: one thread a process (the tests' CPU is shared)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def launch_one_node(config, *extra) -> subprocess.CompletedProcess:
+    """lawtune train in two processes on this machine, as the README's one-node torchrun command does."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "lawtune", "train", str(config), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=launcher_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one_node_ddp_run(tiny_model_dir, tmp_path_factory):
+    """``ddp_demo_config`` trained by two processes on one node: (config, output dir, the launcher's result, a copy
+    of the output dir as the run left it). Tests may go on in the output dir (--resume); the copy stays as it was."""
+    root = tmp_path_factory.mktemp("one_node")
+    out = root / "run"
+    config = ddp_demo_config(root / "ddp.yaml", tiny_model_dir, out)
+    proc = launch_one_node(config)
+    snapshot = root / "as_trained"
+    shutil.copytree(out, snapshot)
+    return config, out, proc, snapshot
 
 
 @pytest.fixture

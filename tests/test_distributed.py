@@ -1,39 +1,25 @@
-"""The multi-process path on CPU: two processes with the gloo backend, launched like on a GPU node."""
+"""The multi-process path on CPU: processes with the gloo backend, launched like on GPU nodes — two on one node,
+and one on each of two "nodes" (two launcher invocations on this machine, as the README's multi-node command)."""
 
+import contextlib
 import json
+import re
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import pytest
 import yaml
 
-from lawtune.demo import demo_data_path
+from conftest import ddp_demo_config, launch_one_node, launcher_env
+
+ACCELERATE_DDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
 
 
-def _launch(config, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lawtune", "train", str(config), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-def _env():
-    import os
-
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    config = tmp_path / "ddp.yaml"
-    config.write_text("# lawtune train ddp.yaml\n" + yaml.safe_dump({
-        "model": {"path": str(tiny_model_dir), "dtype": "float32"},
-        "data": {"train": str(demo_data_path()), "eval_fraction": 0.15, "max_length": 512},
-        "train": {"output_dir": str(out), "max_steps": 4, "save_steps": 2, "logging_steps": 1, "eval_steps": 2,
-                  "optim": "adamw_torch", "report_to": ["none"], "warmup_steps": 0, "ddp_bucket_cap_mb": 3},
-        "eval": {"batch_size": 4},
-    }), encoding="utf-8")
-    proc = _launch(config)
+def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(one_node_ddp_run):
+    config, out, proc, _ = one_node_ddp_run
     assert proc.stdout.count("done: 4 steps") == 1  # rank 1 stays quiet
     assert proc.stderr.count("all-reduced in buckets of 3 MiB") == 1  # the config reached DDP; rank 0 says so
     assert proc.stderr.count("rank 1: ") == 1 and "full Python garbage collections during training" in proc.stderr
@@ -53,21 +39,152 @@ def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(tiny_model
     assert (out / "checkpoint-4").is_dir()
 
     # Resume from the two-process checkpoint and train two more steps.
-    config.write_text(config.read_text(encoding="utf-8").replace("max_steps: 4", "max_steps: 6"), encoding="utf-8")
-    proc = _launch(config, "--resume")
+    resumed = config.with_name("resume.yaml")
+    resumed.write_text(config.read_text(encoding="utf-8").replace("max_steps: 4", "max_steps: 6"), encoding="utf-8")
+    proc = launch_one_node(resumed, "--resume")
     assert "done: 6 steps" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
 
 
-def test_accelerate_configs_parse_with_accelerate():
-    from pathlib import Path
+# ----------------------------------------------------------------------------- two nodes
 
-    from accelerate.commands.config.config_args import load_config_from_file
+# One node of a two-node job, one process on it, as README.md "Several GPUs" launches each node (with N GPUs a node:
+# accelerate's --num_processes counts the processes of all nodes, 2N; torchrun's --nproc_per_node is N).
+NODE_LAUNCHERS = {
+    "accelerate": lambda rank, port: [
+        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(ACCELERATE_DDP),
+        "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)],
+    "torchrun": lambda rank, port: [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+        "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port)],
+}
 
-    folder = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-    kinds = {}
-    for path in sorted(folder.glob("*.yaml")):
-        assert path.read_text(encoding="utf-8").startswith("# "), path  # each says how to launch it
-        kinds[path.name] = str(load_config_from_file(str(path)).distributed_type)
-    assert kinds == {"ddp.yaml": "DistributedType.MULTI_GPU", "fsdp2.yaml": "DistributedType.FSDP"}
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Kill a launcher still running, and its workers (torch's launcher starts every worker in a session of its own)."""
+    import psutil  # accelerate's dependency
+
+    if proc.poll() is not None:
+        return
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    for worker in workers:
+        try:
+            worker.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+    proc.wait(timeout=30)
+    psutil.wait_procs(workers, timeout=30)
+
+
+def _launch_two_nodes(launcher, config: Path, nodes: list[Path], logs: Path, timeout: float = 240) -> list[tuple]:
+    """``lawtune train config`` as node 0 and node 1 of one job: two launcher invocations, each in its node's working
+    directory, meeting at a port of 127.0.0.1 picked just before (tried once more if another process took it first).
+    Returns each node's (stdout, stderr); a node that fails or outlives ``timeout`` ends both, workers included."""
+    logs.mkdir(exist_ok=True)
+    for attempt in range(2):
+        port = _free_port()
+        with contextlib.ExitStack() as stack:
+            procs = []
+            for rank, node in enumerate(nodes):
+                node.mkdir(exist_ok=True)
+                out = stack.enter_context(open(logs / f"node{rank}.out", "w"))
+                err = stack.enter_context(open(logs / f"node{rank}.err", "w"))
+                procs.append(subprocess.Popen([*launcher(rank, port), "-m", "lawtune", "train", str(config)], cwd=node,
+                                              stdout=out, stderr=err, env=launcher_env()))
+                stack.callback(_end, procs[-1])
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                if any(p.poll() not in (None, 0) for p in procs):
+                    break  # the other node would wait for this one until its own timeout
+                time.sleep(0.2)
+            late = time.monotonic() >= deadline
+        texts = [((logs / f"node{r}.out").read_text(), (logs / f"node{r}.err").read_text()) for r in range(len(nodes))]
+        if attempt == 1 or not any(p.returncode for p in procs) or not any("EADDRINUSE" in e for _, e in texts):
+            break
+    for rank, (p, (_, err)) in enumerate(zip(procs, texts)):
+        ended = f" (killed after {timeout:.0f} s)" if late and p.returncode < 0 else ""
+        assert p.returncode == 0, f"node {rank}: exit {p.returncode}{ended}\n{err[-3000:]}"
+    return texts
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def _steady(row: dict) -> dict:
+    """A metrics row without what depends on the wall clock."""
+    return {k: v for k, v in row.items() if not (k == "time" or "runtime" in k or k.endswith(("per_s", "per_second")))}
+
+
+@pytest.mark.parametrize("launcher", sorted(NODE_LAUNCHERS))
+def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(launcher, one_node_ddp_run,
+                                                                              tiny_model_dir, tmp_path):
+    """Two nodes of one process each train the demo into the outputs of two processes on one node, and node 1 writes
+    nothing that is rank 0's to write.
+
+    Each node runs in a working directory of its own with the relative output folder ``run``: the same config, the
+    same path string, a different disk, as on nodes with local disks. (With a shared filesystem, the usual layout
+    and the one --resume needs, both nodes write into one folder and what node 1 wrote cannot be told apart.) So
+    whatever rank 1 writes under its working directory shows in node1/: only its own random-number state in each
+    checkpoint (transformers' ``rng_state_1.pth``, which rank 1 reads back on --resume), which the one-node run
+    writes too. It also shows that in a fresh run rank 1 reads nothing that rank 0 writes."""
+    one_node = one_node_ddp_run[3]
+    one_node_stdout = one_node_ddp_run[2].stdout
+    config = ddp_demo_config(tmp_path / "ddp.yaml", tiny_model_dir, "run")
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS[launcher], config, nodes, tmp_path / "logs")
+
+    # Node 1 wrote rank 1's random-number state and nothing else; the two nodes together, what the one node wrote.
+    assert _files(nodes[1]) == ["run/checkpoint-2/rng_state_1.pth", "run/checkpoint-4/rng_state_1.pth"]
+    assert sorted(_files(nodes[0]) + _files(nodes[1])) == ["run/" + f for f in _files(one_node)]
+
+    assert out0.count("done: 4 steps") == 1 and out1 == ""  # rank 1 stays quiet
+    assert "DDP over 2 processes" in err0 and err0.count("rank 1: ") == 1  # one job: rank 0 reports on rank 1
+    loss = re.compile(r"final loss (\S+),")
+    assert loss.findall(out0) == loss.findall(one_node_stdout)
+
+    import torch
+    from safetensors.torch import load_file
+
+    run = nodes[0] / "run"
+    for name in ("data/train.jsonl", "data/eval.jsonl", "lawtune_run.json"):
+        assert (run / name).read_bytes() == (one_node / name).read_bytes(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (one_node / "metrics.jsonl").read_text().splitlines()]
+    assert [_steady(r).keys() for r in rows] == [_steady(r).keys() for r in want]
+    for got, expected in zip(rows, want):
+        for key, value in _steady(expected).items():
+            assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), (got["step"], key)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    for name in ("checkpoint-2", "checkpoint-4", "best_model", "final_model"):
+        got = load_file(run / name / "adapter_model.safetensors")
+        expected = load_file(one_node / name / "adapter_model.safetensors")
+        assert got.keys() == expected.keys(), name
+        for key in got:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-8, msg=f"{name}: {key}")
+    for name in ("best_model", "final_model"):
+        assert (run / name / "data_manifest.json").read_text() == (one_node / name / "data_manifest.json").read_text()
+        got, expected = (yaml.safe_load((d / name / "lawtune_config.yaml").read_text()) for d in (run, one_node))
+        assert got["train"].pop("output_dir") == "run"
+        expected["train"].pop("output_dir")
+        assert got == expected
+    for step in (2, 4):  # rank 1's state, written on node 1, as the one-node run's rank 1 wrote it
+        name = f"checkpoint-{step}/rng_state_1.pth"
+        got, expected = (torch.load(d / name, weights_only=False) for d in (nodes[1] / "run", one_node))
+        torch.testing.assert_close(got["cpu"], expected["cpu"], rtol=0, atol=0)
+        assert got["python"] == expected["python"]
+    # the comparison is not between two untrained adapters: training moved the weights
+    step2, final = (load_file(run / name / "adapter_model.safetensors") for name in ("checkpoint-2", "final_model"))
+    assert any(not torch.equal(step2[k], v) for k, v in final.items())

@@ -36,6 +36,32 @@ def test_greedy_output_equals_generate_token_for_token_while_rows_are_refilled(t
         assert request.samples[0].finish_reason in ("stop", "length")
 
 
+def test_a_step_runs_only_the_rows_in_use_and_new_sequences_take_the_lowest_free_row(tiny):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=16, max_len=64)
+    widths = []
+    hook = engine.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        alone = engine.generate([(prompts[0], SamplingParams(max_new_tokens=6, ignore_eos=True), None)])[0]
+        decoded = [shape[0] for shape in widths if shape[1] == 1]
+        assert decoded and set(decoded) == {1}  # one sequence in a 16-slot engine: one row a step
+        widths.clear()
+        three = engine.generate([(p, SamplingParams(max_new_tokens=6, ignore_eos=True), None) for p in prompts[:3]])
+        assert {shape[0] for shape in widths if shape[1] == 1} == {4}  # rows 0-2, rounded up to a power of two
+    finally:
+        hook.remove()
+    assert alone.samples[0].tokens == _reference_eos_ignored(model, prompts[0], 6)
+    for prompt, request in zip(prompts[:3], three):
+        assert request.samples[0].tokens == _reference_eos_ignored(model, prompt, 6)
+
+
+def _reference_eos_ignored(model, prompt, budget):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=budget, min_new_tokens=budget, do_sample=False,
+                         temperature=None, top_p=None, top_k=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
 def test_log_probabilities_are_the_models_own(tiny):
     model, tok, prompts = tiny
     engine = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64)
@@ -174,5 +200,11 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
             done = engine.generate([(p, SamplingParams(max_new_tokens=b, temperature=temperature, seed=1), str(i))
                                     for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
             outputs.append([r.samples[0].tokens for r in done])
-        assert not use_graph or set(engine.graphs) == {False, True}
-    assert outputs[:2] == outputs[2:]
+            # and a stream alone, on the one-row graphs
+            alone = engine.submit(prompts[2], SamplingParams(max_new_tokens=12, temperature=temperature, seed=1), "2",
+                                  stream=True)
+            outputs.append([t for _, t, _ in engine.stream(alone)])
+        assert not use_graph or {sampling for sampling, _ in engine.graphs} == {False, True}
+        assert not use_graph or {1, 3} <= {rows for _, rows in engine.graphs} <= {1, 2, 3}
+    assert outputs[:4] == outputs[4:]
+    assert outputs[1][: len(outputs[0][2])] == outputs[0][2]  # greedy: alone as in the batch
