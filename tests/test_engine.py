@@ -208,3 +208,8 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
         assert not use_graph or {1, 3} <= {rows for _, rows in engine.graphs} <= {1, 2, 3}
     assert outputs[:4] == outputs[4:]
     assert outputs[1][: len(outputs[0][2])] == outputs[0][2]  # greedy: alone as in the batch
+    ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=64)
+    assert ready.capture_graphs() == 6  # widths 1, 2, 3, greedy and sampling, before any request
+    done = ready.generate([(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
+                           for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
+    assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.graphs) == 6

@@ -377,6 +377,7 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_p
         raise
     server.started = int(time.time())
     if generator is not None:
+        generator.capture_graphs()  # before the first request, not during it
         generator.start()
         server.generator = generator
     return server

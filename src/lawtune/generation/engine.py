@@ -347,6 +347,24 @@ class GenerationEngine:
             if self.running:
                 self._decode()
 
+    @torch.inference_mode()
+    def capture_graphs(self) -> int:
+        """Record every step graph now (each width of rows, greedy and sampling) instead of when a width first
+        occurs: a server's requests then never wait for a capture (a warm-up step and a recording of the whole
+        model each). Runs steps on free rows only, whose state a prefill resets. Returns the graphs held."""
+        from .attention import eager_stance, fast_attention
+
+        if not self.use_graph or self.running or self.thread is not None:
+            return len(self.graphs)
+        widths = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
+        with fast_attention(self.model), eager_stance(self.model):
+            for sampling in (False, True):
+                for rows in widths:
+                    while (sampling, rows) not in self.graphs:
+                        self._run_step(sampling, rows)
+        torch.cuda.synchronize(self.device)
+        return len(self.graphs)
+
     def run(self) -> None:
         """Step until nothing is waiting or running (in the caller's thread)."""
         while self.has_work():
