@@ -132,3 +132,16 @@ def test_generation_bench_smoke():
     assert 0 < engine["occupancy"] <= 1 and engine["steps"] > 0
     assert rows["ask_stream"]["generated_tokens"] == 24 and rows["ask_stream"]["pieces"] > 1  # streamed, not at once
     assert rows["serve"]["concurrent"]["clients"] == 4 and rows["serve"]["concurrent"]["tokens"] == 4 * 12
+
+
+def test_grpo_bench_smoke(tmp_path):
+    """Both sides run on the same forced lengths; the table's ratios come from them."""
+    out = tmp_path / "grpo.json"
+    rows = _run("grpo.py", "--json", str(out))
+    runs = {(r["impl"], r["completion_tokens"]): r for r in rows if r["bench"] == "grpo"}
+    assert set(runs) == {(impl, n) for impl in ("lawtune", "trl") for n in (8, 12)}
+    for r in runs.values():
+        assert r["s_per_step"] > 0 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
+        assert r["steps_timed"] == 2 and r["completions_per_step"] == 4
+    assert {r["completion_tokens"] for r in rows if r["bench"] == "grpo_ratio"} == {8, 12}
+    assert json.loads(out.read_text(encoding="utf-8")) == rows

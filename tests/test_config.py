@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lawtune.config import ConfigError, config_from_dict, load_config, resolve_output_dir
+from lawtune.config import ConfigError, GrpoRun, TrainRun, config_from_dict, load_config, resolve_output_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -14,7 +14,8 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_loads_and_says_how_to_run_it(path):
-    cfg = load_config(path)
+    # a *_grpo.yaml is a `lawtune grpo` run, every other one a `lawtune train` run
+    cfg = load_config(path, run_cls=GrpoRun if path.stem.endswith("_grpo") else TrainRun)
     assert cfg.source == str(path)
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("#")

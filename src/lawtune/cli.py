@@ -50,6 +50,9 @@ FLAGS: dict[str, list[tuple[str, str]]] = {
                    ("--prompt-format", "check.prompt_format"), ("--json", "check.json"), ("--format", "check.format")],
     "data overlap": [("file_a", "overlap.a"), ("file_b", "overlap.b"), ("--json", "overlap.json")],
     "compare": [("report_a", "compare.report_a"), ("report_b", "compare.report_b"), ("--html", "compare.html")],
+    "grpo": [("--model", "model.path"), ("--adapter", "grpo.adapter"), ("--force", "grpo.force"),
+             ("--data", "data.train"), ("--output-dir", "grpo.output_dir"), ("--max-steps", "grpo.max_steps"),
+             ("--rollout", "grpo.rollout")],
     "distill": [("--model", "model.path"), ("--adapter", "adapter.path"), ("--force", "adapter.force"),
                 ("--data", "distill.data"), ("--output", "distill.output"), ("--samples", "distill.samples"),
                 ("--pick", "distill.pick"), ("--batch-size", "distill.batch_size"),
@@ -61,7 +64,8 @@ EXAMPLE_OVERRIDE = {"demo": "train.max_steps=20", "train": "train.max_steps=100"
                     "predict": "generation.top_p=0.9", "ask": "generation.temperature=0.6",
                     "serve": "serve.max_prompt_tokens=4096", "merge": "merge.dtype=bfloat16",
                     "data check": "check.prompt_format=plain", "compare": "compare.html=cmp.html",
-                    "distill": "generation.temperature=0.7", "data overlap": "overlap.json=true"}
+                    "distill": "generation.temperature=0.7", "data overlap": "overlap.json=true",
+                    "grpo": "grpo.num_generations=16"}
 HELP = {"demo": "offline CPU demo: tiny random model trained on bundled questions",
         "train": "LoRA SFT from a YAML config",
         "eval": "score a model (and adapter) on a JEC-QA file",
@@ -72,7 +76,8 @@ HELP = {"demo": "offline CPU demo: tiny random model trained on bundled question
         "data check": "validate a question file (JEC-QA, AGIEval, LawBench) and print what it holds",
         "data overlap": "how many questions of file B are in file A (normalised statements, any formats)",
         "compare": "compare two eval reports (flips, McNemar, bootstrap CIs)",
-        "distill": "sample reasoning per question, keep the traces that reach the gold answer (to train on)"}
+        "distill": "sample reasoning per question, keep the traces that reach the gold answer (to train on)",
+        "grpo": "GRPO on the exact-set reward (TRL), continuing an SFT adapter or a fresh LoRA"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -112,7 +117,7 @@ def _add_flags(p: argparse.ArgumentParser, command: str) -> None:
         elif "float" in kind:
             kwargs["type"] = float
         p.add_argument(flag, **kwargs)
-    if command == "train":
+    if command in ("train", "grpo"):
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
         p.add_argument("--overwrite", action="store_true", help="start over in an output dir that holds a run")
     if command != "train":  # train's YAML is its positional argument
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser (help and the list of commands)."""
     parser = ArgumentParser(prog="lawtune", description="LoRA fine-tuning and evaluation on JEC-QA")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for command in ("demo", "train", "eval", "predict", "ask", "serve", "merge", "compare", "distill"):
+    for command in ("demo", "train", "grpo", "eval", "predict", "ask", "serve", "merge", "compare", "distill"):
         sub.add_parser(command, help=HELP[command], add_help=False)
     data = sub.add_parser("data", help="data utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=ArgumentParser)
@@ -167,7 +172,7 @@ def resolve_config(args):
     settings = {key: getattr(args, key) for _, key in FLAGS[command] if key in vars(args)}
     settings.update({key: getattr(args, flag) for flag, key in FLAGS[command]
                      if not flag.startswith("-") and getattr(args, flag, None) is not None})
-    if command == "train":
+    if command in ("train", "grpo"):  # their YAML is a whole run: every section in it must be one they read
         path, lend = args.config, False
     elif command == "demo":
         from .demo import demo_config_path
@@ -217,6 +222,18 @@ def cmd_train(cfg, args) -> int:
 
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     main_print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, adapter in {result.final_model}")
+    shutdown()
+    return 0
+
+
+def cmd_grpo(cfg, args) -> int:
+    from .dist import main_print, shutdown
+    from .train.grpo import grpo
+
+    r = grpo(cfg, resume=args.resume, overwrite=args.overwrite)
+    held = (f"held-out accuracy (reasoning) {r.start_eval_accuracy:.3f} at the start, best {r.best_eval_accuracy:.3f}, "
+            f"final {r.final_eval_accuracy:.3f}; " if r.start_eval_accuracy is not None else "")
+    main_print(f"done: {r.steps} steps, {held}adapter in {r.final_model}")
     shutdown()
     return 0
 
@@ -346,7 +363,7 @@ def cmd_serve(cfg, args) -> int:
 
 HANDLERS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "ask": cmd_ask,
             "predict": cmd_predict, "merge": cmd_merge, "serve": cmd_serve, "data check": cmd_data_check,
-            "distill": cmd_distill, "data overlap": cmd_data_overlap}
+            "distill": cmd_distill, "data overlap": cmd_data_overlap, "grpo": cmd_grpo}
 
 
 def main(argv: list[str] | None = None) -> int:

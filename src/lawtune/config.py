@@ -476,6 +476,118 @@ class CompareConfig:
     """HTML report path."""
 
 
+GRPO_ROLLOUTS = ("engine", "trl")
+GRPO_LOSSES = ("dapo", "grpo", "dr_grpo", "bnpo")
+GRPO_SCALINGS = ("group", "batch", "none")
+
+
+@dataclass
+class GrpoConfig:
+    output_dir: str | None = None
+    """Where checkpoints, metrics and the final adapter go; default outputs/<config file stem>."""
+    adapter: str | None = None
+    """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
+    LoRA from the lora section."""
+    force: bool = False
+    """Continue grpo.adapter even where the base model it records differs from model.path."""
+    num_generations: int = 8
+    """Group size: completions sampled per question; advantages compare each with its group's mean."""
+    temperature: float = 0.6
+    """Sampling temperature of the rollouts."""
+    top_p: float = 0.95
+    """Nucleus sampling mass of the rollouts."""
+    max_completion_length: int = 1024
+    """Token budget of a completion (think text, </think> and the answer); a completion cut there has no answer."""
+    beta: float = 0.0
+    """KL coefficient against the starting policy (the continued adapter, else the base model); 0 = no reference
+    pass."""
+    epsilon: float = 0.2
+    """Lower clipping range of the probability ratio (PPO's epsilon)."""
+    epsilon_high: float | None = 0.28
+    """Upper clipping range; None = epsilon."""
+    loss_type: str = "dapo"
+    """How token losses are averaged, as TRL names it: dapo (over all tokens of the batch), grpo (per sequence),
+    dr_grpo (a constant), bnpo."""
+    scale_rewards: str = "group"
+    """Advantages divided by the std of the group (group), of the batch (batch), or not at all (none)."""
+    learning_rate: float = 1e-5
+    """Peak learning rate of the LoRA parameters."""
+    max_steps: int = 500
+    """Optimizer steps."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_scheduler_type: str = "constant"
+    """Any transformers scheduler name (constant, linear, cosine, ...)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    optim: str = "adamw_torch"
+    """transformers optimizer name."""
+    per_device_batch_size: int = 16
+    """Completions per device per micro-step (forward and backward)."""
+    gradient_accumulation_steps: int = 4
+    """Micro-steps per optimizer step; a step's rollouts are per_device_batch_size x gradient_accumulation_steps x
+    processes completions, a whole number of groups."""
+    reward_f1_weight: float = 0.0
+    """Weight of the partial-credit reward (per-option F1) beside the exact-set reward (weight 1)."""
+    reward_format_weight: float = 0.0
+    """Weight of the format reward (the think block closed by the model, then one 答案： line); logged at any weight.
+    The exact-set reward already needs a closed think block and a readable answer; a format bonus in a group where no
+    completion is right is scaled up by the group's tiny std into whole advantages for well-formed wrong answers."""
+    length_budget: int | None = None
+    """Completion tokens past which the length penalty applies; None = no length penalty."""
+    length_penalty: float = 1.0
+    """Reward lost per further length_budget tokens (with length_budget)."""
+    rollout: str = "engine"
+    """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
+    rollout_func); trl = TRL's own generation (transformers' generate)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    logging_steps: int = 1
+    """Log rewards, lengths, clipping and KL every this many steps."""
+    save_steps: int = 50
+    """Checkpoint every this many steps (what --resume continues from)."""
+    save_total_limit: int | None = 3
+    """Keep at most this many checkpoints."""
+    eval_steps: int = 50
+    """Score the held-out split in reasoning mode (greedy) every this many steps, and before the first; 0 = only
+    before the first and at the end."""
+    eval_batch_size: int = 64
+    """Held-out questions generated at once."""
+    eval_max_new_tokens: int | None = None
+    """Token budget of the held-out reasoning evaluation; None = max_completion_length."""
+    seed: int = 42
+    """Seed of LoRA initialisation, data order and the rollouts' samples (each drawn from this seed, the question,
+    the step and the sample index)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """transformers logging integrations (tensorboard, wandb, none)."""
+
+    def __post_init__(self) -> None:
+        for key in ("num_generations", "max_completion_length", "max_steps", "per_device_batch_size",
+                    "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"grpo.{key}: expected an integer, got {value!r}")
+            _check_positive(f"grpo.{key}", value)
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations: a group needs at least 2 completions, got {self.num_generations}")
+        for key in ("temperature", "top_p", "learning_rate", "max_grad_norm", "epsilon", "length_penalty"):
+            _check_positive(f"grpo.{key}", getattr(self, key))
+        if self.top_p > 1:
+            raise ConfigError(f"grpo.top_p: must be at most 1, got {self.top_p}")
+        for key in ("beta", "warmup_steps", "weight_decay", "eval_steps", "reward_f1_weight", "reward_format_weight"):
+            _check_positive(f"grpo.{key}", getattr(self, key), allow_zero=True)
+        for key in ("epsilon_high", "length_budget", "eval_max_new_tokens"):
+            if getattr(self, key) is not None:
+                _check_positive(f"grpo.{key}", getattr(self, key))
+        if self.length_budget is None and self.length_penalty != 1.0:
+            raise ConfigError("grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)")
+        _check_choice("grpo.rollout", self.rollout, GRPO_ROLLOUTS)
+        _check_choice("grpo.loss_type", self.loss_type, GRPO_LOSSES)
+        _check_choice("grpo.scale_rewards", self.scale_rewards, GRPO_SCALINGS)
+
+
 # ----------------------------------------------------------------------------- one config per command
 
 
@@ -495,6 +607,33 @@ class TrainRun:
         tokens, longest = self.train.batch_tokens, self.data.max_length
         if tokens is not None and tokens < longest:
             raise ConfigError(f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens")
+
+
+@dataclass
+class GrpoRun:
+    """`lawtune grpo`: everything a GRPO run reads; saved as lawtune_config.yaml beside its adapters."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        # data.mix belongs to SFT; a continued adapter keeps its own LoRA shape.
+        if self.data.mix is not None:
+            raise ConfigError("data.mix: grpo samples its own completions; answer-only mixing is for `lawtune train`")
+        if self.grpo.adapter and self.lora != LoraSection():
+            raise ConfigError("lora: grpo.adapter is continued with its own LoRA; the lora section shapes a fresh one "
+                              "(leave it out, or leave out grpo.adapter)")
+        g = self.grpo
+        if self.data.max_length <= g.max_completion_length:
+            raise ConfigError(f"data.max_length: {self.data.max_length} (prompt and completion) leaves no room for a "
+                              f"prompt beside grpo.max_completion_length={g.max_completion_length}")
+        if (g.per_device_batch_size * g.gradient_accumulation_steps) % g.num_generations:
+            raise ConfigError(f"grpo.per_device_batch_size: {g.per_device_batch_size} x "
+                              f"grpo.gradient_accumulation_steps {g.gradient_accumulation_steps} completions a step "
+                              f"are not whole groups of grpo.num_generations={g.num_generations}")
 
 
 @dataclass
@@ -569,7 +708,7 @@ class CompareRun:
 COMMANDS: dict[str, type] = {"train": TrainRun, "demo": TrainRun, "eval": EvalRun, "predict": PredictRun,
                              "ask": AskRun, "serve": ServeRun, "merge": MergeRun, "data check": CheckRun,
                              "compare": CompareRun, "distill": DistillRun,
-                             "data overlap": OverlapRun}
+                             "data overlap": OverlapRun, "grpo": GrpoRun}
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
 KNOWN_SECTIONS = {f.name for cls in COMMANDS.values() for f in dataclasses.fields(cls) if f.name != "source"}
 SHORTHANDS = {"model": "model.path", "data": "data.train"}
@@ -736,8 +875,10 @@ def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
 
 
-def resolve_output_dir(cfg: TrainRun) -> Path:
-    if cfg.train.output_dir:
-        return Path(cfg.train.output_dir)
+def resolve_output_dir(cfg) -> Path:
+    """A training run's output folder (``train.output_dir``, or ``grpo.output_dir`` for `lawtune grpo`)."""
+    chosen = cfg.grpo.output_dir if isinstance(cfg, GrpoRun) else cfg.train.output_dir
+    if chosen:
+        return Path(chosen)
     stem = Path(cfg.source).stem if cfg.source else "run"
     return Path("outputs") / stem

@@ -102,10 +102,8 @@ class HeldOutEvalCallback(TrainerCallback):
 
         was_training = model.training
         model.eval()
-        # Reasoning runs thousands of tokens a question: during training the cheap modes are used.
-        ecfg = dataclasses.replace(self.cfg.eval, mode=self.cfg.eval.mode if self.cfg.eval.mode != "reasoning" else "direct")
-        _, summary = evaluate_sharded(model, self.tokenizer, self.records, ecfg, self.cfg.generation,
-                                      self.cfg.data.prompt_format)
+        ecfg, gcfg = self.settings()
+        _, summary = evaluate_sharded(model, self.tokenizer, self.records, ecfg, gcfg, self.cfg.data.prompt_format)
         if was_training:
             model.train()
         row = {"step": state.global_step, "eval_accuracy": summary["accuracy"], "eval_invalid": summary["invalid"],
@@ -122,8 +120,18 @@ class HeldOutEvalCallback(TrainerCallback):
             manifest = {**self.manifest, "best": {"step": state.global_step, "eval_accuracy": self.best}}
             save_model_dir(model, self.tokenizer, self.cfg, manifest, self.out / "best_model", trainer=self.trainer)
 
+    def settings(self):
+        """(EvalConfig, GenerationConfig) of the evaluation. Reasoning runs thousands of tokens a question: during SFT
+        the cheap modes are used."""
+        mode = self.cfg.eval.mode if self.cfg.eval.mode != "reasoning" else "direct"
+        return dataclasses.replace(self.cfg.eval, mode=mode), self.cfg.generation
+
+    def interval(self) -> int:
+        """Steps between evaluations; 0 = only at the end."""
+        return self.cfg.train.eval_steps
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        steps = self.cfg.train.eval_steps
+        steps = self.interval()
         if self.records and steps and state.global_step % steps == 0 and state.global_step < state.max_steps:
             self._run(state, model)
 

@@ -313,8 +313,9 @@ def train(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRe
     return fit(setup(cfg, resume=resume, overwrite=overwrite), resume=resume)
 
 
-def write_curves(metrics_path: Path, png_path: Path) -> None:
-    """Loss and held-out accuracy against step, for a quick look at a run."""
+def write_curves(metrics_path: Path, png_path: Path, key: str = "loss", label: str = "train loss") -> None:
+    """A training series (``key``: the loss, or grpo's reward) and held-out accuracy against step, for a quick look
+    at a run."""
     if not metrics_path.is_file():
         return
     import matplotlib
@@ -323,13 +324,13 @@ def write_curves(metrics_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    loss = [(r["step"], r["loss"]) for r in rows if "loss" in r and math.isfinite(r["loss"])]
+    loss = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
     acc = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if loss:
-        ax.plot(*zip(*loss), color="tab:blue", label="train loss")
+        ax.plot(*zip(*loss), color="tab:blue", label=label)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="tab:blue")
+    ax.set_ylabel(label, color="tab:blue")
     if acc:
         ax2 = ax.twinx()
         ax2.plot(*zip(*acc), "o-", color="tab:orange", label="held-out accuracy")

@@ -1,0 +1,230 @@
+"""GRPO step time: `lawtune grpo` (its trainer, rollouts on lawtune's engine) against TRL's GRPOTrainer with its
+defaults (rollouts through transformers' generate), same model, LoRA, group and completion lengths, in one run.
+
+    python bench/grpo.py --model-dir ../shared/deepseek-r1-distill-qwen-1.5b --json grpo.json   # one GPU
+    python bench/grpo.py --smoke                                                                # CPU, seconds
+
+The model is the config's architecture with random weights (bf16 on a GPU); prompts are JEC-QA-shaped
+(bench/jecqa_synth.py) in lawtune's reasoning format; every completion is forced to its length (the end token
+ignored), so both sides generate and train on the same number of tokens. Per side and length: seconds per step,
+rollout tokens/s (completion tokens / time in generation), training tokens/s (prompt + completion tokens / the
+rest of the step), peak reserved GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jecqa_synth  # noqa: E402
+
+
+class StepClock:
+    """Wall time of each optimizer step and the time spent generating in it."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, float, int]] = []  # (seconds, rollout seconds, tokens)
+        self.rollout = 0.0
+        self.started = 0.0
+        self.tokens = 0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                _sync()
+                clock.started, clock.rollout, clock.tokens = time.perf_counter(), 0.0, state.num_input_tokens_seen
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _sync()
+                clock.steps.append((time.perf_counter() - clock.started, clock.rollout,
+                                    state.num_input_tokens_seen - clock.tokens))
+
+        return Clock()
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(clock: StepClock, generate):
+    def run(*args, **kwargs):
+        _sync()
+        t0 = time.perf_counter()
+        out = generate(*args, **kwargs)
+        _sync()
+        clock.rollout += time.perf_counter() - t0
+        return out
+
+    return run
+
+
+def summary(name: str, length: int, clock: StepClock, warmup: int, completions: int) -> dict:
+    timed = clock.steps[warmup:] or clock.steps
+    seconds = sum(s for s, _, _ in timed) / len(timed)
+    rollout = sum(r for _, r, _ in timed) / len(timed)
+    tokens = sum(t for _, _, t in timed) / len(timed)
+    generated = completions * length
+    return {"bench": "grpo", "impl": name, "completion_tokens": length, "completions_per_step": completions,
+            "steps_timed": len(timed), "s_per_step": round(seconds, 3), "rollout_s": round(rollout, 3),
+            "rollout_tokens_per_s": round(generated / rollout, 1) if rollout else None,
+            "train_tokens_per_s": round(tokens / max(seconds - rollout, 1e-9), 1),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None}
+
+
+def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
+    from lawtune.config import GrpoRun, load_config
+    from lawtune.train.grpo import EngineRollout, setup
+
+    completions = opts.group * opts.questions
+    cfg = load_config(None, [
+        f"model.path={work / 'model'}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={length + 1024}",
+        f"grpo.output_dir={work / f'lawtune_{length}'}", f"grpo.num_generations={opts.group}",
+        f"grpo.per_device_batch_size={completions}", "grpo.gradient_accumulation_steps=1",
+        f"grpo.max_completion_length={length}", f"grpo.max_steps={opts.warmup + opts.steps}", "grpo.save_steps=100000",
+        "grpo.report_to=[none]", "grpo.rollout=engine", *(["model.dtype=float32"] if opts.smoke else []),
+    ], run_cls=GrpoRun)
+
+    class Forced(EngineRollout):
+        def sampling(self, n):
+            import dataclasses
+
+            return dataclasses.replace(super().sampling(n), ignore_eos=True)
+
+    run = setup(cfg, overwrite=True)
+    clock = StepClock()
+    run.trainer.rollout_func = _timed(clock, Forced(run.cfg, run.tokenizer, {}))
+    run.trainer.add_callback(clock.callback())
+    run.trainer.train()
+    return summary("lawtune", length, clock, opts.warmup, completions)
+
+
+def run_trl(opts, work: Path, data: Path, length: int) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lawtune.config import PROJECTIONS
+    from lawtune.data import load_records
+    from lawtune.prompts import render_prompt
+    from lawtune.train.rewards import exact_set
+
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
+    records = load_records(data).records
+    dataset = Dataset.from_list([{"prompt": render_prompt(r, tokenizer, "chat", think=True), "answer": r.answer,
+                                  "letters": "".join(r.options)} for r in records])
+    device = "cpu" if opts.smoke or not torch.cuda.is_available() else "cuda"
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32 if device == "cpu" else torch.bfloat16,
+                                                 attn_implementation="sdpa").to(device)
+    completions = opts.group * opts.questions
+    clock = StepClock()
+
+    class Timed(GRPOTrainer):
+        def _generate_single_turn(self, *args, **kwargs):
+            return _timed(clock, super()._generate_single_turn)(*args, **kwargs)
+
+    args = GRPOConfig(output_dir=str(work / f"trl_{length}"), num_generations=opts.group,
+                      per_device_train_batch_size=completions, gradient_accumulation_steps=1,
+                      max_completion_length=length, max_steps=opts.warmup + opts.steps, save_strategy="no",
+                      report_to="none", logging_steps=1, disable_tqdm=True,
+                      generation_kwargs={"min_new_tokens": length},  # forced to its length, as on lawtune's side
+                      **({"use_cpu": True, "bf16": False} if device == "cpu" else {}))
+    trainer = Timed(model=model, reward_funcs=[exact_set], args=args, train_dataset=dataset, processing_class=tokenizer,
+                    peft_config=LoraConfig(r=16, lora_alpha=16, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM"),
+                    callbacks=[clock.callback()])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # its per-step dicts would bury the table
+    trainer.train()
+    return summary("trl", length, clock, opts.warmup, completions)
+
+
+def prepare(opts, work: Path) -> Path:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if opts.smoke and not opts.model_dir:
+        from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
+
+        tokenizer = build_tokenizer(corpus_texts([demo_data_path()]), vocab_size=1500)
+        model = build_tiny_model(tokenizer, hidden_size=64, layers=2)
+    else:
+        tokenizer, config = jecqa_synth.model_config(opts.model_dir, tiny=opts.smoke)
+        torch.manual_seed(0)
+        device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                   pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    del model
+    rows = jecqa_synth.eval_rows(tokenizer, max(64, opts.questions * (opts.warmup + opts.steps)),
+                                 scale=0.3 if opts.smoke else 1.0)
+    for row in rows:
+        row["answer"] = ["A"]
+    return jecqa_synth.write_jsonl(rows, work / "questions.jsonl")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", help="config.json + tokenizer of the architecture (random weights are built)")
+    ap.add_argument("--lengths", default="512,1024", help="completion lengths, comma-separated")
+    ap.add_argument("--group", type=int, default=8, help="completions per question")
+    ap.add_argument("--questions", type=int, default=8, help="questions per step")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (graph capture, allocator)")
+    ap.add_argument("--impls", default="lawtune,trl")
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, tiny sizes (tests/test_bench.py)")
+    opts = ap.parse_args()
+    if opts.smoke:
+        opts.lengths, opts.group, opts.questions, opts.steps = "8,12", 2, 2, 2
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = prepare(opts, work)
+        for length in map(int, opts.lengths.split(",")):
+            for impl in opts.impls.split(","):
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                row = (run_lawtune if impl == "lawtune" else run_trl)(opts, work, data, length)
+                row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.smoke else "cpu"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    by = {(r["impl"], r["completion_tokens"]): r for r in rows}
+    print(f"\n{'impl':8} {'tokens':>6} {'s/step':>8} {'rollout tok/s':>14} {'train tok/s':>12} {'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['impl']:8} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_tokens_per_s']!s:>14} "
+              f"{r['train_tokens_per_s']:>12} {r['peak_reserved_gib']!s:>9}")
+    for length in map(int, opts.lengths.split(",")):
+        a, b = by.get(("lawtune", length)), by.get(("trl", length))
+        if a and b:
+            ratio = {"bench": "grpo_ratio", "completion_tokens": length,
+                     "speedup_s_per_step": round(b["s_per_step"] / a["s_per_step"], 2),
+                     "rollout_speedup": round(a["rollout_tokens_per_s"] / b["rollout_tokens_per_s"], 2)}
+            rows.append(ratio)
+            print(json.dumps(ratio))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

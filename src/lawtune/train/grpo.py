@@ -1,0 +1,408 @@
+"""GRPO on JEC-QA's verifiable answers: setup -> fit, on top of TRL's ``GRPOTrainer`` and peft.
+
+TRL owns the algorithm (groups, advantages, clipping, KL, the loop, checkpoints, resume); lawtune adds what the
+task needs: its reasoning prompts (already rendered text), the rewards of ``rewards.py``, rollouts through its
+generation engine on the live weights, the held-out accuracy in reasoning mode with the best adapter kept, and the
+output folder ``lawtune train`` writes (so eval, compare, merge and serve take the result unchanged).
+
+``rollout_func`` is experimental in TRL; pyproject.toml pins the TRL range whose hook this is written against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun, resolve_output_dir
+from ..data import sha256_file
+from ..dist import is_main_process
+from ..model import (ModelError, add_lora, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
+                     load_base_model, load_tokenizer, resolve_device, resolve_dtype)
+from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
+from ..rundir import MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, prepare_run_dir, run_fingerprint, save_model_dir
+from . import rewards as R
+from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
+from .sft import prepare_data, write_curves
+
+log = logging.getLogger("lawtune")
+
+# ----------------------------------------------------------------------------- TRL, where lawtune differs
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+
+    class LawtuneGRPOTrainer(GRPOTrainer):
+        """TRL's GRPOTrainer with lawtune's prompts and group metrics."""
+
+        def _tokenize_prompts(self, prompts: list):
+            # lawtune's prompts are rendered text whose special tokens (the BOS among them) are written out: TRL
+            # would add the tokenizer's own on top (a second BOS for R1-Distill's tokenizer).
+            return self._tokenizer(prompts, add_special_tokens=False)["input_ids"], None, {}
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if "exact_set" in self.reward_func_names:
+                mode = "train" if self.model.training else "eval"
+                exact = rewards[:, self.reward_func_names.index("exact_set")].view(-1, self.num_generations)
+                # A group with no exact answer teaches exact_set nothing; one that is always right neither.
+                self._metrics[mode]["groups/any_exact"].append((exact > 0.5).any(dim=1).float().mean().item())
+                self._metrics[mode]["groups/all_exact"].append((exact > 0.5).all(dim=1).float().mean().item())
+            return rewards
+
+        def _save(self, output_dir: str | None = None, state_dict=None):
+            super()._save(output_dir, state_dict)
+            # beta > 0 on a continued adapter: TRL keeps the starting adapter as "ref" beside it. It is rebuilt from
+            # grpo.adapter on every start, so the saved adapter folders hold only the trained one.
+            import shutil
+
+            ref = Path(output_dir or self.args.output_dir) / "ref"
+            if ref.is_dir() and (ref / "adapter_config.json").is_file():
+                shutil.rmtree(ref)
+
+    return LawtuneGRPOTrainer
+
+
+class EngineRollout:
+    """TRL's ``rollout_func`` on lawtune's generation engine.
+
+    TRL hands the step's prompts with each question repeated once per completion of its group; the engine samples a
+    group from one prefill (``n`` samples), each sample from (grpo.seed, the question id and step, the sample index),
+    so a rollout does not depend on what else is generated beside it. The engine holds the model itself: it samples
+    from the weights the last optimizer step left."""
+
+    def __init__(self, cfg: GrpoRun, tokenizer, ids_by_prompt: dict[str, str]):
+        self.cfg, self.tokenizer, self.ids_by_prompt = cfg, tokenizer, ids_by_prompt
+        self.max_len = cfg.data.max_length  # prompts longer than max_length - max_completion_length were dropped
+
+    def sampling(self, n: int):
+        """How a group of ``n`` completions is sampled."""
+        from ..generation.engine import SamplingParams
+
+        g = self.cfg.grpo
+        return SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
+                              seed=g.seed, n=n)
+
+    def __call__(self, prompts: list[str], trainer) -> dict:
+        from ..generation.engine import engine_for
+
+        groups: list[tuple[str, int]] = []
+        for prompt in prompts:
+            if groups and groups[-1][0] == prompt:
+                groups[-1] = (prompt, groups[-1][1] + 1)
+            else:
+                groups.append((prompt, 1))
+        ids = self.tokenizer([p for p, _ in groups], add_special_tokens=False)["input_ids"]
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # One engine for the run: its slots hold a whole step's completions, its rows the longest prompt allowed.
+        engine = engine_for(model, self.tokenizer.eos_token_id, slots=len(prompts), max_len=self.max_len)
+        step = trainer.state.global_step
+        requests = [(x, self.sampling(n), f"{self.ids_by_prompt.get(p, p)}@{step}") for x, (p, n) in zip(ids, groups)]
+        was_training = model.training
+        model.eval()  # no dropout while sampling
+        try:
+            done = engine.generate(requests)
+        finally:
+            model.train(was_training)
+        out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
+        for request in done:
+            for sample in request.samples:
+                out["prompt_ids"].append(list(request.prompt_ids))
+                out["completion_ids"].append(list(sample.tokens))
+                # Under the model's own distribution (temperature 1): TRL reads them only for off-policy masking and
+                # vLLM's importance correction, neither of which lawtune turns on.
+                out["logprobs"].append(list(sample.logprobs))
+        return out
+
+
+class GrpoHeldOut(HeldOutEvalCallback):
+    """Held-out accuracy in reasoning mode (greedy), before the first step, every grpo.eval_steps and at the end."""
+
+    def settings(self):
+        g = self.cfg.grpo
+        return (EvalConfig(mode="reasoning", batch_size=g.eval_batch_size),
+                GenerationConfig(max_new_tokens=g.eval_max_new_tokens or g.max_completion_length, do_sample=False))
+
+    def interval(self) -> int:
+        return self.cfg.grpo.eval_steps
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Where the run starts from: the curve's first point, and the adapter to beat for best_model/.
+        if self.records and state.global_step == 0:
+            self._run(state, model)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+@dataclass
+class GrpoSetup:
+    """Everything ``setup`` builds, for ``fit``."""
+
+    cfg: GrpoRun
+    """The resolved config (CPU fallbacks applied, output directory filled in): what lawtune_config.yaml records."""
+    trainer: object
+    model: torch.nn.Module
+    tokenizer: object
+    manifest: dict
+    out: Path
+    held_out: GrpoHeldOut
+
+
+@dataclass
+class GrpoResult:
+    steps: int
+    final_model: str
+    start_eval_accuracy: float | None
+    best_eval_accuracy: float | None
+    final_eval_accuracy: float | None
+    eval_history: list[dict]
+    output_dir: str
+
+
+def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
+    """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
+    if device.type != "cpu":
+        return cfg
+    model = cfg.model
+    if model.attn_implementation == "flex_attention":
+        log.warning("model.attn_implementation: flex_attention cannot train on the CPU; using sdpa")
+        model = dataclasses.replace(model, attn_implementation="sdpa")
+    if model.dtype in ("float16", "bfloat16"):
+        log.warning("model.dtype: %s is many times slower than float32 on a CPU; training in float32", model.dtype)
+        model = dataclasses.replace(model, dtype="float32")
+    return dataclasses.replace(cfg, model=model)
+
+
+def fingerprint(cfg: GrpoRun) -> dict:
+    """What decides the run's weights beyond SFT's fingerprint: the adapter it continues (by content)."""
+    adapter = cfg.grpo.adapter
+    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
+    return {**run_fingerprint(cfg), "grpo.adapter": adapter,
+            "grpo.adapter sha256": sha256_file(weights) if weights and weights.is_file() else None}
+
+
+def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
+    """The reward functions and their weights; every one is logged (rewards/<name>/mean and /std), weight 0 too."""
+    g = cfg.grpo
+    funcs = [R.exact_set, R.option_f1, R.answer_format]
+    weights = [1.0, g.reward_f1_weight, g.reward_format_weight]
+    if g.length_budget:
+        funcs.append(R.length_penalty(g.length_budget, g.length_penalty))
+        weights.append(1.0)
+    return funcs, weights
+
+
+def load_policy(cfg: GrpoRun, device: torch.device):
+    """(model, peft_config): the continued adapter loaded trainable, or the base model and a fresh LoRA's config
+    (TRL wraps it; with beta > 0 its reference is then the base model with the adapter switched off)."""
+    model = load_base_model(cfg.model, device=device, use_cache=False)
+    adapter = cfg.grpo.adapter
+    if not adapter:
+        from peft import LoraConfig
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [m for m in cfg.lora.target_modules if m not in present]
+        if missing:
+            raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+        return model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    from peft import PeftModel
+
+    check_adapter(adapter, model)
+    if cfg.grpo.force:
+        log.warning("%s: grpo.force: the adapter's base model is not checked", adapter)
+    else:
+        check_adapter_base(adapter, model, cfg.model.path)
+    return PeftModel.from_pretrained(model, adapter, is_trainable=True), None
+
+
+def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.device, reward_weights: list[float]):
+    from trl import GRPOConfig
+
+    g = cfg.grpo
+    return GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=g.per_device_batch_size,
+        gradient_accumulation_steps=g.gradient_accumulation_steps,
+        learning_rate=g.learning_rate,
+        max_steps=g.max_steps,
+        warmup_steps=g.warmup_steps,
+        lr_scheduler_type=g.lr_scheduler_type,
+        weight_decay=g.weight_decay,
+        max_grad_norm=g.max_grad_norm,
+        optim=g.optim,
+        logging_steps=g.logging_steps,
+        save_strategy="steps",
+        save_steps=g.save_steps,
+        save_total_limit=g.save_total_limit,
+        eval_strategy="no",
+        seed=g.seed,
+        # GRPOConfig turns bf16 on unless told: on a CPU (or an fp32 model) that is autocast to a slow dtype.
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=g.gradient_checkpointing,
+        report_to=[r for r in g.report_to if r != "none"] or "none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        num_generations=g.num_generations,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=0,
+        beta=g.beta,
+        epsilon=g.epsilon,
+        epsilon_high=g.epsilon_high,
+        loss_type=g.loss_type,
+        scale_rewards=g.scale_rewards,
+        reward_weights=reward_weights,
+        log_completions=False,
+        # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.
+        dataloader_pin_memory=False,
+    )
+
+
+def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None) -> GrpoSetup:
+    """Everything before the loop: data and prompts, tokenizer, policy, trainer.
+
+    ``reward_funcs``: TRL-form reward functions (weight 1 each) instead of the config's, e.g. a control reward."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # lawtune pins the TRL range it calls rollout_func in; the experimental-API notice is for TRL's own users.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+
+    if not cfg.model.path:
+        raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
+    if not cfg.data.train:
+        raise ConfigError("data.train: no training file given (pass --data FILE)")
+    if cfg.model.gpu is not None and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(cfg.model.gpu)
+    out = resolve_output_dir(cfg)
+    device = resolve_device(cfg.model)
+    cfg = cpu_fallbacks(cfg, device)
+    dtype = resolve_dtype(cfg.model, device)
+    prepare_run_dir(out, fingerprint(cfg), resume, overwrite, main=is_main_process())
+    set_seed(cfg.grpo.seed)
+    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, output_dir=str(out)))
+
+    adapter = cfg.grpo.adapter
+    trained_with = adapter_prompt_format(adapter) if adapter else None
+    if trained_with and trained_with != cfg.data.prompt_format:
+        log.warning("%s was trained with data.prompt_format=%s; grpo prompts with %s", adapter, trained_with,
+                    cfg.data.prompt_format)
+    train_records, eval_records, manifest = prepare_data(cfg, out)
+    tokenizer = load_tokenizer(cfg.model.path)
+    room = cfg.data.max_length - cfg.grpo.max_completion_length
+    prompts, kept, too_long = [], [], []
+    for record in train_records:
+        text = render_prompt(record, tokenizer, cfg.data.prompt_format, think=True)
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > room:
+            too_long.append(record.where or record.id)
+            continue
+        prompts.append(text)
+        kept.append(record)
+    if too_long:
+        log.warning("%d training questions dropped: their prompt is longer than data.max_length - "
+                    "grpo.max_completion_length = %d tokens (first: %s)", len(too_long), room, ", ".join(too_long[:3]))
+    if not kept:
+        raise ConfigError(f"data.max_length: no training prompt fits in {room} tokens beside the completion")
+    manifest["prompts"] = {"kept": len(kept), "dropped_too_long": len(too_long)}
+    manifest["prompt"] = {"format": cfg.data.prompt_format, "think": True,
+                          "instruction": CHAT_INSTRUCTION if cfg.data.prompt_format == "chat" else PLAIN_TEMPLATE,
+                          "example": {"id": kept[0].id, "prompt": prompts[0]}}
+    dataset = Dataset.from_list([{"prompt": p, "answer": list(r.answer), "letters": "".join(r.options), "id": r.id}
+                                 for p, r in zip(prompts, kept)])
+    eval_subset = eval_records[: cfg.data.eval_max_samples] if cfg.data.eval_max_samples else eval_records
+
+    model, peft_config = load_policy(cfg, device)
+    manifest["base_model"] = base_fingerprint(model, tokenizer)
+    manifest["grpo"] = {"continued_adapter": str(Path(adapter).resolve()) if adapter else None,
+                        "rollout": cfg.grpo.rollout}
+    if adapter and (Path(adapter) / MANIFEST_FILE).is_file():
+        # The result was trained on the SFT split too: eval's training-overlap warning must know those questions.
+        before = json.loads((Path(adapter) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if before.get("train_statements_key") == STATEMENT_KEY_VERSION:
+            manifest["train_statements_sha256"] = sorted(set(manifest["train_statements_sha256"])
+                                                         | set(before.get("train_statements_sha256", [])))
+    if reward_funcs is None:
+        reward_funcs, weights = reward_functions(cfg)
+    else:
+        weights = [1.0] * len(reward_funcs)
+
+    rollout = None
+    if cfg.grpo.rollout == "engine":
+        from ..generation import engine_supported
+
+        if engine_supported(model):
+            rollout = EngineRollout(cfg, tokenizer, {p: r.id for p, r in zip(prompts, kept)})
+        else:
+            log.warning("grpo.rollout: the engine cannot run this model (model.attn_implementation=%s); "
+                        "sampling with TRL's generation", cfg.model.attn_implementation)
+    metrics = MetricsCallback(out / "metrics.jsonl", append=resume)
+    held_out = GrpoHeldOut(cfg, eval_subset, tokenizer, metrics, out, manifest)
+    best = out / "best_model" / MANIFEST_FILE
+    if resume and best.is_file():  # best_model/ is replaced only by a better adapter than the one it holds
+        held_out.best = json.loads(best.read_text(encoding="utf-8")).get("best", {}).get("eval_accuracy", -1.0)
+    trainer = _trainer_class()(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=grpo_arguments(cfg, out, dtype, device, weights),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[metrics, held_out, GcPauses()],
+        peft_config=peft_config,
+        rollout_func=rollout,
+    )
+    held_out.trainer = trainer
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainable, total = count_parameters(trainer.model)
+    log.info("model %s on %s (%s)%s: %s trainable LoRA parameters of %s; rollouts: %s", cfg.model.path, device,
+             str(dtype).replace("torch.", ""), f" continuing {adapter}" if adapter else "", f"{trainable:,}",
+             f"{total:,}", "engine" if rollout else "trl")
+    log.info("data: %d train / %d held-out questions (%d scored in reasoning mode) -> %s", len(kept),
+             len(eval_records), len(eval_subset), out / "data")
+    return GrpoSetup(cfg=cfg, trainer=trainer, model=trainer.model, tokenizer=tokenizer, manifest=manifest, out=out,
+                     held_out=held_out)
+
+
+def fit(run: GrpoSetup, resume: bool = False) -> GrpoResult:
+    trainer, out = run.trainer, run.out
+    checkpoint = None
+    if resume:
+        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if checkpoint:
+            log.info("resuming from %s", checkpoint)
+        else:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    final = out / "final_model"
+    save_model_dir(trainer.model, run.tokenizer, run.cfg, run.manifest, final, trainer=trainer)
+    if is_main_process():
+        write_curves(out / "metrics.jsonl", out / "curves.png", key="rewards/exact_set/mean",
+                     label="exact-set reward (rollouts)")
+    history = run.held_out.history
+    return GrpoResult(
+        steps=trainer.state.global_step,
+        final_model=str(final),
+        start_eval_accuracy=history[0]["eval_accuracy"] if history and history[0]["step"] == 0 else None,
+        best_eval_accuracy=run.held_out.best if history else None,
+        final_eval_accuracy=history[-1]["eval_accuracy"] if history else None,
+        eval_history=history,
+        output_dir=str(out),
+    )
+
+
+def grpo(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None) -> GrpoResult:
+    """Run a whole GRPO job from a config."""
+    return fit(setup(cfg, resume=resume, overwrite=overwrite, reward_funcs=reward_funcs), resume=resume)
