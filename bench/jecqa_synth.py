@@ -110,6 +110,30 @@ def model_config(model_dir: str | None, tiny: bool):
     return tokenizer, config
 
 
+def save_bench_model(model_dir: str | None, smoke: bool, dest: Path):
+    """The benchmark model saved to ``dest`` (random weights, seed 0): the demo's tiny model for a smoke run
+    without ``model_dir``, else ``model_config``'s architecture, bf16 on a GPU. Returns its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if smoke and not model_dir:
+        from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
+
+        tokenizer = build_tokenizer(corpus_texts([demo_data_path()]), vocab_size=1500)
+        model = build_tiny_model(tokenizer, hidden_size=64, layers=2)
+    else:
+        tokenizer, config = model_config(model_dir, tiny=smoke)
+        device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                   pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return tokenizer
+
+
 def cprofile_top(profiler, n: int = 25) -> dict:
     """The functions with the most CPU time of their own, in ms, from a cProfile.Profile."""
     import pstats

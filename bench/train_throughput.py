@@ -327,26 +327,8 @@ def run_child(opts) -> dict:
 
 def prepare(opts, work: Path) -> dict:
     """Random-weight model directory (bf16 safetensors) + tokenizer, and the data files."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     work.mkdir(parents=True, exist_ok=True)
-    if opts.smoke and not opts.model_dir:
-        from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
-
-        tokenizer = build_tokenizer(corpus_texts([demo_data_path()]), vocab_size=1500)
-        model = build_tiny_model(tokenizer, hidden_size=64, layers=2)
-    else:
-        tokenizer, config = jecqa_synth.model_config(opts.model_dir, tiny=opts.smoke)
-        device = torch.device("cuda" if torch.cuda.is_available() and not opts.smoke else "cpu")
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                                   pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
-    del model
+    tokenizer = jecqa_synth.save_bench_model(opts.model_dir, opts.smoke, work / "model")
     scale = 0.5 if opts.smoke else 1.0
     rows = jecqa_synth.train_rows(tokenizer, opts.records, scale=scale)
     jecqa_synth.write_jsonl(rows, work / "train.jsonl")

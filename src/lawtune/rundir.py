@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ import yaml
 
 from .config import save_config
 from .data import Record, legacy_statement_key, sha256_file, statement_key
+
+log = logging.getLogger("lawtune")
 
 CONFIG_FILE = "lawtune_config.yaml"
 MANIFEST_FILE = "data_manifest.json"
@@ -176,3 +179,17 @@ def prepare_run_dir(out: Path, fingerprint: dict, resume: bool, overwrite: bool,
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / RUN_FILE).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def resume_checkpoint(out: Path, resume: bool) -> str | None:
+    """The checkpoint ``--resume`` continues from: the newest in ``out`` (None, said, where there is none)."""
+    if not resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    else:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    return checkpoint

@@ -20,18 +20,18 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun, resolve_output_dir
 from ..data import sha256_file
 from ..dist import is_main_process
-from ..model import (ModelError, add_lora, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
+from ..model import (ModelError, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
                      load_base_model, load_tokenizer, resolve_device, resolve_dtype)
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
-from ..rundir import MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, prepare_run_dir, run_fingerprint, save_model_dir
+from ..rundir import (MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, prepare_run_dir, resume_checkpoint,
+                      run_fingerprint, save_model_dir)
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
-from .sft import prepare_data, write_curves
+from .sft import prepare_data, shared_arguments, write_curves
 
 log = logging.getLogger("lawtune")
 
@@ -231,30 +231,8 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
 
     g = cfg.grpo
     return GRPOConfig(
-        output_dir=str(out),
+        **shared_arguments(g, out, dtype, device),
         per_device_train_batch_size=g.per_device_batch_size,
-        gradient_accumulation_steps=g.gradient_accumulation_steps,
-        learning_rate=g.learning_rate,
-        max_steps=g.max_steps,
-        warmup_steps=g.warmup_steps,
-        lr_scheduler_type=g.lr_scheduler_type,
-        weight_decay=g.weight_decay,
-        max_grad_norm=g.max_grad_norm,
-        optim=g.optim,
-        logging_steps=g.logging_steps,
-        save_strategy="steps",
-        save_steps=g.save_steps,
-        save_total_limit=g.save_total_limit,
-        eval_strategy="no",
-        seed=g.seed,
-        # GRPOConfig turns bf16 on unless told: on a CPU (or an fp32 model) that is autocast to a slow dtype.
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        use_cpu=device.type == "cpu",
-        gradient_checkpointing=g.gradient_checkpointing,
-        report_to=[r for r in g.report_to if r != "none"] or "none",
-        remove_unused_columns=False,
-        disable_tqdm=True,
         num_generations=g.num_generations,
         max_completion_length=g.max_completion_length,
         temperature=g.temperature,
@@ -378,13 +356,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
 
 def fit(run: GrpoSetup, resume: bool = False) -> GrpoResult:
     trainer, out = run.trainer, run.out
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if checkpoint:
-            log.info("resuming from %s", checkpoint)
-        else:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    checkpoint = resume_checkpoint(out, resume)
     trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final_model"
     save_model_dir(trainer.model, run.tokenizer, run.cfg, run.manifest, final, trainer=trainer)

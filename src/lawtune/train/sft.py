@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import TrainRun, resolve_output_dir
 from ..data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
-from ..rundir import STATEMENT_KEY_VERSION, prepare_run_dir, run_fingerprint, save_model_dir, statement_hash
+from ..rundir import (STATEMENT_KEY_VERSION, prepare_run_dir, resume_checkpoint, run_fingerprint, save_model_dir,
+                      statement_hash)
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
 from .collate import CountingCollator, PlannedBatches, make_collator, plan_batches
 from .kernels import apply_liger, compile_layers, install_packed_block_mask
@@ -126,40 +126,50 @@ class SFTResult:
     output_dir: str
 
 
-def training_arguments(cfg: TrainRun, out: Path, dtype: torch.dtype, device: torch.device) -> TrainingArguments:
-    t = cfg.train
-    return LawtuneTrainingArguments(
+def shared_arguments(section, out: Path, dtype: torch.dtype, device: torch.device) -> dict:
+    """The Trainer arguments `train` and `grpo` take alike from their section (``train`` or ``grpo``, whose
+    optimizer, schedule, logging and checkpoint fields have the same names)."""
+    s = section
+    return dict(
         output_dir=str(out),
-        # With a token budget every dataset item is already a whole micro-batch.
-        per_device_train_batch_size=1 if t.batch_tokens else t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        max_steps=t.max_steps,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        logging_steps=t.logging_steps,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        learning_rate=s.learning_rate,
+        max_steps=s.max_steps,
+        warmup_steps=s.warmup_steps,
+        lr_scheduler_type=s.lr_scheduler_type,
+        weight_decay=s.weight_decay,
+        max_grad_norm=s.max_grad_norm,
+        optim=s.optim,
+        logging_steps=s.logging_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_steps=s.save_steps,
+        save_total_limit=s.save_total_limit,
         eval_strategy="no",
-        seed=t.seed,
+        seed=s.seed,
+        # Said explicitly: TRL's GRPOConfig turns bf16 on unless told (autocast to a slow dtype on a CPU).
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device.type == "cpu",
         # passed only when on: transformers 5 warns about the old name whenever it is given
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
-        report_to=[r for r in t.report_to if r != "none"] or "none",
-        dataloader_num_workers=t.dataloader_num_workers,
+        **({"gradient_checkpointing": True} if s.gradient_checkpointing else {}),
+        report_to=[r for r in s.report_to if r != "none"] or "none",
         remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+
+
+def training_arguments(cfg: TrainRun, out: Path, dtype: torch.dtype, device: torch.device) -> TrainingArguments:
+    t = cfg.train
+    return LawtuneTrainingArguments(
+        **shared_arguments(t, out, dtype, device),
+        # With a token budget every dataset item is already a whole micro-batch.
+        per_device_train_batch_size=1 if t.batch_tokens else t.per_device_batch_size,
+        dataloader_num_workers=t.dataloader_num_workers,
         # Padding-free batches have no padding to leave out; padded ones count attention-mask tokens.
         # (with a token budget lawtune counts on the CPU instead: transformers' count syncs with the GPU)
         include_num_input_tokens_seen=("no" if t.batch_tokens else "all" if t.packing else "non_padding"),
         # No GPU->CPU sync after every micro-step to test the loss for NaN (a NaN then shows in the log).
         logging_nan_inf_filter=False,
-        disable_tqdm=True,
         save_only_model=False,
         ddp_find_unused_parameters=False,
         # A decoder LM's buffers (rotary tables) never change in training: no broadcast before every forward.
@@ -284,13 +294,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
 
 def fit(run: SFTRun, resume: bool = False) -> SFTResult:
     trainer, out = run.trainer, run.out
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if checkpoint:
-            log.info("resuming from %s", checkpoint)
-        else:
-            log.warning("--resume: no checkpoint in %s, starting from scratch", out)
+    checkpoint = resume_checkpoint(out, resume)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     final = out / "final_model"
     save_model_dir(trainer.model, run.tokenizer, run.cfg, run.manifest, final, trainer=trainer)
