@@ -66,7 +66,7 @@ def timed(device, fn):
 def build(args, device: torch.device):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    if args.smoke and not args.model_dir:
+    if (args.smoke or getattr(args, "cpu", False)) and not args.model_dir:  # generation.py --cpu: the demo's size
         from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
 
         tokenizer = build_tokenizer(corpus_texts([demo_data_path()]), vocab_size=1500)
