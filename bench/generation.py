@@ -13,7 +13,8 @@
    - ``generate``: plain transformers ``generate`` batches (static cache), on ``--plain-n`` requests only.
    Reported: useful tokens/s, raw tokens/s (every row of every step), slot occupancy, ratios.
 2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode), beside one row
-   without streaming through the static decoder and the engine.
+   without streaming through the static decoder and the engine, and one row streamed from the engine's
+   background loop (serve's threads without HTTP).
 3. ``serve`` with ``--clients`` concurrent streaming clients on loopback, and one client alone: aggregate
    tokens/s and time to first token. The clients run in a process of their own.
 4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
@@ -195,8 +196,20 @@ def run_one_row(model, tokenizer, tokens: int, device) -> dict:
     static(), engine.generate([(prompt, params, None)])  # warm-up, graph capture
     _, static_s = timed(device, static)
     _, engine_s = timed(device, lambda: engine.generate([(prompt, params, None)]))
+
+    def streamed():  # with the loop in its own thread, as serve runs it, and this thread reading every token
+        return sum(1 for _ in engine.stream(engine.submit(prompt, params, stream=True)))
+
+    streamed()
+    engine.start()
+    try:
+        streamed()
+        _, background_s = timed(device, streamed)
+    finally:
+        engine.stop()
     return {"tokens": tokens, "static_tokens_per_s": round(tokens / static_s, 1),
-            "engine_tokens_per_s": round(tokens / engine_s, 1)}
+            "engine_tokens_per_s": round(tokens / engine_s, 1),
+            "engine_background_stream_tokens_per_s": round(tokens / background_s, 1)}
 
 
 def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
