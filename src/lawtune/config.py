@@ -18,7 +18,7 @@ import logging
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -136,22 +136,26 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimizationSection:
+    """What `train` and `grpo` both set the same way: the optimizer, its schedule, logging and checkpoints. Each
+    command's section (``train``, ``grpo``) adds its own fields and may change a default."""
+
+    SECTION: ClassVar[str] = ""
     output_dir: str | None = None
     """Where checkpoints and the final adapter go; default outputs/<config file stem> (a run records the one
     it used)."""
     per_device_batch_size: int = 2
-    """Sequences per device per micro-step (the original recipe's 2)."""
+    """Examples per device per micro-step: sequences in `train` (the original recipe's 2), completions in `grpo`."""
     gradient_accumulation_steps: int = 4
     """Micro-steps per optimizer step (the original recipe's 4)."""
     learning_rate: float = 2e-4
-    """Peak learning rate."""
+    """Peak learning rate of the LoRA parameters."""
     max_steps: int = 5000
     """Optimizer steps."""
     warmup_steps: int = 100
     """Linear warm-up steps."""
     lr_scheduler_type: str = "linear"
-    """Any transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
+    """Any transformers scheduler name (linear, cosine, constant, constant_with_warmup, ...)."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA parameters."""
     max_grad_norm: float = 1.0
@@ -163,11 +167,33 @@ class TrainConfig:
     save_total_limit: int | None = 3
     """Keep at most this many checkpoints."""
     logging_steps: int = 10
-    """Log loss, lr and tokens/s every this many steps."""
+    """Log every this many steps (loss, lr and tokens/s; grpo: rewards, lengths, clipping and KL)."""
     eval_steps: int = 500
-    """Score the held-out split every this many steps; 0 = only at the end."""
+    """Score the held-out split every this many steps; 0 = only at the end (grpo: also before the first step)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seed of LoRA initialisation, data order and dropout (grpo: also of the rollouts' samples, each drawn from
+    this seed, the question, the step and the sample index)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """transformers logging integrations (tensorboard, wandb, none)."""
+
+    def __post_init__(self) -> None:
+        section = self.SECTION
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "save_steps", "logging_steps"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{section}.{key}: expected an integer, got {value!r}")
+            _check_positive(f"{section}.{key}", value)
+        for key in ("warmup_steps", "eval_steps", "weight_decay"):
+            _check_positive(f"{section}.{key}", getattr(self, key), allow_zero=True)
+        _check_positive(f"{section}.learning_rate", self.learning_rate)
+        _check_positive(f"{section}.max_grad_norm", self.max_grad_norm)
+
+
+@dataclass
+class TrainConfig(OptimizationSection):
+    SECTION: ClassVar[str] = "train"
     packing: bool = False
     """Padding-free batches: examples are concatenated with per-example position ids (use flex_attention)."""
     batch_tokens: int | None = None
@@ -184,10 +210,6 @@ class TrainConfig:
     """torch.compile each decoder layer (one graph shared by all layers), on GPUs with inductor's C++ wrapper.
     Compiling makes the first step slow: ~150 s for the 1.5B model on an H100 (bench/README.md, fifth session).
     TORCHINDUCTOR_CPP_WRAPPER=0 in the environment keeps inductor's Python wrapper instead."""
-    seed: int = 42
-    """Seed of LoRA initialisation, data order and dropout."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """transformers logging integrations (tensorboard, wandb, none)."""
     dataloader_num_workers: int = 0
     """Worker processes of the data loader."""
     ddp_bucket_cap_mb: int | None = None
@@ -198,20 +220,14 @@ class TrainConfig:
     H100s at 8,192 tokens x accumulation 2, 1.6% and 1.7% more tokens/s than 25 in two pairs (bench/README.md)."""
 
     def __post_init__(self) -> None:
-        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_steps", "save_steps", "logging_steps"):
-            _check_positive(f"train.{key}", getattr(self, key))
-            if not isinstance(getattr(self, key), int):
-                raise ConfigError(f"train.{key}: expected an integer, got {getattr(self, key)!r}")
+        super().__post_init__()
         for key in ("batch_tokens", "ddp_bucket_cap_mb"):
             value = getattr(self, key)
             if value is not None:
                 _check_positive(f"train.{key}", value)
                 if not isinstance(value, int):
                     raise ConfigError(f"train.{key}: expected an integer, got {value!r}")
-        for key in ("warmup_steps", "eval_steps", "weight_decay", "dataloader_num_workers"):
-            _check_positive(f"train.{key}", getattr(self, key), allow_zero=True)
-        _check_positive("train.learning_rate", self.learning_rate)
-        _check_positive("train.max_grad_norm", self.max_grad_norm)
+        _check_positive("train.dataloader_num_workers", self.dataloader_num_workers, allow_zero=True)
 
 
 PROMPT_FORMATS = ("chat", "plain")
@@ -482,9 +498,18 @@ GRPO_SCALINGS = ("group", "batch", "none")
 
 
 @dataclass
-class GrpoConfig:
-    output_dir: str | None = None
-    """Where checkpoints, metrics and the final adapter go; default outputs/<config file stem>."""
+class GrpoConfig(OptimizationSection):
+    SECTION: ClassVar[str] = "grpo"
+    # Defaults of the shared fields for GRPO with a LoRA (configs/..._grpo.yaml says where each comes from).
+    per_device_batch_size: int = 16
+    learning_rate: float = 1e-5
+    max_steps: int = 500
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"
+    optim: str = "adamw_torch"
+    save_steps: int = 50
+    logging_steps: int = 1
+    eval_steps: int = 50
     adapter: str | None = None
     """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
     LoRA from the lora section."""
@@ -510,25 +535,6 @@ class GrpoConfig:
     dr_grpo (a constant), bnpo."""
     scale_rewards: str = "group"
     """Advantages divided by the std of the group (group), of the batch (batch), or not at all (none)."""
-    learning_rate: float = 1e-5
-    """Peak learning rate of the LoRA parameters."""
-    max_steps: int = 500
-    """Optimizer steps."""
-    warmup_steps: int = 0
-    """Linear warm-up steps."""
-    lr_scheduler_type: str = "constant"
-    """Any transformers scheduler name (constant, linear, cosine, ...)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay on the LoRA parameters."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
-    optim: str = "adamw_torch"
-    """transformers optimizer name."""
-    per_device_batch_size: int = 16
-    """Completions per device per micro-step (forward and backward)."""
-    gradient_accumulation_steps: int = 4
-    """Micro-steps per optimizer step; a step's rollouts are per_device_batch_size x gradient_accumulation_steps x
-    processes completions, a whole number of groups."""
     reward_f1_weight: float = 0.0
     """Weight of the partial-credit reward (per-option F1) beside the exact-set reward (weight 1)."""
     reward_format_weight: float = 0.0
@@ -542,41 +548,25 @@ class GrpoConfig:
     rollout: str = "engine"
     """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
     rollout_func); trl = TRL's own generation (transformers' generate)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory."""
-    logging_steps: int = 1
-    """Log rewards, lengths, clipping and KL every this many steps."""
-    save_steps: int = 50
-    """Checkpoint every this many steps (what --resume continues from)."""
-    save_total_limit: int | None = 3
-    """Keep at most this many checkpoints."""
-    eval_steps: int = 50
-    """Score the held-out split in reasoning mode (greedy) every this many steps, and before the first; 0 = only
-    before the first and at the end."""
     eval_batch_size: int = 64
     """Held-out questions generated at once."""
     eval_max_new_tokens: int | None = None
     """Token budget of the held-out reasoning evaluation; None = max_completion_length."""
-    seed: int = 42
-    """Seed of LoRA initialisation, data order and the rollouts' samples (each drawn from this seed, the question,
-    the step and the sample index)."""
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """transformers logging integrations (tensorboard, wandb, none)."""
 
     def __post_init__(self) -> None:
-        for key in ("num_generations", "max_completion_length", "max_steps", "per_device_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "save_steps", "eval_batch_size"):
+        super().__post_init__()
+        for key in ("num_generations", "max_completion_length", "eval_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"grpo.{key}: expected an integer, got {value!r}")
             _check_positive(f"grpo.{key}", value)
         if self.num_generations < 2:
             raise ConfigError(f"grpo.num_generations: a group needs at least 2 completions, got {self.num_generations}")
-        for key in ("temperature", "top_p", "learning_rate", "max_grad_norm", "epsilon", "length_penalty"):
+        for key in ("temperature", "top_p", "epsilon", "length_penalty"):
             _check_positive(f"grpo.{key}", getattr(self, key))
         if self.top_p > 1:
             raise ConfigError(f"grpo.top_p: must be at most 1, got {self.top_p}")
-        for key in ("beta", "warmup_steps", "weight_decay", "eval_steps", "reward_f1_weight", "reward_format_weight"):
+        for key in ("beta", "reward_f1_weight", "reward_format_weight"):
             _check_positive(f"grpo.{key}", getattr(self, key), allow_zero=True)
         for key in ("epsilon_high", "length_budget", "eval_max_new_tokens"):
             if getattr(self, key) is not None:

@@ -18,20 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun, resolve_output_dir
+from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun
 from ..data import sha256_file
 from ..dist import is_main_process
 from ..model import (ModelError, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
-                     load_base_model, load_tokenizer, resolve_device, resolve_dtype)
+                     load_base_model, load_tokenizer)
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
-from ..rundir import (MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, prepare_run_dir, resume_checkpoint,
+from ..rundir import (MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, resume_checkpoint,
                       run_fingerprint, save_model_dir)
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
-from .sft import prepare_data, shared_arguments, write_curves
+from .sft import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, write_curves
 
 log = logging.getLogger("lawtune")
 
@@ -171,16 +170,7 @@ class GrpoResult:
 
 def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
     """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
-    if device.type != "cpu":
-        return cfg
-    model = cfg.model
-    if model.attn_implementation == "flex_attention":
-        log.warning("model.attn_implementation: flex_attention cannot train on the CPU; using sdpa")
-        model = dataclasses.replace(model, attn_implementation="sdpa")
-    if model.dtype in ("float16", "bfloat16"):
-        log.warning("model.dtype: %s is many times slower than float32 on a CPU; training in float32", model.dtype)
-        model = dataclasses.replace(model, dtype="float32")
-    return dataclasses.replace(cfg, model=model)
+    return cfg if device.type != "cpu" else dataclasses.replace(cfg, model=cpu_model_fallbacks(cfg.model))
 
 
 def fingerprint(cfg: GrpoRun) -> dict:
@@ -263,15 +253,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given (pass --data FILE)")
-    if cfg.model.gpu is not None and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
-        torch.cuda.set_device(cfg.model.gpu)
-    out = resolve_output_dir(cfg)
-    device = resolve_device(cfg.model)
-    cfg = cpu_fallbacks(cfg, device)
-    dtype = resolve_dtype(cfg.model, device)
-    prepare_run_dir(out, fingerprint(cfg), resume, overwrite, main=is_main_process())
-    set_seed(cfg.grpo.seed)
-    cfg = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, output_dir=str(out)))
+    cfg, out, device, dtype = start_run(cfg, "grpo", fingerprint, cpu_fallbacks, resume, overwrite)
 
     adapter = cfg.grpo.adapter
     trained_with = adapter_prompt_format(adapter) if adapter else None

@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from ..config import TrainRun, resolve_output_dir
+from ..config import ModelConfig, TrainRun, resolve_output_dir
 from ..data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -183,24 +183,46 @@ def training_arguments(cfg: TrainRun, out: Path, dtype: torch.dtype, device: tor
     )
 
 
-def cpu_fallbacks(cfg: TrainRun, device: torch.device) -> TrainRun:
-    """The GPU defaults must still run on a laptop: PyTorch's flex attention has no CPU backward, and compiling
-    every layer costs minutes there for no gain. Returns the config that will run (saved with the model)."""
-    if device.type != "cpu":
-        return cfg
-    model, train = cfg.model, cfg.train
+def cpu_model_fallbacks(model: ModelConfig) -> ModelConfig:
+    """The model settings a CPU cannot train with, replaced (and said): PyTorch's flex attention has no CPU
+    backward; half precision is many times slower than float32 there."""
     if model.attn_implementation == "flex_attention":
         log.warning("model.attn_implementation: flex_attention cannot train on the CPU; using sdpa "
                     "(packed examples stay apart through their position ids)")
         model = dataclasses.replace(model, attn_implementation="sdpa")
-    if train.compile:
-        log.warning("train.compile: skipped on the CPU")
-        train = dataclasses.replace(train, compile=False)
     if model.dtype in ("float16", "bfloat16"):
         # issue 15 reports fp16 16x slower than fp32 on a CPU for a tiny model (56 vs 918 tokens/s); not re-measured
         log.warning("model.dtype: %s is many times slower than float32 on a CPU; training in float32", model.dtype)
         model = dataclasses.replace(model, dtype="float32")
-    return dataclasses.replace(cfg, model=model, train=train)
+    return model
+
+
+def cpu_fallbacks(cfg: TrainRun, device: torch.device) -> TrainRun:
+    """The GPU defaults must still run on a laptop: besides the model's fallbacks, compiling every layer costs
+    minutes there for no gain. Returns the config that will run (saved with the model)."""
+    if device.type != "cpu":
+        return cfg
+    train = cfg.train
+    if train.compile:
+        log.warning("train.compile: skipped on the CPU")
+        train = dataclasses.replace(train, compile=False)
+    return dataclasses.replace(cfg, model=cpu_model_fallbacks(cfg.model), train=train)
+
+
+def start_run(cfg, section: str, fingerprint, fallbacks, resume: bool, overwrite: bool):
+    """The opening of a training command (``section`` "train" or "grpo"): its GPU, device, CPU ``fallbacks``,
+    dtype, the output folder prepared for this run (``fingerprint``), the seed. Returns (config as it will run,
+    recording its output folder; output folder; device; dtype)."""
+    if cfg.model.gpu is not None and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
+        torch.cuda.set_device(cfg.model.gpu)
+    out = resolve_output_dir(cfg)
+    device = resolve_device(cfg.model)
+    cfg = fallbacks(cfg, device)
+    dtype = resolve_dtype(cfg.model, device)
+    prepare_run_dir(out, fingerprint(cfg), resume, overwrite, main=is_main_process())
+    own = getattr(cfg, section)
+    set_seed(own.seed)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(own, output_dir=str(out))}), out, device, dtype
 
 
 def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRun:
@@ -209,18 +231,10 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
     A folder that holds a run is continued only with ``resume`` (and only by the same run) and replaced only with
     ``overwrite`` (``rundir.prepare_run_dir``)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.model.gpu is not None and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
-        torch.cuda.set_device(cfg.model.gpu)
-    out = resolve_output_dir(cfg)
-    device = resolve_device(cfg.model)
-    cfg = cpu_fallbacks(cfg, device)
-    dtype = resolve_dtype(cfg.model, device)
-    prepare_run_dir(out, run_fingerprint(cfg), resume, overwrite, main=is_main_process())
-    set_seed(cfg.train.seed)
+    cfg, out, device, dtype = start_run(cfg, "train", run_fingerprint, cpu_fallbacks, resume, overwrite)
     if 2 * cfg.train.warmup_steps >= cfg.train.max_steps:
         log.warning("train.warmup_steps=%d is half or more of train.max_steps=%d: the learning rate stays low for "
                     "most of the run", cfg.train.warmup_steps, cfg.train.max_steps)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(out)))
 
     train_records, eval_records, manifest = prepare_data(cfg, out)
     tokenizer = load_tokenizer(cfg.model.path)
