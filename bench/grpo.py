@@ -6,7 +6,9 @@ defaults (rollouts through transformers' generate), same model, LoRA, group and 
 
 The model is the config's architecture with random weights (bf16 on a GPU); prompts are JEC-QA-shaped
 (bench/jecqa_synth.py) in lawtune's reasoning format; every completion is forced to its length (the end token
-ignored), so both sides generate and train on the same number of tokens. Per side and length: seconds per step,
+ignored), so both sides generate and train on the same number of tokens. A step samples all its completions in one
+generation; lawtune then trains them 16 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
+with gradient checkpointing (TRL's default). Per side and length: seconds per step,
 rollout tokens/s (completion tokens / time in generation), training tokens/s (prompt + completion tokens / the
 rest of the step), peak reserved GPU memory.
 """
@@ -14,6 +16,7 @@ rest of the step), peak reserved GPU memory.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -91,9 +94,10 @@ def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
     cfg = load_config(None, [
         f"model.path={work / 'model'}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={length + 1024}",
         f"grpo.output_dir={work / f'lawtune_{length}'}", f"grpo.num_generations={opts.group}",
-        f"grpo.per_device_batch_size={completions}", "grpo.gradient_accumulation_steps=1",
+        f"grpo.per_device_batch_size={opts.micro}", f"grpo.gradient_accumulation_steps={completions // opts.micro}",
         f"grpo.max_completion_length={length}", f"grpo.max_steps={opts.warmup + opts.steps}", "grpo.save_steps=100000",
         "grpo.report_to=[none]", "grpo.rollout=engine", *(["model.dtype=float32"] if opts.smoke else []),
+        *opts.set,
     ], run_cls=GrpoRun)
 
     class Forced(EngineRollout):
@@ -136,7 +140,9 @@ def run_trl(opts, work: Path, data: Path, length: int) -> dict:
             return _timed(clock, super()._generate_single_turn)(*args, **kwargs)
 
     args = GRPOConfig(output_dir=str(work / f"trl_{length}"), num_generations=opts.group,
-                      per_device_train_batch_size=completions, gradient_accumulation_steps=1,
+                      # TRL's default micro-batch (8), accumulated to the step's completions: one generation a step
+                      per_device_train_batch_size=opts.trl_micro,
+                      gradient_accumulation_steps=completions // opts.trl_micro,
                       max_completion_length=length, max_steps=opts.warmup + opts.steps, save_strategy="no",
                       report_to="none", logging_steps=1, disable_tqdm=True,
                       generation_kwargs={"min_new_tokens": length},  # forced to its length, as on lawtune's side
@@ -168,12 +174,18 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8, help="questions per step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (graph capture, allocator)")
+    ap.add_argument("--micro", type=int, default=16, help="lawtune's completions per forward/backward (the grpo yaml's)")
+    ap.add_argument("--trl-micro", type=int, default=8, help="TRL's (its default per_device_train_batch_size)")
+    ap.add_argument("--set", nargs="*", default=[], help="key=value overrides of lawtune's side (e.g. grpo.gradient_checkpointing=true)")
     ap.add_argument("--impls", default="lawtune,trl")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, tiny sizes (tests/test_bench.py)")
     opts = ap.parse_args()
     if opts.smoke:
-        opts.lengths, opts.group, opts.questions, opts.steps = "8,12", 2, 2, 2
+        opts.lengths, opts.group, opts.questions, opts.steps, opts.micro, opts.trl_micro = "8,12", 2, 2, 2, 2, 2
+    for flag, micro in (("--micro", opts.micro), ("--trl-micro", opts.trl_micro)):
+        if (opts.group * opts.questions) % micro:
+            ap.error(f"{flag} {micro} must divide the {opts.group * opts.questions} completions of a step")
     import logging
     import os
 
@@ -185,10 +197,13 @@ def main() -> None:
         data = prepare(opts, work)
         for length in map(int, opts.lengths.split(",")):
             for impl in opts.impls.split(","):
+                gc.collect()  # the previous side's trainer, engine and graphs: their memory must not count here
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 row = (run_lawtune if impl == "lawtune" else run_trl)(opts, work, data, length)
+                row["micro_batch"] = opts.micro if impl == "lawtune" else opts.trl_micro
+                row["overrides"] = opts.set if impl == "lawtune" else []
                 row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.smoke else "cpu"
                 rows.append(row)
                 print(json.dumps(row), flush=True)

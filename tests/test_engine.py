@@ -56,6 +56,26 @@ def test_a_step_runs_only_the_rows_in_use_and_new_sequences_take_the_lowest_free
         assert request.samples[0].tokens == _reference_eos_ignored(model, prompt, 6)
 
 
+def test_a_step_attends_only_the_columns_in_use(tiny):
+    # A slot of 1,024 columns, a sequence that ends past column 256: its steps attend 256 columns, then 512, never the
+    # whole slot, and give the tokens a full-width attention gives.
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=1024)
+    windows = []
+    hook = engine.decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: windows.append(kwargs["attention_mask"]["full_attention"].shape[-1])
+        if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    try:
+        done = engine.generate([(prompts[0], SamplingParams(max_new_tokens=300, ignore_eos=True), None)])[0]
+    finally:
+        hook.remove()
+    crossing = 256 - len(prompts[0])  # the step that writes column 256 is the first of the wider window
+    # (the steps past the budget are those the host, reading two steps behind, runs before it sees the end)
+    assert windows[:crossing] == [256] * crossing and set(windows[crossing:]) == {512} and len(windows) >= 299
+    assert engine.column_steps == sum(windows)
+    assert done.samples[0].tokens == _reference_eos_ignored(model, prompts[0], 300)
+
+
 def _reference_eos_ignored(model, prompt, budget):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=budget, min_new_tokens=budget, do_sample=False,
                          temperature=None, top_p=None, top_k=None, pad_token_id=0)
@@ -195,21 +215,22 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
     prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     outputs = []
     for use_graph in (False, True):
-        engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=64, use_graph=use_graph)
+        engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600, use_graph=use_graph)
         for temperature in (0.0, 0.9):
             done = engine.generate([(p, SamplingParams(max_new_tokens=b, temperature=temperature, seed=1), str(i))
                                     for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
             outputs.append([r.samples[0].tokens for r in done])
-            # and a stream alone, on the one-row graphs
-            alone = engine.submit(prompts[2], SamplingParams(max_new_tokens=12, temperature=temperature, seed=1), "2",
-                                  stream=True)
+            # and a stream alone, on the one-row graphs, past column 256 (a wider window of columns)
+            alone = engine.submit(prompts[2], SamplingParams(max_new_tokens=280, temperature=temperature, seed=1,
+                                                             ignore_eos=True), "2", stream=True)
             outputs.append([t for _, t, _ in engine.stream(alone)])
-        assert not use_graph or {sampling for sampling, _ in engine.graphs} == {False, True}
-        assert not use_graph or {1, 3} <= {rows for _, rows in engine.graphs} <= {1, 2, 3}
+        assert not use_graph or {key[0] for key in engine.graphs} == {False, True}  # (sampling, rows, columns)
+        assert not use_graph or {1, 3} <= {key[1] for key in engine.graphs} <= {1, 2, 3}
+        assert not use_graph or {key[2] for key in engine.graphs} == {256, 512}
     assert outputs[:4] == outputs[4:]
     assert outputs[1][: len(outputs[0][2])] == outputs[0][2]  # greedy: alone as in the batch
-    ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=64)
-    assert ready.capture_graphs() == 6  # widths 1, 2, 3, greedy and sampling, before any request
+    ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600)
+    assert ready.capture_graphs() == 18  # rows 1, 2, 3 x columns 256, 512, 600, greedy and sampling, before any request
     done = ready.generate([(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
                            for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
-    assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.graphs) == 6
+    assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.graphs) == 18

@@ -185,3 +185,13 @@ def test_a_grpo_yaml_with_a_section_it_does_not_read_or_contradictory_settings_i
                                (["grpo.rollout=vllm"], "grpo.rollout:")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides, run_cls=GrpoRun)
+
+
+@pytest.mark.parametrize("override, expected", [([], True), (["grpo.gradient_checkpointing=false"], False)])
+def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_path):
+    # TRL's GRPOConfig defaults to checkpointing on: an "off" that is not passed would be ignored.
+    from lawtune.train.grpo import grpo_arguments
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", *override], run_cls=GrpoRun)
+    args = grpo_arguments(cfg, tmp_path, torch.float32, torch.device("cpu"), [1.0])
+    assert args.gradient_checkpointing is expected

@@ -510,6 +510,7 @@ class GrpoConfig(OptimizationSection):
     save_steps: int = 50
     logging_steps: int = 1
     eval_steps: int = 50
+    gradient_checkpointing: bool = True
     adapter: str | None = None
     """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
     LoRA from the lora section."""

@@ -23,6 +23,10 @@ fast (each decoding step replayed from one CUDA graph) and adds what the static 
 * **Only the rows in use.** A new sequence takes the lowest free row, and a step runs the rows up to the highest
   one in use, rounded up to a power of two (one graph per such width): one stream in a server of 32 slots costs
   one row's step, not 32 (issue 16: 92 tokens/s for one client of a 32-slot server before this).
+* **Only the columns in use.** A step attends the cache columns up to the furthest position a running row writes
+  in it, rounded up to a power of two (at least ``MIN_COLUMNS``; one graph per rows and columns), not the whole
+  slot: attention over a one-row batch is latency-bound in its length (issue 16, one H200, one row of a
+  32-slot server of 4,096 tokens a slot: 116 tokens/s over all 4,096 columns, 211 in a slot of 768).
 * **The host reads behind the GPU.** After queueing step k the host takes what step k-2 made (copied to pinned
   memory behind it, ``LOOK_LAG``), while the GPU runs steps k-1 and k: a streaming caller's per-step work
   (reading its tokens, decoding text, waking its thread) overlaps the GPU instead of idling it. With a
@@ -58,6 +62,8 @@ MAX_STOP_TOKENS = 4
 # runs out): a row that ends on its end token waits at most this many steps for its successor, and the GPU is
 # not held up by the host after every step.
 CHECK_EVERY = 8
+# The narrowest window of cache columns a decoding step attends (see "Only the columns in use").
+MIN_COLUMNS = 256
 # Admission of waiting requests with rows running: once 1/ADMIT_FRACTION of the rows are free, or after ADMIT_WAIT
 # steps (see GenerationEngine._admit).
 ADMIT_FRACTION = 16
@@ -140,7 +146,8 @@ class SlotCache(Cache):
 
     While ``prefill_rows`` is set, a forward writes its (right-padded) prompts into those rows from column 0 and
     attends within the prompts only. Otherwise (decoding, one new token a row) each row's key and value go to that
-    row's own column ``write_at`` and the whole rows are attended, masked by the engine's visibility mask."""
+    row's own column ``write_at`` and the first ``columns`` columns of the rows are attended, masked by the engine's
+    visibility mask."""
 
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
         super().__init__(layers=[])
@@ -151,6 +158,7 @@ class SlotCache(Cache):
         self.write_at = torch.zeros(slots, dtype=torch.long, device=device)
         self.prefill_rows: torch.Tensor | None = None
         self.active = slots  # decoding runs the rows [0, active)
+        self.columns = max_len  # and attends their columns [0, columns)
         self.max_len = max_len
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -163,7 +171,7 @@ class SlotCache(Cache):
         a = self.active
         keys[self.rows[:a], :, self.write_at[:a]] = key_states[:, :, 0]
         values[self.rows[:a], :, self.write_at[:a]] = value_states[:, :, 0]
-        return keys[:a], values[:a]
+        return keys[:a, :, : self.columns], values[:a, :, : self.columns]
 
     def copy_row(self, src: int, dst: list[int], width: int) -> None:
         """Row ``src``'s first ``width`` columns into rows ``dst`` (samples sharing one prompt)."""
@@ -269,6 +277,9 @@ class GenerationEngine:
         d, s = self.device, slots
         self.token = torch.zeros(s, dtype=torch.long, device=d)
         self.visible = torch.zeros(s, max_len, dtype=torch.bool, device=d)
+        # Column 0 of a row that never held a sequence is visible too: a step's window of columns then never leaves
+        # a free row with nothing to attend (a softmax of nothing is NaN, which would land in its cache).
+        self.visible[:, 0] = True
         self.temperature = torch.zeros(s, device=d)
         self.top_p = torch.ones(s, device=d)
         self.top_k = torch.zeros(s, dtype=torch.long, device=d)
@@ -287,19 +298,21 @@ class GenerationEngine:
         self.window = torch.arange(max_len, device=d)
         self.delivered = [0] * s  # tokens of the row's sample the host has recorded
         self.admitted_at = [0] * s  # self.steps when the row's sample was admitted
+        self.prompt_len = [0] * s  # the column its first decoding step writes
         self.free = list(range(slots))  # a heap: new sequences take the lowest free row
         self.running: dict[int, tuple[Request, Sample]] = {}
         self.pending: collections.deque[Look] = collections.deque()  # readings on their way to the host
         self.waiting: collections.deque[Request] = collections.deque()
-        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}  # by (sampling, rows)
-        self.warm: set[tuple[bool, int]] = set()
+        self.graphs: dict[tuple[bool, int, int], torch.cuda.CUDAGraph] = {}  # by (sampling, rows, columns)
+        self.warm: set[tuple[bool, int, int]] = set()
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.lock = threading.Condition()  # guards waiting; the loop waits on it when idle
         self.thread: threading.Thread | None = None
         self.stopping = False
-        self.steps = 0  # decoding steps run, the rows busy in them (slot occupancy) and the rows computed
-        self.busy_rows = 0
+        self.steps = 0  # decoding steps run, the rows busy in them (slot occupancy), the rows computed and the
+        self.busy_rows = 0  # cache columns attended
         self.row_steps = 0
+        self.column_steps = 0
         self.since_look = 0
         self.since_admit = 0
 
@@ -349,19 +362,21 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def capture_graphs(self) -> int:
-        """Record every step graph now (each width of rows, greedy and sampling) instead of when a width first
-        occurs: a server's requests then never wait for a capture (a warm-up step and a recording of the whole
-        model each). Runs steps on free rows only, whose state a prefill resets. Returns the graphs held."""
+        """Record every step graph now (each width of rows and of columns, greedy and sampling) instead of when a
+        width first occurs: a server's requests then never wait for a capture (a warm-up step and a recording of the
+        whole model each). Runs steps on free rows only, whose state a prefill resets. Returns the graphs held."""
         from .attention import eager_stance, fast_attention
 
         if not self.use_graph or self.running or self.thread is not None:
             return len(self.graphs)
         widths = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
+        windows = sorted({self._window(c) for c in range(1, self.max_len + 1, MIN_COLUMNS)} | {self.max_len})
         with fast_attention(self.model), eager_stance(self.model):
             for sampling in (False, True):
                 for rows in widths:
-                    while (sampling, rows) not in self.graphs:
-                        self._run_step(sampling, rows)
+                    for columns in windows:
+                        while (sampling, rows, columns) not in self.graphs:
+                            self._run_step(sampling, rows, columns)
         torch.cuda.synchronize(self.device)
         return len(self.graphs)
 
@@ -568,6 +583,7 @@ class GenerationEngine:
                 self.step_no[slot] = 0
                 self.delivered[slot] = 0
                 self.admitted_at[slot] = self.steps
+                self.prompt_len[slot] = lengths[i]
                 self.visible[slot] = False
                 self.visible[slot, : lengths[i]] = True
                 self.cache.write_at[slot] = lengths[i]
@@ -594,19 +610,20 @@ class GenerationEngine:
         stops = ((token == self.eos) & ~self.ignore_eos[rows]) | (self.stop_ids[rows] == token[:, None]).any(-1)
         return (stops & (count >= self.min_tokens[rows])) | (count >= self.budget[rows])
 
-    def _decode_step(self, sampling: bool, rows: int) -> None:
-        """One token for each of the first ``rows`` rows, on fixed tensors only (what a CUDA graph records)."""
+    def _decode_step(self, sampling: bool, rows: int, columns: int) -> None:
+        """One token for each of the first ``rows`` rows, attending their first ``columns`` columns, on fixed tensors
+        only (what a CUDA graph records)."""
         r = slice(0, rows)
         write_at = self.cache.write_at[r]
         self.visible[r].scatter_(1, write_at[:, None], True)
-        self.cache.active = rows
+        self.cache.active, self.cache.columns = rows, columns
         try:
             hidden = self.decoder(input_ids=self.token[r, None],
-                                  attention_mask={"full_attention": self.visible[r, None, None, :]},
+                                  attention_mask={"full_attention": self.visible[r, None, None, :columns]},
                                   position_ids=write_at[:, None], use_cache=True,
                                   **{self.cache_kw: self.cache}).last_hidden_state
         finally:
-            self.cache.active = self.slots
+            self.cache.active, self.cache.columns = self.slots, self.max_len
         logits = self.head(hidden[:, -1]).float()
         step_no = self.step_no[r]
         token, logprob = choose_tokens(logits, self.temperature[r], self.top_p[r], self.top_k[r], self.seed[r], step_no,
@@ -627,10 +644,19 @@ class GenerationEngine:
         needed = max(self.running) + 1
         return min(self.slots, 1 << (needed - 1).bit_length())
 
-    def _run_step(self, sampling: bool, rows: int) -> None:
-        key = (sampling, rows)
+    def _window(self, needed: int) -> int:
+        """Columns a step attends when its furthest write is column ``needed - 1``: a power of two (few graphs)."""
+        return min(self.max_len, max(MIN_COLUMNS, 1 << (needed - 1).bit_length()))
+
+    def _columns_in_use(self) -> int:
+        """Columns the next step attends: each running row writes its prompt length plus the steps it has had."""
+        return self._window(max(self.prompt_len[slot] + self.steps - self.admitted_at[slot] + 1
+                                for slot in self.running))
+
+    def _run_step(self, sampling: bool, rows: int, columns: int) -> None:
+        key = (sampling, rows, columns)
         if not self.use_graph:
-            self._decode_step(sampling, rows)
+            self._decode_step(sampling, rows, columns)
         elif key in self.graphs:
             self.graphs[key].replay()
         elif key in self.warm:  # warmed up once: record the step (recording does not run it), then replay
@@ -638,14 +664,14 @@ class GenerationEngine:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._decode_step(sampling, rows)
+                self._decode_step(sampling, rows, columns)
             self.graphs[key] = graph
             graph.replay()
         else:  # capture needs one eager run on a side stream first
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._decode_step(sampling, rows)
+                self._decode_step(sampling, rows, columns)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warm.add(key)
 
@@ -654,11 +680,12 @@ class GenerationEngine:
         a streaming caller waits, a row's budget runs out or ``CHECK_EVERY`` steps have passed, starts a reading of
         this one."""
         sampling = any(request.params.temperature > 0 for request, _ in self.running.values())
-        rows = self._rows_in_use()
-        self._run_step(sampling, rows)
+        rows, columns = self._rows_in_use(), self._columns_in_use()
+        self._run_step(sampling, rows, columns)
         self.steps += 1
         self.busy_rows += len(self.running)
         self.row_steps += rows
+        self.column_steps += columns
         self.since_look += 1
         while self.pending and self.pending[0].step <= self.steps - LOOK_LAG:
             self._take(self.pending.popleft())

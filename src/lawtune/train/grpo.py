@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,24 +221,30 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
     from trl import GRPOConfig
 
     g = cfg.grpo
-    return GRPOConfig(
-        **shared_arguments(g, out, dtype, device),
-        per_device_train_batch_size=g.per_device_batch_size,
-        num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=0,
-        beta=g.beta,
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        loss_type=g.loss_type,
-        scale_rewards=g.scale_rewards,
-        reward_weights=reward_weights,
-        log_completions=False,
-        # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.
-        dataloader_pin_memory=False,
-    )
+    shared = shared_arguments(g, out, dtype, device)
+    # Said either way: TRL's GRPOConfig turns checkpointing on unless told. transformers >= 5.18 calls the field
+    # activation_checkpointing and warns at the old name, which 5.17 (the GPU machine's) alone knows.
+    shared["gradient_checkpointing"] = g.gradient_checkpointing
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return GRPOConfig(
+            **shared,
+            per_device_train_batch_size=g.per_device_batch_size,
+            num_generations=g.num_generations,
+            max_completion_length=g.max_completion_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=0,
+            beta=g.beta,
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            loss_type=g.loss_type,
+            scale_rewards=g.scale_rewards,
+            reward_weights=reward_weights,
+            log_completions=False,
+            # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.
+            dataloader_pin_memory=False,
+        )
 
 
 def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None) -> GrpoSetup:
