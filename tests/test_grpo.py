@@ -76,13 +76,17 @@ def _grpo_config(run, out, *overrides):
 
 
 def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
-    """The learning proof: 30 steps of 8 questions x 8 completions (<= 16 tokens, beta 0) raise held-out exact-set
+    """The learning proof: 60 steps of 8 questions x 8 completions (<= 16 tokens, beta 0) raise held-out exact-set
     accuracy (greedy, reasoning mode, 240 questions) by >= 20 points; a seeded random 0/1 reward in place of the
-    rewards gains < 5 (it drifts). No wall-clock bound (timings belong in bench/)."""
+    rewards gains < 5 (it drifts). No wall-clock bound (timings belong in bench/).
+
+    The learning rate: at 3e-3 and 30 steps the gain over SFT seeds 0, 1, 3, 7, 42 was 43, 23, 8, 26 and 2 points;
+    at 1e-3 and 60 steps 43, 37, 33, 61 and 2 (seed 42's policy collapses to one completion a group early either
+    way). The SFT seed stays pinned to 0."""
     from lawtune.train.grpo import grpo
 
-    learned = grpo(_grpo_config(sft_run, sft_run["tmp"] / "learn", "grpo.max_steps=30", "grpo.eval_steps=0",
-                                "grpo.rollout=trl"))
+    learned = grpo(_grpo_config(sft_run, sft_run["tmp"] / "learn", "grpo.max_steps=60", "grpo.eval_steps=0",
+                                "grpo.rollout=trl", "grpo.learning_rate=1e-3"))
     start, end = learned.start_eval_accuracy, learned.final_eval_accuracy
     assert learned.eval_history[0]["eval_n"] == 240 and learned.eval_history[0]["eval_mode"] == "reasoning"
     assert 0.2 < start < 0.75, learned.eval_history  # the SFT left room: well below the ceiling
@@ -91,8 +95,8 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
     def random01(prompts, completions, **_):
         return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
 
-    control = grpo(_grpo_config(sft_run, sft_run["tmp"] / "control", "grpo.max_steps=30", "grpo.eval_steps=0",
-                                "grpo.rollout=trl"), reward_funcs=[random01])
+    control = grpo(_grpo_config(sft_run, sft_run["tmp"] / "control", "grpo.max_steps=60", "grpo.eval_steps=0",
+                                "grpo.rollout=trl", "grpo.learning_rate=1e-3"), reward_funcs=[random01])
     assert control.start_eval_accuracy == start
     assert control.final_eval_accuracy - start < 0.05, control.eval_history
 
