@@ -132,25 +132,26 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     return model
 
 
-def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None):
-    """The model with fresh LoRA adapters; ``peft_class`` (a PeftModelForCausalLM subclass) wraps it instead of
-    peft's own class."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def lora_config(model, lcfg: LoraSection):
+    """peft's LoraConfig of the lora section, its target modules checked against the model."""
+    from peft import LoraConfig
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in lcfg.target_modules if m not in present]
     if missing:
         raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the model")
-    peft_config = LoraConfig(
-        r=lcfg.r,
-        lora_alpha=lcfg.alpha,
-        lora_dropout=lcfg.dropout,
-        target_modules=list(lcfg.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                      target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None):
+    """The model with fresh LoRA adapters; ``peft_class`` (a PeftModelForCausalLM subclass) wraps it instead of
+    peft's own class."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_config = lora_config(model, lcfg)
     if peft_class is not None:
         return peft_class(model, peft_config)
     return get_peft_model(model, peft_config)

@@ -295,7 +295,7 @@ class GenerationEngine:
         self.out_logprobs = torch.zeros(s, max_len, device=d)
         self.alive = torch.zeros(s, dtype=torch.bool, device=d)
         self.length = torch.zeros(s, dtype=torch.long, device=d)
-        self.window = torch.arange(max_len, device=d)
+        self.offsets = torch.arange(max_len, device=d)  # column offsets of a reading
         self.delivered = [0] * s  # tokens of the row's sample the host has recorded
         self.admitted_at = [0] * s  # self.steps when the row's sample was admitted
         self.prompt_len = [0] * s  # the column its first decoding step writes
@@ -369,8 +369,8 @@ class GenerationEngine:
 
         if not self.use_graph or self.running or self.thread is not None:
             return len(self.graphs)
-        widths = sorted({min(self.slots, 1 << k) for k in range(self.slots.bit_length() + 1)})
-        windows = sorted({self._window(c) for c in range(1, self.max_len + 1, MIN_COLUMNS)} | {self.max_len})
+        widths = sorted({self._rows(1 << k) for k in range(self.slots.bit_length() + 1)})
+        windows = sorted({self._window(1 << k) for k in range(self.max_len.bit_length() + 1)})
         with fast_attention(self.model), eager_stance(self.model):
             for sampling in (False, True):
                 for rows in widths:
@@ -639,14 +639,16 @@ class GenerationEngine:
         # A free row's column stops at the end; a running row never gets there (its budget fits in the slot).
         write_at.add_(1).clamp_(max=self.max_len - 1)
 
-    def _rows_in_use(self) -> int:
-        """Rows a step runs: up to the highest row in use, rounded up to a power of two (few graphs)."""
-        needed = max(self.running) + 1
-        return min(self.slots, 1 << (needed - 1).bit_length())
+    def _rows(self, needed: int) -> int:
+        """Rows a step runs when row ``needed - 1`` is the highest in use: a power of two (few graphs)."""
+        return min(self.slots, _power_of_two(needed))
 
     def _window(self, needed: int) -> int:
         """Columns a step attends when its furthest write is column ``needed - 1``: a power of two (few graphs)."""
-        return min(self.max_len, max(MIN_COLUMNS, 1 << (needed - 1).bit_length()))
+        return min(self.max_len, max(MIN_COLUMNS, _power_of_two(needed)))
+
+    def _rows_in_use(self) -> int:
+        return self._rows(max(self.running) + 1)
 
     def _columns_in_use(self) -> int:
         """Columns the next step attends: each running row writes its prompt length plus the steps it has had."""
@@ -707,7 +709,7 @@ class GenerationEngine:
         count equals), which hold every token the host has not seen. Nothing travels to the device, so the host does
         not wait for the step (a copy from host memory would)."""
         width = max(max(counts[slot] - self.delivered[slot] for slot, _ in running), 1)
-        columns = (self.step_no[:, None] - width + self.window[None, :width]).clamp(0, self.max_len - 1)
+        columns = (self.step_no[:, None] - width + self.offsets[None, :width]).clamp(0, self.max_len - 1)
         # One transfer: float64 holds token ids and lengths exactly.
         table = torch.cat([self.out_tokens.gather(1, columns).double(), self.out_logprobs.gather(1, columns).double(),
                            self.alive[:, None].double(), self.length[:, None].double()], dim=1)
@@ -731,8 +733,13 @@ class GenerationEngine:
             row, count = table[slot], look.counts[slot]
             alive = row[2 * w] > 0
             end = count if alive else int(row[2 * w + 1])
-            first, last = self.delivered[slot] - count + w, end - count + w  # window index of a column c: c - count + w
+            first, last = self.delivered[slot] - count + w, end - count + w  # index in the reading of a column c: c - count + w
             self._record(slot, [int(t) for t in row[first:last]], row[w + first: w + last], not alive)
+
+
+def _power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun
 from ..data import sha256_file
 from ..dist import is_main_process
 from ..model import (ModelError, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
-                     load_base_model, load_tokenizer)
+                     load_base_model, load_tokenizer, lora_config)
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
 from ..rundir import (MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, resume_checkpoint,
                       run_fingerprint, save_model_dir)
@@ -199,14 +199,7 @@ def load_policy(cfg: GrpoRun, device: torch.device):
     model = load_base_model(cfg.model, device=device, use_cache=False)
     adapter = cfg.grpo.adapter
     if not adapter:
-        from peft import LoraConfig
-
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [m for m in cfg.lora.target_modules if m not in present]
-        if missing:
-            raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the model")
-        return model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        return model, lora_config(model, cfg.lora)
     from peft import PeftModel
 
     check_adapter(adapter, model)
