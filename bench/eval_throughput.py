@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jecqa_synth  # noqa: E402
 
 
-
 def emit(row: dict) -> dict:
     print(json.dumps(row, ensure_ascii=False), flush=True)
     return row
@@ -179,7 +178,8 @@ def main(argv=None) -> int:
             batch = sorted(records, key=lambda r: len(r.statement))[len(records) // 2:][:256]
             evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False)
             profile_call(device, f"eval {mode}, 256 questions",
-                         lambda: evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False))
+                         lambda batch=batch, ecfg=ecfg: evaluate_records(model, tokenizer, batch, ecfg, None, "chat",
+                                                                         show_progress=False))
         if args.only_profile:
             return 0
 
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
                                        "questions": args.single_n, "max_new_tokens": args.single_tokens,
                                        "seconds": round(seconds, 2), "generated_tokens_per_s": round(tokens / seconds, 1)})
         for bs in (64, 256):
-            tokens, seconds = timed(device, lambda: plain_generate(model, tokenizer, think[:bs], args.baseline_tokens, device))
+            tokens, seconds = timed(device, lambda bs=bs: plain_generate(model, tokenizer, think[:bs], args.baseline_tokens,
+                                                                          device))
             results[f"base_batch{bs}"] = emit({"bench": f"base_batch{bs}", "what": f"plain generate, left-padded batch of {bs}",
                                                "questions": bs, "max_new_tokens": args.baseline_tokens,
                                                "seconds": round(seconds, 2), "generated_tokens_per_s": round(tokens / seconds, 1)})
@@ -272,14 +273,12 @@ def main(argv=None) -> int:
     emit(summary)
 
     if args.cache_variants:  # generation alone, on the prompts of lawtune's reasoning batch (sorted by length)
-        import dataclasses
-
         subset = sorted(prompts[: args.reasoning_n], key=len)[: args.reasoning_batch]
         base = GenerationConfig()
-        for name, gcfg in (("engine", base), ("generate_static", dataclasses.replace(base, engine=False)),
-                           ("generate_dynamic", dataclasses.replace(base, engine=False, static_cache=False))):
+        for name, gcfg in (("engine", base), ("generate_static", base.model_copy(update={"engine": False})),
+                           ("generate_dynamic", base.model_copy(update={"engine": False, "static_cache": False}))):
             generate(model, tokenizer, subset[:8], 8, gcfg)  # warm-up
-            out, seconds = timed(device, lambda: generate(model, tokenizer, subset, args.reasoning_tokens, gcfg))
+            out, seconds = timed(device, lambda gcfg=gcfg: generate(model, tokenizer, subset, args.reasoning_tokens, gcfg))
             tokens = sum(o.tokens for o in out)
             emit({"bench": f"cache_{name}", "what": "lawtune generation.generate", "rows": len(subset),
                   "max_new_tokens": args.reasoning_tokens, "seconds": round(seconds, 2),

@@ -214,9 +214,9 @@ def run_one_row(model, tokenizer, tokens: int, device) -> dict:
 
 def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
     from lawtune.config import GenerationConfig
-    from lawtune.infer import Engine, generate_events, record_from_fields
+    from lawtune.infer import LoadedModel, generate_events, record_from_fields
 
-    engine = Engine(model, tokenizer, "chat", GenerationConfig(max_new_tokens=tokens))
+    engine = LoadedModel(model, tokenizer, "chat", GenerationConfig(max_new_tokens=tokens))
     record = record_from_fields("甲与乙订立买卖合同，下列哪些说法正确？", {"A": "合同成立", "B": "合同无效"})
     for _ in generate_events(engine, record, "reasoning", 16):  # warm-up, graph capture
         pass
@@ -289,10 +289,10 @@ def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
 
 def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
     from lawtune.config import GenerationConfig
-    from lawtune.infer import Engine
+    from lawtune.infer import LoadedModel
     from lawtune.serve import make_server
 
-    engine = Engine(model, tokenizer, "chat", GenerationConfig())
+    engine = LoadedModel(model, tokenizer, "chat", GenerationConfig())
     server = make_server(engine, "127.0.0.1", 0, slots=slots, max_len=4096)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -49,12 +49,13 @@ def lora_tiny_model(tokenizer, attn: str = "sdpa"):
     """A tiny random model with LoRA (r 8) whose B matrices are non-zero, so LoRA gradients reach A too."""
     import torch
 
+    from lawtune.compat import set_attn_implementation
     from lawtune.config import LoraSection
     from lawtune.model import add_lora
 
     torch.manual_seed(0)
     base = build_tiny_model(tokenizer)
-    base.config._attn_implementation = attn
+    set_attn_implementation(base.config, attn)
     model = add_lora(base, LoraSection(r=8, alpha=16))
     for name, p in model.named_parameters():
         if "lora_B" in name:

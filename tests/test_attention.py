@@ -2,8 +2,9 @@
 
 import torch
 
-from lawtune.generation.attention import fast_attention, gqa_sdpa_attention
+from lawtune.compat import attn_implementation
 from lawtune.demo import build_tiny_model
+from lawtune.generation.attention import fast_attention, gqa_sdpa_attention
 
 
 def test_gqa_decoding_attention_equals_repeated_heads():
@@ -28,9 +29,9 @@ def test_fast_attention_generates_what_plain_sdpa_generates(tiny_tokenizer):
     with torch.no_grad():
         plain = model.generate(**batch, **kwargs)
         with fast_attention(model):
-            assert model.config._attn_implementation == "lawtune_sdpa"
+            assert attn_implementation(model.config) == "lawtune_sdpa"
             fast = model.generate(**batch, **kwargs)
-    assert model.config._attn_implementation == "sdpa"
+    assert attn_implementation(model.config) == "sdpa"
     assert torch.equal(plain, fast)
 
 

@@ -11,6 +11,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
+pytestmark = pytest.mark.slow  # each runs a benchmark script end to end
+
 
 def _run(script: str, *args: str) -> list[dict]:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], capture_output=True, text=True,

@@ -1,12 +1,13 @@
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
 from lawtune.cli import main
+
+from conftest import write_jsonl
 
 
 def test_data_check_json(tmp_path, capsys, tiny_model_dir):

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lawtune.cli import FLAGS, main
-from lawtune.config import COMMANDS, ConfigError, load_config, sections_of
+from lawtune.cli import main
+from lawtune.commands import COMMANDS
+from lawtune.config import ConfigError, load_config, sections_of
 from lawtune.demo import demo_data_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def test_every_command_prints_exactly_its_sections(command, capsys):
     argv += ["a", "b"] if command in ("compare", "data overlap") else ["f.json"] if command == "data check" else []
     assert main([*argv, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert list(printed) == list(sections_of(COMMANDS[command]))
+    assert list(printed) == list(sections_of(COMMANDS[command].config))
 
 
 @pytest.mark.parametrize("command", ["eval", "predict", "ask", "serve"])
@@ -60,11 +61,11 @@ def test_max_new_tokens_means_the_same_in_every_command(command, capsys):
 
 
 def test_every_flag_maps_onto_a_key_of_its_command():
-    for command, flags in FLAGS.items():
-        sections = sections_of(COMMANDS[command])
-        for flag, key in flags:
+    for command in COMMANDS.values():
+        sections = sections_of(command.config)
+        for flag, key in command.flags().items():
             section, name = key.split(".")
-            assert name in {f for f in sections[section].__dataclass_fields__}, (command, flag)
+            assert name in sections[section].model_fields, (command, flag)
 
 
 def test_a_run_file_lends_only_the_sections_the_command_reads(tmp_path, capsys):
@@ -77,15 +78,15 @@ def test_a_run_file_lends_only_the_sections_the_command_reads(tmp_path, capsys):
     assert printed["generation"]["max_new_tokens"] == 8 and printed["eval"]["mode"] == "direct"
     assert printed["model"]["dtype"] == "float32"
     reasoning = run_file.read_text(encoding="utf-8").replace("  mode: direct", "  mode: reasoning")
-    cfg = load_config(_yaml(tmp_path, yaml.safe_load(reasoning)), run_cls=COMMANDS["eval"], lend=True)
+    cfg = load_config(_yaml(tmp_path, yaml.safe_load(reasoning)), run_cls=COMMANDS["eval"].config, lend=True)
     assert cfg.generation.max_new_tokens == 300 and cfg.eval.mode == "reasoning"
     # a section no command reads is a mistake, not something to lend
     run_file.write_text(run_file.read_text(encoding="utf-8") + "trainer:\n  x: 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="trainer: unknown section"):
-        load_config(run_file, run_cls=COMMANDS["eval"], lend=True)
+        load_config(run_file, run_cls=COMMANDS["eval"].config, lend=True)
     # the train command's own YAML is not lent: a section train does not read is an error there
     with pytest.raises(ConfigError, match="adapter: not a section of `lawtune train`"):
-        load_config(_yaml(tmp_path, {"adapter": {}}), run_cls=COMMANDS["train"])
+        load_config(_yaml(tmp_path, {"adapter": {}}), run_cls=COMMANDS["train"].config)
 
 
 def _yaml(tmp_path, raw: dict) -> Path:
@@ -121,16 +122,59 @@ def test_eval_without_a_model_or_data_says_which_flag_is_missing(tmp_path, capsy
     assert main(["eval", "--model", "m", "--output", str(tmp_path / "r.json")]) == 2
     assert "eval.data: no file to score (pass --data" in capsys.readouterr().err
     assert main(["eval", "--model", "m", "--data", "d.json", "--max-samples", "0"]) == 2
-    assert "eval.max_samples: must be > 0" in capsys.readouterr().err
+    assert "eval.max_samples: input should be greater than 0, got 0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", sorted(FLAGS))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_each_commands_help_shows_an_override_it_accepts(command, capsys):
-    from lawtune.cli import EXAMPLE_OVERRIDE
-
+    example = COMMANDS[command].example
     argv = command.split()
     assert main([*argv, "--help"]) == 0
-    assert EXAMPLE_OVERRIDE[command] in capsys.readouterr().out.replace("\n", " ").replace("  ", "")
+    assert example in capsys.readouterr().out.replace("\n", " ").replace("  ", "")
     positional = {"train": [str(ROOT / "configs" / "demo.yaml")], "compare": ["a.json", "b.json"],
                   "data check": ["file.json"], "data overlap": ["a.json", "b.json"]}.get(command, [])
-    assert main([*argv, *positional, EXAMPLE_OVERRIDE[command], "--print-config"]) == 0
+    assert main([*argv, *positional, example, "--print-config"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["grpo", str(ROOT / "configs" / "deepseek-r1-distill-qwen-1.5b_lora_grpo.yaml")],
+                                  ["grpo", "--config", str(ROOT / "configs" / "deepseek-r1-distill-qwen-1.5b_lora_grpo.yaml")],
+                                  ["train", "--config", str(ROOT / "configs" / "demo.yaml")],
+                                  ["train", str(ROOT / "configs" / "demo.yaml")]])
+def test_a_training_command_takes_its_yaml_positionally_or_with_config(argv, capsys):
+    assert main([*argv, "--max-steps", "3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed[argv[0]]["max_steps"] == 3 and printed["lora"]["r"] in (8, 16)
+
+
+def test_the_yaml_given_twice_or_to_a_command_without_one_is_refused(capsys):
+    demo = str(ROOT / "configs" / "demo.yaml")
+    assert main(["train", demo, "--config", demo]) == 2
+    assert "give the run's YAML once" in capsys.readouterr().err
+    assert main(["eval", demo]) == 2
+    assert f"override '{demo}': expected key=value" in capsys.readouterr().err
+
+
+def test_distill_shows_the_generation_settings_it_runs_with(capsys):
+    assert main(["distill", "--print-config"]) == 0
+    generation = yaml.safe_load(capsys.readouterr().out)["generation"]
+    assert generation["max_new_tokens"] == 4096 and generation["do_sample"] is True
+    assert main(["distill", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "reasoning completion" in text and "default 4096" in text
+    assert main(["eval", "--help"]) == 0  # eval keeps the generic budget and greedy decoding
+    text = " ".join(capsys.readouterr().out.split())
+    assert "8 in direct mode, 2048 in reasoning mode" in text and "(generation.do_sample; default False)" in text
+    assert main(["distill", "--data", "d.json", "--output", "o.json", "generation.do_sample=false"]) == 2
+    assert "generation.do_sample: distill always samples" in capsys.readouterr().err
+
+
+def test_every_field_of_a_commands_own_section_is_a_flag(capsys):
+    assert main(["serve", "--slots", "4", "--max-len", "1024", "--print-config"]) == 0
+    serve = yaml.safe_load(capsys.readouterr().out)["serve"]
+    assert (serve["slots"], serve["max_len"]) == (4, 1024)
+    assert main(["train", str(ROOT / "configs" / "demo.yaml"), "--learning-rate", "3e-4", "--packing",
+                 "--print-config"]) == 0
+    train = yaml.safe_load(capsys.readouterr().out)["train"]
+    assert train["learning_rate"] == pytest.approx(3e-4) and train["packing"] is True
+    assert main(["serve", "--slots", "many"]) == 2
+    assert "serve.slots: input should be a valid integer" in capsys.readouterr().err

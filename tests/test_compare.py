@@ -10,6 +10,7 @@ from lawtune.compare import (
     mcnemar_exact,
     write_html,
 )
+from lawtune.errors import UsageError
 
 
 def _sample(i, correct, gold=("A",), typ="KD", **extra):
@@ -161,21 +162,21 @@ def test_load_report_errors(tmp_path):
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="bad.json"):
+    with pytest.raises(UsageError, match="bad.json"):
         load_report(bad)
 
     nokey = tmp_path / "nokey.json"
     nokey.write_text(json.dumps({"summary": {}}), encoding="utf-8")
-    with pytest.raises(ValueError, match="nokey.json.*samples"):
+    with pytest.raises(UsageError, match="nokey.json.*samples"):
         load_report(nokey)
 
     nogold = tmp_path / "nogold.json"
     nogold.write_text(json.dumps({"summary": {}, "samples": [{"id": 1, "correct": True}]}),
                       encoding="utf-8")
-    with pytest.raises(ValueError, match="nogold.json.*gold"):
+    with pytest.raises(UsageError, match="nogold.json.*gold"):
         load_report(nogold)
 
-    with pytest.raises(ValueError, match="missing.json"):
+    with pytest.raises(UsageError, match="missing.json"):
         load_report(tmp_path / "missing.json")
 
 

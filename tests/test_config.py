@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from lawtune.config import ConfigError, GrpoRun, TrainRun, config_from_dict, load_config, resolve_output_dir
+from lawtune.config import ConfigError, GrpoRun, TrainRun, config_from_dict, load_config
+from lawtune.rundir import resolve_output_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
 from lawtune.data import DataError, data_stats, drop_overlap, load_records, split_records, statement_key
+
+from conftest import write_jsonl
 
 GOOD = [
     {"id": "0_1", "statement": "关于诉讼时效，下列哪些说法正确？", "option_list": {"A": "一", "B": "二", "C": "三", "D": "四"},

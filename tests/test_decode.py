@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lawtune.generation.attention import fast_attention
+from lawtune.compat import set_attn_implementation
 from lawtune.config import GenerationConfig
-from lawtune.generation.decode import graph_decode_supported, greedy_decode
 from lawtune.demo import build_tiny_model
 from lawtune.generation import encode_batch, generate
+from lawtune.generation.attention import fast_attention
+from lawtune.generation.decode import graph_decode_supported, greedy_decode
 
 from conftest import lora_tiny_model
 
@@ -19,7 +20,7 @@ PROMPTS = ["合同纠纷：甲与乙", "物权问题，房屋与车辆的证据�
 def _model(tokenizer, device="cpu", lora=False):
     torch.manual_seed(0)
     model = lora_tiny_model(tokenizer) if lora else build_tiny_model(tokenizer, hidden_size=64, layers=2)
-    model.config._attn_implementation = "sdpa"
+    set_attn_implementation(model.config, "sdpa")
     return model.to(device).eval()
 
 
@@ -58,13 +59,14 @@ def test_rows_stop_at_the_end_token_and_decoding_stops_when_all_have(tiny_tokeni
 def test_only_full_attention_sdpa_models_take_the_graph_path(tiny_tokenizer):
     model = _model(tiny_tokenizer)
     assert graph_decode_supported(model)
-    model.config._attn_implementation = "eager"
+    set_attn_implementation(model.config, "eager")
     assert not graph_decode_supported(model)
-    model.config._attn_implementation = "sdpa"
+    set_attn_implementation(model.config, "sdpa")
     model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
     assert not graph_decode_supported(model)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_replay_matches_generate(tiny_tokenizer):
     model = _model(tiny_tokenizer, device="cuda", lora=True)

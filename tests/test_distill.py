@@ -6,10 +6,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REASONING, synthetic_records, write_jsonl
 from lawtune import distill
 from lawtune.cli import main
 from lawtune.data import load_records
+
+from conftest import REASONING, synthetic_records, write_jsonl
 
 
 def _wrong(gold: str) -> str:
@@ -161,7 +162,7 @@ def test_teacher_settings_are_checked_before_anything_runs(tmp_path, capsys):
 @pytest.mark.parametrize("tokenizer", ["tiny_tokenizer", "real_tokenizer"])
 def test_traces_train_with_loss_on_the_reasoning_the_answer_and_the_end_token_only(tokenizer, request):
     from lawtune.data import parse_record
-    from lawtune.prompts import THINK_CLOSE, encode_example
+    from lawtune.prompts import encode_example
 
     row = {**synthetic_records(1)[0], "reasoning": "甲与乙的合同成立，因此选A。"}
     record, problem, _ = parse_record(row, "t.json:1", require_answer=True)
@@ -171,7 +172,7 @@ def test_traces_train_with_loss_on_the_reasoning_the_answer_and_the_end_token_on
         labels = [t for t in ex.labels if t != -100]
         assert labels[-1] == tok.eos_token_id
         target = tok.decode(labels[:-1])
-        assert target == row["reasoning"] + THINK_CLOSE["chat"] + "答案：" + "".join(row["answer"])
+        assert target == row["reasoning"] + "\n</think>\n\n答案：" + "".join(row["answer"])
         first = ex.labels.index(labels[0])
         assert tok.decode(ex.input_ids[:first]).endswith("<think>\n")  # the prompt ends where the reasoning starts
 

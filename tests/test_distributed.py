@@ -17,6 +17,8 @@ from conftest import ddp_demo_config, launch_one_node, launcher_env
 
 ACCELERATE_DDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
 
+pytestmark = pytest.mark.slow  # every test launches training processes
+
 
 def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(one_node_ddp_run):
     config, out, proc, _ = one_node_ddp_run

@@ -180,6 +180,25 @@ def test_background_loop_serves_callers_from_several_threads(tiny):
         assert results[i] == _reference(model, tok, prompt, BUDGETS[i])
 
 
+def test_a_failed_step_in_the_background_loop_is_logged_and_raised_to_its_caller(tiny, caplog, monkeypatch):
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=64)
+
+    def broken_step():
+        raise RuntimeError("a bug in step")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+    engine.start()
+    try:
+        request = engine.submit(prompts[0], SamplingParams(max_new_tokens=4))
+        with caplog.at_level("ERROR", logger="lawtune"), pytest.raises(RuntimeError, match="a bug in step"):
+            list(engine.stream(request))
+    finally:
+        engine.stop()
+    failed = [r for r in caplog.records if r.exc_info and "a step failed" in r.getMessage()]
+    assert failed and "broken_step" in caplog.text  # the traceback, not only the message
+
+
 def test_generation_follows_the_live_weights_after_an_update(tiny):
     """GRPO and in-training evaluation generate from the weights being trained, never from a stale copy."""
     model, tok, prompts = tiny
@@ -207,6 +226,7 @@ def test_a_request_that_cannot_fit_is_refused(tiny):
         engine.submit(prompts[1], SamplingParams(max_new_tokens=2, n=3))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
     from lawtune.demo import build_tiny_model

@@ -3,12 +3,13 @@ import json
 import pytest
 import torch
 
-from conftest import synthetic_records, write_jsonl
 from lawtune.config import AdapterConfig, EvalConfig, EvalFileConfig, EvalRun, GenerationConfig, ModelConfig
 from lawtune.data import Record, load_records
 from lawtune.demo import build_tiny_model, build_tokenizer, demo_data_path
-from lawtune.evaluate import candidate_answers, evaluate_records, run_eval, score_candidates, shuffle_options
-from lawtune.prompts import answer_text, render_prompt
+from lawtune.evaluate import candidate_answers, eval_file, evaluate_records, score_candidates, shuffle_options
+from lawtune.prompts import render_prompt
+
+from conftest import synthetic_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +39,14 @@ def learned(tmp_path_factory):
 
 def _eval(learned, mode, adapter=True, **kw):
     out = learned["tmp"] / f"{mode}-{adapter}.json"
-    report = run_eval(EvalRun(model=ModelConfig(path=str(learned["base"]), dtype="float32"),
+    report = eval_file(EvalRun(model=ModelConfig(path=str(learned["base"]), dtype="float32"),
                               adapter=AdapterConfig(path=str(learned["adapter"]) if adapter else None),
                               eval=EvalFileConfig(mode=mode, batch_size=48, data=str(learned["eval_file"]), output=str(out),
                                                   **kw)))
     return report, out
 
 
+@pytest.mark.slow  # the `learned` fixture trains 300 steps
 def test_the_whole_loop_learns_a_content_dependent_task(learned):
     """Formatting, masking, generation and extraction line up: held-out accuracy rises from chance to >= 90%."""
     # No wall-clock bound here: under load the 300 steps took 65-330 s on 2 cores (timings belong in bench/).
@@ -61,6 +63,7 @@ def test_the_whole_loop_learns_a_content_dependent_task(learned):
     assert learned["result"].eval_history[-1]["eval_accuracy"] >= 0.9  # the in-training evaluation agrees
 
 
+@pytest.mark.slow  # the `learned` fixture trains 300 steps
 def test_report_layout(learned):
     report, path = _eval(learned, "direct")
     s = report["summary"]
@@ -73,10 +76,11 @@ def test_report_layout(learned):
     assert sample["gold"] == sorted(sample["gold"]) and json.loads(path.read_text(encoding="utf-8")) == report
 
 
+@pytest.mark.slow  # the `learned` fixture trains 300 steps
 def test_training_split_overlap_warns_loudly(learned, caplog):
     out = learned["tmp"] / "overlap.json"
     with caplog.at_level("WARNING", logger="lawtune"):
-        report = run_eval(EvalRun(model=ModelConfig(path=str(learned["base"]), dtype="float32"),
+        report = eval_file(EvalRun(model=ModelConfig(path=str(learned["base"]), dtype="float32"),
                                   adapter=AdapterConfig(path=str(learned["adapter"])),
                                   eval=EvalFileConfig(batch_size=48, data=str(learned["tmp"] / "run" / "data" / "train.jsonl"),
                                                       output=str(out), max_samples=20)))
@@ -84,6 +88,7 @@ def test_training_split_overlap_warns_loudly(learned, caplog):
     assert "TRAINING split" in caplog.text
 
 
+@pytest.mark.slow  # the `learned` fixture trains 300 steps
 def test_shuffled_options_are_mapped_back(learned):
     report, _ = _eval(learned, "choice", shuffle_options=True)
     # The synthetic answer depends on the statement's topic, not on where an option sits, so a model that
@@ -107,7 +112,7 @@ def test_choice_scores_equal_full_sequence_log_likelihood(tiny_tokenizer):
     for record, scored in zip(records, batched):
         prompt = tiny_tokenizer(render_prompt(record, tiny_tokenizer, "chat"), add_special_tokens=False)["input_ids"]
         for cand, value in scored:
-            target = tiny_tokenizer(answer_text(cand), add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+            target = tiny_tokenizer("答案：" + cand, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + target])).logits[0].float()
             logp = torch.log_softmax(logits, -1)

@@ -11,11 +11,12 @@ from transformers import DataCollatorForSeq2Seq
 from lawtune.config import ConfigError, LoraSection, load_config
 from lawtune.data import load_records
 from lawtune.demo import build_tiny_model, demo_data_path
+from lawtune.errors import UsageError
+from lawtune.model import add_lora
+from lawtune.prompts import encode_records
 from lawtune.train.callbacks import GcPauses
 from lawtune.train.collate import PlannedBatches, SparseLogitsCollator, TokenBudgetCollator, plan_batches, real_tokens
 from lawtune.train.loss import sparse_logits_loss
-from lawtune.model import add_lora
-from lawtune.prompts import encode_records
 
 from conftest import lora_tiny_model
 
@@ -58,7 +59,7 @@ def test_plan_batches_keeps_every_example_once_within_the_budget():
                 assert len(b) * (-(-max(lengths[i] for i in b) // 8) * 8) <= 1024
         used = sum(lengths) / (len(plan) * 1024)
         assert used > 0.85, (packing, used)  # few half-empty micro-batches
-    with pytest.raises(ValueError, match="batch_tokens"):
+    with pytest.raises(UsageError, match="batch_tokens"):
         plan_batches([10, 2000], 1024, True)
 
 
@@ -132,7 +133,7 @@ def test_trimmed_step_overhead_keeps_flops_and_clears_every_lora_gradient(tiny_c
     batch.pop("labels", None)
     batch.pop("logits_to_keep", None)
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    for optimizer in (None, trainer.create_optimizer()):  # before and after the Trainer made its optimizer
+    for _optimizer in (None, trainer.create_optimizer()):  # before and after the Trainer made its optimizer
         model(**batch).logits.float().pow(2).mean().backward()
         assert lora and all(p.grad is not None for p in lora)
         model.zero_grad()
@@ -223,6 +224,7 @@ def test_liger_falls_back_cleanly_without_a_gpu(tiny_config, caplog):
     assert result.steps == 2 and result.final_loss > 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's Triton kernels need a CUDA GPU")
 def test_liger_kernels_give_the_same_loss_and_gradients_on_gpu(tiny_tokenizer, features):
     pytest.importorskip("liger_kernel")
@@ -297,6 +299,7 @@ def test_packed_block_mask_is_causal_within_each_example(tiny_tokenizer, feature
     assert "attention_mask" not in seen
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains only on a GPU")
 def test_flex_packed_training_equals_padded_sdpa_on_gpu(tiny_tokenizer, features):
     from lawtune.train.kernels import install_packed_block_mask

@@ -9,10 +9,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import TOPIC_ANSWERS, synthetic_records, write_jsonl
 from lawtune.cli import main
 from lawtune.config import ConfigError, GrpoRun, load_config
 from lawtune.demo import build_tiny_model, build_tokenizer
+
+from conftest import TOPIC_ANSWERS, synthetic_records, write_jsonl
 
 TOPICS = sorted(TOPIC_ANSWERS)
 # Half the topics are taught with a wrong answer set most of the time (a weak teacher): after SFT the model writes
@@ -75,6 +76,7 @@ def _grpo_config(run, out, *overrides):
     ], run_cls=GrpoRun)
 
 
+@pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps
 def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
     """The learning proof: 60 steps of 8 questions x 8 completions (<= 16 tokens, beta 0) raise held-out exact-set
     accuracy (greedy, reasoning mode, 240 questions) by >= 20 points; a seeded random 0/1 reward in place of the
@@ -101,6 +103,7 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
     assert control.final_eval_accuracy - start < 0.05, control.eval_history
 
 
+@pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps
 def test_engine_rollouts_train_the_same_way(sft_run):
     """TRL accepts the engine's completions (rollout_func) and they teach the same direction."""
     from lawtune.train.grpo import grpo
@@ -113,6 +116,7 @@ def test_engine_rollouts_train_the_same_way(sft_run):
     assert r.final_eval_accuracy - r.start_eval_accuracy >= 0.10, r.eval_history
 
 
+@pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps
 def test_a_run_writes_what_train_writes_and_resumes(sft_run, tmp_path):
     out = tmp_path / "run"
     common = ["grpo", "--model", str(sft_run["base"]), "--adapter", str(sft_run["adapter"]), "--data",
@@ -153,6 +157,7 @@ def test_a_run_writes_what_train_writes_and_resumes(sft_run, tmp_path):
                  str(sft_run["eval"]), "--max-samples", "8", "--output", str(report), "model.dtype=float32"]) == 0
 
 
+@pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps
 def test_an_sft_adapter_is_continued_trainable(sft_run, tmp_path):
     from lawtune.train.grpo import fit, setup
 

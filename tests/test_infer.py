@@ -6,12 +6,14 @@ import sys
 
 import pytest
 
-from conftest import synthetic_records, write_jsonl
 from lawtune import evaluate, infer
 from lawtune.cli import main
 from lawtune.config import GenerationConfig, ModelConfig
 from lawtune.data import DataError
+from lawtune.errors import UsageError
 from lawtune.model import ModelError
+
+from conftest import synthetic_records, write_jsonl
 
 
 def unanswered_file(tmp_path, n=7):
@@ -43,7 +45,7 @@ def test_plain_text_questions_json_records_and_option_flags():
     with pytest.raises(DataError, match="at least 2 options"):
         infer.record_from_json('{"statement": "题干", "option_list": ["甲"]}')
     assert infer.parse_options_arg(["A=甲", "b：乙"]) == {"A": "甲", "B": "乙"}
-    with pytest.raises(ValueError, match="LETTER=text"):
+    with pytest.raises(UsageError, match="LETTER=text"):
         infer.parse_options_arg(["甲"])
     lines = infer.record_from_lines(["题干\n", "甲\n", "乙\n"])  # interactive: unlettered options in order
     assert lines.statement == "题干" and lines.options == {"A": "甲", "B": "乙"}
@@ -63,7 +65,7 @@ def test_think_splitter_holds_back_a_split_marker():
 
 
 def test_ask_streams_reasoning_then_prints_the_answer_line(tiny_model_dir, capsys):
-    engine = infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), GenerationConfig(max_new_tokens=12))
+    engine = infer.load_model(ModelConfig(path=str(tiny_model_dir), dtype="float32"), GenerationConfig(max_new_tokens=12))
     record = infer.record_from_fields("甲乙之间的合同纠纷如何处理？", {"A": "调解", "B": "仲裁", "C": "诉讼"})
     events = list(infer.generate_events(engine, record, "reasoning"))
     kinds = [k for k, _ in events]
@@ -81,7 +83,7 @@ def test_ask_streams_reasoning_then_prints_the_answer_line(tiny_model_dir, capsy
     out = capsys.readouterr().out
     assert rc == 0
     assert out.startswith(answer.reasoning)
-    assert out.splitlines()[-1] == infer.answer_line(answer.answer)
+    assert out.splitlines()[-1] == ("答案：" + "".join(sorted(answer.answer)) if answer.answer else "答案：（无法识别）")
     assert infer.answer_line(None) == "答案：（无法识别）" and infer.answer_line(["C", "A"]) == "答案：AC"
 
 
@@ -101,17 +103,17 @@ def test_ask_rejects_a_question_without_options_before_loading(capsys):
 # ----------------------------------------------------------------------------- predict
 
 
-def test_predict_writes_one_line_per_record_and_resumes(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_predict_writes_one_line_per_record_and_resumes(answering_model_dir, tmp_path, monkeypatch, capsys):
     data, ids = unanswered_file(tmp_path)
     out = tmp_path / "preds.jsonl"
-    args = ["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--batch-size", "3",
-            "model.dtype=float32"]
+    args = ["predict", "--model", str(answering_model_dir), "--data", str(data), "--output", str(out),
+            "--batch-size", "3", "model.dtype=float32"]
     assert main(args) == 0
     rows = read_lines(out)
     assert [r["id"] for r in rows] == ids
     for row in rows:
         assert set(row) >= {"id", "answer", "output"} and isinstance(row["answer"], list)
-        assert row["answer"] == (infer.extract_answer(row["output"], "ABCD") or [])
+        assert row["output"] == "答案：A" and row["answer"] == ["A"]  # what the rigged model says, read
 
     # A crash after 3 lines, in the middle of writing the 4th: a rerun generates only the other 4.
     raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -163,7 +165,7 @@ def test_adapter_for_another_base_model_is_refused_in_one_line(command, tiny_mod
 
 def test_load_engine_raises_model_error(tiny_model_dir, foreign_adapter_dir):
     with pytest.raises(ModelError, match="another base model"):
-        infer.load_engine(ModelConfig(path=str(tiny_model_dir), dtype="float32"), adapter=str(foreign_adapter_dir))
+        infer.load_model(ModelConfig(path=str(tiny_model_dir), dtype="float32"), adapter=str(foreign_adapter_dir))
 
 
 def test_ask_prints_one_answer_line_the_letters_as_read(monkeypatch):

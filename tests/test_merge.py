@@ -1,18 +1,18 @@
 """lawtune merge: the merged model is a plain transformers model that says what base + adapter says."""
 
 import json
-import shutil
 
 import torch
 
-from conftest import synthetic_records
 from lawtune import infer
-from lawtune.rundir import resolve_prompt_format
 from lawtune.cli import main
 from lawtune.config import GenerationConfig, ModelConfig
 from lawtune.generation import generate
 from lawtune.model import load_for_inference
 from lawtune.prompts import render_prompt
+from lawtune.rundir import resolve_prompt_format
+
+from conftest import synthetic_records
 
 
 def _greedy(model, tokenizer, n_tokens=10):
@@ -45,25 +45,107 @@ def test_merged_model_generates_what_base_plus_adapter_generates(tiny_model_dir,
     assert base != with_adapter  # the adapter matters, so equality above means the update was merged
 
     capsys.readouterr()
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 2
-    assert "--force" in capsys.readouterr().err
+    again = ["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]
+    assert main(again) == 2
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert main([*again, "--force"]) == 2  # merge's old --force: now the base check's, with a hint
+    assert "--force only skips the adapter/base check" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
 
 
-def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, adapter_dir, tmp_path, capsys):
+def _nf4_base(model_dir):
+    """The tiny base loaded the way lawtune's QLoRA loads it (nf4, double quantisation), here on the CPU: bitsandbytes
+    0.50 runs 4-bit layers there. load_base_model itself refuses 4-bit without CUDA, so the test loads it directly."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"},
+                                                dtype=torch.float32)
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+    """A LoRA trained on a real nf4-quantised base (lawtune's add_lora(quantized=True): peft's
+    prepare_model_for_kbit_training), merged by `lawtune merge` into the unquantised fp32 base: the merged model is
+    exactly fp32 base + adapter, and it differs from what was trained (nf4 base + adapter) by no more than the
+    base's own nf4 rounding does."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
-    qlora = tmp_path / "qlora"
-    shutil.copytree(adapter_dir, qlora)
-    (qlora / "lawtune_config.yaml").write_text("model:\n  quantization: 4bit\ndata:\n  prompt_format: plain\n")
+    from lawtune.config import PROJECTIONS, LoraSection
+    from lawtune.model import add_lora, base_fingerprint
+
+    fp32_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    nf4_base = _nf4_base(tiny_model_dir)
+    quantised = {name for name, m in nf4_base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert {name.rsplit(".", 1)[-1] for name in quantised} == set(PROJECTIONS)  # every LoRA target is 4-bit
+    assert nf4_base.model.layers[0].mlp.down_proj.weight.quant_state.quant_type == "nf4"
+    fingerprint = base_fingerprint(nf4_base, tiny_tokenizer)  # what a QLoRA run records (embeddings stay fp32)
+
+    text = "".join(r["statement"] for r in synthetic_records(8, seed=7))
+    ids = torch.tensor(tiny_tokenizer(text, add_special_tokens=False)["input_ids"][:64]).view(4, 16)
+    base_logits, nf4_logits = _logits(fp32_base, ids), _logits(nf4_base, ids)
+    rounding = (nf4_logits - base_logits).norm()  # what nf4 alone changes in this model's logits
+    assert rounding > 0
+
+    # Train the LoRA on the 4-bit base (B starts non-zero, so the adapter matters from the first step).
+    torch.manual_seed(0)
+    qlora = add_lora(nf4_base, LoraSection(r=8, alpha=16), quantized=True)
+    lora_layers = [qlora.get_base_model().get_submodule(name) for name in quantised]
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in lora_layers)
+    for name, param in qlora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    optimizer = torch.optim.AdamW([p for p in qlora.parameters() if p.requires_grad], lr=1e-2)
+    qlora.train()
+    losses = []
+    for _ in range(3):
+        loss = qlora(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # gradients flowed through the 4-bit layers into the LoRA weights
+    trained = _logits(qlora, ids)  # what the QLoRA run would serve: nf4 base + adapter
+    adapter = tmp_path / "qlora"
+    qlora.save_pretrained(adapter)
+    (adapter / "lawtune_config.yaml").write_text("model:\n  quantization: 4bit\ndata:\n  prompt_format: plain\n")
+    (adapter / "data_manifest.json").write_text(json.dumps({"base_model": fingerprint}))
+
     out = tmp_path / "merged"
-    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(qlora), "--output", str(out),
-                 "--dtype", "bfloat16"]) == 0
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--output", str(out)]) == 0
     said = capsys.readouterr().out
     assert "QLoRA" in said and "unquantised" in said
-    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name.lower() or isinstance(m, bnb.nn.Linear4bit) for name, m in merged.named_modules())
+    merged_logits = _logits(merged, ids)
+
+    # Merged into the fp32 weights, not into dequantised nf4 ones: exactly fp32 base + adapter.
+    fp32_again = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    unmerged = _logits(PeftModel.from_pretrained(fp32_again, adapter), ids)
+    torch.testing.assert_close(merged_logits, unmerged, rtol=1e-4, atol=1e-4)
+    # Against the trained QLoRA model the only difference left is the base's nf4 rounding...
+    error = (merged_logits - trained).norm()
+    assert error <= 1.5 * rounding, (float(error), float(rounding))
+    # ...which is far smaller than what the adapter does, so a merge that lost the adapter could not pass.
+    assert (base_logits - trained).norm() > 3 * rounding
+    assert (nf4_logits - trained).norm() > 3 * rounding
+
+    # The saved dtype and the prompt format: --dtype bfloat16 writes bf16 weights, the adapter's format is kept.
+    bf16 = tmp_path / "merged_bf16"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter), "--output", str(bf16),
+                 "--dtype", "bfloat16"]) == 0
+    with safe_open(str(next(bf16.glob("*.safetensors"))), framework="pt") as fh:
         assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
-    assert resolve_prompt_format(str(out), None) == "plain"  # the merged model keeps the adapter's format
-
-
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert resolve_prompt_format(str(bf16), None) == "plain"  # the merged model keeps the adapter's format

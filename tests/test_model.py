@@ -78,7 +78,9 @@ def test_merge_refuses_another_base_unless_told(trained_adapter, tiny_tokenizer,
     args = ["merge", "--model", str(other), "--adapter", str(trained_adapter), "--output", str(tmp_path / "m")]
     assert main(args) == 2 and "another base model" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
-    assert main([*args, "--force-base"]) == 0
+    assert main([*args, "--force-base"]) == 2  # the old name is refused with the new one named
+    assert "--force-base is now --force" in capsys.readouterr().err
+    assert main([*args, "--force"]) == 0
 
 
 @pytest.fixture

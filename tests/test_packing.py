@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from conftest import lora_tiny_model
 from lawtune.data import load_records
 from lawtune.demo import demo_data_path
 from lawtune.prompts import encode_records
+
+from conftest import lora_tiny_model
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

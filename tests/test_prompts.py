@@ -5,13 +5,14 @@ from lawtune.prompts import (
     CHAT_INSTRUCTION,
     PLAIN_TEMPLATE,
     encode_example,
-    format_question,
     render_example,
     render_prompt,
 )
 
 RECORD = Record(id="1_1", statement="甲将乙打伤，下列哪些说法正确？",
                 options={"A": "甲构成故意伤害罪", "B": "乙可以请求赔偿", "C": "甲无需担责", "D": "乙应自担损失"}, answer=["A", "B"])
+# How format_question lays out RECORD: the statement, then one "X. text" line per option.
+QUESTION = ("甲将乙打伤，下列哪些说法正确？\nA. 甲构成故意伤害罪\nB. 乙可以请求赔偿\nC. 甲无需担责\nD. 乙应自担损失")
 REASONED = Record(**{**RECORD.__dict__, "reasoning": "甲故意伤害他人身体，A正确；乙有权请求侵权赔偿，B正确。"})
 
 
@@ -22,14 +23,14 @@ def test_instruction_says_several_options_may_be_correct():
 def test_plain_template_is_the_original_recipe_verbatim(tiny_tokenizer):
     prompt = render_prompt(RECORD, tiny_tokenizer, "plain")
     expected = ("请你作为一位法律专家,分析下面的法律问题并给出你认为正确的答案。请先思考分析题目,然后从选项中选择一个最合适的答案。\n\n"
-                "### 问题:\n" + format_question(RECORD) + "\n\n### 回应:\n<think>\n\n</think>\n")
+                "### 问题:\n" + QUESTION + "\n\n### 回应:\n<think>\n\n</think>\n")
     assert prompt == tiny_tokenizer.bos_token + expected
     assert PLAIN_TEMPLATE.endswith("### 回应:\n<think>\n")
 
 
 def test_chat_training_text_is_exactly_the_inference_prompt(real_tokenizer):
     """The real R1-Distill template: the trained prompt equals the generation prompt plus an empty think block."""
-    user = CHAT_INSTRUCTION + "\n\n" + format_question(RECORD)
+    user = CHAT_INSTRUCTION + "\n\n" + QUESTION
     generation_prompt = real_tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                            add_generation_prompt=True)
     assert generation_prompt.endswith("<｜Assistant｜><think>\n")

@@ -1,5 +1,9 @@
+import re
+import sys
+
 import pytest
 
+from lawtune import scoring
 from lawtune.scoring import extract_answer, is_correct, summarize
 
 ABCD = "ABCD"
@@ -100,9 +104,110 @@ def test_extract_answer_default_letters_and_bad_input():
     assert extract_answer("答案：A", letters="") is None
 
 
-def test_extract_answer_long_text_is_fast():
-    text = "选项A分析。" * 5000 + "故选：A、C"
-    assert extract_answer(text) == ["A", "C"]
+class _CountingPattern:
+    """A compiled pattern that adds to ``work`` the characters each call consumes (match) or scans (the rest)."""
+
+    def __init__(self, pattern, work):
+        self._pattern, self._work = pattern, work
+
+    def __getattr__(self, name):
+        return getattr(self._pattern, name)
+
+    def match(self, string, pos=0, endpos=sys.maxsize):
+        m = self._pattern.match(string, pos, endpos)
+        self._work[0] += m.end() - pos if m else 1
+        return m
+
+    def fullmatch(self, string, pos=0, endpos=sys.maxsize):
+        self._work[0] += max(min(endpos, len(string)) - pos, 1)
+        return self._pattern.fullmatch(string, pos, endpos)
+
+    def search(self, string, pos=0, endpos=sys.maxsize):
+        m = self._pattern.search(string, pos, endpos)
+        self._work[0] += (m.end() if m else min(endpos, len(string))) - pos + 1
+        return m
+
+    def finditer(self, string, *args):
+        self._work[0] += len(string)
+        return self._pattern.finditer(string, *args)
+
+    def findall(self, string, *args):
+        self._work[0] += len(string)
+        return self._pattern.findall(string, *args)
+
+    def sub(self, repl, string, *args):
+        self._work[0] += len(string)
+        return self._pattern.sub(repl, string, *args)
+
+
+class _CountingRe:
+    """The ``re`` module as lawtune.scoring sees it, with every pattern it compiles counting."""
+
+    def __init__(self, work):
+        self._work = work
+
+    def __getattr__(self, name):
+        return getattr(re, name)
+
+    def compile(self, pattern, flags=0):
+        return _CountingPattern(re.compile(pattern, flags), self._work)
+
+    def match(self, pattern, string, flags=0):
+        return self.compile(pattern, flags).match(string)
+
+    def fullmatch(self, pattern, string, flags=0):
+        return self.compile(pattern, flags).fullmatch(string)
+
+    def search(self, pattern, string, flags=0):
+        return self.compile(pattern, flags).search(string)
+
+    def finditer(self, pattern, string, flags=0):
+        return self.compile(pattern, flags).finditer(string)
+
+    def findall(self, pattern, string, flags=0):
+        return self.compile(pattern, flags).findall(string)
+
+    def sub(self, pattern, repl, string, count=0, flags=0):
+        return self.compile(pattern, flags).sub(repl, string, count)
+
+
+def regex_work(text, monkeypatch, letters="ABCD"):
+    """(extract_answer's result, the characters its regular expressions scanned or consumed): an operation count
+    of the reader (its work is regex work), with no clock."""
+    work = [0]
+    with monkeypatch.context() as m:
+        m.setattr(scoring, "re", _CountingRe(work))
+        for name, value in list(vars(scoring).items()):
+            if isinstance(value, re.Pattern):
+                m.setattr(scoring, name, _CountingPattern(value, work))
+        got = scoring.extract_answer(text, letters)
+    return got, work[0]
+
+
+# Long model outputs (n repeats of a piece), each of a shape that could make a reader rescan the text per marker.
+LONG_OUTPUTS = {
+    "reasoning, then the answer": (lambda n: "选项A分析。" * n + "故选：A、C", ["A", "C"]),
+    "a cut-off trace of markers that give no answer": (lambda n: "<think>" + "答案不明，选项A错误，不选A，B项也不对。" * n,
+                                                      None),
+    "revised answers, the last wins": (lambda n: "初步判断答案是A。但再看，" * n + "所以最终答案：BC", ["B", "C"]),
+    "a long think block": (lambda n: "<think>" + "选A，又选B。" * n + "</think>\n\n答案：AD", ["A", "D"]),
+    "a long run of letters": (lambda n: "答案：" + "A、B、" * n, ["A", "B"]),
+    "English": (lambda n: "The answer is not clear. " * n + "Final answer: A, C", ["A", "C"]),
+}
+
+
+@pytest.mark.parametrize("shape", LONG_OUTPUTS)
+def test_extract_answer_does_linear_work_on_long_outputs(shape, monkeypatch):
+    """Reading 4x the text takes at most 5x the regex work (quadratic rescanning would take 16x), counted in
+    characters, not timed; and the answer read does not depend on the length."""
+    make, expected = LONG_OUTPUTS[shape]
+    short, long = make(200), make(800)
+    got_short, work_short = regex_work(short, monkeypatch)
+    got_long, work_long = regex_work(long, monkeypatch)
+    assert got_short == got_long == expected
+    assert work_short > 0
+    assert work_long <= 5 * work_short, (work_short, work_long)
+    assert work_long <= 8 * len(long), (work_long, len(long))
 
 
 def test_is_correct():

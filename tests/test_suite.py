@@ -48,9 +48,10 @@ def test_a_bad_run_is_named(tmp_path, capsys):
     suite = tmp_path / "s.yaml"
     suite.write_text("runs:\n  - {name: a, data: x.json, mood: direct}\n", encoding="utf-8")
     assert main(["eval", "--suite", str(suite), "--model", "m"]) == 2
-    assert "runs[1]: unknown key mood" in capsys.readouterr().err
+    assert "runs[1].mood: unknown key; valid keys: name, data, mode" in capsys.readouterr().err
 
 
+@pytest.mark.browser
 def test_the_page_in_headless_chromium(suite_page, chromium):
     from selenium.webdriver.common.by import By
 

@@ -100,9 +100,10 @@ def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_pat
 
 
 def test_separate_eval_file_removes_overlapping_statements(tiny_config, tmp_path):
-    from conftest import write_jsonl
     from lawtune.data import load_records
     from lawtune.demo import demo_data_path
+
+    from conftest import write_jsonl
 
     records = [r.to_json() for r in load_records(demo_data_path()).records]
     eval_file = write_jsonl(tmp_path / "dev.json", records[:5])
@@ -150,8 +151,8 @@ def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_
 def _count_on_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from lawtune.train.collate import CountingCollator
     from lawtune.train.callbacks import MetricsCallback
+    from lawtune.train.collate import CountingCollator
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:

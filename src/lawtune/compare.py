@@ -14,7 +14,9 @@ import math
 import random
 import unicodedata
 from pathlib import Path
+from typing import Any
 
+from .errors import UsageError
 from .stats import percentile
 
 CATEGORIES = ("overall", "single", "multi", "KD", "CA")
@@ -27,16 +29,16 @@ def load_report(path: str | Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read report JSON: {exc}") from exc
+        raise UsageError(f"{path}: cannot read report JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: report must be a JSON object")
+        raise UsageError(f"{path}: report must be a JSON object")
     for key, typ in (("summary", dict), ("samples", list)):
         if not isinstance(data.get(key), typ):
-            raise ValueError(f"{path}: missing or malformed key {key!r}")
+            raise UsageError(f"{path}: missing or malformed key {key!r}")
     for i, s in enumerate(data["samples"]):
         missing = [k for k in ("id", "gold", "correct") if not isinstance(s, dict) or k not in s]
         if missing:
-            raise ValueError(f"{path}: sample {i} lacks {', '.join(missing)}")
+            raise UsageError(f"{path}: sample {i} lacks {', '.join(missing)}")
     return data
 
 
@@ -68,7 +70,7 @@ def _bootstrap(a: list[bool], b: list[bool], n_boot: int, seed: int) -> dict:
         acc_a.append(pa)
         acc_b.append(pb)
         diff.append(pb - pa)
-    out = {"level": 0.95, "n_boot": n_boot, "seed": seed}
+    out: dict[str, Any] = {"level": 0.95, "n_boot": n_boot, "seed": seed}
     for key, vals in (("a", acc_a), ("b", acc_b), ("diff", diff)):
         vals.sort()
         out[key] = [percentile(vals, 2.5), percentile(vals, 97.5)]
@@ -281,7 +283,8 @@ def _rows(result: dict) -> list[tuple[str, str, str, str]]:
     rows.append(("forced", _num(ca["forced"]), _num(cb["forced"]), _delta(ca["forced"], cb["forced"])))
     top = result.get("most_common_answer")
     if top:
-        rows.append(("most common answer", *(f"{top[k]['answer'] or '-'} ({_pct(top[k]['share'])})" for k in ("a", "b")), ""))
+        top_a, top_b = (f"{top[k]['answer'] or '-'} ({_pct(top[k]['share'])})" for k in ("a", "b"))
+        rows.append(("most common answer", top_a, top_b, ""))
     rows.append(("questions/s", _num(qa), _num(qb), _delta(qa, qb)))
     return rows
 

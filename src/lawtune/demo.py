@@ -10,13 +10,14 @@ the real model.
 from __future__ import annotations
 
 import json
-import time
 from importlib import resources
 from pathlib import Path
 
+from .think import CLOSE, OPEN
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
+THINK, END_THINK = OPEN, CLOSE
 
 # Written for lawtune; mirrors the behaviour of R1-Distill's template that matters for prompts.
 CHAT_TEMPLATE = (
@@ -115,43 +116,3 @@ def write_base_model(directory: str | Path, data_paths: list[Path], hidden_size:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
-
-
-def demo_config_path() -> Path:
-    return Path(str(resources.files("lawtune") / "assets" / "demo.yaml"))
-
-
-def run_demo(cfg=None):
-    """Build the tiny base model, train on the bundled questions, print where everything went.
-
-    ``cfg`` is demo.yaml's TrainRun (with the user's overrides); model.path and data.train default to the tiny
-    model built here and the bundled questions, the output directory to outputs/demo."""
-    import dataclasses
-
-    from .config import load_config
-    from .train import train
-
-    start = time.time()
-    cfg = cfg or load_config(demo_config_path())
-    output_dir = Path(cfg.train.output_dir or "outputs/demo")
-    data = Path(cfg.data.train) if cfg.data.train else demo_data_path()
-    base = write_base_model(output_dir / "base_model", [data])
-    print(f"[demo] tiny Qwen2 base model (random weights) -> {base}")
-    cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, path=cfg.model.path or str(base)),
-        data=dataclasses.replace(cfg.data, train=str(data)),
-        train=dataclasses.replace(cfg.train, output_dir=str(output_dir)),
-    )
-    result = train(cfg, overwrite=True)  # the demo folder is a scratch area: a rerun replaces it
-    elapsed = time.time() - start
-    print(f"[demo] done in {elapsed:.0f} s: {result.steps} steps, final loss {result.final_loss:.4f}")
-    if result.eval_history:
-        last = result.eval_history[-1]
-        print(f"[demo] held-out accuracy {last['eval_accuracy']:.3f} on {last['eval_n']} questions "
-              f"(a tiny random model on 61 questions: this shows the pipeline runs, not legal skill)")
-    print(f"[demo] base model:   {base}")
-    print(f"[demo] final model:  {result.final_model}")
-    print(f"[demo] split used:   {output_dir / 'data'}")
-    print(f"[demo] metrics:      {output_dir / 'metrics.jsonl'}")
-    return result

@@ -24,15 +24,18 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import DistillRun
 from .data import Record, load_records
-from .generation import answer_part
+from .errors import UsageError
 from .infer import done_ids
 from .progress import progress
 from .prompts import chat_user_text, render_prompt
 from .scoring import extract_answer
 from .stats import percentile
+from .think import answer_part
+from .think import split as split_reasoning
 
 log = logging.getLogger("lawtune")
 
@@ -79,13 +82,8 @@ def judge(completion: Completion, record: Record) -> tuple[str, list[str] | None
 
 def split_think(text: str) -> tuple[str | None, str]:
     """(think text, the rest) of a completion that may start with <think>; None where it never closed."""
-    body = text.lstrip()
-    if body.startswith("<think>"):
-        body = body[len("<think>"):]
-    if "</think>" not in body:
-        return None, ""
-    think, _, rest = body.partition("</think>")
-    return think.strip(), answer_part(rest)
+    think, answer = split_reasoning(text)
+    return (None, "") if think is None else (think.strip(), answer)
 
 
 # ----------------------------------------------------------------------------- samplers
@@ -95,9 +93,9 @@ def local_sampler(cfg: DistillRun):
     """Samples from the model itself through the generation engine: a question's K samples share one prefill."""
     from .generation import generated
     from .generation.engine import SamplingParams, engine_for
-    from .infer import load_engine
+    from .infer import load_model
 
-    loaded = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    loaded = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     tokenizer, g, d = loaded.tokenizer, cfg.generation, cfg.distill
     budget = g.max_new_tokens or DEFAULT_BUDGET
 
@@ -131,6 +129,7 @@ def teacher_sampler(cfg: DistillRun):
     import httpx
 
     d, g = cfg.distill, cfg.generation
+    assert d.teacher_url, "called only with a distill.teacher_url"
     url = d.teacher_url.rstrip("/") + "/chat/completions"
     budget = g.max_new_tokens or DEFAULT_BUDGET
 
@@ -141,13 +140,13 @@ def teacher_sampler(cfg: DistillRun):
         try:
             resp = client.post(url, json=body, timeout=d.timeout_s)
         except httpx.HTTPError as exc:
-            raise ValueError(f"distill.teacher_url: {url} cannot be reached ({type(exc).__name__}: {exc})") from None
+            raise UsageError(f"distill.teacher_url: {url} cannot be reached ({type(exc).__name__}: {exc})") from None
         if resp.status_code != 200:
-            raise ValueError(f"distill.teacher_url: {url} answered {resp.status_code}: {resp.text[:200]}")
+            raise UsageError(f"distill.teacher_url: {url} answered {resp.status_code}: {resp.text[:200]}")
         try:
             choices = resp.json()["choices"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"distill.teacher_url: {url} did not answer a chat completion: {resp.text[:200]}") from None
+            raise UsageError(f"distill.teacher_url: {url} did not answer a chat completion: {resp.text[:200]}") from None
         out = []
         for choice in choices:
             message = choice.get("message") or {}
@@ -187,16 +186,16 @@ def _append(path: Path, rows: list[dict]) -> None:
         os.fsync(fh.fileno())  # a crash loses at most the batch being sampled
 
 
-def run_distill(cfg: DistillRun, show_progress: bool = True) -> dict:
+def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     """`lawtune distill`: traces for every question of ``distill.data`` not yet in the output or rejected file."""
     d = cfg.distill
     if not d.data or not d.output:
-        raise ValueError(f"distill.{'data' if not d.data else 'output'}: required (pass --data FILE --output FILE)")
+        raise UsageError(f"distill.{'data' if not d.data else 'output'}: required (pass --data FILE --output FILE)")
     if not d.teacher_url and not cfg.model.path:
-        raise ValueError("model.path: no model to sample from (pass --model DIR, or --teacher-url and --teacher-model)")
+        raise UsageError("model.path: no model to sample from (pass --model DIR, or --teacher-url and --teacher-model)")
     out = Path(d.output)
     if out.is_dir():
-        raise ValueError(f"distill.output: {out} is a directory; give a file (e.g. {out / 'traces.jsonl'})")
+        raise UsageError(f"distill.output: {out} is a directory; give a file (e.g. {out / 'traces.jsonl'})")
     rejected_path, report_path = side_files(out)
     loaded = load_records(d.data, require_answer=True)
     for reason, count in loaded.skipped.items():
@@ -209,7 +208,7 @@ def run_distill(cfg: DistillRun, show_progress: bool = True) -> dict:
         _drop_lines(rejected_path, rejected_ids - kept_ids)
         rejected_ids = set()
     todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
-    run = {"questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0, "trace_tokens": [],
+    run: dict[str, Any] = {"questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0, "trace_tokens": [],
            "generated_tokens": 0, "seconds": 0.0, "reasons": dict.fromkeys(REASONS, 0)}
     if todo:
         sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)

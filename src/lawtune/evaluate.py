@@ -6,7 +6,6 @@ predicted letter set equals the gold set); extraction and the summary live in ``
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -17,15 +16,18 @@ from pathlib import Path
 import torch
 
 from .config import EvalConfig, EvalRun, GenerationConfig
+from .config import replace as replace_config
 from .data import Record, load_records, sha256_file
 from .dist import gather_objects, world_size
 from .dist import rank as process_rank
-from .generation import answer_part, default_budget, device_of, encode_batch, generate, reason_then_answer
+from .errors import UsageError
+from .generation import default_budget, device_of, encode_batch, generate, reason_then_answer
 from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .progress import progress
 from .prompts import answer_text, render_prompt
 from .rundir import resolve_prompt_format, training_overlap
 from .scoring import extract_answer, lawbench_summary, summarize
+from .think import answer_part
 
 log = logging.getLogger("lawtune")
 
@@ -154,15 +156,15 @@ def _score_candidates_tree(model, tokenizer, records, prompt_format) -> list[lis
         at = region_pred[r: r + 16]
         rows = torch.arange(chunk.shape[0], device=device).unsqueeze(1)
         logp[r: r + 16] = chunk[rows, at, targets[r: r + 16]] - lse.gather(1, at)
-    logp = logp.tolist()
+    logp_rows: list[list[float]] = logp.tolist()
     seg_c = seg[:, width_p:].tolist()
     out_rows = []
-    for i, (cands, toks, shared) in enumerate(layouts):
-        trunk = sum(logp[i][:shared])
+    for i, (cands, _toks, shared) in enumerate(layouts):
+        trunk = sum(logp_rows[i][:shared])
         sums = [trunk] * len(cands)
         for c, s_ in enumerate(seg_c[i][shared:], start=shared):
             if s_ > 0:
-                sums[s_ - 1] += logp[i][c]
+                sums[s_ - 1] += logp_rows[i][c]
         out_rows.append(list(zip(cands, sums)))
     return out_rows
 
@@ -230,7 +232,7 @@ def vote(drawn: list[dict]) -> dict:
         if d["valid"]:
             key = tuple(sorted(d["pred"]))
             votes[key] = votes.get(key, 0) + 1  # dicts keep insertion order: the first sampled set wins a tie
-    winner = max(votes, key=votes.get) if votes else None
+    winner = max(votes, key=lambda key: votes[key]) if votes else None
     best = next((d for d in drawn if d["valid"] and tuple(sorted(d["pred"])) == winner), drawn[0])
     return {**best, "correct": bool(winner is not None and best["correct"]),
             "mean_correct": sum(d["correct"] for d in drawn) / len(drawn), "any_correct": any(d["correct"] for d in drawn),
@@ -259,13 +261,13 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     shown = [shuffle_options(r, ecfg.seed) if ecfg.shuffle_options else (r, None) for r in records]
     # Sorting by length keeps padding (and wasted compute) low inside each batch.
     order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
-    samples: list[dict | None] = [None] * len(records)
+    samples: list[dict] = [{} for _ in records]  # each filled in below: order holds every index
     bar = progress(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress)
     start = time.time()
     chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
     k_samples = getattr(ecfg, "samples", 1)
     # K samples: sample j draws with seed + j (each question's draws come from (seed + j, its id) alone)
-    configs = [dataclasses.replace(gcfg, do_sample=True, seed=gcfg.seed + j) for j in range(k_samples)] \
+    configs = [replace_config(gcfg, do_sample=True, seed=gcfg.seed + j) for j in range(k_samples)] \
         if k_samples > 1 else [gcfg]
     for k in range(0, len(order), chunk):
         idx = order[k: k + chunk]
@@ -362,21 +364,16 @@ def write_report(report: dict, output: Path) -> None:
     output.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
-def run_eval(cfg: EvalRun) -> dict:
-    """`lawtune eval`: load the model once, score a file, write the report (one JSON file); with ``eval.suite``,
-    several files and modes and one HTML page (``suite.py``)."""
+def eval_file(cfg: EvalRun) -> dict:
+    """Load the model once, score ``eval.data``, write the report (one JSON file) and return it."""
     from .model import load_for_inference, quiet_loading
 
     ecfg, data, adapter = cfg.eval, cfg.eval.data, cfg.adapter.path
-    if ecfg.suite:
-        from .suite import run_suite
-
-        return run_suite(cfg)
     if not data:
-        raise ValueError("eval.data: no file to score (pass --data FILE, or --suite SUITE.yaml)")
+        raise UsageError("eval.data: no file to score (pass --data FILE, or --suite SUITE.yaml)")
     output = Path(ecfg.output)
     if output.is_dir():
-        raise ValueError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
+        raise UsageError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
     records, skipped, overlap = load_eval_file(data, ecfg, adapter)
     prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
     quiet_loading()

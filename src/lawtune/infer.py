@@ -17,29 +17,27 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import unicodedata
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import torch
 from transformers import TextStreamer
 
-
-from .config import INFER_MODES, AskRun, GenerationConfig, ModelConfig, PredictRun
-from .data import DataError, Record, load_records, parse_record
-from .evaluate import answer_batch
-from .generation import (answer_part, closing_text, default_budget, generated, hf_generate, sampling_params,
-                         split_budget, uses_engine)
+from .config import INFER_MODES, GenerationConfig, ModelConfig
+from .data import DataError, Record, parse_record
+from .errors import UsageError
+from .generation import default_budget, generated, hf_generate, sampling_params, split_budget, uses_engine
 from .generation.engine import GenerationEngine, engine_for
 from .model import ModelError, load_for_inference, quiet_loading
-from .progress import progress
 from .prompts import ANSWER_PREFIX, render_prompt
 from .rundir import resolve_prompt_format
 from .scoring import extract_answer
+from .think import CLOSE, answer_part, closing_text
 
 log = logging.getLogger("lawtune")
 
@@ -66,8 +64,8 @@ def record_from_fields(statement: str, options: dict[str, str], record_id: str =
                        where: str = "question") -> Record:
     """A validated record (at least two options, letters A-Z) from a statement and its options."""
     record, problem, _ = parse_record({"id": record_id, "statement": statement, "option_list": options}, where, False)
-    if problem:
-        raise DataError([problem])
+    if record is None:
+        raise DataError([problem or f"{where}: not a question"])
     return record
 
 
@@ -82,8 +80,8 @@ def record_from_json(text: str, where: str = "--record") -> Record:
     obj = {k: v for k, v in obj.items() if k != "answer"}  # a gold answer plays no part in asking
     obj.setdefault("id", "question")
     record, problem, _ = parse_record(obj, where, False)
-    if problem:
-        raise DataError([problem])
+    if record is None:
+        raise DataError([problem or f"{where}: not a question"])
     return record
 
 
@@ -93,10 +91,10 @@ def parse_options_arg(items: list[str]) -> dict[str, str]:
     for item in items:
         m = _OPTION_ARG.match(item)
         if not m or not m.group(2):
-            raise ValueError(f"--option {item!r}: expected LETTER=text, e.g. --option 'A=合同无效'")
+            raise UsageError(f"--option {item!r}: expected LETTER=text, e.g. --option 'A=合同无效'")
         letter = m.group(1).upper()
         if letter in options:
-            raise ValueError(f"--option {item!r}: option {letter} given twice")
+            raise UsageError(f"--option {item!r}: option {letter} given twice")
         options[letter] = m.group(2)
     return options
 
@@ -169,11 +167,12 @@ def record_from_lines(lines: list[str], where: str = "stdin") -> Record:
 
 
 @dataclass
-class Engine:
+class LoadedModel:
     """One loaded model and how its questions are asked."""
 
-    model: object
-    tokenizer: object
+    model: Any
+    """The transformers (or PEFT) model."""
+    tokenizer: Any
     prompt_format: str
     gcfg: GenerationConfig
     """The default generation settings of its requests."""
@@ -182,8 +181,8 @@ class Engine:
     model's own engine, driven by the caller."""
 
 
-def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
-                prompt_format: str | None = None, force: bool = False) -> Engine:
+def load_model(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
+                prompt_format: str | None = None, force: bool = False) -> LoadedModel:
     fmt = resolve_prompt_format(mcfg.path, adapter, prompt_format)
     quiet_loading()
     try:
@@ -191,14 +190,14 @@ def load_engine(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter
     except RuntimeError as exc:  # peft's size mismatch for a shape check_adapter does not cover
         raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
                          f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
-    return Engine(model, tokenizer, fmt, gcfg or GenerationConfig())
+    return LoadedModel(model, tokenizer, fmt, gcfg or GenerationConfig())
 
 
 class ThinkSplitter:
     """Routes streamed text to ("reasoning", …) before ``</think>`` and ("content", …) after it, holding
     back a possibly split marker and the line breaks that start the answer."""
 
-    MARK = "</think>"
+    MARK = CLOSE
 
     def __init__(self, reasoning: bool) -> None:
         self.in_reasoning = reasoning
@@ -249,7 +248,7 @@ class TextPieces(TextStreamer):
     """transformers' streamer, collecting the text it would print: it decodes the tokens as they come and holds
     back what may still change (a character split across byte-level tokens, a word in progress)."""
 
-    def __init__(self, tokenizer, **decode_kwargs):
+    def __init__(self, tokenizer, **decode_kwargs) -> None:
         super().__init__(tokenizer, skip_prompt=False, **decode_kwargs)
         self.ready: list[str] = []
 
@@ -266,7 +265,7 @@ class TextPieces(TextStreamer):
 HF_GENERATE_LOCK = threading.Lock()
 
 
-def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
+def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool):
     """Yield text events of one generation as its tokens arrive; return its Generated. Closing the generator early
     cancels the request (its engine row is freed)."""
@@ -296,14 +295,15 @@ def _generate(engine: Engine, prompt: str, budget: int, gcfg: GenerationConfig, 
     return result
 
 
-def generate_events(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
-                    gcfg: GenerationConfig | None = None, stream: bool = True) -> Iterator[tuple[str, object]]:
+def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
+                    gcfg: GenerationConfig | None = None,
+                    stream: bool = True) -> Generator[tuple[str, Any], None, None]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
     answer's included. Closing the iterator early stops the generation."""
     if mode not in INFER_MODES:
-        raise ValueError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
+        raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
     think = mode == "reasoning"
     budget = default_budget(mode, max_new_tokens or gcfg.max_new_tokens)
@@ -321,14 +321,14 @@ def generate_events(engine: Engine, record: Record, mode: str = "direct", max_ne
         output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
     yield from splitter.flush()
     # Split as the stream was: reasoning up to the first </think>; the letters are read after the last one.
-    reasoning, _, content = output.partition("</think>") if think else ("", "", output)
+    reasoning, _, content = output.partition(CLOSE) if think else ("", "", output)
     reasoning, content = reasoning.strip(), content.strip()
     letters = "".join(record.options)
     pred = extract_answer(answer_part(output), letters) if letters else None
     yield "done", Answer(output, reasoning, content, pred, prompt_tokens, n_tokens, stopped)
 
 
-def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: int | None = None, out=None) -> Answer:
+def ask(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None, out=None) -> Answer:
     """Stream the reasoning to ``out`` as it is written, then print the answer line (last line of output)."""
     import sys
 
@@ -345,6 +345,7 @@ def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: in
             content_parts.append(value)
         else:
             result = value
+    assert result is not None, "generate_events ends with its ('done', Answer) event"
     if last != "\n":
         out.write("\n")
     line = answer_line(result.answer)
@@ -357,52 +358,6 @@ def ask(engine: Engine, record: Record, mode: str = "direct", max_new_tokens: in
     out.write(line + "\n")
     out.flush()
     return result
-
-
-def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
-    """`lawtune ask`: one question from the config (checked before the model loads, so a typo costs no loading
-    time), or, without one, questions from stdin: a question, then its options one per line; an empty line
-    asks it. Returns how many were asked."""
-    import sys
-
-    a = cfg.ask
-    if a.question and a.record:
-        raise ValueError("ask: give --question (with --option) or --record, not both")
-    if a.option and not a.question:
-        raise ValueError("ask: --option needs --question")
-    record = None
-    if a.record:
-        record = record_from_json(a.record)
-    elif a.question and a.option:
-        record = record_from_fields(a.question, parse_options_arg(a.option), where="--question")
-    elif a.question:
-        record = record_from_text(a.question, where="--question")
-    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
-    if record is not None:
-        ask(engine, record, a.mode, out=out)
-        return 1
-    stdin = stdin or sys.stdin
-    interactive = stdin.isatty()
-    asked = 0
-    while True:
-        if interactive:
-            print("题目和选项（每行一个，空行提问，Ctrl-D 退出）：", file=sys.stderr)
-        lines = []
-        for line in stdin:
-            if not line.strip():
-                break
-            lines.append(line)
-        if not lines:
-            return asked
-        try:
-            record = record_from_lines(lines)
-        except DataError as exc:
-            if not interactive:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        ask(engine, record, a.mode, out=out)
-        asked += 1
 
 
 # ----------------------------------------------------------------------------- predict
@@ -434,42 +389,3 @@ def done_ids(output: Path) -> set[str]:
                 fh.seek(keep)
                 fh.write(b"\n")
     return done
-
-
-def run_predict(cfg: PredictRun, show_progress: bool = True, engine: Engine | None = None) -> dict:
-    """`lawtune predict`: answers for every record of ``predict.data`` not yet in ``predict.output`` (JSON Lines,
-    appended)."""
-    pcfg = cfg.predict
-    if not pcfg.data or not pcfg.output:
-        raise ValueError(f"predict.{'data' if not pcfg.data else 'output'}: required (pass --data FILE --output FILE)")
-    out_path = Path(pcfg.output)
-    if out_path.is_dir():
-        raise ValueError(f"predict.output: {out_path} is a directory; give a file (e.g. {out_path / 'preds.jsonl'})")
-    records = load_records(pcfg.data, require_answer=False).records
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(out_path)
-    todo = [r for r in records if r.id not in done]
-    summary = {"records": len(records), "already_done": len(records) - len(todo), "generated": 0, "unreadable": 0,
-               "output": str(out_path)}
-    if not todo:
-        return summary
-    engine = engine or load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
-    bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
-                   disable=not show_progress)
-    with open(out_path, "a", encoding="utf-8") as fh:
-        for k in range(0, len(todo), pcfg.batch_size):
-            batch = todo[k: k + pcfg.batch_size]
-            rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
-                                slots=pcfg.batch_size)
-            for record, row in zip(batch, rows):
-                line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
-                if row.get("forced"):
-                    line["forced"] = True
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                summary["unreadable"] += not row["pred"]
-            fh.flush()
-            os.fsync(fh.fileno())  # a crash loses at most the batch being generated
-            summary["generated"] += len(batch)
-            bar.update(len(batch))
-    bar.close()
-    return summary

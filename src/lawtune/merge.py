@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import cast
 
 import torch
 
-from .config import MergeConfig, ModelConfig
+from .config import MergeRun, ModelConfig
 from .model import ModelError, load_for_inference, model_source, quiet_loading
 from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization
 
@@ -42,21 +43,22 @@ def _safetensors_keys(directory: Path) -> list[str]:
     return keys
 
 
-def merge_adapter(mcfg: MergeConfig, say=print) -> dict:
+def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
     """`lawtune merge`: fold the LoRA update into the base weights and save a plain HF model directory.
 
     The merge runs in float32 on the CPU and the result is saved in the base checkpoint's dtype (or
     ``dtype``). A QLoRA adapter is merged into the unquantised base, never into 4-bit weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, adapter, dtype, force_base = mcfg.model, mcfg.adapter, mcfg.dtype, mcfg.force_base
-    if not base or not mcfg.output:
-        raise ModelError(f"merge.{'model' if not base else 'output'}: required (pass --model, --adapter and --output)")
-    out = Path(mcfg.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not mcfg.force:
-        raise ModelError(f"{out}: already exists and is not empty (pass --force to replace it)")
+    base, adapter, dtype, force_base = cfg.model.path, cfg.adapter.path, cfg.merge.dtype, cfg.adapter.force
+    if not base or not cfg.merge.output:
+        raise ModelError(f"{'model.path' if not base else 'merge.output'}: required (pass --model, --adapter and --output)")
+    out = Path(cfg.merge.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        hint = " (--force only skips the adapter/base check)" if force_base else ""
+        raise ModelError(f"{out}: already exists and is not empty (pass --overwrite to replace it{hint})")
     if not adapter:
-        raise ModelError("merge: --adapter is required")
+        raise ModelError("adapter.path: required (pass --adapter)")
     quantization = adapter_quantization(adapter)
     if quantization == "4bit":
         say(f"note: {adapter} is a QLoRA adapter (trained on a 4-bit base); merging it into the unquantised "
@@ -82,7 +84,9 @@ def merge_adapter(mcfg: MergeConfig, say=print) -> dict:
         raise ModelError(f"{out}: merged weights still hold PEFT keys ({', '.join(bad[:3])})" if bad
                          else f"{out}: no safetensors weights were written")
     # Reload as a plain transformers model: every weight must come back exactly as merged.
-    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp, dtype=save_dtype, output_loading_info=True)
+    # output_loading_info=True makes from_pretrained return (model, loading info); its annotation says model only.
+    reloaded, info = cast(tuple[torch.nn.Module, dict],
+                          AutoModelForCausalLM.from_pretrained(tmp, dtype=save_dtype, output_loading_info=True))
     problems = [f"missing {k}" for k in info.get("missing_keys") or []]
     problems += [f"unexpected {k}" for k in info.get("unexpected_keys") or []]
     expected = merged.state_dict()

@@ -6,18 +6,20 @@ import functools
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import LoraSection, ModelConfig
+from .errors import UsageError
 from .rundir import MANIFEST_FILE
 
 log = logging.getLogger("lawtune")
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """The model or adapter cannot be used as asked; the message says why in one line."""
 
 
@@ -44,7 +46,7 @@ def resolve_dtype(mcfg: ModelConfig, device: torch.device) -> torch.dtype:
 HUB_PROBE_TIMEOUT_S = 5
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_source(path: str) -> str:
     """Where to load ``path`` from: the directory itself, or for a hub id ('org/name') the hub when it answers,
     else the copy in the Hugging Face cache. Offline, transformers would spend most of a minute on retries (and
@@ -56,17 +58,24 @@ def model_source(path: str) -> str:
         raise ModelError(f"{path}: model directory does not exist (pass a local model directory or a hub id)")
     import huggingface_hub
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
+    # What "the hub cannot give us this model now" raises: an HTTP answer (HfHubHTTPError: not found, gated,
+    # rate-limited...), a network failure (the HTTP client's own error base, which HfHubHTTPError derives from:
+    # requests', httpx's or httpx2's by huggingface_hub version; OSError for requests' and offline mode), or
+    # a name the hub does not accept (HFValidationError).
+    hub_errors: tuple[type[BaseException], ...] = (
+        OSError, HFValidationError, *(b for b in HfHubHTTPError.__bases__ if issubclass(b, BaseException)))
     reason = "HF_HUB_OFFLINE is set"
     if not constants.HF_HUB_OFFLINE:
         try:
             huggingface_hub.HfApi().model_info(path, timeout=HUB_PROBE_TIMEOUT_S)
             return path
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the hub means: not downloadable now
+        except hub_errors as exc:
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
     try:
         cached = huggingface_hub.snapshot_download(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not in the cache either
+    except (OSError, HFValidationError):  # not in the cache either (LocalEntryNotFoundError is an OSError)
         cached = None
     if cached:
         log.info("%s: the hub cannot be reached (%s); using the cached copy in %s", path, reason, cached)
@@ -124,7 +133,7 @@ def load_base_model(mcfg: ModelConfig, path: str | None = None, device: torch.de
     elif mcfg.device_map:
         kwargs["device_map"] = mcfg.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: torch.nn.Module = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if "device_map" not in kwargs:
@@ -152,9 +161,10 @@ def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_config = lora_config(model, lcfg)
-    if peft_class is not None:
-        return peft_class(model, peft_config)
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for its deprecated is_gradient_checkpointing: a notice for peft, not our users
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return peft_class(model, peft_config) if peft_class is not None else get_peft_model(model, peft_config)
 
 
 # ----------------------------------------------------------------------------- the base an adapter belongs to

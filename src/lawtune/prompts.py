@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .data import Record
+from .errors import UsageError
+from .think import ANSWER_PREFIX, CLOSE_LINES, OPEN_LINE
 
 # The user turn of the chat format. It says that several options may be correct, because about half
 # of JEC-QA's knowledge questions have 2-4 correct answers.
@@ -43,11 +45,7 @@ PLAIN_TEMPLATE = (
     "<think>\n"
 )
 
-THINK_OPEN = "<think>\n"
-# What closes the think block before the answer, per format: the chat form mirrors what R1 models
-# emit ("</think>\n\n"); the plain form is the original template's "\n</think>" plus a line break.
-THINK_CLOSE = {"chat": "\n</think>\n\n", "plain": "\n</think>\n", "native": "\n</think>\n\n"}
-ANSWER_PREFIX = "答案："
+# The think block's tags (OPEN_LINE, CLOSE_LINES per format) and ANSWER_PREFIX are think.py's.
 
 
 def format_question(record: Record) -> str:
@@ -71,37 +69,37 @@ def _open_prompt(record: Record, tokenizer, prompt_format: str) -> str:
     if prompt_format == "native":
         # LawBench's protocol: the file's own instruction and question are the user turn, in the chat template
         if record.format != "lawbench":
-            raise ValueError(f"{record.where or record.id}: prompt format 'native' needs a LawBench file (its "
+            raise UsageError(f"{record.where or record.id}: prompt format 'native' needs a LawBench file (its "
                              f"instruction and question); this record is {record.format}")
         user = record.extra["instruction"] + "\n" + record.extra["question"]
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
-        return text if text.endswith(THINK_OPEN) else text + THINK_OPEN
+        return text if text.endswith(OPEN_LINE) else text + OPEN_LINE
     if prompt_format == "plain":
         return (tokenizer.bos_token or "") + PLAIN_TEMPLATE.format(question=question)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=plain")
+        raise UsageError("prompt_format 'chat' needs a tokenizer with a chat template; use data.prompt_format=plain")
     messages = [{"role": "user", "content": chat_user_text(record)}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # R1-Distill's template already opens the think block; a template that does not gets it here, so
     # every model is trained and queried with the same assistant prefix.
-    if not text.endswith(THINK_OPEN):
-        text += THINK_OPEN
+    if not text.endswith(OPEN_LINE):
+        text += OPEN_LINE
     return text
 
 
 def render_prompt(record: Record, tokenizer, prompt_format: str = "chat", think: bool = False) -> str:
     """What the model is given. think=False closes an empty think block (direct answering)."""
     text = _open_prompt(record, tokenizer, prompt_format)
-    return text if think else text + THINK_CLOSE[prompt_format]
+    return text if think else text + CLOSE_LINES[prompt_format]
 
 
 def render_target(record: Record, prompt_format: str = "chat") -> str:
     """What the model learns to write (without the end token)."""
     if record.answer is None:
-        raise ValueError(f"{record.where or record.id}: no answer to train on")
+        raise UsageError(f"{record.where or record.id}: no answer to train on")
     if record.reasoning:
-        return record.reasoning + THINK_CLOSE[prompt_format] + answer_text(record.answer)
+        return record.reasoning + CLOSE_LINES[prompt_format] + answer_text(record.answer)
     return answer_text(record.answer)
 
 

@@ -8,17 +8,17 @@ model holds ``lawtune_merge.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from .config import save_config
+from .config import DecidesWeights, GrpoRun, save_config, sections_of
 from .data import Record, legacy_statement_key, sha256_file, statement_key
 
 log = logging.getLogger("lawtune")
@@ -126,23 +126,42 @@ def training_overlap(adapter: str | None, records: list[Record]) -> int:
 
 # ----------------------------------------------------------------------------- a training run's output folder
 
+def weight_fields(cfg) -> list[tuple[str, Any, DecidesWeights]]:
+    """(dotted key, value, marker) of every field marked as deciding a training run's weights."""
+    out = []
+    for name in sections_of(type(cfg)):
+        section = getattr(cfg, name)
+        for key, f in type(section).model_fields.items():
+            out += [(f"{name}.{key}", getattr(section, key), m) for m in f.metadata if isinstance(m, DecidesWeights)]
+    return out
+
+
+def resolve_output_dir(cfg) -> Path:
+    """A training run's output folder (``train.output_dir``, or ``grpo.output_dir`` for `lawtune grpo`)."""
+    chosen = cfg.grpo.output_dir if isinstance(cfg, GrpoRun) else cfg.train.output_dir
+    if chosen:
+        return Path(chosen)
+    stem = Path(cfg.source).stem if cfg.source else "run"
+    return Path("outputs") / stem
+
+
 RUN_FILE = "lawtune_run.json"
 # What training writes into its output folder (a fresh run with --overwrite removes these, nothing else).
 RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs", "data", RUN_FILE)
 
 
 def run_fingerprint(cfg) -> dict:
-    """What decides a training run's weights: the base model, the data files (by content), the split, LoRA and the
-    prompt format. A checkpoint continues only the run it came from."""
-    files = {"data.train": cfg.data.train, "data.eval": cfg.data.eval, "data.mix": cfg.data.mix}
-    return {
-        "model.path": cfg.model.path, "model.quantization": cfg.model.quantization,
-        **{f"lora.{k}": v for k, v in dataclasses.asdict(cfg.lora).items()},
-        **{f"data.{k}": getattr(cfg.data, k) for k in ("prompt_format", "max_length", "max_samples", "eval_fraction", "seed")},
-        # only with a mix file, so that runs from before data.mix existed still resume
-        **({"data.mix_ratio": cfg.data.mix_ratio} if cfg.data.mix else {}),
-        **{f"{key} sha256": sha256_file(path) if path and Path(path).is_file() else None for key, path in files.items()},
-    }
+    """What decides a training run's weights: every config field marked so (``config.DecidesWeights``: the base
+    model, the data files by content, the split, LoRA, the prompt format, a continued adapter). A checkpoint
+    continues only the run it came from."""
+    out: dict = {}
+    for key, value, mark in weight_fields(cfg):
+        if mark.value:
+            out[key] = value
+        if mark.content is not None:
+            path = Path(value) / mark.content if value and mark.content else Path(value) if value else None
+            out[f"{key} sha256"] = sha256_file(path) if path and path.is_file() else None
+    return out
 
 
 def holds_a_run(out: Path) -> bool:
@@ -150,9 +169,10 @@ def holds_a_run(out: Path) -> bool:
     return out.is_dir() and (any(out.glob("checkpoint-*")) or (out / "final_model").exists())
 
 
-def prepare_run_dir(out: Path, fingerprint: dict, resume: bool, overwrite: bool, main: bool = True) -> None:
+def prepare_run_dir(out: Path, cfg, resume: bool, overwrite: bool, main: bool = True) -> None:
     """Refuse to mix two runs in one folder: a fresh run into a folder that holds one needs --overwrite (which
     removes the old run's outputs first); --resume needs the same fingerprint as the run it continues."""
+    fingerprint = run_fingerprint(cfg)
     from .config import ConfigError
 
     if resume and overwrite:
@@ -161,6 +181,9 @@ def prepare_run_dir(out: Path, fingerprint: dict, resume: bool, overwrite: bool,
         path = out / RUN_FILE
         if path.is_file():
             before = json.loads(path.read_text(encoding="utf-8"))
+            # a key that an older run file lacks (a field added since) compares as the field's default
+            defaults = run_fingerprint(type(cfg)())
+            before = {**defaults, **before}
             differs = [k for k in fingerprint if before.get(k) != fingerprint[k]]
             if differs:
                 raise ConfigError(f"{out}: --resume would continue a run with another {', '.join(differs)} "

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+from .think import answer_part
+
 # Markers that introduce a final answer.  "选" alone is a marker (选B, 故选,
 # 应选, 本题选) but "选项" is not: reasoning constantly says "选项A错误", and
 # "不选A" / "未选" state the opposite of an answer.
@@ -57,14 +59,10 @@ def _normalize(text: str) -> str:
 
 def _answer_region(text: str) -> str:
     # Reasoning models think first; the answer is what comes after the final
-    # </think>.  A trace cut off before any text after it still may contain an
-    # answer, so then the whole text is searched.
-    idx = text.rfind("</think>")
-    if idx >= 0:
-        tail = text[idx + len("</think>"):]
-        if tail.strip():
-            return tail
-    return text
+    # </think> (think.answer_part).  A trace cut off before any text after it
+    # still may contain an answer, so then the whole text is searched.
+    tail = answer_part(text)
+    return tail if tail.strip() else text
 
 
 def _tokens_ok(run: str) -> bool:
@@ -102,43 +100,43 @@ def _after_marker(region: str, m: re.Match[str], run_re: re.Pattern[str], valid:
 
 
 def extract_answer(text: str, letters: str = "ABCD") -> list[str] | None:
-    """Return the sorted unique option letters a model answered, or None."""
-    try:
-        if not isinstance(text, str) or not text.strip():
-            return None
-        valid = "".join(ch for ch in str(letters).upper() if "A" <= ch <= "Z")
-        if not valid:
-            return None
-        region = _answer_region(_normalize(text))
-        run_re = _run_regex(valid)
+    """Return the sorted unique option letters a model answered, or None.
 
-        # The last marker wins: models restate or revise before concluding.
-        for m in reversed(list(_MARKER.finditer(region))):
-            got = _after_marker(region, m, run_re, valid)
-            if got:
-                return got
-
-        # No marker: accept output that is nothing but an answer ("AC",
-        # "(A)(C)", "b").
-        stripped = region.strip().strip("*.。!！")
-        bare = re.fullmatch(r"[\s(\[【]*(.*?)[\s)\]】]*", stripped, re.S)
-        if bare and bare.group(1):
-            core = bare.group(1)
-            run = run_re.fullmatch(core)
-            core = re.sub(r"(?<=\s)and(?=\s)", " ", core)
-            if run and _tokens_ok(core):
-                return _letters_of(core, valid) or None
-
-        # Last resort: a final line made only of capital letters, as written
-        # by models that end their reasoning with the bare answer.
-        lines = [ln.strip().strip("*.。") for ln in region.splitlines() if ln.strip()]
-        if len(lines) > 1:
-            last = lines[-1]
-            if re.fullmatch(rf"[(\[【]?[A-Z](?:{_SEP}*[A-Z])*[)\]】]?", last):
-                return _letters_of(last, valid) or None
+    Any text reads as an answer or None; an exception here is a bug in this reader and propagates (it used to
+    be turned into "no answer", which hid it as a wrong prediction)."""
+    if not isinstance(text, str) or not text.strip():
         return None
-    except Exception:  # noqa: BLE001 - scoring must never crash an eval run
+    valid = "".join(ch for ch in str(letters).upper() if "A" <= ch <= "Z")
+    if not valid:
         return None
+    region = _answer_region(_normalize(text))
+    run_re = _run_regex(valid)
+
+    # The last marker wins: models restate or revise before concluding.
+    for m in reversed(list(_MARKER.finditer(region))):
+        got = _after_marker(region, m, run_re, valid)
+        if got:
+            return got
+
+    # No marker: accept output that is nothing but an answer ("AC",
+    # "(A)(C)", "b").
+    stripped = region.strip().strip("*.。!！")
+    bare = re.fullmatch(r"[\s(\[【]*(.*?)[\s)\]】]*", stripped, re.S)
+    if bare and bare.group(1):
+        core = bare.group(1)
+        run = run_re.fullmatch(core)
+        core = re.sub(r"(?<=\s)and(?=\s)", " ", core)
+        if run and _tokens_ok(core):
+            return _letters_of(core, valid) or None
+
+    # Last resort: a final line made only of capital letters, as written
+    # by models that end their reasoning with the bare answer.
+    lines = [ln.strip().strip("*.。") for ln in region.splitlines() if ln.strip()]
+    if len(lines) > 1:
+        last = lines[-1]
+        if re.fullmatch(rf"[(\[【]?[A-Z](?:{_SEP}*[A-Z])*[)\]】]?", last):
+            return _letters_of(last, valid) or None
+    return None
 
 
 def is_correct(pred: list[str] | None, gold: list[str]) -> bool:
@@ -222,7 +220,7 @@ LAWBENCH_RULE = ("LawBench's rule, applied to the text after the last </think> (
 
 def lawbench_judgement(output: str, gold: list[str], letters: str = "ABCD") -> tuple[bool, bool]:
     """(correct, abstained) of one output by LawBench's rule for its single-answer questions (``LAWBENCH_RULE``)."""
-    region = _normalize(output.rsplit("</think>", 1)[-1] if "</think>" in output else output)
+    region = _normalize(answer_part(output))
     present = {ch for ch in region if ch in letters}
     return present == set(gold), not present
 

@@ -28,11 +28,12 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from .config import INFER_MODES, ConfigError, ServeRun
-from .data import DataError
+from .config import INFER_MODES, ConfigError, GenerationConfig
+from .config import replace as replace_config
+from .data import DataError, Record
 from .generation import default_budget, uses_engine
 from .generation.engine import GenerationEngine
-from .infer import Engine, generate_events, load_engine, record_from_text
+from .infer import LoadedModel, generate_events, record_from_text
 from .prompts import render_prompt
 
 log = logging.getLogger("lawtune")
@@ -57,11 +58,11 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 @dataclasses.dataclass
 class ChatRequest:
-    record: object
+    record: Record
     mode: str
     stream: bool
     max_tokens: int | None
-    gcfg: object
+    gcfg: GenerationConfig
     n: int = 1
 
 
@@ -70,21 +71,22 @@ def _message_text(content) -> str:
         return content
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if parts and all(isinstance(p, str) for p in parts):
-            return "\n".join(parts)
+        texts = [p for p in parts if isinstance(p, str)]
+        if parts and len(texts) == len(parts):
+            return "\n".join(texts)
     raise RequestError(400, "messages: the user message content must be a string or a list of text parts",
                        param="messages")
 
 
-def context_size(engine: Engine) -> int | None:
+def context_size(engine: LoadedModel) -> int | None:
     """Tokens a request may hold, prompt and answer: the model's max_position_embeddings, and the engine's slot."""
     sizes = [getattr(engine.model.config, "max_position_embeddings", None),
              engine.generator.max_len if engine.generator is not None else None]
-    sizes = [s for s in sizes if s]
-    return min(sizes) if sizes else None
+    known = [s for s in sizes if s]
+    return min(known) if known else None
 
 
-def check_prompt_length(engine: Engine, req: ChatRequest, max_prompt_tokens: int | None) -> None:
+def check_prompt_length(engine: LoadedModel, req: ChatRequest, max_prompt_tokens: int | None) -> None:
     """Refuse, before the request waits for the model, a prompt that is over the limit or leaves no room in the
     context for the request's token budget (one long prompt would otherwise hold the model for minutes)."""
     prompt = render_prompt(req.record, engine.tokenizer, engine.prompt_format, think=req.mode == "reasoning")
@@ -102,7 +104,7 @@ def check_prompt_length(engine: Engine, req: ChatRequest, max_prompt_tokens: int
                            param="messages", code="context_length_exceeded")
 
 
-def parse_chat_request(body, engine: Engine) -> ChatRequest:
+def parse_chat_request(body, engine: LoadedModel) -> ChatRequest:
     """Validate a chat completion request body; raises RequestError with the status to answer."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
@@ -138,7 +140,7 @@ def parse_chat_request(body, engine: Engine) -> ChatRequest:
             raise RequestError(400, f"{name}: expected a number >= 0", param=name)
     try:
         if temperature:  # absent or 0: greedy, as in evaluation
-            gcfg = dataclasses.replace(gcfg, do_sample=True, temperature=float(temperature),
+            gcfg = replace_config(gcfg, do_sample=True, temperature=float(temperature),
                                        top_p=float(top_p) if top_p else gcfg.top_p)
         record = record_from_text(text, where="messages[-1].content", require_options=False)
     except (ConfigError, DataError) as exc:
@@ -155,9 +157,9 @@ def _usage(answer) -> dict:
             "total_tokens": answer.prompt_tokens + answer.generated_tokens}
 
 
-def _answer(engine: Engine, req: ChatRequest, index: int):
+def _answer(engine: LoadedModel, req: ChatRequest, index: int):
     """Choice ``index`` of a request: sample i draws with seed + i, so the n choices differ."""
-    gcfg = dataclasses.replace(req.gcfg, seed=req.gcfg.seed + index) if index else req.gcfg
+    gcfg = replace_config(req.gcfg, seed=req.gcfg.seed + index) if index else req.gcfg
     answer = None
     for kind, value in generate_events(engine, req.record, req.mode, req.max_tokens, gcfg, stream=False):
         if kind == "done":
@@ -165,7 +167,7 @@ def _answer(engine: Engine, req: ChatRequest, index: int):
     return answer
 
 
-def complete(engine: Engine, req: ChatRequest) -> dict:
+def complete(engine: LoadedModel, req: ChatRequest) -> dict:
     """A non-streaming chat completion; its ``n`` choices are generated side by side in the engine's batch."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -183,7 +185,7 @@ def complete(engine: Engine, req: ChatRequest) -> dict:
             "choices": choices, "usage": usage}
 
 
-def stream_chunks(engine: Engine, req: ChatRequest):
+def stream_chunks(engine: LoadedModel, req: ChatRequest):
     """The chunks of a streaming chat completion, as dicts (the caller frames them as SSE)."""
     base = {"id": _completion_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL_ID}
 
@@ -207,7 +209,8 @@ def stream_chunks(engine: Engine, req: ChatRequest):
 class Handler(BaseHTTPRequestHandler):
     server_version = "lawtune"
     protocol_version = "HTTP/1.1"
-    engine: Engine  # set on the subclass made by make_server
+    engine: LoadedModel  # set on the subclass made by make_server
+    server: Server
     max_prompt_tokens: int | None = None
 
     def log_message(self, fmt: str, *args) -> None:
@@ -313,7 +316,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
         def send(data: str) -> None:
-            payload = f"data: {data}\n\n".encode("utf-8")
+            payload = f"data: {data}\n\n".encode()
             self.wfile.write(f"{len(payload):x}\r\n".encode("ascii") + payload + b"\r\n")
             self.wfile.flush()
 
@@ -358,7 +361,7 @@ class Server(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_prompt_tokens: int | None = None,
+def make_server(engine: LoadedModel, host: str = "127.0.0.1", port: int = 8000, max_prompt_tokens: int | None = None,
                 slots: int = 32, max_len: int = 8192) -> Server:
     """A ready server (port 0 = any free port; the bound one is ``server.server_address[1]``) whose requests share
     one background generation engine of ``slots`` rows of ``max_len`` tokens (stopped by ``server_close``)."""
@@ -381,26 +384,3 @@ def make_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, max_p
         generator.start()
         server.generator = generator
     return server
-
-
-def run_serve(cfg: ServeRun, say=print) -> None:
-    """`lawtune serve`: load the model once and answer requests until Ctrl-C."""
-    import sys
-
-    engine = load_engine(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
-    host, port = cfg.serve.host, cfg.serve.port
-    try:
-        server = make_server(engine, host, port, cfg.serve.max_prompt_tokens, cfg.serve.slots, cfg.serve.max_len)
-    except (OSError, OverflowError) as exc:
-        raise ValueError(f"serve: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
-    bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host} without authentication", file=sys.stderr)
-    say(f"serving model id {MODEL_ID!r} on http://{bound_host}:{bound_port}/ (API: http://{bound_host}:{bound_port}/v1); "
-        f"Ctrl-C stops", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()

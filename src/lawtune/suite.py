@@ -16,87 +16,53 @@ question's output one click away. Self-contained HTML: no script or style is fet
 
 from __future__ import annotations
 
-import dataclasses
 import html
-import re
 from pathlib import Path
 
-import yaml
-
-from .config import EVAL_PROMPT_FORMATS, ConfigError, EvalRun
+from .config import ConfigError, EvalRun, SuiteRun, load_suite
+from .config import replace as replace_config
+from .errors import UsageError
 from .evaluate import load_eval_file, score_file, write_report
 from .rundir import resolve_prompt_format
 
-RUN_KEYS = {"name", "data", "mode", "prompt_format", "samples", "max_new_tokens", "format"}
 CATEGORIES = ("single", "multi", "KD", "CA")
 
 
-def read_suite(path: str) -> dict:
-    """The suite file, checked: every problem is named with its run and key."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"eval.suite: {path} not found")
-    raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict) or set(raw) - {"model", "adapter", "runs"}:
-        extra = sorted(set(raw) - {"model", "adapter", "runs"}) if isinstance(raw, dict) else []
-        raise ConfigError(f"{path}: a suite has model, adapter and runs{'; unknown: ' + ', '.join(extra) if extra else ''}")
-    runs = raw.get("runs")
-    if not isinstance(runs, list) or not runs:
-        raise ConfigError(f"{path}: runs: expected a list of runs (name, data, mode, …)")
-    names = set()
-    for k, run in enumerate(runs, start=1):
-        where = f"{path}: runs[{k}]"
-        if not isinstance(run, dict):
-            raise ConfigError(f"{where}: expected a mapping")
-        unknown = sorted(set(run) - RUN_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key {unknown[0]}; valid: {', '.join(sorted(RUN_KEYS))}")
-        for key in ("name", "data"):
-            if not isinstance(run.get(key), str) or not run[key]:
-                raise ConfigError(f"{where}.{key}: required")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", run["name"]) or run["name"] in names:
-            raise ConfigError(f"{where}.name: {run['name']!r} must be unique and made of letters, digits, . _ -")
-        names.add(run["name"])
-        if run.get("prompt_format") not in (None, *EVAL_PROMPT_FORMATS):
-            raise ConfigError(f"{where}.prompt_format: one of {', '.join(EVAL_PROMPT_FORMATS)}")
-    return raw
-
-
-def run_config(cfg: EvalRun, run: dict, where: str) -> EvalRun:
+def run_config(cfg: EvalRun, run: SuiteRun) -> EvalRun:
     """The eval config of one run: the command's, with the run's data, mode, samples and budget."""
     try:
-        ecfg = dataclasses.replace(cfg.eval, data=run["data"], suite=None, mode=run.get("mode", cfg.eval.mode),
-                                   samples=run.get("samples", cfg.eval.samples), format=run.get("format", cfg.eval.format))
-        gcfg = dataclasses.replace(cfg.generation, max_new_tokens=run.get("max_new_tokens", cfg.generation.max_new_tokens))
+        ecfg = replace_config(cfg.eval, data=run.data, suite=None, mode=run.mode or cfg.eval.mode,
+                              samples=run.samples or cfg.eval.samples, format=run.format or cfg.eval.format)
+        gcfg = replace_config(cfg.generation, max_new_tokens=run.max_new_tokens or cfg.generation.max_new_tokens)
+        return replace_config(cfg, eval=ecfg, generation=gcfg)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return dataclasses.replace(cfg, eval=ecfg, generation=gcfg)
+        raise ConfigError(f"{cfg.eval.suite}: run {run.name}: {exc}") from None
 
 
 def run_suite(cfg: EvalRun) -> dict:
     """Score every run of the suite with one loaded model; write each report and the page."""
     from .model import load_for_inference, quiet_loading
 
-    suite = read_suite(cfg.eval.suite)
+    suite = load_suite(cfg.eval.suite or "")
     page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
     if page.is_dir():
-        raise ValueError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
-    model_cfg = dataclasses.replace(cfg.model, path=suite.get("model") or cfg.model.path)
-    adapter = suite.get("adapter") or cfg.adapter.path
-    cfg = dataclasses.replace(cfg, model=model_cfg, adapter=dataclasses.replace(cfg.adapter, path=adapter))
+        raise UsageError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
+    model_cfg = replace_config(cfg.model, path=suite.model or cfg.model.path)
+    adapter = suite.adapter or cfg.adapter.path
+    cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
     if not model_cfg.path:
         raise ConfigError(f"{cfg.eval.suite}: no model (give model: in the suite or --model)")
-    runs = [(run, run_config(cfg, run, f"{cfg.eval.suite}: run {run['name']}")) for run in suite["runs"]]
+    runs = [(run, run_config(cfg, run)) for run in suite.runs]
     loaded = [load_eval_file(rc.eval.data, rc.eval, adapter) for _, rc in runs]  # every file checked first
     quiet_loading()
     model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force)
     reports = {}
     for (run, rc), (records, skipped, overlap) in zip(runs, loaded):
-        fmt = resolve_prompt_format(model_cfg.path, adapter, run.get("prompt_format") or cfg.adapter.prompt_format)
+        fmt = resolve_prompt_format(model_cfg.path, adapter, run.prompt_format or cfg.adapter.prompt_format)
         report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
-        report["summary"]["run"] = run["name"]
-        write_report(report, page.with_name(f"{page.stem}.{run['name']}.json"))
-        reports[run["name"]] = report
+        report["summary"]["run"] = run.name
+        write_report(report, page.with_name(f"{page.stem}.{run.name}.json"))
+        reports[run.name] = report
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(reports, model_cfg.path, adapter), encoding="utf-8")
     return {"runs": {name: r["summary"] for name, r in reports.items()}, "page": str(page)}

@@ -44,10 +44,9 @@ def parse(obj: Any, where: str, require_answer: bool, path: Path, index: int):
     options: dict[str, str] = {}
     for k, raw in enumerate(raw_options):
         m = _OPTION.match(unicodedata.normalize("NFKC", str(raw))) if isinstance(raw, str) else None
-        letter = m.group(1) if m else None
-        if letter != chr(ord("A") + k):
+        if m is None or m.group(1) != chr(ord("A") + k):
             return None, f"{where}: option {k + 1} should start with ({chr(ord('A') + k)}), got {str(raw)[:20]!r}", None, None
-        options[letter] = m.group(2).strip()
+        options[m.group(1)] = m.group(2).strip()
     note = None
     if label is None or label == [] or label == "":
         if require_answer:

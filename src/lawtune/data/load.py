@@ -42,11 +42,11 @@ def iter_objects(path: Path, text: str):
                 return
             yield line, obj
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        for number, row in enumerate(text.splitlines(), start=1):
+            if not row.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(row)
             except json.JSONDecodeError as exc:
                 yield number, f"malformed JSON ({exc.msg})"
 def detect_format(obj, path: Path) -> str:
@@ -80,7 +80,7 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
     notes: dict[str, list[int]] = {}
     skipped: Counter = Counter()
     seen_ids: dict[str, str] = {}
-    module = FORMATS[fmt] if fmt not in (None, "auto") else None
+    module = FORMATS[fmt] if fmt is not None and fmt != "auto" else None
     for index, (line, obj) in enumerate(iter_objects(path, text), start=1):
         where = f"{path}:{line}"
         if isinstance(obj, str):

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..stats import percentile
 
 MAX_REPORTED_PROBLEMS = 20
 TYPE_NAMES = {"0": "KD", "1": "CA"}  # knowledge-driven / case analysis, as in the release
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Invalid data; ``problems`` holds one ``FILE:LINE: what is wrong`` line per problem."""
 
     def __init__(self, problems: list[str]):
@@ -113,7 +114,7 @@ def drop_overlap(train: list[Record], held_out: list[Record]) -> tuple[list[Reco
 
 def find_overlap(a: list[Record], b: list[Record]) -> list[tuple[Record, Record]]:
     """(record of b, the record of a with the same statement key) for every record of b that a holds."""
-    by_key = {}
+    by_key: dict[str, Record] = {}
     for record in a:
         by_key.setdefault(statement_key(record), record)
     return [(r, by_key[statement_key(r)]) for r in b if statement_key(r) in by_key]
@@ -138,15 +139,15 @@ def sha256_file(path: str | Path) -> str:
 def data_stats(result: LoadResult, token_lengths: list[int] | None = None) -> dict:
     """What `lawtune data check --json` prints."""
     records = result.records
-    with_answer = [r for r in records if r.answer is not None]
+    answers = [r.answer for r in records if r.answer is not None]
     by_type = Counter({"KD": 0, "CA": 0, "unknown": 0})
     by_type.update(r.type for r in records)
     stats: dict[str, Any] = {
         "file": result.path,
         "records": len(records),
         "skipped": dict(result.skipped),
-        "single": sum(1 for r in with_answer if len(r.answer) == 1),
-        "multi": sum(1 for r in with_answer if len(r.answer) > 1),
+        "single": sum(1 for a in answers if len(a) == 1),
+        "multi": sum(1 for a in answers if len(a) > 1),
         "by_type": dict(by_type),
         "repeated_statements": count_repeated(records),
     }

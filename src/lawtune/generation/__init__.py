@@ -11,11 +11,12 @@ reasoning mode. ``decode.py`` keeps the static-batch CUDA-graph decoder the engi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..dist import world_size
-from ..prompts import ANSWER_PREFIX, THINK_CLOSE
+from ..think import closing_text
 from .attention import eager_stance, fast_attention
 from .engine import SamplingParams, engine_for, engine_supported
 
@@ -58,16 +59,6 @@ def split_budget(budget: int) -> tuple[int, int]:
     """(thinking budget, forced-answer budget) of reasoning mode: the two together never exceed ``budget``."""
     reserve = min(ANSWER_RESERVE, budget // 2)
     return budget - reserve, reserve
-
-
-def answer_part(text: str) -> str:
-    """The text after the last </think>: reasoning may mention letters it later rejects."""
-    return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
-
-
-def closing_text(trace: str, prompt_format: str) -> str:
-    """What is appended to a trace cut off by its budget, so that the model writes its answer next."""
-    return "\n" + ANSWER_PREFIX if "</think>" in trace else THINK_CLOSE[prompt_format] + ANSWER_PREFIX
 
 
 def device_of(model) -> torch.device:
@@ -171,7 +162,7 @@ def reason_then_answer(model, tokenizer, prompts: list[str], budget: int, gcfg, 
     answer's included, never exceed ``budget``. Returns {output, generated_tokens, forced} per prompt."""
     think, reserve = split_budget(budget)
     results = generate(model, tokenizer, prompts, think, gcfg, slots=slots)
-    rows = [{"output": r.text, "generated_tokens": r.tokens, "forced": not r.stopped} for r in results]
+    rows: list[dict[str, Any]] = [{"output": r.text, "generated_tokens": r.tokens, "forced": not r.stopped} for r in results]
     cut = [i for i, r in enumerate(results) if not r.stopped]
     if cut and reserve:
         closing = {i: closing_text(results[i].text, prompt_format) for i in cut}

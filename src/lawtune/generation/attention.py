@@ -13,6 +13,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..compat import attn_implementation, is_module_compiled, set_attn_implementation
+
 FAST_ATTENTION = "lawtune_sdpa"
 _registered = False
 # cuDNN's attention builds an execution plan for every new input shape, and evaluation batches all differ in
@@ -68,29 +70,29 @@ def fast_attention(model):
     Attention kernels are limited to ``EVAL_SDPA_BACKENDS``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    configs = [c for c in _configs(model) if getattr(c, "_attn_implementation", None) in ("sdpa", "flex_attention")]
-    saved = [c._attn_implementation for c in configs]
+    configs = [c for c in _configs(model) if attn_implementation(c) in ("sdpa", "flex_attention")]
+    saved = [attn_implementation(c) for c in configs]
     allowed = [getattr(SDPBackend, b) for b in EVAL_SDPA_BACKENDS or ()]
     backends = sdpa_kernel(allowed) if allowed else contextlib.nullcontext()
     try:
         if configs:
             _register()
             for c in configs:
-                c._attn_implementation = FAST_ATTENTION
+                set_attn_implementation(c, FAST_ATTENTION)
         with backends:
             yield
     finally:
         for c, value in zip(configs, saved):
-            c._attn_implementation = value
+            set_attn_implementation(c, value)
 
 
 def attention_implementation(model) -> str:
     configs = _configs(model)
-    return getattr(configs[0], "_attn_implementation", "sdpa") if configs else "sdpa"
+    return attn_implementation(configs[0], "sdpa") if configs else "sdpa"
 
 
 def is_compiled(model) -> bool:
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return any(is_module_compiled(m) for m in model.modules())
 
 
 @contextlib.contextmanager

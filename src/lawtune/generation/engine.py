@@ -45,15 +45,19 @@ from __future__ import annotations
 import collections
 import hashlib
 import heapq
+import logging
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
 
 from .decode import base_model, cache_keyword, graph_decode_supported
+
+log = logging.getLogger("lawtune")
 
 MASK64 = (1 << 64) - 1
 # Stop tokens a request may name besides the end token (a fixed table on the device)
@@ -101,7 +105,7 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -
 def sample_seed(seed: int, key: str, index: int) -> int:
     """A sequence's own seed from (the request's seed, its key, the sample index): the same three give the same
     samples whatever else runs beside them."""
-    digest = hashlib.sha256(f"{seed}\x1f{key}\x1f{index}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x1f{key}\x1f{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 2  # 62 bits: stays positive in int64 arithmetic
 
 
@@ -182,7 +186,7 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
-    def get_max_length(self) -> int:
+    def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_len
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
@@ -305,7 +309,7 @@ class GenerationEngine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.graphs: dict[tuple[bool, int, int], torch.cuda.CUDAGraph] = {}  # by (sampling, rows, columns)
         self.warm: set[tuple[bool, int, int]] = set()
-        self.pool = None  # one memory pool for all graphs: they never run at the same time
+        self.pool: Any = None  # one memory pool for all graphs (they never run at the same time); torch's handle
         self.lock = threading.Condition()  # guards waiting; the loop waits on it when idle
         self.thread: threading.Thread | None = None
         self.stopping = False
@@ -412,13 +416,16 @@ class GenerationEngine:
             try:
                 self.step()
             except BaseException as exc:  # noqa: BLE001 - every waiting caller is told, the loop goes on
+                # must catch everything: a waiting caller would otherwise wait forever. Each re-raises it; the
+                # traceback is logged here too, where no caller may be left to see it.
+                log.exception("generation engine: a step failed; every waiting and running request fails with it")
                 self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         with self.lock:
             failed = [r for r, _ in self.running.values()] + list(self.waiting)
             self.waiting.clear()
-        for request, sample in list(self.running.values()):
+        for _request, sample in list(self.running.values()):
             sample.finish_reason = sample.finish_reason or "error"
         self.free = list(range(self.slots))
         self.running.clear()
@@ -458,7 +465,7 @@ class GenerationEngine:
         if request.error is not None:
             raise request.error
 
-    def generate(self, requests: list[tuple[list[int], SamplingParams, str | None]]) -> list[Request]:
+    def generate(self, requests: Sequence[tuple[list[int], SamplingParams, str | None]]) -> list[Request]:
         """Submit all, run until all are done, return them in their order (their samples hold tokens and
         log-probabilities). Known up front, they are admitted largest budget first: the rows still running at the
         end, alone, are then the short ones."""
@@ -487,7 +494,7 @@ class GenerationEngine:
         heapq.heappush(self.free, slot)
 
     def _drop_cancelled(self) -> None:
-        for slot, (request, sample) in list(self.running.items()):
+        for slot, (request, _sample) in list(self.running.items()):
             if request.cancelled:
                 self._finish(slot, "cancelled")
                 self._notify(request)
@@ -752,12 +759,12 @@ class Look:
     counts: dict
     width: int
     table: torch.Tensor
-    event: object
+    event: torch.cuda.Event | None
 
 
 # ----------------------------------------------------------------------------- one engine per model
 
-_ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, GenerationEngine]" = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, GenerationEngine] = weakref.WeakKeyDictionary()
 
 
 def engine_for(model, eos_token_id: int, slots: int, max_len: int, use_graph: bool | None = None) -> GenerationEngine:

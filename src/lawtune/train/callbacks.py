@@ -3,7 +3,6 @@ kept, and short garbage-collection pauses."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
@@ -11,8 +10,9 @@ import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from ..config import replace as replace_config
 from ..dist import gather_objects, is_main_process, sum_over_ranks
 from ..progress import progress
 from ..rundir import save_model_dir
@@ -95,7 +95,7 @@ class HeldOutEvalCallback(TrainerCallback):
         self.metrics, self.out, self.manifest = metrics, out, manifest
         self.best = -1.0
         self.history: list[dict] = []
-        self.trainer = None  # set once the Trainer exists; saving goes through it (FSDP gathers there)
+        self.trainer: Trainer | None = None  # set once the Trainer exists; saving goes through it (FSDP gathers there)
 
     def _run(self, state, model) -> None:
         from ..evaluate import evaluate_sharded
@@ -124,7 +124,7 @@ class HeldOutEvalCallback(TrainerCallback):
         """(EvalConfig, GenerationConfig) of the evaluation. Reasoning runs thousands of tokens a question: during SFT
         the cheap modes are used."""
         mode = self.cfg.eval.mode if self.cfg.eval.mode != "reasoning" else "direct"
-        return dataclasses.replace(self.cfg.eval, mode=mode), self.cfg.generation
+        return replace_config(self.cfg.eval, mode=mode), self.cfg.generation
 
     def interval(self) -> int:
         """Steps between evaluations; 0 = only at the end."""
@@ -152,9 +152,11 @@ class GcPauses(TrainerCallback):
     only what training allocates since); unfrozen when training ends.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pauses: list[tuple[int, float]] = []  # (optimizer step, milliseconds)
-        self.step, self.started, self.frozen, self.first_step, self.forced = 0, None, False, None, False
+        self.step, self.frozen, self.forced = 0, False, False
+        self.started: float | None = None
+        self.first_step: int | None = None
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if info.get("generation") != 2 or self.forced:  # only the collections Python started itself
@@ -179,7 +181,7 @@ class GcPauses(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step = state.global_step
-        if self.step == self.first_step + 1:  # compiled graphs and optimizer state exist now
+        if self.first_step is not None and self.step == self.first_step + 1:  # compiled graphs and optimizer state exist now
             self._freeze()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
 
 # ----------------------------------------------------------------------------- token-budget batches
 
@@ -36,7 +38,7 @@ def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int
     """
     too_long = [n for n in lengths if n > batch_tokens]
     if too_long:
-        raise ValueError(f"train.batch_tokens={batch_tokens} is smaller than an example of {max(too_long)} tokens; "
+        raise UsageError(f"train.batch_tokens={batch_tokens} is smaller than an example of {max(too_long)} tokens; "
                          f"set it to at least data.max_length")
     rng = random.Random(seed)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
@@ -183,6 +185,7 @@ def make_collator(tokenizer, tcfg, max_length: int):
     """The training collator for a TrainConfig (see the module docstring for each option)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+    collator: Callable[[list[dict]], dict]
     if tcfg.batch_tokens:
         collator = TokenBudgetCollator(tokenizer.pad_token_id, tcfg.packing,
                                        pack_length=tcfg.batch_tokens if tcfg.packing else None)

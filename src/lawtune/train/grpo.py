@@ -10,28 +10,35 @@ output folder ``lawtune train`` writes (so eval, compare, merge and serve take t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun
-from ..data import sha256_file
+from ..config import replace as replace_config
 from ..dist import is_main_process
-from ..model import (ModelError, base_fingerprint, check_adapter, check_adapter_base, count_parameters,
-                     load_base_model, load_tokenizer, lora_config)
+from ..model import (
+    ModelError,
+    base_fingerprint,
+    check_adapter,
+    check_adapter_base,
+    count_parameters,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+)
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
-from ..rundir import (MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, resume_checkpoint,
-                      run_fingerprint, save_model_dir)
+from ..rundir import MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, resume_checkpoint, save_model_dir
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
-from .sft import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, write_curves
+from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, write_curves
 
 log = logging.getLogger("lawtune")
 
@@ -39,28 +46,30 @@ log = logging.getLogger("lawtune")
 
 
 def _trainer_class():
-    from trl import GRPOTrainer
+    from ..compat import grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
 
-    class LawtuneGRPOTrainer(GRPOTrainer):
-        """TRL's GRPOTrainer with lawtune's prompts and group metrics."""
+    # The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
+    class LawtuneGRPOTrainer(grpo_trainer_with_hooks()):  # type: ignore[misc]
+        """TRL's GRPOTrainer with lawtune's prompts and group metrics (its private steps reach these hooks through
+        compat.py)."""
 
-        def _tokenize_prompts(self, prompts: list):
+        def tokenize_prompts_hook(self, prompts: list):
             # lawtune's prompts are rendered text whose special tokens (the BOS among them) are written out: TRL
             # would add the tokenizer's own on top (a second BOS for R1-Distill's tokenizer).
-            return self._tokenizer(prompts, add_special_tokens=False)["input_ids"], None, {}
+            return grpo_tokenizer(self)(prompts, add_special_tokens=False)["input_ids"], None, {}
 
-        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        def calculate_rewards_hook(self, inputs, prompts, completions, completion_ids_list):
+            rewards = super().calculate_rewards_hook(inputs, prompts, completions, completion_ids_list)
             if "exact_set" in self.reward_func_names:
                 mode = "train" if self.model.training else "eval"
                 exact = rewards[:, self.reward_func_names.index("exact_set")].view(-1, self.num_generations)
                 # A group with no exact answer teaches exact_set nothing; one that is always right neither.
-                self._metrics[mode]["groups/any_exact"].append((exact > 0.5).any(dim=1).float().mean().item())
-                self._metrics[mode]["groups/all_exact"].append((exact > 0.5).all(dim=1).float().mean().item())
+                grpo_log_metric(self, mode, "groups/any_exact", (exact > 0.5).any(dim=1).float().mean().item())
+                grpo_log_metric(self, mode, "groups/all_exact", (exact > 0.5).all(dim=1).float().mean().item())
             return rewards
 
-        def _save(self, output_dir: str | None = None, state_dict=None):
-            super()._save(output_dir, state_dict)
+        def save_hook(self, output_dir: str | None = None, state_dict=None):
+            super().save_hook(output_dir, state_dict)
             # beta > 0 on a continued adapter: TRL keeps the starting adapter as "ref" beside it. It is rebuilt from
             # grpo.adapter on every start, so the saved adapter folders hold only the trained one.
             import shutil
@@ -150,7 +159,8 @@ class GrpoSetup:
 
     cfg: GrpoRun
     """The resolved config (CPU fallbacks applied, output directory filled in): what lawtune_config.yaml records."""
-    trainer: object
+    trainer: Any
+    """The LawtuneGRPOTrainer (a class built at run time over TRL's GRPOTrainer)."""
     model: torch.nn.Module
     tokenizer: object
     manifest: dict
@@ -171,15 +181,7 @@ class GrpoResult:
 
 def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
     """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
-    return cfg if device.type != "cpu" else dataclasses.replace(cfg, model=cpu_model_fallbacks(cfg.model))
-
-
-def fingerprint(cfg: GrpoRun) -> dict:
-    """What decides the run's weights beyond SFT's fingerprint: the adapter it continues (by content)."""
-    adapter = cfg.grpo.adapter
-    weights = Path(adapter) / "adapter_model.safetensors" if adapter else None
-    return {**run_fingerprint(cfg), "grpo.adapter": adapter,
-            "grpo.adapter sha256": sha256_file(weights) if weights and weights.is_file() else None}
+    return cfg if device.type != "cpu" else replace_config(cfg, model=cpu_model_fallbacks(cfg.model))
 
 
 def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
@@ -253,7 +255,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given (pass --data FILE)")
-    cfg, out, device, dtype = start_run(cfg, "grpo", fingerprint, cpu_fallbacks, resume, overwrite)
+    cfg, out, device, dtype = start_run(cfg, "grpo", cpu_fallbacks, resume, overwrite)
 
     adapter = cfg.grpo.adapter
     trained_with = adapter_prompt_format(adapter) if adapter else None

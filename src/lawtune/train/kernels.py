@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from .. import compat
+
 log = logging.getLogger("lawtune")
 
 
@@ -31,7 +33,7 @@ def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
         log.warning("train.liger: Liger kernels need a CUDA GPU; training with the plain kernels")
         return False
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        apply_to_instance = compat.liger_apply_to_instance()
     except ImportError:
         log.warning("train.liger: liger-kernel is not installed (pip install 'lawtune[gpu]'); training with the "
                     "plain kernels")
@@ -42,8 +44,8 @@ def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
     # (torch.compile fuses it anyway).
     module = sys.modules[type(model).__module__]
     saved = dict(vars(module))
-    _apply_liger_kernel_to_instance(model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=fused_cross_entropy)
+    apply_to_instance(model=model, rope=False, rms_norm=True, swiglu=True, cross_entropy=False,
+                      fused_linear_cross_entropy=fused_cross_entropy)
     for name, value in saved.items():
         if getattr(module, name, None) is not value:
             setattr(module, name, value)
@@ -64,21 +66,14 @@ def compile_layers(model) -> int:
     if layers is None:
         log.warning("train.compile: no decoder layers found; training uncompiled")
         return 0
-    import torch._dynamo
-
     # All layers share one graph; allow a recompilation per layer should a guard tell them apart.
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(layers) + 8))
-    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 512)
+    compat.raise_recompile_limits(per_code=2 * len(layers) + 8, accumulated=512)
     if next(model.parameters()).is_cuda and "TORCHINDUCTOR_CPP_WRAPPER" not in os.environ:
-        import torch._inductor.config
-
         # The steps are CPU-bound (the GPU waits for kernel launches): C++ instead of Python code around
         # the compiled kernels measured 1.19x the tokens/s of the default and 2.0x at ~8 sequences per
-        # step on an H100 (bench/README.md). The environment variable, where set, decides instead.
-        torch._inductor.config.cpp_wrapper = True
+        # step on an H100 (bench/README.md). The environment variable, where set, decides instead. For the
+        # whole process: torch cannot take it per compilation for training (compat.py says why).
+        compat.enable_inductor_cpp_wrapper()
     for layer in layers:
         layer.compile()
     return len(layers)
@@ -86,16 +81,14 @@ def compile_layers(model) -> int:
 
 def packed_block_mask(position_ids: torch.Tensor):
     """Flex attention's mask for one packed row: causal, within each example (positions restart at 0)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     doc = (position_ids[0] == 0).cumsum(0)
 
     def same_document_causal(b, h, q, kv):
         return (q >= kv) & (doc[q] == doc[kv])
 
     n = position_ids.shape[1]
-    return create_block_mask(same_document_causal, 1, None, n, n, device=position_ids.device,
-                             _compile=position_ids.is_cuda)
+    return compat.create_block_mask(same_document_causal, 1, None, n, n, device=position_ids.device,
+                                    compile=position_ids.is_cuda)
 
 
 def install_packed_block_mask(model) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 
 from ..scoring import extract_answer
+from ..think import CLOSE, answer_part, closed
 
-THINK_CLOSE = "</think>"
 _ANSWER_LINE = re.compile(r"^\s*(?:\*\*)?\s*答案\s*[:：]", re.M)
 
 
@@ -27,9 +27,9 @@ def _text(completion) -> str:
 def read_answer(completion, letters: str) -> list[str] | None:
     """The letters answered after the last </think>, or None (never closed, nothing readable)."""
     text = _text(completion)
-    if THINK_CLOSE not in text:
+    if not closed(text):
         return None
-    return extract_answer(text.rsplit(THINK_CLOSE, 1)[1], letters)
+    return extract_answer(answer_part(text), letters)
 
 
 def exact_set(prompts, completions, answer, letters, **_) -> list[float]:
@@ -56,11 +56,10 @@ def answer_format(prompts, completions, **_) -> list[float]:
     out = []
     for completion in completions:
         text = _text(completion)
-        if text.count(THINK_CLOSE) != 1:
+        if text.count(CLOSE) != 1:
             out.append(0.0)
             continue
-        tail = text.split(THINK_CLOSE, 1)[1]
-        out.append(1.0 if len(_ANSWER_LINE.findall(tail)) == 1 else 0.0)
+        out.append(1.0 if len(_ANSWER_LINE.findall(answer_part(text))) == 1 else 0.0)
     return out
 
 

@@ -9,8 +9,9 @@ checked from a list of the modules, so:
 
 * ``LawtuneTrainer.floating_point_ops`` keeps transformers' formula (6 x tokens x non-embedding
   parameters) with the parameter count taken once;
-* ``LawtuneTrainer._clip_grad_norm`` clips a list of the trainable parameters made once (the same norm:
-  only they have gradients). FSDP and DeepSpeed clip their own way and are left to the Trainer;
+* ``LawtuneTrainer.clip_grad_norm_hook`` (the Trainer's clipping step, see compat.py) clips a list of the
+  trainable parameters made once (the same norm: only they have gradients). FSDP and DeepSpeed clip their
+  own way and are left to the Trainer;
 * ``LoraForTraining`` (the PEFT model lawtune trains) sets train mode only when a module is not in it
   already, and zeroes the gradients of its trainable parameters from a list. Under DDP the wrapper's own
   ``zero_grad`` still walks its modules once a step;
@@ -29,6 +30,7 @@ import torch
 from peft import PeftModelForCausalLM
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ..compat import trainer_with_hooks
 from ..dist import is_main_process
 from .collate import COUNT_KEY
 
@@ -72,7 +74,8 @@ class LawtuneTrainingArguments(TrainingArguments):
         return min(super().n_gpu, 1)
 
 
-class LawtuneTrainer(Trainer):
+# The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
+class LawtuneTrainer(trainer_with_hooks()):  # type: ignore[misc]
     def __init__(self, *args, counter=None, **kwargs):
         """``counter``: the ``CountingCollator`` of the data collator, if any."""
         super().__init__(*args, **kwargs)
@@ -96,9 +99,9 @@ class LawtuneTrainer(Trainer):
         main_input = getattr(self.model, "main_input_name", "input_ids")
         return 6 * inputs[main_input].numel() * self._n_params if main_input in inputs else 0
 
-    def _clip_grad_norm(self, model):
+    def clip_grad_norm_hook(self, model):
         if self._trainable is None:
-            return super()._clip_grad_norm(model)
+            return super().clip_grad_norm_hook(model)
         return self.accelerator.clip_grad_norm_(self._trainable, self.args.max_grad_norm)
 
 

@@ -1,0 +1,14 @@
+"""`lawtune distill`: sample reasoning per question and keep the traces that reach the gold answer."""
+
+from __future__ import annotations
+
+from ..config import DistillRun
+from ..distill import distill
+
+
+def run_distill(cfg: DistillRun) -> int:
+    r = distill(cfg)
+    print(f"kept traces for {r['questions_kept']} of {r['questions']} questions ({r['completions_kept']} of "
+          f"{r['completions_sampled']} completions kept, pass@{r['samples']} {r['pass_at_k']:.3f}) -> "
+          f"{cfg.distill.output}; report {r['report_file']}")
+    return 0
