@@ -185,3 +185,11 @@ def test_ask_prints_one_answer_line_the_letters_as_read(monkeypatch):
     infer.ask(None, record, "direct", out=out)
     lines = out.getvalue().strip().splitlines()
     assert lines == ["理由如下。", "答案：AB"]
+
+
+def test_predict_max_samples_answers_only_the_first_questions(answering_model_dir, tmp_path):
+    data, ids = unanswered_file(tmp_path)
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(answering_model_dir), "--data", str(data), "--output", str(out),
+                 "--max-samples", "2", "model.dtype=float32"]) == 0
+    assert [r["id"] for r in read_lines(out)] == ids[:2]

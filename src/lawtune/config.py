@@ -285,6 +285,8 @@ class PredictConfig(Section):
     """direct or reasoning."""
     batch_size: PositiveInt = 64
     """Questions per batch."""
+    max_samples: PositiveInt | None = None
+    """Answer only the first N questions of the file (a trial run before a long one)."""
 
 
 class AskConfig(Section):

@@ -78,7 +78,7 @@ def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
     out_path = Path(pcfg.output)
     if out_path.is_dir():
         raise UsageError(f"predict.output: {out_path} is a directory; give a file (e.g. {out_path / 'preds.jsonl'})")
-    records = load_records(pcfg.data, require_answer=False).records
+    records = load_records(pcfg.data, require_answer=False, max_samples=pcfg.max_samples).records
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [r for r in records if r.id not in done]
