@@ -12,7 +12,7 @@ import sys
 import tokenize
 from pathlib import Path
 
-CONFIG_AND_CLI = ["src/lawtune/config.py", "src/lawtune/cli.py"]
+CONFIG_AND_CLI = ["src/lawtune/config.py", "src/lawtune/cli.py", "src/lawtune/commands/__init__.py"]
 
 
 def docstring_lines(tree: ast.AST) -> set[int]:
