@@ -70,7 +70,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, tmp_path, capsys):
     """A LoRA trained on a real nf4-quantised base (lawtune's add_lora(quantized=True): peft's
     prepare_model_for_kbit_training), merged by `lawtune merge` into the unquantised fp32 base: the merged model is
     exactly fp32 base + adapter, and it differs from what was trained (nf4 base + adapter) by no more than the
@@ -78,20 +78,21 @@ def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, tiny_
     import bitsandbytes as bnb
     from peft import PeftModel
     from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lawtune.config import PROJECTIONS, LoraSection
     from lawtune.model import add_lora, base_fingerprint
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     fp32_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     nf4_base = _nf4_base(tiny_model_dir)
     quantised = {name for name, m in nf4_base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert {name.rsplit(".", 1)[-1] for name in quantised} == set(PROJECTIONS)  # every LoRA target is 4-bit
     assert nf4_base.model.layers[0].mlp.down_proj.weight.quant_state.quant_type == "nf4"
-    fingerprint = base_fingerprint(nf4_base, tiny_tokenizer)  # what a QLoRA run records (embeddings stay fp32)
+    fingerprint = base_fingerprint(nf4_base, tokenizer)  # what a QLoRA run records (embeddings stay fp32)
 
     text = "".join(r["statement"] for r in synthetic_records(8, seed=7))
-    ids = torch.tensor(tiny_tokenizer(text, add_special_tokens=False)["input_ids"][:64]).view(4, 16)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:64]).view(4, 16)
     base_logits, nf4_logits = _logits(fp32_base, ids), _logits(nf4_base, ids)
     rounding = (nf4_logits - base_logits).norm()  # what nf4 alone changes in this model's logits
     assert rounding > 0
