@@ -129,6 +129,7 @@ def test_the_local_model_keeps_its_own_correct_reasoning(answering_model_dir, go
     assert report["this_run"]["trace_tokens"]["max"] > 0 and report["this_run"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow  # three sampling runs of the local model, one of them crashed
 def test_a_resumed_run_writes_what_one_run_writes(answering_model_dir, gold_a_questions, tmp_path, monkeypatch):
     data, _ = gold_a_questions
     whole = tmp_path / "whole.jsonl"
@@ -177,6 +178,7 @@ def test_traces_train_with_loss_on_the_reasoning_the_answer_and_the_end_token_on
         assert tok.decode(ex.input_ids[:first]).endswith("<think>\n")  # the prompt ends where the reasoning starts
 
 
+@pytest.mark.slow  # a training run on traces mixed with answer-only records
 def test_traces_train_beside_answer_only_records_of_a_second_file(tiny_config, tmp_path):
     import yaml
 

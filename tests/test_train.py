@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -164,6 +165,7 @@ def _count_on_rank(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes (gloo)
 def test_tokens_seen_sums_the_ranks_counts(tmp_path):
     """With a token budget each rank counts its own tokens on the CPU; metrics.jsonl gets their sum, not an
     estimate from rank 0's count (the multi-GPU tokens/s is computed from it)."""
@@ -195,6 +197,7 @@ def test_in_training_evaluation_leaves_the_training_batches_padded_as_before(tin
         assert torch.equal(mask, mask.sort(dim=1, descending=True).values)
 
 
+@pytest.mark.slow  # three training runs through the CLI
 def test_a_folder_holding_a_run_is_continued_only_by_that_run_and_replaced_only_on_request(tiny_model_dir, tmp_path,
                                                                                               capsys):
     from lawtune.cli import main
@@ -236,6 +239,7 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.mark.slow  # a straight run, a crashed run and its resumption
 def test_a_resumed_run_counts_tokens_from_where_it_stopped_and_examples_per_second_counts_examples(tiny_config, tmp_path):
     """With a token budget (the GPU configs) tokens are counted on the CPU; a resumed run must go on from the
     checkpoint's count, and a packed micro-batch of many examples is not one sample."""
