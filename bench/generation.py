@@ -288,25 +288,20 @@ def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
 
 
 def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
-    from lawtune.config import GenerationConfig
+    from lawtune.config import GenerationConfig, ServeConfig
     from lawtune.infer import LoadedModel
-    from lawtune.serve import make_server
+    from lawtune.serve import make_server, serving
 
     engine = LoadedModel(model, tokenizer, "chat", GenerationConfig())
-    server = make_server(engine, "127.0.0.1", 0, slots=slots, max_len=4096)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
-    try:
-        remote_wave(url, 2, tokens)  # warm-up, graph capture
+    server = make_server(engine, ServeConfig(port=0, slots=slots, max_len=4096, max_queue=4 * clients))
+    with serving(server) as base:
+        url = f"{base}/v1/chat/completions"
+        remote_wave(url, 2, tokens)  # warm-up
         alone = remote_wave(url, 1, tokens)
         many = remote_wave(url, clients, tokens)
         sequential = None
         if clients <= 8:  # the same requests one after another (the CPU target compares these)
             sequential = remote_wave(url, clients, tokens, sequential=True)["tokens_per_s"]
-    finally:
-        server.shutdown()
-        server.server_close()
     return {"one_client": alone, "concurrent": many, "sequential_tokens_per_s": sequential,
             "aggregate_vs_one": round(many["tokens_per_s"] / alone["tokens_per_s"], 2)}
 

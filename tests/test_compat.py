@@ -17,14 +17,12 @@ LIBRARIES = ("torch", "transformers", "peft", "trl", "liger_kernel")
 SRC = Path(__file__).resolve().parents[1] / "src" / "lawtune"
 
 # Private names that lawtune's own classes define and use on ``self`` (or, for ``def _x``, in a class derived from a
-# library class: callbacks, the HTTP handler, tqdm). None of them is a name of the library class it derives from. A
+# library class: callbacks, tqdm). None of them is a name of the library class it derives from. A
 # new one is added here by hand, after checking that; anything else private on a library object belongs in compat.py.
 LAWTUNE_OWNED = frozenset({
     # generation/engine.py: GenerationEngine
     "_admit", "_columns_in_use", "_decode", "_decode_step", "_drop_cancelled", "_ends", "_fail_all", "_finish",
     "_look", "_loop", "_notify", "_prefill", "_record", "_rows", "_rows_in_use", "_run_step", "_take", "_window",
-    # serve.py: Handler (http.server)
-    "_error", "_read_json", "_send", "_send_json", "_stream", "_streaming",
     # train/callbacks.py: HeldOutEvalCallback, GcPauses (transformers' TrainerCallback has no private names)
     "_run", "_on_gc", "_freeze",
     # train/trainer.py: LawtuneTrainer

@@ -254,3 +254,30 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
     done = ready.generate([(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
                            for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
     assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.graphs) == 18
+
+
+def test_top_logprobs_and_prompt_logprobs_are_the_models(tiny):
+    """An engine made with top_logprobs keeps each step's likeliest tokens, and a request's prefill scores its prompt:
+    both as transformers' forward pass over the prompt and the generated tokens gives them."""
+    model, tok, _ = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=256, use_graph=False, top_logprobs=5)
+    prompt = tok("甲与乙订立买卖合同", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, top_logprobs=3, prompt_logprobs=2)
+    [request] = engine.generate([(prompt, params, None)])
+    sample = request.samples[0]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt + sample.tokens])).logits[0].float(), dim=-1)
+    for i, token in enumerate(sample.tokens):
+        step = reference[len(prompt) - 1 + i]
+        assert [t for t, _ in sample.top_logprobs[i]] == step.topk(3).indices.tolist()
+        assert [lp for _, lp in sample.top_logprobs[i]] == pytest.approx(step.topk(3).values.tolist(), abs=1e-4)
+        assert sample.logprobs[i] == pytest.approx(step[token].item(), abs=1e-4)
+    assert len(request.prompt_logprobs) == len(prompt) - 1
+    for j, (logprob, alternatives) in enumerate(request.prompt_logprobs):
+        assert logprob == pytest.approx(reference[j, prompt[j + 1]].item(), abs=1e-4)
+        assert [t for t, _ in alternatives] == reference[j].topk(2).indices.tolist()
+    plain = engine.generate([(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True), None)])[0]
+    assert plain.samples[0].tokens == sample.tokens and plain.samples[0].top_logprobs == []
+    assert plain.prompt_logprobs is None
+    with pytest.raises(ValueError, match="top_logprobs"):
+        engine.submit(prompt, SamplingParams(max_new_tokens=2, top_logprobs=6))

@@ -1,7 +1,10 @@
-"""`lawtune serve` over real HTTP on loopback: OpenAI-style API, streaming, errors, the page in Chromium."""
+"""`lawtune serve` over real HTTP on loopback: OpenAI-style API, streaming, limits, auth, health, metrics, shutdown,
+the page in Chromium."""
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,10 +14,11 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+import torch
 
-from lawtune.config import GenerationConfig, ModelConfig
+from lawtune.config import GenerationConfig, ModelConfig, ServeConfig
 from lawtune.infer import load_model
-from lawtune.serve import make_server
+from lawtune.serve import make_server, serving
 
 from conftest import REASONING
 
@@ -23,54 +27,65 @@ PLAIN = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成
 
 
 @contextmanager
-def running(engine):
-    server = make_server(engine, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def running(engine, api_key=None, **settings):
+    server = make_server(engine, ServeConfig(port=0, **settings), api_key=api_key)
+    with serving(server) as url:
+        yield url, server
 
 
 @pytest.fixture(scope="module")
 def answering(answering_model_dir):
-    with running(load_model(ModelConfig(path=str(answering_model_dir), dtype="float32"))) as url:
+    with running(load_model(ModelConfig(path=str(answering_model_dir), dtype="float32"))) as (url, _):
         yield url
 
 
 @pytest.fixture(scope="module")
 def random_engine(tiny_model_dir):
-    return load_model(ModelConfig(path=str(tiny_model_dir), dtype="float32"),
-                       GenerationConfig(max_new_tokens=16))
+    return load_model(ModelConfig(path=str(tiny_model_dir), dtype="float32"), GenerationConfig(max_new_tokens=16))
 
 
 @pytest.fixture(scope="module")
 def rand(random_engine):
-    with running(random_engine) as url:
+    with running(random_engine) as (url, _):
         yield url
 
 
-def chat(url, content, **fields):
+def chat(url, content, headers=None, **fields):
     body = {"model": "lawtune", "messages": [{"role": "user", "content": content}], **fields}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60, headers=headers)
 
 
-def sse_events(url, content, **fields):
-    body = {"model": "lawtune", "stream": True, "messages": [{"role": "user", "content": content}], **fields}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+def sse_events(url, content, route="/v1/chat/completions", **fields):
+    body = {"model": "lawtune", "stream": True, **fields}
+    if route.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": content}]
+    else:
+        body["prompt"] = content
+    with httpx.stream("POST", f"{url}{route}", json=body, timeout=60) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
 
 
-def test_models_and_the_page(rand):
+def reference_logprobs(engine, ids):
+    """Log-probabilities of the model at every position of ``ids`` (transformers' forward, not the engine)."""
+    with torch.no_grad():
+        return torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------- what serve did before (issue 27 keeps)
+
+
+def test_models_the_page_and_the_schema(rand):
     models = httpx.get(f"{rand}/v1/models").json()
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["lawtune"]
     page = httpx.get(f"{rand}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "<script>" in page.text and "/v1/chat/completions" in page.text
+    assert "<script>" in page.text and "/v1/chat/completions" in page.text and 'id="api-key"' in page.text
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # no external resources
+    schema = httpx.get(f"{rand}/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+    assert "ChatRequest" in schema["components"]["schemas"]
+    assert httpx.get(f"{rand}/docs").status_code == 404  # Swagger UI's assets would come from a CDN
 
 
 def test_completion_from_a_record_plain_text_and_in_reasoning_mode(answering):
@@ -86,6 +101,8 @@ def test_completion_from_a_record_plain_text_and_in_reasoning_mode(answering):
     assert message["reasoning_content"] == REASONING and message["content"] == "答案：A" and message["answer"] == ["A"]
     free = chat(answering, "什么是买卖合同？").json()["choices"][0]["message"]  # no options: a free question
     assert free["content"] == "答案：A" and free["answer"] == []
+    parts = [{"type": "text", "text": PLAIN}]
+    assert chat(answering, parts).json()["choices"][0]["message"]["answer"] == ["A"]
 
 
 def test_streaming_sends_the_same_text_in_chunks(rand):
@@ -104,9 +121,9 @@ def test_streaming_sends_the_same_text_in_chunks(rand):
     assert last["delta"]["answer"] == full["message"]["answer"] and full["finish_reason"] == "length"
 
 
-def _raw(url, payload: bytes) -> bytes:
+def _raw(url, payload: bytes, read_until_close: bool = True) -> bytes:
     port = int(url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(payload)
         data = b""
         while chunk := sock.recv(65536):
@@ -123,6 +140,13 @@ def _raw(url, payload: bytes) -> bytes:
     (b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}', 404, "gpt-4o"),
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "n": 2}', 400, "temperature"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": true}', 400, "top_logprobs"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}', 400, "tools"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}', 400,
+     "response_format"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}', 400, "logit_bias"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}', 400, "presence_penalty"),
     ('{"messages": [{"role": "user", "content": "{\\"statement\\": \\"题\\", \\"option_list\\": [\\"甲\\"]}"}]}'.encode(),
      400, "at least 2 options"),
 ])
@@ -134,23 +158,24 @@ def test_bad_requests_get_a_json_4xx_and_the_server_goes_on(rand, body, status, 
     assert chat(rand, PLAIN).status_code == 200
 
 
-def test_protocol_errors_and_wrong_routes_are_json_too(rand):
+def test_unknown_fields_are_ignored_and_inert_ones_accepted(rand):
+    resp = chat(rand, PLAIN, user="someone", metadata={"a": 1}, presence_penalty=0, logit_bias=None, store=False)
+    assert resp.status_code == 200, resp.text
+
+
+def test_protocol_errors_and_wrong_routes(rand):
     assert httpx.get(f"{rand}/nowhere").json()["error"]["type"] == "not_found_error"
     assert httpx.get(f"{rand}/v1/chat/completions").status_code == 405
     no_length = _raw(rand, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert no_length.startswith(b"HTTP/1.1 411") and b'"error"' in no_length
-    assert b'"error"' in _raw(rand, b"NONSENSE\r\n\r\n")
-    assert _raw(rand, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 414")
+    assert _raw(rand, b"NONSENSE\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert re.match(rb"HTTP/1.1 4\d\d", _raw(rand, b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n"))
     assert httpx.get(f"{rand}/v1/models").status_code == 200 and chat(rand, PLAIN).status_code == 200
 
 
 def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_row(random_engine):
-    server = make_server(random_engine, "127.0.0.1", 0, slots=8)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    generator = server.generator
-    try:
+    with running(random_engine, slots=8) as (url, server):
+        generator = server.generator
         results = []
         threads = [threading.Thread(target=lambda: results.append(chat(url, PLAIN, mode="reasoning", max_tokens=40)))
                    for _ in range(8)]
@@ -171,9 +196,6 @@ def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as resp:
             lines = resp.iter_lines()
             assert next(lines).startswith("data: ")
-            deadline = time.monotonic() + 60
-            while not generator.running and time.monotonic() < deadline:
-                time.sleep(0.01)
             assert generator.running
         for _ in range(12000):  # the bound only keeps a broken build from hanging
             if not generator.running:
@@ -181,23 +203,7 @@ def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_
             time.sleep(0.01)
         assert not generator.running and generator.steps - before < 1000
         assert chat(url, PLAIN).status_code == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert generator.thread is None  # server_close stops the engine's loop
-
-
-def test_the_command_starts_a_server(tiny_model_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "lawtune", "serve", "--model", str(tiny_model_dir), "--port", "0",
-                             "model.dtype=float32"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = proc.stdout.readline()
-        url = re.search(r"http://127\.0\.0\.1:\d+", line).group(0)
-        assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "lawtune"
-        assert chat(url, PLAIN).status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    assert generator.thread is None  # stopping the server stops the engine's loop
 
 
 @pytest.mark.browser
@@ -257,61 +263,362 @@ def test_64_concurrent_clients_lose_no_request(rand):
     assert not errors and statuses == [200] * 128
 
 
-def test_a_prompt_longer_than_the_context_or_the_limit_is_refused_at_once(random_engine):
+def test_a_prompt_longer_than_the_context_or_the_limit_is_refused_at_once(random_engine, rand):
     long_question = "甲与乙订立买卖合同。" * 3000 + "\nA. 合同成立\nB. 合同无效"  # 30,000 characters
-    with running(random_engine) as url:
-        resp = chat(url, long_question)
-        assert resp.status_code == 400
-        err = resp.json()["error"]
-        assert err["code"] == "context_length_exceeded" and "context" in err["message"]
-        # a short prompt with a budget the context cannot hold
-        resp = chat(url, PLAIN, max_tokens=4090)
-        assert resp.status_code == 400 and "max_tokens" in resp.json()["error"]["message"]
-        assert chat(url, PLAIN, max_tokens=2).status_code == 200
-    server = make_server(random_engine, "127.0.0.1", 0, max_prompt_tokens=20)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        resp = chat(f"http://127.0.0.1:{server.server_address[1]}", PLAIN, max_tokens=2)
+    resp = chat(rand, long_question)
+    assert resp.status_code == 400
+    err = resp.json()["error"]
+    assert err["code"] == "context_length_exceeded" and "context" in err["message"]
+    resp = chat(rand, PLAIN, max_tokens=4090)  # a short prompt with a budget the context cannot hold
+    assert resp.status_code == 400 and "max_tokens" in resp.json()["error"]["message"]
+    assert chat(rand, PLAIN, max_tokens=2).status_code == 200
+    with running(random_engine, max_prompt_tokens=20) as (url, _):
+        resp = chat(url, PLAIN, max_tokens=2)
         assert resp.status_code == 400 and "serve.max_prompt_tokens" in resp.json()["error"]["message"]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_client_that_hangs_up_leaves_no_traceback_in_the_log(random_engine, capfd):
     import struct
 
-    server = make_server(random_engine, "127.0.0.1", 0)
-    handled, serve_one = [], server.process_request_thread
-
-    def recording(request, client_address):  # socketserver's per-request thread: handling, handle_error, close
-        try:
-            serve_one(request, client_address)
-        finally:
-            handled.append(client_address[1])
-
-    server.process_request_thread = recording
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        host, port = server.server_address[:2]
-        ports = []
+    with running(random_engine) as (url, server):
+        host, port = server.server_address
         for body in (b'{"messages": [', b"{not json"):  # cut off mid-body / a bad request it never reads the answer of
             sock = socket.create_connection((host, port))
-            ports.append(sock.getsockname()[1])
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n" % (len(body) + (100 if body.startswith(b'{"') else 0)) + body)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
             sock.close()
         # Wait until the server has finished with both connections (error handling included), not a fixed time.
         deadline = time.monotonic() + 60
-        while not set(ports) <= set(handled) and time.monotonic() < deadline:
+        while server.server_state.connections and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert set(ports) <= set(handled), f"the server had not finished with {ports} after 60 s (done: {handled})"
-        assert chat(f"http://{host}:{port}", PLAIN, max_tokens=2).status_code == 200  # the server goes on
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert not server.server_state.connections
+        assert chat(url, PLAIN, max_tokens=2).status_code == 200  # the server goes on
     captured = capfd.readouterr()
     assert "Traceback" not in captured.err + captured.out
+
+
+# ----------------------------------------------------------------------------- the endpoints clients call
+
+
+def test_text_completions_from_text_and_token_ids_equal_transformers_greedy(random_engine, rand):
+    tokenizer, model = random_engine.tokenizer, random_engine.model
+    prompt = "甲与乙订立买卖合同"
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+                             pad_token_id=tokenizer.pad_token_id)
+    expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    for given in (prompt, ids):
+        resp = httpx.post(f"{rand}/v1/completions", json={"prompt": given, "max_tokens": 6}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["object"] == "text_completion" and body["usage"]["prompt_tokens"] == len(ids)
+        assert body["choices"][0]["text"] == expected
+    two = httpx.post(f"{rand}/v1/completions", json={"prompt": [prompt, "甲"], "max_tokens": 2}, timeout=60).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    events = sse_events(rand, prompt, route="/v1/completions", max_tokens=6)
+    assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == expected
+
+
+def test_echo_with_logprobs_scores_the_prompt(random_engine, rand):
+    tokenizer = random_engine.tokenizer
+    prompt = "甲与乙订立买卖合同，合同成立"
+    ids = tokenizer(prompt)["input_ids"]
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}
+    resp = httpx.post(f"{rand}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    assert choice["text"] == prompt
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(ids) and logprobs["token_logprobs"][0] is None
+    reference = reference_logprobs(random_engine, ids)
+    expected = [reference[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-4)
+    for i in range(1, len(ids)):
+        assert len(logprobs["top_logprobs"][i]) <= 2
+        assert max(logprobs["top_logprobs"][i].values()) == pytest.approx(reference[i - 1].max().item(), abs=1e-4)
+    assert httpx.post(f"{rand}/v1/completions", json={"prompt": prompt, "max_tokens": 0}).status_code == 400
+
+
+def test_chat_logprobs_and_top_logprobs_are_the_models(random_engine, rand):
+    resp = chat(rand, PLAIN, max_tokens=5, logprobs=True, top_logprobs=3)
+    assert resp.status_code == 200, resp.text
+    content = resp.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5
+    for entry in content:
+        tops = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True)
+        assert entry["logprob"] == pytest.approx(tops[0], abs=1e-5)  # greedy: the chosen token is the likeliest
+    streamed = [json.loads(e) for e in sse_events(rand, PLAIN, max_tokens=5, logprobs=True, top_logprobs=3)[:-1]]
+    values = [t["logprob"] for c in streamed if c["choices"] and c["choices"][0].get("logprobs")
+              for t in c["choices"][0]["logprobs"]["content"]]
+    assert values == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed(rand):
+    full = httpx.post(f"{rand}/v1/completions", json={"prompt": "甲与乙订立", "max_tokens": 16}, timeout=60).json()
+    text = full["choices"][0]["text"]
+    assert len(text) >= 6
+    stop = text[3:5]
+    cut = text[: text.index(stop)]
+    resp = httpx.post(f"{rand}/v1/completions", json={"prompt": "甲与乙订立", "max_tokens": 16, "stop": [stop]},
+                      timeout=60).json()
+    assert resp["choices"][0]["text"] == cut and resp["choices"][0]["finish_reason"] == "stop"
+    events = sse_events(rand, "甲与乙订立", route="/v1/completions", max_tokens=16, stop=stop)
+    pieces = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+    assert "".join(pieces) == cut and json.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
+    reply = chat(rand, PLAIN, max_tokens=16).json()["choices"][0]["message"]["content"]
+    if len(reply) >= 4:
+        cut_reply = chat(rand, PLAIN, max_tokens=16, stop=reply[2:4]).json()["choices"][0]
+        assert cut_reply["message"]["content"] == reply[: reply.index(reply[2:4])].strip()
+        assert cut_reply["finish_reason"] == "stop"
+
+
+def test_seed_makes_sampling_repeatable(rand):
+    def sample(seed):
+        body = {"prompt": "甲与乙订立", "max_tokens": 16, "temperature": 1.0, "seed": seed}
+        return httpx.post(f"{rand}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    assert sample(7) == sample(7)
+    assert len({sample(7), sample(8), sample(9)}) > 1
+
+
+def test_stream_options_include_usage(rand):
+    events = sse_events(rand, PLAIN, max_tokens=4, stream_options={"include_usage": True})
+    last = json.loads(events[-2])
+    assert events[-1] == "[DONE]" and last["choices"] == [] and last["usage"]["completion_tokens"] > 0
+    events = sse_events(rand, "甲", route="/v1/completions", max_tokens=3, stream_options={"include_usage": True})
+    assert json.loads(events[-2])["usage"]["completion_tokens"] == 3
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_a_body_over_the_limit_is_a_413_not_a_reset(rand):
+    huge = "题" * 2_000_000  # 6 MB in UTF-8 inside the JSON
+    resp = httpx.post(f"{rand}/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": huge}]})
+    assert resp.status_code == 413 and "serve.max_body_bytes=1048576" in resp.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is checked while the body is read
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}]}'
+
+    resp = httpx.post(f"{rand}/v1/chat/completions", content=chunks(), timeout=60,
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+    assert chat(rand, PLAIN, max_tokens=2).status_code == 200
+
+
+def _long_stream(url, started: threading.Event, out: list, max_tokens=3000, headers=None):
+    body = {"stream": True, "max_tokens": max_tokens, "mode": "reasoning", "messages": [{"role": "user", "content": PLAIN}]}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120, headers=headers) as resp:
+            out.append(resp.status_code)
+            for line in resp.iter_lines():
+                started.set()
+                if line.startswith("data: "):
+                    out.append(line[6:])
+    except httpx.HTTPError as exc:
+        out.append(exc)
+    finally:
+        started.set()
+
+
+def test_a_full_queue_answers_503_with_retry_after(random_engine):
+    with running(random_engine, slots=1, max_queue=0) as (url, server):
+        started, out = threading.Event(), []
+        thread = threading.Thread(target=_long_stream, args=(url, started, out))
+        thread.start()
+        started.wait(60)
+        resp = chat(url, PLAIN, max_tokens=2)
+        assert resp.status_code == 503 and resp.headers["retry-after"] and resp.json()["error"]["code"] == "queue_full"
+        server.state.cancel_all("test over")
+        thread.join(60)
+
+
+def test_request_timeout_is_504_before_the_first_token_and_an_error_event_after(random_engine):
+    with running(random_engine, request_timeout_s=1.0) as (url, server):
+        # Holding the engine's lock pauses its loop before its next admission (and a new request's submission).
+        with server.generator.lock:
+            waiting = chat(url, PLAIN, max_tokens=2)
+        assert waiting.status_code == 504 and waiting.json()["error"]["code"] == "timeout"
+        started, out = threading.Event(), []
+        thread = threading.Thread(target=_long_stream, args=(url, started, out))
+        thread.start()
+        started.wait(60)
+        with server.generator.lock:  # the stream has its first token; no more come
+            thread.join(60)
+        assert out[0] == 200 and out[-1] == "[DONE]" and json.loads(out[-2])["error"]["code"] == "timeout"
+        assert chat(url, PLAIN, max_tokens=2).status_code == 200
+
+
+# ----------------------------------------------------------------------------- auth, health, metrics, access log
+
+
+def test_an_api_key_guards_every_v1_route_but_not_health_or_metrics(random_engine):
+    with running(random_engine, api_key="s3cret") as (url, _):
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        wrong = chat(url, PLAIN, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "甲"}).status_code == 401
+        assert chat(url, PLAIN, max_tokens=2, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+        assert httpx.get(f"{url}/").status_code == 200  # the page itself asks for the key
+
+
+def test_health_is_503_until_the_model_is_ready(random_engine):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(60)
+        return random_engine
+
+    server = make_server(slow_load, ServeConfig(port=0))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        url = "http://{}:{}".format(*server.server_address)
+        assert httpx.get(f"{url}/health").status_code == 503
+        loading = chat(url, PLAIN)
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "loading"
+        release.set()
+        server.state.ready.wait(60)
+        assert httpx.get(f"{url}/health").status_code == 200 and chat(url, PLAIN, max_tokens=2).status_code == 200
+    finally:
+        release.set()
+        server.stop()
+        thread.join(60)
+
+
+def test_metrics_count_requests_tokens_and_latency_and_each_request_is_logged(random_engine, caplog):
+    with running(random_engine) as (url, _), caplog.at_level("INFO", logger="lawtune.access"):
+        for _ in range(3):
+            assert chat(url, PLAIN, max_tokens=3).status_code == 200
+        sse_events(url, PLAIN, max_tokens=3)
+        assert httpx.get(f"{url}/nowhere").status_code == 404
+        text = httpx.get(f"{url}/metrics").text
+    value = {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+    assert value['lawtune_requests_total{route="/v1/chat/completions",status="200"}'] == 4
+    assert value['lawtune_requests_total{route="other",status="404"}'] == 1
+    assert value["lawtune_generation_tokens_total"] == 12 and value["lawtune_prompt_tokens_total"] > 0
+    assert value["lawtune_time_to_first_token_seconds_count"] == 1  # the stream's (the others read no token stream)
+    assert value["lawtune_queue_depth"] == 0 and "lawtune_running_rows" in value
+    lines = [r.getMessage() for r in caplog.records if r.name == "lawtune.access"]
+    assert sum("POST /v1/chat/completions 200" in line and "completion_tokens=3" in line for line in lines) == 4
+
+
+# ----------------------------------------------------------------------------- the command, SIGTERM
+
+
+def _start_command(model_dir, *args, env=None):
+    proc = subprocess.Popen([sys.executable, "-m", "lawtune", "serve", "--model", str(model_dir), "--port", "0",
+                             "model.dtype=float32", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:\d+", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, match.group(0)
+
+
+def test_the_command_serves_with_a_key_from_the_environment(tiny_model_dir):
+    proc, url = _start_command(tiny_model_dir, env={"LAWTUNE_API_KEY": "k1"})
+    try:
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+        key = {"Authorization": "Bearer k1"}
+        assert httpx.get(f"{url}/v1/models", headers=key, timeout=10).json()["data"][0]["id"] == "lawtune"
+        assert chat(url, PLAIN, headers=key).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_sigterm_lets_short_requests_finish_and_cancels_long_ones_cleanly(tiny_model_dir):
+    proc, url = _start_command(tiny_model_dir, "--shutdown-grace-s", "2")
+    started, out, short_started, short = threading.Event(), [], threading.Event(), []
+    thread = threading.Thread(target=_long_stream, args=(url, started, out, 3900))
+    thread.start()
+    started.wait(60)
+    short_thread = threading.Thread(target=_long_stream, args=(url, short_started, short, 8))
+    short_thread.start()
+    short_started.wait(60)
+    proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    assert proc.wait(timeout=60) == 0
+    assert time.monotonic() - began < 2 + 6  # the grace period, then uvicorn's own slack at most
+    thread.join(60)
+    short_thread.join(60)
+    assert out[0] == 200 and out[-1] == "[DONE]" and json.loads(out[-2])["error"]["code"] == "shutdown"
+    assert short[0] == 200 and short[-1] == "[DONE]" and "choices" in json.loads(short[-2]), short
+    with pytest.raises(httpx.ConnectError):  # nothing listens any more
+        httpx.get(f"{url}/health", timeout=5)
+
+
+# ----------------------------------------------------------------------------- load (slow)
+
+
+def _clients(url, clients: int, requests: int, start: threading.Barrier | None = None):
+    """``clients`` threads of ``requests`` chat requests each (a new connection each): statuses, and what failed."""
+    statuses, failures = [], []
+    barrier = start or threading.Barrier(clients)
+
+    def client():
+        body = {"model": "lawtune", "messages": [{"role": "user", "content": PLAIN}], "max_tokens": 8}
+        # One client per thread, without keep-alive: every request opens a connection (none is reused while the
+        # server closes it), and the client's own set-up is paid once.
+        session = httpx.Client(timeout=120, limits=httpx.Limits(max_keepalive_connections=0))
+        barrier.wait()
+        for _ in range(requests):
+            try:
+                resp = session.post(f"{url}/v1/chat/completions", json=body)
+                statuses.append(resp.status_code)
+                if resp.status_code == 200:
+                    assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            except httpx.ConnectError:
+                statuses.append("refused")  # the server stopped listening: a clean refusal, nothing half-answered
+            except Exception as exc:  # noqa: BLE001 - a reset, a hang (timeout) or a torn answer: the test fails
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads, statuses, failures
+
+
+@pytest.mark.slow
+def test_load_256_clients_a_large_and_a_small_queue(random_engine):
+    began = time.monotonic()
+    with running(random_engine, slots=32, max_queue=4096) as (url, _):
+        threads, statuses, failures = _clients(url, 256, 4)
+        for t in threads:
+            t.join(120)
+        assert not failures and statuses == [200] * 1024
+    with running(random_engine, slots=4, max_queue=8) as (url, server):
+        threads, statuses, failures = _clients(url, 256, 4)
+        for t in threads:
+            t.join(120)
+        assert not failures and len(statuses) == 1024 and set(statuses) <= {200, 503}
+        assert statuses.count(503) > 0 and statuses.count(200) > 0 and server.state.rows == 0
+    assert time.monotonic() - began < 120
+
+
+@pytest.mark.slow
+def test_load_with_sigterm_in_the_middle(tiny_model_dir):
+    proc, url = _start_command(tiny_model_dir, "--shutdown-grace-s", "5", "--max-queue", "4096")
+    threads, statuses, failures = _clients(url, 256, 4)
+    while len(statuses) < 200 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    assert proc.wait(timeout=60) == 0
+    assert time.monotonic() - began < 5 + 6
+    for t in threads:
+        t.join(60)
+    assert not failures, failures[:3]
+    assert len(statuses) == 1024 and set(statuses) <= {200, 503, "refused"} and statuses.count(200) >= 200

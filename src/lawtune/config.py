@@ -22,6 +22,7 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     ValidationError,
     model_validator,
 )
@@ -314,6 +315,20 @@ class ServeConfig(Section):
     """Tokens of one request, prompt and answer together (the engine's row length; at most the model's context).
     The cache takes slots x max_len tokens: 32 x 8,192 is 7 GiB for the 1.5B model in bf16 (28 layers x 2 x 2 heads
     x 128 x 2 bytes a token; arithmetic)."""
+    api_key: SecretStr | None = None
+    """Bearer token every /v1 route requires (compared in constant time); None = LAWTUNE_API_KEY from the
+    environment, else none (then the server warns when it listens beyond loopback). Never printed."""
+    max_body_bytes: PositiveInt = 1 << 20
+    """Largest request body in bytes (1 MiB); a larger one is read and discarded, never held, and answered 413."""
+    max_queue: NonNegativeInt = 1024
+    """Requests that may wait for a free row (a request of n choices counts n); past it, 503 with Retry-After at
+    once."""
+    request_timeout_s: PositiveFloat | None = 600.0
+    """Seconds a request may take: 504 if its first token has not come by then, an error event in its stream after
+    it; None = no limit."""
+    shutdown_grace_s: NonNegativeFloat = 30.0
+    """On SIGTERM (or Ctrl-C) new connections are refused and running requests get this many seconds to finish; the
+    rest end with an error event (streams) or a 503, then the process exits 0."""
 
 
 class MergeConfig(Section):

@@ -9,18 +9,19 @@ adapter was trained with, so a question is asked exactly as in training and eval
   answer, as ``lawtune eval`` does (the answer is then flagged as forced).
 
 ``generate_events`` is the one streaming generation path, shared by ``lawtune ask`` and the HTTP
-server (``serve.py``); ``predict`` reuses the batched evaluation modes of ``evaluate.py``. All text comes
+server (``serve/``); ``predict`` reuses the batched evaluation modes of ``evaluate.py``. All text comes
 from ``generation``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import threading
 import unicodedata
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ from transformers import TextStreamer
 from .config import INFER_MODES, GenerationConfig, ModelConfig
 from .data import DataError, Record, parse_record
 from .errors import UsageError
-from .generation import default_budget, generated, hf_generate, sampling_params, split_budget, uses_engine
+from .generation import (
+    Generated,
+    default_budget,
+    generated,
+    hf_generate,
+    sampling_params,
+    split_budget,
+    uses_engine,
+)
 from .generation.engine import GenerationEngine, engine_for
 from .model import ModelError, load_for_inference, quiet_loading
 from .prompts import ANSWER_PREFIX, render_prompt
@@ -265,43 +274,78 @@ class TextPieces(TextStreamer):
 HF_GENERATE_LOCK = threading.Lock()
 
 
-def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
-              stream: bool):
-    """Yield text events of one generation as its tokens arrive; return its Generated. Closing the generator early
-    cancels the request (its engine row is freed)."""
+def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, stream: bool = True,
+                  top_logprobs: int = 0, key: str | None = None, on_request: Callable[[Any, Any], None] | None = None,
+                  prompt_logprobs: int | None = None) -> Generator[tuple[int, float, list], None, Generated]:
+    """Yield (token, log-probability, likeliest tokens of its step) of one generation as its tokens arrive (with
+    ``stream``; else none); return its Generated. Closing the generator early cancels the request (its engine row is
+    freed); so does ``engine.cancel(request)`` from another thread, given the two by ``on_request(engine, request)``
+    once it is queued. Models the engine cannot run go through transformers' generate, one request at a time, and
+    yield nothing. ``prompt_logprobs``: the request computes its prompt's log-probabilities (``request.prompt_logprobs``
+    once its first token has come)."""
     model, tokenizer = engine.model, engine.tokenizer
     if not uses_engine(model, gcfg):
         with HF_GENERATE_LOCK:  # one model, several request threads (serve)
-            result = hf_generate(model, tokenizer, [prompt], budget, gcfg)[0]
-        yield from splitter.feed(result.text)
-        return result
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            return hf_generate(model, tokenizer, [tokenizer.decode(ids)], budget, gcfg)[0]
     runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
                                             use_graph=None if gcfg.cuda_graphs else False)
-    request = runner.submit(ids, sampling_params(gcfg, budget), stream=stream)
+    params = dataclasses.replace(sampling_params(gcfg, budget), top_logprobs=top_logprobs,
+                                 prompt_logprobs=prompt_logprobs)
+    request = runner.submit(ids, params, key=key, stream=stream)
+    if on_request is not None:
+        on_request(runner, request)
+    sample = request.samples[0]
+    for i, (_, token, logprob) in enumerate(runner.stream(request)):
+        if stream:
+            yield token, logprob, sample.top_logprobs[i] if top_logprobs else []
+    return generated(tokenizer, sample.tokens, sample.logprobs)
+
+
+def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
+              stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None):
+    """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
+    log-probability, likeliest tokens)) event for each); return its Generated."""
+    tokenizer = engine.tokenizer
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not uses_engine(engine.model, gcfg):
+        result = yield from stream_tokens(engine, ids, budget, gcfg)
+        yield from splitter.feed(result.text)
+        return result
     pieces = TextPieces(tokenizer, skip_special_tokens=True)
     shown = ""
-    for _, token, _ in runner.stream(request):
-        if not stream or token == tokenizer.eos_token_id:
-            continue
-        pieces.put(torch.tensor([token]))
-        for piece in pieces.take():
-            shown += piece
-            yield from splitter.feed(piece)
-    sample = request.samples[0]
-    result = generated(tokenizer, sample.tokens, sample.logprobs)
+    tokens_of = stream_tokens(engine, ids, budget, gcfg, stream=stream, top_logprobs=top_logprobs,
+                              on_request=on_request)
+    try:
+        while True:
+            try:
+                token, logprob, top = next(tokens_of)
+            except StopIteration as done:
+                result = done.value
+                break
+            if tokens:
+                yield "token", (token, logprob, top)
+            if token == tokenizer.eos_token_id:
+                continue
+            pieces.put(torch.tensor([token]))
+            for piece in pieces.take():
+                shown += piece
+                yield from splitter.feed(piece)
+    finally:
+        tokens_of.close()
     if result.text.startswith(shown):
         yield from splitter.feed(result.text[len(shown):])
     return result
 
 
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
-                    gcfg: GenerationConfig | None = None,
-                    stream: bool = True) -> Generator[tuple[str, Any], None, None]:
-    """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer).
+                    gcfg: GenerationConfig | None = None, stream: bool = True, tokens: bool = False,
+                    top_logprobs: int = 0, on_request=None) -> Generator[tuple[str, Any], None, None]:
+    """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer). With ``tokens``,
+    also ("token", (id, log-probability, its step's ``top_logprobs`` likeliest tokens)) for every generated token
+    (the text a forced answer's closing adds has none).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
-    answer's included. Closing the iterator early stops the generation."""
+    answer's included. Closing the iterator early stops the generation; ``on_request`` is as in ``stream_tokens``."""
     if mode not in INFER_MODES:
         raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
@@ -311,13 +355,15 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
     prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     splitter = ThinkSplitter(reasoning=think)
-    first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream)
+    first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
+                                 on_request)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
     if think and not stopped and reserve:
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
         closing = closing_text(first.text, engine.prompt_format)
         yield from splitter.feed(closing)
-        more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream)
+        more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream, tokens,
+                                    top_logprobs, on_request)
         output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
     yield from splitter.flush()
     # Split as the stream was: reasoning up to the first </think>; the letters are read after the last one.

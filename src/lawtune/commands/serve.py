@@ -1,7 +1,9 @@
-"""`lawtune serve`: an OpenAI-compatible HTTP API and a question page, until Ctrl-C."""
+"""`lawtune serve`: an OpenAI-compatible HTTP API and a question page, until SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from ..config import ServeRun
@@ -11,24 +13,34 @@ from ..serve import MODEL_ID, make_server
 
 
 def run_serve(cfg: ServeRun, say=print) -> int:
-    """`lawtune serve`: load the model once and answer requests until Ctrl-C."""
-    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    """`lawtune serve`: listen at once, load the model in the background (/health is 503 until it is ready), answer
+    requests until SIGTERM or Ctrl-C, then drain (serve.shutdown_grace_s) and exit 0."""
     host, port = cfg.serve.host, cfg.serve.port
+    api_key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else os.environ.get("LAWTUNE_API_KEY") or None
+
+    def load():
+        return load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+
+    def ready() -> None:
+        say(f"serving model id {MODEL_ID!r} on {url}/ (API: {url}/v1); SIGTERM or Ctrl-C stops", flush=True)
+
     try:
-        server = make_server(engine, host, port, cfg.serve.max_prompt_tokens, cfg.serve.slots, cfg.serve.max_len)
+        server = make_server(load, cfg.serve, api_key, on_ready=ready)
     except (OSError, OverflowError) as exc:
         raise UsageError(f"serve: cannot listen on {host}:{port} ({getattr(exc, 'strerror', None) or exc})") from None
-    bound_host, bound_port = server.server_address[:2]
-    assert isinstance(bound_host, str)  # an AF_INET(6) socket's address: (host, port, ...)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {host} without authentication", file=sys.stderr)
-    say(f"serving model id {MODEL_ID!r} on http://{bound_host}:{bound_port}/ (API: http://{bound_host}:{bound_port}/v1); "
-        f"Ctrl-C stops", flush=True)
+    bound_host, bound_port = server.server_address
+    url = f"http://{'[' + bound_host + ']' if ':' in bound_host else bound_host}:{bound_port}"
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host} without an API key (--api-key or LAWTUNE_API_KEY)", file=sys.stderr)
+    # uvicorn hands SIGTERM back to the process after its graceful shutdown; a drained server exits 0, so the
+    # signal's default action (ending the process with 143) must not run then.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
+        signal.signal(signal.SIGTERM, previous)
+    if server.state.error is not None:
+        raise server.state.error
     return 0
-

@@ -16,7 +16,10 @@ fast (each decoding step replayed from one CUDA graph) and adds what the static 
   own seed only, never on which other sequences share the batch or on the order of requests. A sequence's seed
   comes from (the request's seed, its key, the sample index) (``sample_seed``). ``n`` samples of one prompt share
   one prefill (the prompt's cache row is copied).
-* **Log-probabilities** of every generated token under the model's own distribution (temperature 1, no top-p/k).
+* **Log-probabilities** of every generated token under the model's own distribution (temperature 1, no top-p/k);
+  an engine made with ``top_logprobs=K`` also keeps the K likeliest tokens of every step (an OpenAI server's
+  ``top_logprobs``), and a request may ask for its prompt's log-probabilities (``prompt_logprobs``: an OpenAI
+  completion's ``echo``), computed in its prefill.
 * **Streaming.** ``stream`` yields a request's tokens as they are made; with the background loop running
   (``start``, used by ``serve``) many callers stream at once from one batch, and a caller that stops listening
   frees its row at the next step.
@@ -216,6 +219,11 @@ class SamplingParams:
     """The end token does not end a sample (benchmarks: every sample runs to its budget)."""
     stop_token_ids: tuple[int, ...] = ()
     """More tokens that end a sample (kept in its tokens, as the end token is)."""
+    top_logprobs: int = 0
+    """The likeliest tokens of each step kept beside the chosen one (at most the engine's ``top_logprobs``)."""
+    prompt_logprobs: int | None = None
+    """Keep the log-probability of every prompt token after the first (and this many likeliest tokens at each
+    position); None = not computed."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.n < 1:
@@ -233,6 +241,8 @@ class Sample:
     seed: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    """Per token, the request's ``top_logprobs`` likeliest (token, log-probability) of its step."""
     finish_reason: str | None = None
     """stop (end or stop token), length (budget), cancelled, or error."""
 
@@ -249,6 +259,9 @@ class Request:
         self.events: collections.deque = collections.deque()  # (sample index, token, logprob), for stream()
         self.wake = threading.Condition()
         self.streaming = False
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+        """With ``params.prompt_logprobs``: per prompt token after the first, its log-probability and the likeliest
+        tokens at its position."""
 
     @property
     def finished(self) -> bool:
@@ -262,7 +275,7 @@ class GenerationEngine:
     """Continuous batching over ``slots`` rows of ``max_len`` tokens for one model (see the module docstring)."""
 
     def __init__(self, model, eos_token_id: int, slots: int = 64, max_len: int = 4096, use_graph: bool | None = None,
-                 max_prefill_tokens: int = 32768):
+                 max_prefill_tokens: int = 32768, top_logprobs: int = 0):
         self.model = model
         base = base_model(model)
         config = base.config
@@ -273,6 +286,7 @@ class GenerationEngine:
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
         self.slots, self.max_len, self.eos = slots, max_len, eos_token_id
         self.max_prefill_tokens = max_prefill_tokens
+        self.top = top_logprobs
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
@@ -297,6 +311,10 @@ class GenerationEngine:
         # it still runs, and how many tokens it had when it ended.
         self.out_tokens = torch.zeros(s, max_len, dtype=torch.long, device=d)
         self.out_logprobs = torch.zeros(s, max_len, device=d)
+        # The likeliest tokens of every step (an engine made with top_logprobs only: a top-k over the vocabulary a
+        # step, and what the host reads grows with it).
+        self.out_top_ids = torch.zeros(s, max_len, top_logprobs, dtype=torch.long, device=d)
+        self.out_top_logprobs = torch.zeros(s, max_len, top_logprobs, device=d)
         self.alive = torch.zeros(s, dtype=torch.bool, device=d)
         self.length = torch.zeros(s, dtype=torch.long, device=d)
         self.offsets = torch.arange(max_len, device=d)  # column offsets of a reading
@@ -333,6 +351,8 @@ class GenerationEngine:
             raise ValueError(f"n={params.n} samples need more than the engine's {self.slots} slots")
         if not prompt_ids:
             raise ValueError("an empty prompt")
+        if params.top_logprobs > self.top:
+            raise ValueError(f"top_logprobs={params.top_logprobs}: this engine keeps at most {self.top}")
         if len(params.stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(params.stop_token_ids)}")
         key = key if key is not None else hashlib.sha256(str(prompt_ids).encode()).hexdigest()[:16]
@@ -507,11 +527,15 @@ class GenerationEngine:
                 sample.finish_reason = "cancelled"
             self._notify(request)
 
-    def _record(self, slot: int, tokens: list[int], logprobs: list[float], ended: bool) -> None:
-        """New tokens of the sample in ``slot``; ``ended``: the device saw it end (the last token ends it)."""
+    def _record(self, slot: int, tokens: list[int], logprobs: list[float], ended: bool,
+                tops: list[list[tuple[int, float]]] | None = None) -> None:
+        """New tokens of the sample in ``slot``; ``ended``: the device saw it end (the last token ends it); ``tops``:
+        the likeliest tokens of each one's step, where the request asked for them."""
         request, sample = self.running[slot]
         sample.tokens.extend(tokens)
         sample.logprobs.extend(logprobs)
+        if request.params.top_logprobs:
+            sample.top_logprobs.extend(top[: request.params.top_logprobs] for top in tops or [[]] * len(tokens))
         request.events.extend((sample.index, t, lp) for t, lp in zip(tokens, logprobs))
         self.delivered[slot] += len(tokens)
         if ended:
@@ -568,6 +592,9 @@ class GenerationEngine:
             self.cache.prefill_rows = None
         last = hidden[torch.arange(len(batch), device=d), torch.tensor(lengths, device=d) - 1]
         logits = self.head(last).float()
+        for i, request in enumerate(batch):
+            if request.params.prompt_logprobs is not None:
+                request.prompt_logprobs = self._prompt_logprobs(hidden[i, : lengths[i] - 1], request)
         # Every sample's row: its settings, its prompt's cache, the same first-token logits.
         sample_rows, owner = [], []
         for i, request in enumerate(batch):
@@ -605,11 +632,34 @@ class GenerationEngine:
         self.step_no[index] = 1
         self.out_tokens[index, 0] = token
         self.out_logprobs[index, 0] = logprob
+        tops: list = [None] * len(sample_rows)
+        if self.top:
+            top = torch.log_softmax(logits[torch.tensor(owner, device=d)], dim=-1).topk(self.top)
+            self.out_top_ids[index, 0], self.out_top_logprobs[index, 0] = top.indices, top.values
+            tops = [[list(zip(i, v))] for i, v in zip(top.indices.tolist(), top.values.tolist())]
         ended = self._ends(token, torch.ones_like(token), index)
         self.alive[index] = ~ended
         self.length[index] = 1
-        for slot, t, lp, e in zip(sample_rows, token.tolist(), logprob.tolist(), ended.tolist()):
-            self._record(slot, [t], [lp], e)
+        for slot, t, lp, e, top_of in zip(sample_rows, token.tolist(), logprob.tolist(), ended.tolist(), tops):
+            self._record(slot, [t], [lp], e, top_of)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Each prompt token's log-probability given the ones before it (from the prefill's hidden states), with the
+        likeliest tokens at its position; a chunk of positions at a time, so a long prompt never holds its whole
+        vocabulary-wide logits at once."""
+        targets, k = request.prompt_ids[1:], request.params.prompt_logprobs or 0
+        out: list[tuple[float, list[tuple[int, float]]]] = []
+        for start in range(0, len(targets), 512):
+            logprobs = torch.log_softmax(self.head(hidden[start: start + 512]).float(), dim=-1)
+            chunk = torch.tensor(targets[start: start + 512], device=logprobs.device)
+            chosen = logprobs.gather(1, chunk[:, None])[:, 0].tolist()
+            if k:
+                top = logprobs.topk(k)
+                alternatives = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+            else:
+                alternatives = [[] for _ in chosen]
+            out.extend(zip(chosen, alternatives))
+        return out
 
     def _ends(self, token: torch.Tensor, count: torch.Tensor, rows) -> torch.Tensor:
         """Whether a row's ``count``-th token ``token`` ends it: an end or stop token (after ``min_tokens``), or the
@@ -638,6 +688,11 @@ class GenerationEngine:
         column = step_no.clamp(max=self.max_len - 1)[:, None]  # an ended row's writes land past its end
         self.out_tokens[r].scatter_(1, column, token[:, None])
         self.out_logprobs[r].scatter_(1, column, logprob[:, None])
+        if self.top:
+            top = torch.log_softmax(logits, dim=-1).topk(self.top)
+            where = column[:, :, None].expand(-1, -1, self.top)
+            self.out_top_ids[r].scatter_(1, where, top.indices[:, None])
+            self.out_top_logprobs[r].scatter_(1, where, top.values[:, None])
         step_no.add_(1)
         alive = self.alive[r]
         self.length[r].copy_(torch.where(alive, step_no, self.length[r]))
@@ -718,8 +773,14 @@ class GenerationEngine:
         width = max(max(counts[slot] - self.delivered[slot] for slot, _ in running), 1)
         columns = (self.step_no[:, None] - width + self.offsets[None, :width]).clamp(0, self.max_len - 1)
         # One transfer: float64 holds token ids and lengths exactly.
-        table = torch.cat([self.out_tokens.gather(1, columns).double(), self.out_logprobs.gather(1, columns).double(),
-                           self.alive[:, None].double(), self.length[:, None].double()], dim=1)
+        parts = [self.out_tokens.gather(1, columns).double(), self.out_logprobs.gather(1, columns).double(),
+                 self.alive[:, None].double(), self.length[:, None].double()]
+        top = self.top if any(request.params.top_logprobs for _, (request, _sample) in running) else 0
+        if top:  # then each column's likeliest tokens: ids, then log-probabilities
+            where = columns[:, :, None].expand(-1, -1, top)
+            parts += [self.out_top_ids.gather(1, where).flatten(1).double(),
+                      self.out_top_logprobs.gather(1, where).flatten(1).double()]
+        table = torch.cat(parts, dim=1)
         event = None
         if table.is_cuda:
             host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
@@ -727,7 +788,7 @@ class GenerationEngine:
             event = torch.cuda.Event()
             event.record()
             table = host
-        return Look(self.steps, [(slot, sample) for slot, (_, sample) in running], counts, width, table, event)
+        return Look(self.steps, [(slot, sample) for slot, (_, sample) in running], counts, width, table, event, top)
 
     def _take(self, look: Look) -> None:
         """Record a reading: new tokens, and the rows that ended. A row freed since (cancelled) is skipped."""
@@ -741,7 +802,12 @@ class GenerationEngine:
             alive = row[2 * w] > 0
             end = count if alive else int(row[2 * w + 1])
             first, last = self.delivered[slot] - count + w, end - count + w  # index in the reading of a column c: c - count + w
-            self._record(slot, [int(t) for t in row[first:last]], row[w + first: w + last], not alive)
+            tops = None
+            if look.top:
+                k, ids_at, lps_at = look.top, 2 * w + 2, 2 * w + 2 + w * look.top
+                tops = [list(zip((int(t) for t in row[ids_at + c * k: ids_at + (c + 1) * k]),
+                                 row[lps_at + c * k: lps_at + (c + 1) * k])) for c in range(first, last)]
+            self._record(slot, [int(t) for t in row[first:last]], row[w + first: w + last], not alive, tops)
 
 
 def _power_of_two(n: int) -> int:
@@ -760,6 +826,8 @@ class Look:
     width: int
     table: torch.Tensor
     event: torch.cuda.Event | None
+    top: int = 0
+    """Likeliest tokens per column in the table after alive and length (ids, then log-probabilities); 0 = none."""
 
 
 # ----------------------------------------------------------------------------- one engine per model

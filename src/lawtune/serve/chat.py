@@ -1,0 +1,251 @@
+"""``POST /v1/chat/completions``: a legal question (a JEC-QA record, or text with trailing option lines) asked in
+direct or reasoning mode, answered whole or streamed as server-sent events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..config import GenerationConfig
+from ..config import replace as replace_config
+from ..data import DataError, Record
+from ..generation import default_budget
+from ..infer import generate_events, record_from_text
+from ..prompts import render_prompt
+from ..scoring import extract_answer
+from . import protocol as api
+from .runtime import (
+    Job,
+    RequestError,
+    ServeState,
+    StopText,
+    cancelled_error,
+    check_common,
+    check_length,
+    error_events,
+    failed,
+    first_item,
+    new_id,
+    observe,
+    sampling_of,
+    sse,
+    stops_of,
+    timed_out,
+    token_text,
+)
+
+
+def chat_logprobs(tokenizer, tokens: list[tuple[int, float, list]]) -> api.ChatLogprobs:
+    def entry(token: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return api.ChatLogprobs(content=[api.TokenLogprob(**entry(t, lp), top_logprobs=[
+        api.TopLogprob(**entry(a, alp)) for a, alp in top]) for t, lp, top in tokens])
+
+
+@dataclass
+class ChatPlan:
+    record: Record
+    gcfg: GenerationConfig
+    max_tokens: int | None
+    prompt_tokens: int
+
+
+def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
+    """Validate a chat request against the model (in a worker thread: tokenizing a long prompt takes a while)."""
+    assert state.loaded is not None
+    check_common(state, body, body.logprobs)
+    users = [m for m in body.messages if m.role == "user"]
+    if not users:
+        raise RequestError(400, "messages: no user message (the last one is the question)", param="messages")
+    content = users[-1].content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not content or any(part.type != "text" or part.text is None for part in content):
+            raise RequestError(400, "messages: a user message's parts must all be text", param="messages")
+        content = "\n".join(part.text or "" for part in content)
+    if content is None:
+        raise RequestError(400, "messages: the user message has no content", param="messages")
+    try:
+        record = record_from_text(content, where="messages[-1].content", require_options=False)
+    except DataError as exc:
+        raise RequestError(400, str(exc).splitlines()[0], param="messages") from None
+    gcfg = sampling_of(state, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    loaded = state.loaded
+    prompt = render_prompt(record, loaded.tokenizer, loaded.prompt_format, think=body.mode == "reasoning")
+    n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    check_length(state, n, default_budget(body.mode, max_tokens or gcfg.max_new_tokens), "messages")
+    return ChatPlan(record, gcfg, max_tokens, n)
+
+
+@dataclass
+class ChatChoiceRun:
+    """One choice of a chat request as its events arrive."""
+
+    index: int
+    job: Job
+    stop: StopText
+    reasoning: str = ""
+    content: str = ""
+    tokens: list[tuple[int, float, list]] = field(default_factory=list)
+    answer: Any = None
+    first_at: float | None = None
+    error: BaseException | None = None
+
+    async def pieces(self, deadline: float | None) -> AsyncIterator[tuple[str, Any]]:
+        """("reasoning" | "content", text) as released past the stop strings, ("tokens", [...]) for each token."""
+        async for kind, value in self.job.items(deadline):
+            if kind == "error":
+                self.error = value
+                return
+            event, payload = value
+            if event == "token":
+                self.first_at = self.first_at or time.monotonic()
+                self.tokens.append(payload)
+                yield "tokens", payload
+            elif event == "done":
+                self.answer = payload
+            else:
+                for channel, text in self.stop.feed(event, payload):
+                    setattr(self, channel, getattr(self, channel) + text)
+                    yield channel, text
+                if self.stop.hit:
+                    self.job.cancel("stop string")
+                    return
+        for channel, text in self.stop.flush():
+            setattr(self, channel, getattr(self, channel) + text)
+            yield channel, text
+
+    def letters(self, record: Record) -> list[str]:
+        if self.answer is not None and not self.stop.hit:
+            return self.answer.answer or []
+        options = "".join(record.options)
+        return (extract_answer(self.content, options) or []) if options else []
+
+    def finish_reason(self) -> str:
+        return "stop" if self.stop.hit or (self.answer is not None and self.answer.stopped) else "length"
+
+    def generated(self) -> int:
+        return self.answer.generated_tokens if self.answer is not None else len(self.tokens)
+
+
+def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, index: int) -> ChatChoiceRun:
+    assert state.loaded is not None
+    loaded = state.loaded
+    gcfg = replace_config(plan.gcfg, seed=plan.gcfg.seed + index) if index else plan.gcfg
+    top = (body.top_logprobs or 0) if body.logprobs else 0
+    stops = stops_of(body.stop)
+    # A client that reads the whole answer at once is served without a per-step look at its row, unless it wants
+    # what only the token stream has (log-probabilities, a stop string to watch for).
+    stream = body.stream or body.logprobs or bool(stops)
+
+    def events(on_request):
+        return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=True,
+                               top_logprobs=top, on_request=on_request)
+
+    return ChatChoiceRun(index, Job(state, events), StopText(stops))
+
+
+async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
+                    deadline: float | None, scope: MutableMapping[str, Any]) -> JSONResponse:
+    runs = [start_chat_choice(state, body, plan, i) for i in range(body.n)]
+    try:
+        for run in runs:
+            async for _ in run.pieces(deadline):
+                pass
+    except TimeoutError:
+        for run in runs:
+            run.job.cancel("timeout")
+        raise timed_out(state) from None
+    for run in runs:
+        if run.error is not None:
+            raise failed(run.error)
+        if run.answer is None and not run.stop.hit:
+            raise cancelled_error(run.job)
+        observe(state, arrived, run, plan.prompt_tokens)
+    choices = [api.ChatChoice(index=run.index, message=api.ChatMessageOut(
+        content=run.content.strip(), reasoning_content=run.reasoning.strip(), answer=run.letters(plan.record)),
+        logprobs=chat_logprobs(state.loaded.tokenizer, run.tokens) if body.logprobs else None,  # type: ignore[union-attr]
+        finish_reason=run.finish_reason()) for run in runs]
+    completion = sum(run.generated() for run in runs)
+    usage = api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
+                      total_tokens=plan.prompt_tokens + completion)
+    scope["lawtune.tokens"] = (plan.prompt_tokens, completion)
+    return JSONResponse(api.ChatCompletion(id=new_id("chatcmpl"), created=int(time.time()), choices=choices,
+                                           usage=usage).model_dump())
+
+
+async def chat_stream(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
+                      deadline: float | None, scope: MutableMapping[str, Any]) -> StreamingResponse:
+    """Headers go out with the first token: before it, a timeout or failure is still an HTTP error."""
+    run = start_chat_choice(state, body, plan, 0)
+    pieces = run.pieces(deadline)
+    try:
+        first, has_first = await first_item(pieces)
+    except TimeoutError:
+        run.job.cancel("timeout")
+        raise timed_out(state) from None
+    if run.error is not None:
+        raise failed(run.error)
+    if not has_first and run.answer is None and not run.stop.hit:
+        raise cancelled_error(run.job)
+    base: dict[str, Any] = {"id": new_id("chatcmpl"), "created": int(time.time())}
+    tokenizer = state.loaded.tokenizer  # type: ignore[union-attr]
+
+    def chunk(delta: dict, finish: str | None = None, tokens: list | None = None, **extra) -> str:
+        return sse(api.ChatCompletionChunk(**base, choices=[api.ChatChunkChoice(
+            delta=api.ChatDelta(**delta), finish_reason=finish,
+            logprobs=chat_logprobs(tokenizer, tokens) if tokens else None)], **extra).model_dump())
+
+    async def events() -> AsyncIterator[str]:
+        pending: list = []  # tokens whose log-probabilities go out with the next chunk
+
+        def piece(item) -> str | None:
+            kind, value = item
+            if kind == "tokens":
+                if body.logprobs:
+                    pending.append(value)
+                return None
+            out = chunk({kind + ("_content" if kind == "reasoning" else ""): value}, tokens=list(pending))
+            pending.clear()
+            return out
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            if has_first and (text := piece(first)):
+                yield text
+            try:
+                async for item in pieces:
+                    if text := piece(item):
+                        yield text
+            except TimeoutError:
+                run.job.cancel("timeout")
+                for event in error_events(timed_out(state)):
+                    yield event
+                return
+            if run.error is not None or (run.answer is None and not run.stop.hit):
+                err = failed(run.error) if run.error is not None else cancelled_error(run.job)
+                for event in error_events(err):
+                    yield event
+                return
+            observe(state, arrived, run, plan.prompt_tokens)
+            generated = run.generated()
+            usage = api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=generated,
+                              total_tokens=plan.prompt_tokens + generated)
+            scope["lawtune.tokens"] = (plan.prompt_tokens, generated)
+            yield chunk({"answer": run.letters(plan.record)}, run.finish_reason(), tokens=list(pending),
+                        usage=usage)
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(api.ChatCompletionChunk(**base, choices=[], usage=usage).model_dump())
+            yield sse("[DONE]")
+        finally:
+            run.job.cancel("the client went away")
+            state.release(body.n)
+
+    return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8",
+                             headers={"Cache-Control": "no-store"}, background=None)

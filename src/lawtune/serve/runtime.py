@@ -1,0 +1,310 @@
+"""What every route of `lawtune serve` shares: its state (the model, the queue, the metrics), OpenAI-shaped errors,
+and ``Job``, one request's generation.
+
+Generation runs in threads (the engine's callers block on it): each request's generation is a ``Job``, a thread that
+drives lawtune's generator and hands its events to the event loop as they come, so the loop never blocks and any
+number of requests wait without holding a worker of the loop's thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..config import ConfigError, GenerationConfig, ServeConfig
+from ..config import replace as replace_config
+from ..infer import LoadedModel
+from . import protocol as api
+
+log = logging.getLogger("lawtune")
+
+
+class RequestError(Exception):
+    """A request answered with an OpenAI-shaped error."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    return JSONResponse(api.error_body(exc.message, exc.kind, exc.param, exc.code), exc.status, exc.headers)
+
+
+class Metrics:
+    """Prometheus metrics of one server (a registry of its own: several servers in one process do not mix)."""
+
+    def __init__(self, state: ServeState):
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("lawtune_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("lawtune_prompt_tokens", "Prompt tokens of generation requests", registry=r)
+        self.generated_tokens = Counter("lawtune_generation_tokens", "Tokens generated", registry=r)
+        Gauge("lawtune_queue_depth", "Choices waiting for a free row", registry=r).set_function(state.waiting)
+        Gauge("lawtune_running_rows", "Rows generating now", registry=r).set_function(state.running_rows)
+        self.ttft = Histogram("lawtune_time_to_first_token_seconds", "From a request's arrival to its first token",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.tpot = Histogram("lawtune_time_per_output_token_seconds",
+                              "A request's time per generated token after its first",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=r)
+
+
+@dataclass
+class ServeState:
+    cfg: ServeConfig
+    api_key: str | None = None
+    loaded: LoadedModel | None = None
+    """The model, with its background engine once ready."""
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    """What stopped the model from loading (the server then exits with it)."""
+    draining: bool = False
+    rows: int = 0
+    """Choices admitted and not finished (running or waiting)."""
+    jobs: set = field(default_factory=set)
+    started: int = field(default_factory=lambda: int(time.time()))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self)
+
+    def capacity(self) -> int:
+        generator = self.loaded.generator if self.loaded else None
+        return generator.slots if generator is not None else 1
+
+    def waiting(self) -> int:
+        return max(0, self.rows - self.capacity())
+
+    def running_rows(self) -> int:
+        generator = self.loaded.generator if self.loaded else None
+        return len(generator.running) if generator is not None else min(self.rows, 1)
+
+    def admit(self, n: int) -> None:
+        """Take ``n`` rows' places, or refuse at once when the queue in front of the rows is full."""
+        with self.lock:
+            if self.rows + n - self.capacity() > self.cfg.max_queue:
+                raise RequestError(503, f"the server is busy: {self.waiting()} choices wait for a row "
+                                        f"(serve.max_queue={self.cfg.max_queue}); retry later", "server_busy",
+                                   code="queue_full", headers={"Retry-After": "1"})
+            self.rows += n
+
+    def release(self, n: int) -> None:
+        with self.lock:
+            self.rows -= n
+
+    def cancel_all(self, reason: str) -> None:
+        for job in list(self.jobs):
+            job.cancel(reason)
+
+
+class Job:
+    """A generation in a thread of its own; its events reach the event loop through a queue. ``cancel`` stops it at
+    the engine (the row is freed at the next step)."""
+
+    def __init__(self, state: ServeState, events: Callable[[Callable], Iterator]):
+        self.state, self.events = state, events
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled: str | None = None
+        self.target: tuple[Any, Any] | None = None
+        self.thread = threading.Thread(target=self._run, name="lawtune-request", daemon=True)
+        state.jobs.add(self)
+        self.thread.start()
+
+    def _on_request(self, engine, request) -> None:
+        self.target = (engine, request)
+        if self.cancelled:
+            engine.cancel(request)
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody waits any more
+            pass
+
+    def _run(self) -> None:
+        events = self.events(self._on_request)
+        try:
+            for event in events:
+                if self.cancelled:
+                    break
+                self._put(("event", event))
+        except Exception as exc:  # noqa: BLE001 - handed to the request, which reports it; the server goes on
+            log.exception("generation failed")
+            self._put(("error", exc))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            self._put(("end", None))
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled = self.cancelled or reason
+        if self.target is not None:
+            engine, request = self.target
+            # The engine's cancel takes its lock, which its loop holds while it admits: not in the event loop.
+            self.loop.run_in_executor(None, engine.cancel, request)
+
+    def done(self) -> None:
+        self.state.jobs.discard(self)
+
+    async def items(self, deadline: float | None) -> AsyncIterator[tuple[str, Any]]:
+        """The job's ("event", e) items, then ("error", exc) if it failed; raises TimeoutError at ``deadline``."""
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                kind, value = await asyncio.wait_for(self.queue.get(), timeout)
+                if kind == "end":
+                    return
+                yield kind, value
+        finally:
+            self.cancel("finished")
+            self.done()
+
+
+class StopText:
+    """Holds back streamed text that may be the start of a stop string; once one appears, the text before it is
+    released and ``hit`` is set. Text of one channel (reasoning, content) never completes a stop string of another."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held, self.channel, self.hit = "", "", False
+
+    def feed(self, channel: str, text: str) -> list[tuple[str, str]]:
+        if self.hit:
+            return []
+        out = self.flush() if channel != self.channel else []
+        self.channel = channel
+        text = self.held + text
+        found = [text.find(s) for s in self.stops if s in text]
+        if found:
+            self.hit, self.held = True, ""
+            return out + ([(channel, text[: min(found)])] if min(found) else [])
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held, text = text[len(text) - keep:] if keep else "", text[: len(text) - keep]
+        return out + ([(channel, text)] if text else [])
+
+    def flush(self) -> list[tuple[str, str]]:
+        out, self.held = ([(self.channel, self.held)] if self.held and not self.hit else []), ""
+        return out
+
+
+def stops_of(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def context_size(loaded: LoadedModel) -> int | None:
+    """Tokens a request may hold, prompt and answer: the model's max_position_embeddings, and the engine's slot."""
+    sizes = [getattr(loaded.model.config, "max_position_embeddings", None),
+             loaded.generator.max_len if loaded.generator is not None else None]
+    known = [s for s in sizes if s]
+    return min(known) if known else None
+
+
+def check_length(state: ServeState, n: int, budget: int, param: str) -> None:
+    """Refuse, before the request waits for the model, a prompt over the limit or one that leaves no room in the
+    context for the request's budget (one long prompt would otherwise hold a row for minutes)."""
+    assert state.loaded is not None
+    limit_by_cfg, context = state.cfg.max_prompt_tokens, context_size(state.loaded)
+    limit = min(x for x in (limit_by_cfg, context) if x) if (limit_by_cfg or context) else None
+    if limit and n > limit:
+        where = "serve.max_prompt_tokens" if limit == limit_by_cfg else "the model's context"
+        raise RequestError(400, f"{param}: the prompt is {n} tokens, over the limit of {limit} ({where})",
+                           param=param, code="context_length_exceeded")
+    if context and n + budget > context:
+        raise RequestError(400, f"{param}: the prompt's {n} tokens and a budget of {budget} new tokens exceed the "
+                                f"model's context of {context} tokens; send a shorter prompt or a smaller max_tokens",
+                           param=param, code="context_length_exceeded")
+
+
+def sampling_of(state: ServeState, body: api.SamplingFields) -> GenerationConfig:
+    assert state.loaded is not None
+    gcfg = state.loaded.gcfg
+    try:
+        if body.temperature:  # absent or 0: greedy, as in evaluation
+            gcfg = replace_config(gcfg, do_sample=True, temperature=body.temperature, top_p=body.top_p or gcfg.top_p)
+        if body.seed is not None:
+            gcfg = replace_config(gcfg, seed=body.seed)
+    except ConfigError as exc:
+        raise RequestError(400, str(exc).splitlines()[0]) from None
+    return gcfg
+
+
+def check_common(state: ServeState, body: api.SamplingFields, wants_logprobs: bool) -> None:
+    if body.model not in (api.MODEL_ID, None):
+        raise RequestError(404, f"model {body.model!r} does not exist; this server has {api.MODEL_ID!r}",
+                           "not_found_error", "model")
+    if body.n > 1 and body.stream:
+        raise RequestError(400, "n: several choices are returned without streaming only (stream false)", param="n")
+    if body.n > 1 and not body.temperature:
+        raise RequestError(400, "n: several choices need sampling (temperature > 0); greedy ones would be equal",
+                           param="n")
+    assert state.loaded is not None
+    if wants_logprobs and state.loaded.generator is None:
+        raise RequestError(400, "logprobs: this model runs on transformers' generate, which gives none",
+                           param="logprobs")
+
+
+def observe(state: ServeState, arrived: float, run: Any, prompt_tokens: int) -> None:
+    m, tokens = state.metrics, run.generated()
+    m.prompt_tokens.inc(prompt_tokens)
+    m.generated_tokens.inc(tokens)
+    if run.first_at is not None:
+        m.ttft.observe(run.first_at - arrived)
+        if tokens > 1:
+            m.tpot.observe((time.monotonic() - run.first_at) / (tokens - 1))
+
+
+def timed_out(state: ServeState) -> RequestError:
+    return RequestError(504, f"the request ran past serve.request_timeout_s={state.cfg.request_timeout_s}",
+                        "timeout_error", code="timeout")
+
+
+def failed(exc: BaseException) -> RequestError:
+    return RequestError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")
+
+
+def error_events(err: RequestError) -> list[str]:
+    """How a stream whose headers are out ends with an error: an error event, then [DONE]."""
+    return [sse(api.error_body(err.message, err.kind, code=err.code)), sse("[DONE]")]
+
+
+def cancelled_error(job: Job) -> RequestError:
+    if job.cancelled == "shutdown":
+        return RequestError(503, "the server is shutting down; the request was cancelled", "server_error",
+                            code="shutdown")
+    return RequestError(500, f"generation stopped: {job.cancelled}", "server_error")
+
+
+def sse(obj: Any) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def first_item(pieces: AsyncIterator) -> tuple[Any, bool]:
+    """The first item of a stream (None, False when it has none)."""
+    try:
+        return await pieces.__anext__(), True
+    except StopAsyncIteration:
+        return None, False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
