@@ -91,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[name]
     # The flags' destinations are the config keys they set (dotted); the output-folder options are not config.
     settings = {key: value for key, value in vars(args).items() if "." in key}
-    options = {option.lstrip("-"): getattr(args, option.lstrip("-")) for option in command.options}
     try:
         cfg = load_config(args.config, args.overrides, command.config, lend=not command.run_file, settings=settings)
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return 0
-        return run(name, cfg, **options)
+        return run(name, cfg, **{option.lstrip("-"): getattr(args, option.lstrip("-")) for option in command.options})
     except UsageError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE

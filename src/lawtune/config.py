@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -612,8 +612,6 @@ class CompareRun(Run, title="compare"):
     compare: CompareConfig = CompareConfig()
 
 
-RUNS = (TrainRun, GrpoRun, EvalRun, PredictRun, AskRun, ServeRun, DistillRun, MergeRun, CheckRun, OverlapRun,
-        CompareRun)
 SHORTHANDS = {"model": "model.path", "data": "data.train"}
 
 
@@ -623,7 +621,8 @@ def sections_of(run_cls: type[Run]) -> dict[str, type[Section]]:
 
 
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
-KNOWN_SECTIONS = {name for run in RUNS for name in sections_of(run)}
+KNOWN_SECTIONS = {name for run in (TrainRun, GrpoRun, EvalRun, PredictRun, AskRun, ServeRun, DistillRun, MergeRun,
+                                   CheckRun, OverlapRun, CompareRun) for name in sections_of(run)}
 
 
 def valid_keys(run_cls: type[Run]) -> list[str]:
@@ -639,7 +638,7 @@ def validate(model: type[M], raw: Any, where: str = "") -> M:
         raise ConfigError(where + describe(exc.errors()[0], model)) from None
 
 
-def describe(err: Any, model: type[BaseModel]) -> str:
+def describe(err: Any, model: Any) -> str:
     loc, kind = err["loc"], err["type"]
     key = "".join(f"[{part + 1}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     if kind == "value_error":  # our own rules name their key
@@ -648,9 +647,8 @@ def describe(err: Any, model: type[BaseModel]) -> str:
         sections = ", ".join(sections_of(model))
         return f"{key}: not a section of `lawtune {model.model_config.get('title')}`; valid sections: {sections}"
     if kind == "extra_forbidden":
-        for part in [part for part in loc[:-1] if isinstance(part, str)]:  # down to the model holding the key
-            model = model.model_fields[part].annotation  # type: ignore[assignment]
-            model = get_args(model)[0] if get_origin(model) is list else model
+        for part in loc[:-1]:  # down to the model holding the key; a number is an item of a list of models
+            model = get_args(model)[0] if isinstance(part, int) else model.model_fields[part].annotation
         return f"{key}: unknown key; valid keys: {', '.join(model.model_fields)}"
     # A flag's value is text: "got 0" reads better than "got '0'" (an empty text shows as '').
     got = err["input"] if isinstance(err["input"], str) and err["input"] else repr(err["input"])
