@@ -1,8 +1,9 @@
-"""The commands: one registry entry each (its config, the function that runs it, its help and flags), and one
-module each holding that function (``run_<name>``: the work of the command, then what it prints).
+"""The commands: one registry entry each (its config, whose docstring is its help, its own section and flags), and
+one module each holding the function that runs it (``run_<name>``: the work of the command, then what it prints;
+``data check`` and ``data overlap`` share ``data.py``).
 
 The command line (``lawtune.cli``) builds every parser from this registry and the config schema; library modules
-never import from here. A new command is one entry below and one module beside this file.
+never import from here. A new command is its config class, one entry below and one module beside this file.
 """
 
 from __future__ import annotations
