@@ -22,7 +22,10 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lawtune"
 LAWTUNE_OWNED = frozenset({
     # generation/engine.py: GenerationEngine
     "_admit", "_columns_in_use", "_decode", "_decode_step", "_drop_cancelled", "_ends", "_fail_all", "_finish",
-    "_look", "_loop", "_notify", "_prefill", "_record", "_rows", "_rows_in_use", "_run_step", "_take", "_window",
+    "_look", "_loop", "_notify", "_prefill", "_prompt_logprobs", "_record", "_rows", "_rows_in_use", "_run_step",
+    "_take", "_window",
+    # serve/runtime.py: Job (a thread of lawtune's own)
+    "_on_request", "_put",
     # train/callbacks.py: HeldOutEvalCallback, GcPauses (transformers' TrainerCallback has no private names)
     "_run", "_on_gc", "_freeze",
     # train/trainer.py: LawtuneTrainer

@@ -9,23 +9,14 @@ for ``model.path`` and ``data.train`` where the command has those keys. A YAML g
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    SecretStr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
 
 from .errors import UsageError
 
@@ -49,18 +40,27 @@ FILE_CONTENT = DecidesWeights(value=False, content="")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["auto", "jecqa", "agieval", "lawbench"]
-PromptFormat = Literal["chat", "plain"]
 # Evaluation may also ask a LawBench file in its own words (its instruction and question).
 EvalPromptFormat = Literal["chat", "plain", "native"]
 InferMode = Literal["direct", "reasoning"]
-Dtype = Literal["bfloat16", "float16", "float32"]
 INFER_MODES: tuple[str, ...] = get_args(InferMode)
-EVAL_PROMPT_FORMATS: tuple[str, ...] = get_args(EvalPromptFormat)
+M = TypeVar("M", bound=BaseModel)
 
 
 class Section(BaseModel):
     # Numbers given to a text field (a file called 1_train.json is fine, so is a model called 7) stay text.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, coerce_numbers_to_str=True)
+
+    def problems(self) -> Iterator[str]:
+        """Rules across fields: a model with such rules yields a message naming the key for each one broken (the
+        first is the validation error)."""
+        return iter(())
+
+    @model_validator(mode="after")
+    def _no_problems(self) -> Section:
+        for problem in self.problems():
+            raise ValueError(problem)
+        return self
 
 
 class ModelPath(Section):
@@ -88,7 +88,7 @@ class LoraSection(Section):
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     dropout: Annotated[float, Field(ge=0, lt=1), WEIGHTS] = 0.0
     """Dropout on the LoRA input."""
-    target_modules: Annotated[list[str], Field(min_length=1), WEIGHTS] = Field(default_factory=lambda: list(PROJECTIONS))
+    target_modules: Annotated[list[str], Field(min_length=1), WEIGHTS] = Field(default_factory=PROJECTIONS.copy)
     """Module names that get adapters: all seven attention and MLP projections by default."""
 
 
@@ -103,7 +103,7 @@ class DataConfig(Section):
     """Cap on held-out questions scored during training (keeps in-training evaluation cheap)."""
     max_samples: Annotated[PositiveInt | None, WEIGHTS] = None
     """Load at most this many usable records from the training file (quick debugging runs)."""
-    prompt_format: Annotated[PromptFormat, WEIGHTS] = "chat"
+    prompt_format: Annotated[Literal["chat", "plain"], WEIGHTS] = "chat"
     """chat = the tokenizer's own chat template; plain = the original recipe's single-string template."""
     max_length: Annotated[int, Field(ge=32), WEIGHTS] = 2048
     """Longest tokenized example (at least 32); longer ones are cut inside the question, never in the answer."""
@@ -118,11 +118,9 @@ class DataConfig(Section):
     mix_ratio: Annotated[PositiveFloat, WEIGHTS] = 0.5
     """Answer-only records drawn from data.mix (seeded) per training record of data.train."""
 
-    @model_validator(mode="after")
-    def _mix(self) -> DataConfig:
+    def problems(self) -> Iterator[str]:
         if self.mix is None and self.mix_ratio != 0.5:
-            raise ValueError("data.mix_ratio: set without data.mix (the file to draw answer-only records from)")
-        return self
+            yield "data.mix_ratio: set without data.mix (the file to draw answer-only records from)"
 
 
 class OptimizationSection(Section):
@@ -268,13 +266,11 @@ class EvalFileConfig(EvalConfig):
     """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
     gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
 
-    @model_validator(mode="after")
-    def _combinations(self) -> EvalFileConfig:
+    def problems(self) -> Iterator[str]:
         if self.suite and self.data:
-            raise ValueError("eval.data: a suite names its own files (its runs' data); give --suite or --data")
+            yield "eval.data: a suite names its own files (its runs' data); give --suite or --data"
         if self.samples > 1 and self.mode == "choice":
-            raise ValueError("eval.samples: choice mode scores every answer set, nothing is sampled (use direct)")
-        return self
+            yield "eval.samples: choice mode scores every answer set, nothing is sampled (use direct)"
 
 
 class PredictConfig(Section):
@@ -334,7 +330,7 @@ class ServeConfig(Section):
 class MergeConfig(Section):
     output: str = ""
     """Directory for the merged model (a non-empty one is replaced only with --overwrite)."""
-    dtype: Dtype | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
     """Saved dtype: bfloat16, float16 or float32; None = the base checkpoint's."""
 
 
@@ -360,11 +356,9 @@ class DistillConfig(Section):
     timeout_s: PositiveFloat = 600.0
     """Seconds one request to the teacher may take."""
 
-    @model_validator(mode="after")
-    def _teacher(self) -> DistillConfig:
+    def problems(self) -> Iterator[str]:
         if bool(self.teacher_url) != bool(self.teacher_model):  # the endpoint and the model name it serves
-            raise ValueError(f"distill.{'teacher_url' if self.teacher_model else 'teacher_model'}: give both or neither")
-        return self
+            yield f"distill.{'teacher_url' if self.teacher_model else 'teacher_model'}: give both or neither"
 
 
 class CheckConfig(Section):
@@ -401,15 +395,27 @@ class CompareConfig(Section):
 class GrpoConfig(OptimizationSection):
     # Defaults of the shared fields for GRPO with a LoRA (configs/..._grpo.yaml says where each comes from).
     per_device_batch_size: PositiveInt = 16
+    """Completions per device per micro-step: 16 x 4 accumulation steps = 64, the groups of 8 questions a step."""
     learning_rate: PositiveFloat = 1e-5
+    """Peak learning rate of the LoRA parameters: TRL's 1e-6 is for full fine-tuning, and LoRA's best rate measured
+    about 10x full fine-tuning's."""
     max_steps: PositiveInt = 500
+    """Optimizer steps: 500 x 8 questions = 4,000 questions, a starting point."""
     warmup_steps: NonNegativeInt = 0
+    """Linear warm-up steps."""
     lr_scheduler_type: str = "constant"
+    """Any transformers scheduler name; constant, as the run's length is a budget, not a schedule to finish."""
     optim: str = "adamw_torch"
+    """transformers optimizer name (PyTorch's AdamW here)."""
     save_steps: PositiveInt = 50
+    """Checkpoint every this many steps (what --resume continues from)."""
     logging_steps: PositiveInt = 1
+    """Log every this many steps: rewards, lengths, clipping and KL."""
     eval_steps: NonNegativeInt = 50
+    """Score the held-out split in reasoning mode before the first step and every this many steps; 0 = only before
+    the first and at the end."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory (TRL's GRPOConfig default)."""
     adapter: Annotated[str | None, DecidesWeights(content="adapter_model.safetensors")] = None
     """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
     LoRA from the lora section."""
@@ -453,11 +459,9 @@ class GrpoConfig(OptimizationSection):
     eval_max_new_tokens: PositiveInt | None = None
     """Token budget of the held-out reasoning evaluation; None = max_completion_length."""
 
-    @model_validator(mode="after")
-    def _length(self) -> GrpoConfig:
+    def problems(self) -> Iterator[str]:
         if self.length_budget is None and self.length_penalty != 1.0:
-            raise ValueError("grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)")
-        return self
+            yield "grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)"
 
 
 class SuiteRun(Section):
@@ -489,146 +493,139 @@ class Suite(Section):
     runs: Annotated[list[SuiteRun], Field(min_length=1)]
     """The runs, scored in this order with the model loaded once."""
 
-    @model_validator(mode="after")
-    def _unique(self) -> Suite:
+    def problems(self) -> Iterator[str]:
         names = [run.name for run in self.runs]
-        if len(set(names)) < len(names):
-            raise ValueError(f"runs: the name {next(n for n in names if names.count(n) > 1)!r} is used twice")
-        return self
+        yield from (f"runs: the name {name!r} is used twice" for name in names if names.count(name) > 1)
 
 
 # ----------------------------------------------------------------------------- one config per command
 
 
 class Run(Section):
-    """A command's whole config: its sections. ``COMMAND`` names the command in errors."""
+    """A command's whole config: its sections. The class keyword ``title`` names the command in errors; the class
+    docstring is the command's help."""
 
-    COMMAND: ClassVar[str] = ""
     source: str | None = Field(default=None, exclude=True, repr=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections(cls, raw: Any) -> Any:
-        # `train:` with nothing under it in YAML is an empty section, not a missing one.
-        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
+    """The YAML file the config was read from (not saved with it)."""
 
 
-class TrainRun(Run):
-    """`lawtune train` and `lawtune demo`: everything a training run reads; saved as lawtune_config.yaml."""
+class TrainingRun(Run):
+    """A command that trains a LoRA on a base model and data; each command adds its own section. Everything a
+    training run reads is saved as lawtune_config.yaml beside its adapters."""
 
-    COMMAND: ClassVar[str] = "train"
     model: ModelConfig = ModelConfig()
     lora: LoraSection = LoraSection()
     data: DataConfig = DataConfig()
+
+
+class TrainRun(TrainingRun, title="train"):
+    """LoRA SFT from a YAML config"""
+
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     generation: GenerationConfig = GenerationConfig()
 
-    @model_validator(mode="after")
-    def _batch(self) -> TrainRun:
+    def problems(self) -> Iterator[str]:
         tokens, longest = self.train.batch_tokens, self.data.max_length
         if tokens is not None and tokens < longest:
-            raise ValueError(f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens")
-        return self
+            yield f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens"
 
 
-class GrpoRun(Run):
-    """`lawtune grpo`: everything a GRPO run reads; saved as lawtune_config.yaml beside its adapters."""
+class DemoRun(TrainRun):
+    """offline CPU demo: tiny random model trained on bundled questions"""
 
-    COMMAND: ClassVar[str] = "grpo"
-    model: ModelConfig = ModelConfig()
-    lora: LoraSection = LoraSection()
-    data: DataConfig = DataConfig()
+
+class GrpoRun(TrainingRun, title="grpo"):
+    """GRPO on the exact-set reward (TRL), continuing an SFT adapter or a fresh LoRA"""
+
     grpo: GrpoConfig = GrpoConfig()
 
-    @model_validator(mode="after")
-    def _combinations(self) -> GrpoRun:
+    def problems(self) -> Iterator[str]:
         g = self.grpo
         # data.mix belongs to SFT; a continued adapter keeps its own LoRA shape.
         if self.data.mix is not None:
-            raise ValueError("data.mix: grpo samples its own completions; answer-only mixing is for `lawtune train`")
+            yield "data.mix: grpo samples its own completions; answer-only mixing is for `lawtune train`"
         if g.adapter and self.lora != LoraSection():
-            raise ValueError("lora: grpo.adapter is continued with its own LoRA; lora shapes a fresh one (give one)")
+            yield "lora: grpo.adapter is continued with its own LoRA; lora shapes a fresh one (give one)"
         if self.data.max_length <= g.max_completion_length:
-            raise ValueError(f"data.max_length: {self.data.max_length} leaves no room for a prompt beside "
-                             f"grpo.max_completion_length={g.max_completion_length}")
+            yield (f"data.max_length: {self.data.max_length} leaves no room for a prompt beside "
+                   f"grpo.max_completion_length={g.max_completion_length}")
         if (g.per_device_batch_size * g.gradient_accumulation_steps) % g.num_generations:
-            raise ValueError(f"grpo.per_device_batch_size: {g.per_device_batch_size} x gradient_accumulation_steps "
-                             f"{g.gradient_accumulation_steps} are not whole groups of num_generations={g.num_generations}")
-        return self
+            yield (f"grpo.per_device_batch_size: {g.per_device_batch_size} x gradient_accumulation_steps "
+                   f"{g.gradient_accumulation_steps} are not whole groups of num_generations={g.num_generations}")
 
 
-class ModelRun(Run):
-    """A command that loads a base model and, optionally, a LoRA adapter."""
+class InferenceRun(Run):
+    """A command that loads a base model and, optionally, a LoRA adapter, and generates with it; each command adds
+    its own section."""
 
     model: ModelConfig = ModelConfig()
     adapter: AdapterConfig = AdapterConfig()
-
-
-class InferenceRun(ModelRun):
-    """A command that generates with the loaded model; each command adds its own section."""
-
     generation: GenerationConfig = GenerationConfig()
 
 
-class EvalRun(InferenceRun):
-    COMMAND: ClassVar[str] = "eval"
+class EvalRun(InferenceRun, title="eval"):
+    """score a model (and adapter) on a JEC-QA, AGIEval or LawBench file"""
+
     eval: EvalFileConfig = EvalFileConfig()
 
 
-class PredictRun(InferenceRun):
-    COMMAND: ClassVar[str] = "predict"
+class PredictRun(InferenceRun, title="predict"):
+    """answer every question of a file without answers (JSON Lines, resumable)"""
+
     predict: PredictConfig = PredictConfig()
 
 
-class AskRun(InferenceRun):
-    COMMAND: ClassVar[str] = "ask"
+class AskRun(InferenceRun, title="ask"):
+    """answer one question, streaming the reasoning (interactive without --question)"""
+
     ask: AskConfig = AskConfig()
 
 
-class ServeRun(InferenceRun):
-    COMMAND: ClassVar[str] = "serve"
+class ServeRun(InferenceRun, title="serve"):
+    """OpenAI-compatible HTTP API and a question page at /"""
+
     serve: ServeConfig = ServeConfig()
 
 
-class DistillRun(InferenceRun):
-    COMMAND: ClassVar[str] = "distill"
+class DistillRun(InferenceRun, title="distill"):
+    """sample reasoning per question, keep the traces that reach the gold answer (to train on)"""
+
     generation: DistillGeneration = DistillGeneration()
     distill: DistillConfig = DistillConfig()
 
-    @model_validator(mode="after")
-    def _samples(self) -> DistillRun:
+    def problems(self) -> Iterator[str]:
         if not self.generation.do_sample:
-            raise ValueError("generation.do_sample: distill always samples (greedy would give K equal completions)")
-        return self
+            yield "generation.do_sample: distill always samples (greedy would give K equal completions)"
 
 
-class MergeRun(Run):
-    """Merge reads only the model's path and the adapter (with the base check); the merge runs in float32."""
+class MergeRun(Run, title="merge"):
+    """merge a LoRA adapter into its base model (plain transformers directory)"""
 
-    COMMAND: ClassVar[str] = "merge"
+    # Merge reads only the model's path and the adapter (with the base check); the merge runs in float32.
     model: ModelPath = ModelPath()
     adapter: AdapterPath = AdapterPath()
     merge: MergeConfig = MergeConfig()
 
 
-class CheckRun(Run):
-    COMMAND: ClassVar[str] = "data check"
+class CheckRun(Run, title="data check"):
+    """validate a question file (JEC-QA, AGIEval, LawBench) and print what it holds"""
+
     check: CheckConfig = CheckConfig()
 
 
-class OverlapRun(Run):
-    COMMAND: ClassVar[str] = "data overlap"
+class OverlapRun(Run, title="data overlap"):
+    """how many questions of file B are in file A (normalised statements, any formats)"""
+
     overlap: OverlapConfig = OverlapConfig()
 
 
-class CompareRun(Run):
-    COMMAND: ClassVar[str] = "compare"
+class CompareRun(Run, title="compare"):
+    """compare two eval reports (flips, McNemar, bootstrap CIs)"""
+
     compare: CompareConfig = CompareConfig()
 
 
-RUNS: tuple[type[Run], ...] = (TrainRun, GrpoRun, EvalRun, PredictRun, AskRun, ServeRun, DistillRun, MergeRun,
-                               CheckRun, OverlapRun, CompareRun)
 SHORTHANDS = {"model": "model.path", "data": "data.train"}
 
 
@@ -638,139 +635,112 @@ def sections_of(run_cls: type[Run]) -> dict[str, type[Section]]:
 
 
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
-KNOWN_SECTIONS = {name for run in RUNS for name in sections_of(run)}
+KNOWN_SECTIONS = {name for run in (TrainRun, GrpoRun, EvalRun, PredictRun, AskRun, ServeRun, DistillRun, MergeRun,
+                                   CheckRun, OverlapRun, CompareRun) for name in sections_of(run)}
 
 
 def valid_keys(run_cls: type[Run]) -> list[str]:
     return [f"{name}.{key}" for name, cls in sections_of(run_cls).items() for key in cls.model_fields]
 
 
-def field_doc(section: type[Section], name: str) -> str:
-    """A field's documentation: its docstring, or the one of the base class that documents it."""
-    docs = (klass.model_fields[name].description for klass in section.__mro__
-            if issubclass(klass, BaseModel) and name in klass.model_fields)
-    return " ".join(next((d for d in docs if d), "").split())
-
-
-def replace(obj: Any, **changes: Any) -> Any:
-    """A copy of a config object (a section or a whole run) with some fields changed, validated again."""
+def validate(model: type[M], raw: Any, where: str = "") -> M:
+    """``model`` from ``raw``; else a ConfigError, ``where`` and then pydantic's first error as one line naming the
+    key (and, for a key that does not exist, the valid ones)."""
     try:
-        return type(obj).model_validate({**dict(obj), **changes})
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(describe(exc, type(obj))) from None
+        raise ConfigError(where + describe(exc.errors()[0], model)) from None
 
 
-def describe(exc: ValidationError, model: type[BaseModel]) -> str:
-    """pydantic's first error as one line naming the key (and, for a key that does not exist, the valid ones)."""
-    err = exc.errors()[0]
+def describe(err: Any, model: Any) -> str:
     loc, kind = err["loc"], err["type"]
     key = "".join(f"[{part + 1}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    if kind == "value_error":  # our own validators name their key
+    if kind == "value_error":  # our own rules name their key
         return str(err["ctx"]["error"])
     if kind == "extra_forbidden" and len(loc) == 1 and issubclass(model, Run):
-        return f"{key}: not a section of `lawtune {model.COMMAND}`; valid sections: {', '.join(sections_of(model))}"
+        sections = ", ".join(sections_of(model))
+        return f"{key}: not a section of `lawtune {model.model_config.get('title')}`; valid sections: {sections}"
     if kind == "extra_forbidden":
-        for part in loc[:-1]:  # down to the model that holds the unknown key
-            if isinstance(part, str):
-                model = model.model_fields[part].annotation  # type: ignore[assignment]
-                model = get_args(model)[0] if get_origin(model) is list else model
+        for part in loc[:-1]:  # down to the model holding the key; a number is an item of a list of models
+            model = get_args(model)[0] if isinstance(part, int) else model.model_fields[part].annotation
         return f"{key}: unknown key; valid keys: {', '.join(model.model_fields)}"
+    # A flag's value is text: "got 0" reads better than "got '0'" (an empty text shows as '').
     got = err["input"] if isinstance(err["input"], str) and err["input"] else repr(err["input"])
     return f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got}"
 
 
+def replace(obj: M, **changes: Any) -> M:
+    """A copy of a config object (a section or a whole run) with some fields changed, validated again."""
+    return validate(type(obj), {**dict(obj), **changes})
+
+
 def load_suite(path: str) -> Suite:
     """A suite file, checked: a problem is named with its run and key."""
-    try:
-        return Suite.model_validate(read_yaml(path))
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe(exc, Suite)}") from None
+    return validate(Suite, read_yaml(path), where=f"{path}: ")
 
 
 def config_from_dict(raw: dict, source: str | None = None, run_cls: type[Run] = TrainRun) -> Any:
     """A command's config from a mapping of sections; a section or key the command does not read is an error."""
-    try:
-        return run_cls.model_validate({**(raw or {}), "source": source})
-    except ValidationError as exc:
-        raise ConfigError(describe(exc, run_cls)) from None
+    return validate(run_cls, {**(raw or {}), "source": source})
 
 
 # Run files written before the generation section existed kept its keys under eval, with one budget per mode.
-_GENERATION_KEYS = ("max_new_tokens", "direct_max_new_tokens", "do_sample", "temperature", "top_p", "static_cache",
-                    "cuda_graphs")
 _OLD_BUDGETS = {"max_new_tokens": 2048, "direct_max_new_tokens": 8}
+_MOVED_TO_GENERATION = {"do_sample", "temperature", "top_p", "static_cache", "cuda_graphs", *_OLD_BUDGETS}
 
 
 def upgrade_run_file(raw: dict) -> dict:
     """Move an older run file's generation keys from ``eval`` to ``generation``. Its two budgets become the one
     budget of the mode the file selects; the old defaults (2048 reasoning, 8 direct) are today's mode defaults."""
     old = raw.get("eval")
-    if not isinstance(old, dict) or not any(k in old for k in _GENERATION_KEYS):
-        return raw
-    raw = {**raw, "eval": {k: v for k, v in old.items() if k not in _GENERATION_KEYS}}
-    gen = dict(raw.get("generation") or {})
-    gen.update({k: old[k] for k in _GENERATION_KEYS if k in old and k not in _OLD_BUDGETS})
-    budgets = {k: old.get(k, default) for k, default in _OLD_BUDGETS.items()}
-    if budgets != _OLD_BUDGETS:
-        key = "direct_max_new_tokens" if old.get("mode", "direct") == "direct" else "max_new_tokens"
-        gen["max_new_tokens"] = budgets[key]
-    raw["generation"] = gen
+    if isinstance(old, dict) and _MOVED_TO_GENERATION & old.keys():
+        moved = {key: old.pop(key) for key in _MOVED_TO_GENERATION & old.keys()}
+        budgets = {key: moved.pop(key, default) for key, default in _OLD_BUDGETS.items()}
+        if budgets != _OLD_BUDGETS:
+            mode_budget = "direct_max_new_tokens" if old.get("mode", "direct") == "direct" else "max_new_tokens"
+            moved["max_new_tokens"] = budgets[mode_budget]
+        raw["generation"] = {**(raw.get("generation") or {}), **moved}
     return raw
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    """A YAML file's mapping of sections (``train:`` with nothing under it is an empty section, not a missing one),
+    older run files upgraded."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError:
+        raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        where = f"{path}:{mark.line + 1}" if mark else path
         raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return upgrade_run_file(raw)
-
-
-def set_key(raw: dict, key: str, value: Any, run_cls: type[Run]) -> None:
-    """Set one dotted key (or shorthand) in a raw config; a key the command does not read is an error."""
-    keys = valid_keys(run_cls)
-    key = SHORTHANDS[key] if SHORTHANDS.get(key) in keys else key
-    if key not in keys:
-        raise ConfigError(f"{key}: not a key of `lawtune {run_cls.COMMAND}`; valid keys: {', '.join(keys)}")
-    section, name = key.split(".")
-    if not isinstance(raw.get(section), dict):
-        raw[section] = {}
-    raw[section][name] = value
+    return upgrade_run_file({key: {} if value is None else value for key, value in raw.items()})
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), run_cls: type[Run] = TrainRun,
                 lend: bool = False, settings: dict[str, Any] | None = None) -> Any:
-    """A command's config: the YAML file (if any), then ``key=value`` overrides (values read as YAML scalars), then
-    ``settings`` (values by dotted key, from command-line flags).
+    """A command's config: the YAML file (if any), then ``key=value`` overrides (values read as YAML scalars: a
+    number-like path such as 1_train.json stays text), then ``settings`` (values by dotted key, from command-line
+    flags). A key the command does not read is an error.
 
     ``lend``: the file is a full run file lending the sections the command reads; its other known sections are
     left out. Otherwise every section in the file must be one the command reads."""
     raw: dict = read_yaml(path) if path is not None else {}
-    if lend:
-        unknown = [k for k in raw if k not in KNOWN_SECTIONS]
-        if unknown:
-            raise ConfigError(f"{path}: {unknown[0]}: unknown section; valid sections: {', '.join(sorted(KNOWN_SECTIONS))}")
-        raw = {k: v for k, v in raw.items() if k in sections_of(run_cls)}
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    try:
-        for item in overrides:
-            key, eq, text = item.partition("=")
-            if not eq:
-                raise ConfigError(f"override {item!r}: expected key=value (e.g. train.max_steps=100)")
-            # A number-like path such as "1_train.json" stays text; YAML only turns true numbers into numbers.
-            set_key(raw, key.strip(), yaml.safe_load(text) if text.strip() else None, run_cls)
-        for key, value in (settings or {}).items():
-            set_key(raw, key, value, run_cls)
-        return config_from_dict(raw, source=str(path) if path else None, run_cls=run_cls)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    unknown = [section for section in raw if section not in KNOWN_SECTIONS]
+    if lend and unknown:
+        raise ConfigError(f"{path}: {unknown[0]}: unknown section; valid sections: {', '.join(sorted(KNOWN_SECTIONS))}")
+    raw = {section: value for section, value in raw.items() if not lend or section in sections_of(run_cls)}
+    keys, title = valid_keys(run_cls), run_cls.model_config.get("title")
+    changes = [(key.strip(), yaml.safe_load(text)) for key, _, text in (item.partition("=") for item in overrides)]
+    for key, value in [*changes, *(settings or {}).items()]:
+        key = SHORTHANDS[key] if SHORTHANDS.get(key) in keys else key
+        if key not in keys:
+            raise ConfigError(f"{key}: not a key of `lawtune {title}`; valid keys: {', '.join(keys)}")
+        section, name = key.split(".")
+        raw[section] = {**(raw[section] if isinstance(raw.get(section), dict) else {}), name: value}
+    return validate(run_cls, {**raw, "source": str(path) if path else None}, where=f"{path}: " if path else "")
 
 
 def config_to_yaml(cfg: Run) -> str:

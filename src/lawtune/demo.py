@@ -37,6 +37,11 @@ def demo_data_path() -> Path:
     return Path(str(resources.files("lawtune") / "assets" / "demo_jecqa.jsonl"))
 
 
+def demo_config_path() -> Path:
+    """The demo's run file (`lawtune demo` reads it when given no YAML)."""
+    return Path(str(resources.files("lawtune") / "assets" / "demo.yaml"))
+
+
 def corpus_texts(paths: list[Path]) -> list[str]:
     """All text of JEC-QA files (statements, options, reasoning) for learning a tokenizer."""
     texts = []

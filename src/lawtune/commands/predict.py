@@ -1,72 +1,18 @@
-"""`lawtune ask` (one question, streamed; interactive without --question) and `lawtune predict` (every question of
-a file without answers, JSON Lines, resumable)."""
+"""`lawtune predict`: every question of a file without answers, JSON Lines, resumable."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import AskRun, PredictRun
-from ..data import DataError, load_records
+from ..config import PredictRun
+from ..data import load_records
 from ..errors import UsageError
 from ..evaluate import answer_batch
-from ..infer import (
-    ask,
-    done_ids,
-    load_model,
-    parse_options_arg,
-    record_from_fields,
-    record_from_json,
-    record_from_lines,
-    record_from_text,
-)
+from ..infer import done_ids, load_model
 from ..progress import progress
-
-
-def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
-    """`lawtune ask`: one question from the config (checked before the model loads, so a typo costs no loading
-    time), or, without one, questions from stdin: a question, then its options one per line; an empty line
-    asks it. Returns 0 once stdin ends."""
-    a = cfg.ask
-    if a.question and a.record:
-        raise UsageError("ask: give --question (with --option) or --record, not both")
-    if a.option and not a.question:
-        raise UsageError("ask: --option needs --question")
-    record = None
-    if a.record:
-        record = record_from_json(a.record)
-    elif a.question and a.option:
-        record = record_from_fields(a.question, parse_options_arg(a.option), where="--question")
-    elif a.question:
-        record = record_from_text(a.question, where="--question")
-    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
-    if record is not None:
-        ask(engine, record, a.mode, out=out)
-        return 0
-    stdin = stdin or sys.stdin
-    interactive = stdin.isatty()
-    while True:
-        if interactive:
-            print("题目和选项（每行一个，空行提问，Ctrl-D 退出）：", file=sys.stderr)
-        lines = []
-        for line in stdin:
-            if not line.strip():
-                break
-            lines.append(line)
-        if not lines:
-            return 0
-        try:
-            record = record_from_lines(lines)
-        except DataError as exc:
-            if not interactive:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        ask(engine, record, a.mode, out=out)
-
 
 
 def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
@@ -106,7 +52,6 @@ def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
             bar.update(len(batch))
     bar.close()
     return summary
-
 
 
 def run_predict(cfg: PredictRun) -> int:
