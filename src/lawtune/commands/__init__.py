@@ -87,7 +87,7 @@ COMMANDS: dict[str, Command] = {
     "data check": Command(c.CheckRun, "check", "data:run_check", "validate a question file (JEC-QA, AGIEval, "
                           "LawBench) and print what it holds", "check.prompt_format=plain", positional=("file",)),
     "data overlap": Command(c.OverlapRun, "overlap", "data:run_overlap", "how many questions of file B are in file A "
-                            "(normalised statements, any formats)", "overlap.as_json=true", positional=("a", "b")),
+                            "(statement and options, any formats); --exclude-output writes B without them", "overlap.as_json=true", positional=("a", "b")),
 }
 # Flags that were renamed, and what a user who still types them is told.
 RENAMED = {"--force-base": "--force (skip the adapter/base check; --overwrite replaces the output)"}
