@@ -171,10 +171,11 @@ def test_exclude_output_named_unlike_b_says_the_type_is_lost(tmp_path, caplog):
     assert main(["data", "overlap", str(JECQA), str(AGIEVAL), "--exclude-output", str(AGIEVAL)]) == 2
 
 
-def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_model_dir, tmp_path):
+def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_model_dir, tmp_path, capsys):
     out = tmp_path / "lb.json"
     assert main(["eval", "--model", str(answering_model_dir), "--data", str(LAWBENCH), "--prompt-format", "native",
                  "--output", str(out), "model.dtype=float32"]) == 0
+    assert "lawbench_score 0.3333, abstention 0.0000" in capsys.readouterr().out  # the one-line summary
     report = json.loads(out.read_text(encoding="utf-8"))
     s = report["summary"]
     assert [x["pred"] for x in report["samples"]] == [["A"]] * 3  # the rigged model answers A
@@ -187,3 +188,14 @@ def test_native_prompts_need_a_lawbench_file(answering_model_dir, tmp_path, caps
     assert main(["eval", "--model", str(answering_model_dir), "--data", str(JECQA), "--prompt-format", "native",
                  "--output", str(tmp_path / "x.json"), "model.dtype=float32"]) == 2
     assert "needs a LawBench file" in capsys.readouterr().err
+
+
+def test_a_sampled_eval_prints_avg_maj_and_pass_at_k(answering_model_dir, tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["eval", "--model", str(answering_model_dir), "--data", str(LAWBENCH), "--samples", "3",
+                 "--output", str(out), "model.dtype=float32"]) == 0
+    line = capsys.readouterr().out.strip()
+    s = json.loads(out.read_text(encoding="utf-8"))["summary"]
+    assert len(line.splitlines()) == 1
+    for key in ("avg@3", "maj@3", "pass@3", "lawbench_score"):
+        assert f"{key} {s[key]:.4f}" in line, key
