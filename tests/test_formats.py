@@ -181,7 +181,7 @@ def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_mo
     assert [x["pred"] for x in report["samples"]] == [["A"]] * 3  # the rigged model answers A
     assert s["accuracy"] == pytest.approx(1 / 3) and s["lawbench_score"] == pytest.approx(1 / 3)
     assert s["abstention_rate"] == 0 and "after the last </think>" in s["lawbench_rule"]
-    assert s["prompt_format"] == "native"
+    assert s["prompt_format"] == "native" and s["do_sample"] is False  # greedy: what compare tells apart
 
 
 def test_native_prompts_need_a_lawbench_file(answering_model_dir, tmp_path, capsys):
@@ -196,6 +196,6 @@ def test_a_sampled_eval_prints_avg_maj_and_pass_at_k(answering_model_dir, tmp_pa
                  "--output", str(out), "model.dtype=float32"]) == 0
     line = capsys.readouterr().out.strip()
     s = json.loads(out.read_text(encoding="utf-8"))["summary"]
-    assert len(line.splitlines()) == 1
+    assert len(line.splitlines()) == 1 and s["do_sample"] is True
     for key in ("avg@3", "maj@3", "pass@3", "lawbench_score"):
         assert f"{key} {s[key]:.4f}" in line, key

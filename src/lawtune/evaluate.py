@@ -307,7 +307,13 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     summary["questions_per_s"] = round(len(records) / max(elapsed, 1e-9), 2)
     summary["seconds"] = round(elapsed, 2)
     summary["mode"] = ecfg.mode
+    summary["do_sample"] = sampled_decoding(ecfg, gcfg)
     return samples, summary
+
+
+def sampled_decoding(ecfg: EvalConfig, gcfg: GenerationConfig) -> bool:
+    """Whether answers were sampled (K samples, or generation.do_sample), not greedy; choice mode generates nothing."""
+    return ecfg.mode != "choice" and (getattr(ecfg, "samples", 1) > 1 or gcfg.do_sample)
 
 
 def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
@@ -331,6 +337,7 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     merged = [s for part in gathered for s in part]
     summary = summarize(merged)
     summary["mode"] = ecfg.mode
+    summary["do_sample"] = sampled_decoding(ecfg, gcfg)
     return merged, summary
 
 
