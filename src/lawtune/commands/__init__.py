@@ -64,7 +64,8 @@ RUN_FOLDER = {"--resume": "continue from the newest checkpoint in the output fol
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(c.TrainRun, "train", "demo:run_demo", "offline CPU demo: tiny random model trained on bundled "
-                    "questions", "train.max_steps=20", run_file=True, default_file=demo_config_path),
+                    "questions", "train.max_steps=20", run_file=True, default_file=demo_config_path,
+                    options={"--overwrite": RUN_FOLDER["--overwrite"]}),
     "train": Command(c.TrainRun, "train", "train:run_train", "LoRA SFT from a YAML config", "train.max_steps=100",
                      run_file=True, options=RUN_FOLDER),
     "grpo": Command(c.GrpoRun, "grpo", "grpo:run_grpo", "GRPO on the exact-set reward (TRL), continuing an SFT "
