@@ -69,18 +69,17 @@ def test_the_page_in_headless_chromium(suite_page, chromium):
 
 
 def test_suite_paths_are_read_from_the_suite_files_folder(answering_model_dir, tmp_path, monkeypatch):
-    (tmp_path / "bench").mkdir()
-    shutil.copy(SAMPLES / "jecqa_train.json", tmp_path / "bench" / "jecqa.json")
-    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "bench").mkdir(parents=True)
+    shutil.copy(SAMPLES / "jecqa_train.json", tmp_path / "suites" / "bench" / "jecqa.json")
     suite = tmp_path / "suites" / "s.yaml"
-    suite.write_text(f"model: {answering_model_dir}\nruns:\n  - {{name: jecqa, data: ../bench/jecqa.json}}\n",
+    suite.write_text(f"model: {answering_model_dir}\nruns:\n  - {{name: jecqa, data: bench/jecqa.json}}\n",
                      encoding="utf-8")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["eval", "--suite", str(suite), "--output", "page.html", "model.dtype=float32"]) == 0
     report = json.loads((elsewhere / "page.jecqa.json").read_text(encoding="utf-8"))
-    assert Path(report["summary"]["data"]).resolve() == (tmp_path / "bench" / "jecqa.json").resolve()
+    assert Path(report["summary"]["data"]).resolve() == (tmp_path / "suites" / "bench" / "jecqa.json").resolve()
 
 
 def test_a_missing_suite_file_names_its_run_and_a_files_warning_prints_once(tmp_path, monkeypatch, capsys, caplog):
