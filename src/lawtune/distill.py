@@ -26,7 +26,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import DistillRun
 from .data import Record, load_records
@@ -235,8 +234,9 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                                          "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
                 _append(out, traces)
                 _append(rejected_path, rejected)
-                kept_ids |= {_base_id(t["id"]) for t in traces}
-                rejected_ids |= {r["id"] for r in rejected}
+                batch_kept = {_base_id(t["id"]) for t in traces}
+                kept_ids |= batch_kept
+                rejected_ids |= {r.id for r in batch} - batch_kept
                 counts["rejected"], counts["questions"] = len(rejected), len(batch)
                 run = _summed(run, counts)
                 bar.update(len(batch))
