@@ -178,3 +178,25 @@ def test_every_field_of_a_commands_own_section_is_a_flag(capsys):
     assert train["learning_rate"] == pytest.approx(3e-4) and train["packing"] is True
     assert main(["serve", "--slots", "many"]) == 2
     assert "serve.slots: input should be a valid integer" in capsys.readouterr().err
+
+
+def test_demo_refuses_to_replace_a_run_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "final_model").mkdir(parents=True)
+    (out / "final_model" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert main(["demo", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a run already" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["final_model"]  # nothing written, nothing removed
+
+
+@pytest.mark.slow  # builds the demo model and tokenizer and trains two steps (~11 s on 2 cores)
+def test_demo_with_overwrite_replaces_the_run(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "final_model").mkdir(parents=True)
+    stale = out / "final_model" / "stale.txt"
+    stale.write_text("from the run before", encoding="utf-8")
+    assert main(["demo", "--output-dir", str(out), "--overwrite", "train.max_steps=2", "train.eval_steps=0",
+                 "train.optim=adamw_torch", "train.report_to=[none]"]) == 0
+    assert not stale.exists() and (out / "final_model" / "adapter_config.json").is_file()
+    assert "[demo] done" in capsys.readouterr().out

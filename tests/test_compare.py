@@ -230,3 +230,25 @@ def test_sampled_reports_are_compared_on_their_per_question_means():
     assert compare_reports(a, a)["sampled"]["p_value"] == 1.0
     plain = {"summary": {}, "samples": [{k: v for k, v in s.items() if k != "mean_correct"} for s in a["samples"]]}
     assert compare_reports(plain, plain)["sampled"] is None
+
+
+def test_greedy_against_sampled_or_another_k_is_warned_about():
+    def run(do_sample=None, k=None):
+        report = _report([_sample(f"q{i}", i % 2 == 0) for i in range(6)], mode="reasoning")
+        report["summary"].update({key: v for key, v in (("do_sample", do_sample), ("samples", k)) if v is not None})
+        return report
+
+    def said(a, b):
+        result = compare_reports(a, b, n_boot=10)
+        assert [w for w in result["warnings"] if w in format_comparison(result, "a", "b")] == result["warnings"]
+        return [w for w in result["warnings"] if w.startswith(("decoding", "K differs"))]
+
+    greedy, k4, k2 = run(do_sample=False), run(do_sample=True, k=4), run(do_sample=True, k=2)
+    assert said(greedy, k4) == ["decoding differs: A greedy, B sampled, K=4: a greedy answer and sampled ones are not "
+                                "the same measurement (compare greedy with greedy, or sampled with sampled at one K)"]
+    assert said(k4, k2)[0].startswith("K differs: A sampled, K=4, B sampled, K=2")
+    assert said(run(do_sample=True), greedy)[0].startswith("decoding differs: A sampled, K=1, B greedy")
+    assert said(k4, run(do_sample=True, k=4)) == [] and said(greedy, greedy) == []
+    # a report written before do_sample was recorded: one answer each, so only K can be told apart
+    assert said(run(), k2)[0].startswith("K differs: A one answer each, B sampled, K=2")
+    assert said(run(), greedy) == []

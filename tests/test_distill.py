@@ -127,6 +127,32 @@ def test_the_local_model_keeps_its_own_correct_reasoning(answering_model_dir, go
     assert rejected and all(r["reasons"] == ["wrong", "wrong"] and r["sampled"] == [["A"], ["A"]] for r in rejected)
     report = json.loads((tmp_path / "traces.report.json").read_text(encoding="utf-8"))
     assert report["this_run"]["trace_tokens"]["max"] > 0 and report["this_run"]["tokens_per_s"] > 0
+    # a rerun has nothing to sample: the report still covers the whole traces file
+    assert _distill_local(answering_model_dir, data, out) == 0
+    again = json.loads((tmp_path / "traces.report.json").read_text(encoding="utf-8"))
+    assert again["summary"] == report["summary"] and again["this_run"]["questions_sampled"] == 0
+    assert again["this_run"]["skipped_done"] == len(rows)
+    for key in ("trace_tokens", "reasons", "completions", "questions_passed", "generated_tokens"):
+        assert again["all_runs"][key] == report["this_run"][key] == report["all_runs"][key], key
+
+
+def test_a_rerun_adds_to_the_report_and_says_what_it_skipped(teacher, tmp_path, capsys):
+    url, data, rows = teacher
+    first = tmp_path / "first.json"  # the first half of the questions, then all of them
+    first.write_text("".join(data.read_text(encoding="utf-8").splitlines(keepends=True)[:6]), encoding="utf-8")
+    run = ["distill", "--teacher-url", url, "--teacher-model", "r1", "--batch-size", "4"]
+    assert main([*run, "--data", str(first), "--output", str(tmp_path / "parts.jsonl")]) == 0
+    capsys.readouterr()
+    assert main([*run, "--data", str(data), "--output", str(tmp_path / "parts.jsonl")]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("skipped 6 already done; kept traces for 8 of 12 questions (16 of 44 completions")
+    assert main([*run, "--data", str(data), "--output", str(tmp_path / "whole.jsonl")]) == 0
+    parts, whole = (json.loads((tmp_path / f"{name}.report.json").read_text(encoding="utf-8")) for name in ("parts", "whole"))
+    assert parts["summary"] == whole["summary"] and parts["by_group"] == whole["by_group"]
+    assert parts["all_runs"]["runs"] == 2 and whole["all_runs"]["runs"] == 1
+    for key in ("questions_sampled", "questions_passed", "completions", "completions_kept", "reasons", "pass_at_k"):
+        assert parts["all_runs"][key] == whole["all_runs"][key], key
+    assert parts["this_run"]["questions_sampled"] == 6 and parts["this_run"]["skipped_done"] == 6
 
 
 @pytest.mark.slow  # three sampling runs of the local model, one of them crashed
@@ -151,6 +177,11 @@ def test_a_resumed_run_writes_what_one_run_writes(answering_model_dir, gold_a_qu
     assert parts.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
     rejected = lambda p: distill.side_files(p)[0].read_text(encoding="utf-8")  # noqa: E731
     assert rejected(parts) == rejected(whole)
+    # the stopped run's report counted the batch it wrote; the resumed run added the rest
+    report = lambda p: json.loads(distill.side_files(p)[1].read_text(encoding="utf-8"))  # noqa: E731
+    for key in ("questions_sampled", "completions", "reasons", "trace_tokens", "trace_token_lengths", "generated_tokens"):
+        assert report(parts)["all_runs"][key] == report(whole)["all_runs"][key], key
+    assert report(parts)["all_runs"]["uncounted"] == 0 and report(parts)["summary"] == report(whole)["summary"]
 
 
 def test_teacher_settings_are_checked_before_anything_runs(tmp_path, capsys):

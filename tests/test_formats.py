@@ -112,23 +112,90 @@ def test_overlap_is_normalised_across_formats(capsys):
     assert [(b.id, a.id) for b, a in pairs] == [("1-2-1", "0_1"), ("1-2-3", "0_2")]  # ASCII vs full-width punctuation
     assert main(["data", "overlap", str(JECQA), str(AGIEVAL), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out == {"b_records": 5, "overlap": 1,
-                   "examples": [{"b_id": "jec-qa-kd-5", "a_id": "0_2", "statement": "关于物权的设立，下列哪一说法是正确的？"}]}
+    assert out == {"b_records": 5, "overlap": 1, "same_statement_only": 0, "pairs": [{"a_id": "0_2", "b_id": "jec-qa-kd-5"}]}
 
 
-def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_model_dir, tmp_path):
+GENERIC = "以下说法错误的是："
+
+
+def _stem_file(path: Path, options: list[dict]) -> Path:
+    rows = [{"id": f"0_{i}", "statement": GENERIC, "option_list": o, "answer": ["A"]} for i, o in enumerate(options)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_a_shared_stem_with_other_options_is_another_question_and_a_relettered_copy_the_same(tmp_path, capsys):
+    first, second = {"A": "甲说", "B": "乙说", "C": "丙说", "D": "丁说"}, {"A": "戊说", "B": "己说", "C": "庚说", "D": "辛说"}
+    a = _stem_file(tmp_path / "a.json", [first, second, first])  # the first question twice
+    relettered = {"A": "丙说", "B": "丁说", "C": "甲说", "D": "乙说"}
+    b = tmp_path / "jec-qa-ca.jsonl"  # AGIEval: options written (A)…, punctuation of its own
+    b.write_text("".join(json.dumps({"passage": None, "question": f"以下说法错误的是 {tail}", "label": ["A"],
+                                     "options": [f"({k}){v}。" for k, v in options.items()]}, ensure_ascii=False) + "\n"
+                         for tail, options in (("", relettered), ("?", {"A": "甲说", "B": "乙说", "C": "丙说", "D": "壬说"}))),
+                 encoding="utf-8")
+    pairs = find_overlap(load_records(a).records, load_records(b).records)
+    assert [(rb.id, ra.id) for rb, ra in pairs] == [("jec-qa-ca-1", "0_0"), ("jec-qa-ca-1", "0_2")]
+    assert main(["data", "overlap", str(a), str(b), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["overlap"] == 1 and out["same_statement_only"] == 1 and out["b_records"] == 2
+    assert out["pairs"] == [{"a_id": "0_0", "b_id": "jec-qa-ca-1"}, {"a_id": "0_2", "b_id": "jec-qa-ca-1"}]
+    assert main(["data", "overlap", str(a), str(b)]) == 0
+    assert "1 of 2 questions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("a,b,dropped", [(LAWBENCH, JECQA, {1, 2}), (JECQA, AGIEVAL, {5}), (JECQA, LAWBENCH, {1, 3})],
+                         ids=["jecqa", "agieval", "lawbench"])
+def test_exclude_output_writes_b_without_the_overlap_in_b_format(a, b, dropped, tmp_path, capsys):
+    out = tmp_path / b.name  # named like B: AGIEval and LawBench read KD/CA from the name
+    assert main(["data", "overlap", str(a), str(b), "--exclude-output", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    before = load_records(b, require_answer=False).records
+    after = load_records(out, require_answer=False).records
+    kept = [r for r in before if r.position not in dropped]
+    assert result["overlap"] == len(dropped) and result["exclude_output"]["records"] == len(kept)
+    assert [(r.statement, r.options, r.answer, r.type, r.format) for r in after] == \
+        [(r.statement, r.options, r.answer, r.type, r.format) for r in kept]
+    if b == LAWBENCH:  # a JSON array of B's own objects
+        assert json.loads(out.read_text(encoding="utf-8")) == \
+            [o for i, o in enumerate(json.loads(b.read_text(encoding="utf-8")), start=1) if i not in dropped]
+    else:  # JSON Lines: B's other lines, byte for byte
+        lines = b.read_text(encoding="utf-8").splitlines()
+        assert out.read_text(encoding="utf-8").splitlines() == [x for i, x in enumerate(lines, start=1) if i not in dropped]
+
+
+def test_exclude_output_named_unlike_b_says_the_type_is_lost(tmp_path, caplog):
+    out = tmp_path / "clean.jsonl"
+    with caplog.at_level(logging.WARNING, logger="lawtune"):
+        assert main(["data", "overlap", str(JECQA), str(AGIEVAL), "--exclude-output", str(out)]) == 0
+    assert "name it like B, e.g. jec-qa-kd.clean.jsonl" in caplog.text
+    assert main(["data", "overlap", str(JECQA), str(AGIEVAL), "--exclude-output", str(AGIEVAL)]) == 2
+
+
+def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_model_dir, tmp_path, capsys):
     out = tmp_path / "lb.json"
     assert main(["eval", "--model", str(answering_model_dir), "--data", str(LAWBENCH), "--prompt-format", "native",
                  "--output", str(out), "model.dtype=float32"]) == 0
+    assert "lawbench_score 0.3333, abstention 0.0000" in capsys.readouterr().out  # the one-line summary
     report = json.loads(out.read_text(encoding="utf-8"))
     s = report["summary"]
     assert [x["pred"] for x in report["samples"]] == [["A"]] * 3  # the rigged model answers A
     assert s["accuracy"] == pytest.approx(1 / 3) and s["lawbench_score"] == pytest.approx(1 / 3)
     assert s["abstention_rate"] == 0 and "after the last </think>" in s["lawbench_rule"]
-    assert s["prompt_format"] == "native"
+    assert s["prompt_format"] == "native" and s["do_sample"] is False  # greedy: what compare tells apart
 
 
 def test_native_prompts_need_a_lawbench_file(answering_model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(answering_model_dir), "--data", str(JECQA), "--prompt-format", "native",
                  "--output", str(tmp_path / "x.json"), "model.dtype=float32"]) == 2
     assert "needs a LawBench file" in capsys.readouterr().err
+
+
+def test_a_sampled_eval_prints_avg_maj_and_pass_at_k(answering_model_dir, tmp_path, capsys):
+    out = tmp_path / "k.json"
+    assert main(["eval", "--model", str(answering_model_dir), "--data", str(LAWBENCH), "--samples", "3",
+                 "--output", str(out), "model.dtype=float32"]) == 0
+    line = capsys.readouterr().out.strip()
+    s = json.loads(out.read_text(encoding="utf-8"))["summary"]
+    assert len(line.splitlines()) == 1 and s["do_sample"] is True
+    for key in ("avg@3", "maj@3", "pass@3", "lawbench_score"):
+        assert f"{key} {s[key]:.4f}" in line, key

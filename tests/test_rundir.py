@@ -68,3 +68,59 @@ def test_a_run_file_written_before_data_format_was_recorded_still_resumes(tmp_pa
         prepare_run_dir(out, _demo_run("data.format=lawbench"), resume=True, overwrite=False)
     with pytest.raises(ConfigError, match="another lora.r"):
         prepare_run_dir(out, _demo_run("lora.r=4"), resume=True, overwrite=False)
+
+
+GENERIC = "以下说法错误的是："
+
+
+def _questions(path: Path, options: list[dict]) -> Path:
+    rows = [{"id": f"1_{i}", "statement": GENERIC, "option_list": o, "answer": ["A"]} for i, o in enumerate(options)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_the_training_split_check_compares_options_and_an_older_manifest_says_it_compares_statements(tmp_path, caplog):
+    import hashlib
+
+    from lawtune.config import EvalFileConfig
+    from lawtune.data import load_records, statement_key
+    from lawtune.evaluate import load_eval_file
+    from lawtune.rundir import MANIFEST_FILE, training_overlap
+    from lawtune.train.common import prepare_data
+
+    trained = _questions(tmp_path / "train.json", [{"A": "甲说", "B": "乙说", "C": "丙说", "D": "丁说"}])
+    # the trained question re-lettered, and the same stem with other options
+    evaluated = _questions(tmp_path / "dev.json", [{"A": "丙说", "B": "甲说", "C": "丁说", "D": "乙说"},
+                                                   {"A": "戊说", "B": "己说", "C": "庚说", "D": "辛说"}])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    train, _, manifest = prepare_data(_demo_run(f"data.train={trained}", "data.eval_fraction=0"), tmp_path / "run")
+    assert len(train) == 1
+    (adapter / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+    records = load_records(evaluated).records
+    assert training_overlap(str(adapter), records) == (1, manifest["train_statements_key"])
+    with caplog.at_level("WARNING", logger="lawtune"):
+        assert load_eval_file(str(evaluated), EvalFileConfig(), str(adapter))[2] == 1
+    assert "1 of 2 questions" in caplog.text and "statement and options compared" in caplog.text
+    caplog.clear()
+    # a manifest written before options were compared: hashes of the folded statement, checked as such
+    older = {**manifest, "train_statements_key": "normalized-1", "train_statements_sha256":
+             [hashlib.sha256(statement_key(r).encode("utf-8")).hexdigest()[:16] for r in train]}
+    (adapter / MANIFEST_FILE).write_text(json.dumps(older), encoding="utf-8")
+    assert training_overlap(str(adapter), records) == (2, "normalized-1")
+    with caplog.at_level("WARNING", logger="lawtune"):
+        load_eval_file(str(evaluated), EvalFileConfig(), str(adapter))
+    assert "2 of 2 questions" in caplog.text and "holds statements only" in caplog.text
+
+
+def test_the_split_still_groups_by_statement_whatever_the_options(tmp_path):
+    from lawtune.data import load_records, split_records
+
+    options = [{"A": f"{x}甲", "B": f"{x}乙"} for x in "一二三四五六"]
+    records = load_records(_questions(tmp_path / "q.json", options)).records
+    records += [type(records[0])(id=f"x{i}", statement=f"问题{i}", options={"A": "a", "B": "b"}, answer=["A"])
+                for i in range(6)]
+    stem = {r.id for r in records if r.statement == GENERIC}
+    for seed in range(4):
+        train, held = split_records(records, 0.3, seed)
+        assert stem <= {r.id for r in train} or stem <= {r.id for r in held}  # one stem, one side

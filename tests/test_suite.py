@@ -1,6 +1,7 @@
 """`lawtune eval --suite`: one model on several benchmarks, a report per run and one page (also in Chromium)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,36 @@ def test_the_page_in_headless_chromium(suite_page, chromium):
     details = driver.find_element(By.ID, "q-jecqa_direct")
     details.find_element(By.TAG_NAME, "summary").click()  # every question one click away
     assert len(details.find_elements(By.TAG_NAME, "tr")) == 1 + 3
+
+
+def test_suite_paths_are_read_from_the_suite_files_folder(answering_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "suites" / "bench").mkdir(parents=True)
+    shutil.copy(SAMPLES / "jecqa_train.json", tmp_path / "suites" / "bench" / "jecqa.json")
+    suite = tmp_path / "suites" / "s.yaml"
+    suite.write_text(f"model: {answering_model_dir}\nruns:\n  - {{name: jecqa, data: bench/jecqa.json}}\n",
+                     encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["eval", "--suite", str(suite), "--output", "page.html", "model.dtype=float32"]) == 0
+    report = json.loads((elsewhere / "page.jecqa.json").read_text(encoding="utf-8"))
+    assert Path(report["summary"]["data"]).resolve() == (tmp_path / "suites" / "bench" / "jecqa.json").resolve()
+
+
+def test_a_missing_suite_file_names_its_run_and_a_files_warning_prints_once(tmp_path, monkeypatch, capsys, caplog):
+    shutil.copy(SAMPLES / "agieval" / "jec-qa-kd.jsonl", tmp_path / "jec-qa-kd.jsonl")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("runs:\n  - {name: kd_direct, data: jec-qa-kd.jsonl}\n  - {name: kd_choice, data: jec-qa-kd.jsonl, "
+                     "mode: choice}\n  - {name: ca5, data: ca5.jsonl}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path.parent)
+    assert main(["eval", "--suite", str(suite), "--model", "m"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{suite}: run ca5: " in err and "ca5.jsonl: file not found" in err
+    suite.write_text("runs:\n  - {name: kd_direct, data: jec-qa-kd.jsonl}\n  - {name: kd_choice, data: jec-qa-kd.jsonl, "
+                     "mode: choice}\n", encoding="utf-8")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lawtune"):
+        assert main(["eval", "--suite", str(suite), "--model", str(tmp_path / "no_model")]) == 2  # after the files
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("stray punctuation" in m for m in messages) == 1
+    assert sum("skipped 1 records (empty label)" in m for m in messages) == 1

@@ -145,6 +145,29 @@ def paired_permutation(a: list[float], b: list[float], draws: int = PERMUTATIONS
     return (hits + 1) / (draws + 1)
 
 
+def _decoding(summary: dict) -> tuple[str | None, int]:
+    """(greedy or sampled, K) of a report; None where a report written before ``do_sample`` was recorded does not
+    say (one answer each: greedy unless generation.do_sample was set)."""
+    k = int(summary.get("samples") or 1)
+    sampled = k > 1 or summary.get("do_sample")
+    return ("sampled" if sampled else None if summary.get("do_sample") is None else "greedy"), k
+
+
+def _decoding_warnings(sa: dict, sb: dict) -> list[str]:
+    """A greedy report against a sampled one, or two sampled with another K, measure different things."""
+    (da, ka), (db, kb) = _decoding(sa), _decoding(sb)
+
+    def said(d: str | None, k: int) -> str:
+        return "greedy" if d == "greedy" else f"sampled, K={k}" if d == "sampled" else "one answer each"
+
+    if da and db and da != db:
+        return [f"decoding differs: A {said(da, ka)}, B {said(db, kb)}: a greedy answer and sampled ones are not the "
+                f"same measurement (compare greedy with greedy, or sampled with sampled at one K)"]
+    if ka != kb:
+        return [f"K differs: A {said(da, ka)}, B {said(db, kb)}: accuracy (maj@K), avg@K and pass@K all move with K"]
+    return []
+
+
 def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """Pair two reports by question id and compare them."""
     sa, sb = a.get("summary", {}), b.get("summary", {})
@@ -174,6 +197,7 @@ def compare_reports(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> dict
         va, vb = sa.get(key), sb.get(key)
         if va != vb:
             warnings.append(f"{key} differs: A={va!r} B={vb!r}")
+    warnings += _decoding_warnings(sa, sb)
     unmatched_a, unmatched_b = len(idx_a) - n, len(idx_b) - n
     if unmatched_a or unmatched_b:
         warnings.append(

@@ -380,7 +380,10 @@ class OverlapConfig(Section):
     b: str = ""
     """The file whose questions are looked for in A (e.g. a benchmark)."""
     as_json: bool = False
-    """Print one JSON object: {"b_records", "overlap", "examples"}."""
+    """Print one JSON object: {"b_records", "overlap", "same_statement_only", "pairs": every pair's a_id and b_id}."""
+    exclude_output: str | None = None
+    """Write B's own records without those found in A to this file, in B's format (name it like B where the format
+    reads KD/CA from the file name: AGIEval, LawBench)."""
 
 
 class CompareConfig(Section):
@@ -615,7 +618,8 @@ class CheckRun(Run, title="data check"):
 
 
 class OverlapRun(Run, title="data overlap"):
-    """how many questions of file B are in file A (normalised statements, any formats)"""
+    """how many questions of file B are in file A (statement and options, any formats); --exclude-output writes B
+    without them"""
 
     overlap: OverlapConfig = OverlapConfig()
 

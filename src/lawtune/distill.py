@@ -13,6 +13,8 @@ and write it as the question's JEC-QA record plus ``reasoning`` (the think text)
 trains inside the think block. Questions without a kept completion go to ``<output>.rejected.jsonl`` with what
 was sampled. A rerun skips every id in either file (``retry_rejected`` samples the rejected ones again); each
 sample's seed comes from (seed, id, sample index), so a resumed run writes what an uninterrupted one writes.
+``<output>.report.json`` covers both files after every run, a stopped one too: the counts of every run that wrote
+them, summed (``all_runs``, carried from the report the last run left), and this run's (``this_run``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .config import DistillRun
 from .data import Record, load_records
@@ -204,42 +205,50 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     kept_ids = {_base_id(i) for i in done_ids(out)}
     rejected_ids = done_ids(rejected_path)
+    earlier = earlier_runs(report_path, kept_ids | rejected_ids)
     if d.retry_rejected and rejected_ids:
         _drop_lines(rejected_path, rejected_ids - kept_ids)
         rejected_ids = set()
     todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
-    run: dict[str, Any] = {"questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0, "trace_tokens": [],
-           "generated_tokens": 0, "seconds": 0.0, "reasons": dict.fromkeys(REASONS, 0)}
-    if todo:
-        sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
-        bar = progress(total=len(records), initial=len(records) - len(todo), desc="distill", unit="q",
-                       disable=not show_progress)
-        for k in range(0, len(todo), d.batch_size):
-            batch = todo[k: k + d.batch_size]
-            start = time.time()
-            sampled = sample(batch)
-            run["seconds"] += time.time() - start
-            traces, rejected = [], []
-            for record, completions in zip(batch, sampled):
-                verdicts = [judge(c, record) for c in completions]
-                _count(run, record, completions, verdicts, tokenizer)
-                good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
-                if good:
-                    traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
-                else:
-                    rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
-                                     "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
-            _append(out, traces)
-            _append(rejected_path, rejected)
-            run["rejected"] += len(rejected)
-            bar.update(len(batch))
-            run["questions"] += len(batch)
-            bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
-                            completions=f"{run['kept_completions']}/{run['completions']}")
-        bar.close()
-    report = build_report(records, out, rejected_path, run, d.samples)
-    report_path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    return {**report["summary"], "report_file": str(report_path)}
+    run = new_counts()
+    skipped = len(records) - len(todo)
+    try:
+        if todo:
+            sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+            bar = progress(total=len(records), initial=skipped, desc="distill", unit="q", disable=not show_progress)
+            for k in range(0, len(todo), d.batch_size):
+                batch = todo[k: k + d.batch_size]
+                start = time.time()
+                sampled = sample(batch)
+                counts = new_counts()  # added to the run's once the batch is in the files
+                counts["seconds"] = time.time() - start
+                traces, rejected = [], []
+                for record, completions in zip(batch, sampled):
+                    verdicts = [judge(c, record) for c in completions]
+                    _count(counts, record, completions, verdicts, tokenizer)
+                    good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
+                    if good:
+                        traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
+                    else:
+                        rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
+                                         "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
+                _append(out, traces)
+                _append(rejected_path, rejected)
+                batch_kept = {_base_id(t["id"]) for t in traces}
+                kept_ids |= batch_kept
+                rejected_ids |= {r.id for r in batch} - batch_kept
+                counts["rejected"], counts["questions"] = len(rejected), len(batch)
+                run = _summed(run, counts)
+                bar.update(len(batch))
+                bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                                completions=f"{run['kept_completions']}/{run['completions']}")
+            bar.close()
+    finally:  # also when the run is stopped: the report counts what the two files hold
+        report = build_report(records, kept_ids, rejected_ids, (out, rejected_path), run, earlier, d.samples, skipped)
+        tmp = report_path.with_name(report_path.name + ".tmp")
+        tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, report_path)
+    return {**report["summary"], "skipped_done": skipped, "report_file": str(report_path)}
 
 
 def _drop_lines(path: Path, ids: set[str]) -> None:
@@ -285,26 +294,80 @@ def _count(run: dict, record: Record, completions: list[Completion], verdicts: l
                 run["trace_tokens"].append(tokens)
 
 
-def build_report(records: list[Record], out: Path, rejected_path: Path, run: dict, samples: int) -> dict:
-    """What the traces and rejected files hold together (all runs), and what this run sampled."""
-    kept = {_base_id(i) for i in done_ids(out)}
+def new_counts() -> dict:
+    """What a run counts as it samples (one run's, or every run's summed)."""
+    return {"runs": 0, "questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0,
+            "trace_tokens": [], "generated_tokens": 0, "seconds": 0.0, "reasons": dict.fromkeys(REASONS, 0),
+            "uncounted": 0}
+
+
+def earlier_runs(report_path: Path, done: set[str]) -> dict:
+    """The counts of the runs before this one, summed, from the report they left beside the traces (``done``: the
+    ids the traces and rejected files hold; none = a fresh start, whatever report lies there)."""
+    counts = new_counts()
+    if not done or not report_path.is_file():
+        return counts
+    try:
+        old = json.loads(report_path.read_text(encoding="utf-8"))
+        block = old.get("all_runs") or old["this_run"]  # a report of a lawtune before all_runs: its one run
+        questions = block.get("questions_sampled", 0)
+        passed = block.get("questions_passed", round(old["summary"].get("pass_at_k", 0) * questions))
+        counts.update({"runs": block.get("runs", 1), "questions": questions, "pass": passed,
+                       "completions": block.get("completions", 0), "kept_completions": block["reasons"]["kept"],
+                       "reasons": {**counts["reasons"], **block["reasons"]},
+                       "trace_tokens": list(block.get("trace_token_lengths", [])),
+                       "generated_tokens": block.get("generated_tokens", 0), "seconds": block.get("seconds", 0.0),
+                       "uncounted": block.get("uncounted", 0)})
+        # ids in the files that no report counted: a run killed before it could write its report
+        counts["uncounted"] += max(0, len(done) - block.get("questions_done", len(done)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("%s: not a report lawtune can read; the counts of earlier runs start again from 0", report_path)
+        counts = {**new_counts(), "uncounted": len(done)}
+    return counts
+
+
+def _summed(a: dict, b: dict) -> dict:
+    """Two sets of counts added up (``runs``: those that sampled something)."""
+    total = {k: a[k] + b[k] for k in ("questions", "rejected", "completions", "kept_completions", "pass",
+                                      "trace_tokens", "generated_tokens", "seconds", "uncounted")}
+    total["reasons"] = {k: a["reasons"].get(k, 0) + b["reasons"].get(k, 0) for k in REASONS}
+    total["runs"] = a["runs"] + b["runs"]
+    return total
+
+
+def _counts_block(c: dict) -> dict:
+    lengths = c["trace_tokens"]
+    return {"questions_sampled": c["questions"], "questions_passed": c["pass"], "completions": c["completions"],
+            "completions_kept": c["kept_completions"], "reasons": c["reasons"],
+            "pass_at_k": round(c["pass"] / c["questions"], 4) if c["questions"] else 0.0,
+            "trace_tokens": ({"p50": percentile(lengths, 50), "p95": percentile(lengths, 95), "max": max(lengths)}
+                             if lengths else None),
+            "generated_tokens": c["generated_tokens"], "seconds": round(c["seconds"], 2),
+            "tokens_per_s": round(c["generated_tokens"] / c["seconds"], 1) if c["seconds"] else None}
+
+
+def build_report(records: list[Record], kept: set[str], rejected: set[str], files: tuple[Path, Path], run: dict,
+                 earlier: dict, samples: int, skipped: int) -> dict:
+    """What the traces and rejected files hold together after this run (``all_runs``: every run that wrote them,
+    summed), and what this run sampled (``this_run``)."""
     groups: dict[str, list[bool]] = {}
     for r in records:
         hit = r.id in kept
         for name in ("all", r.type, "single" if len(r.answer or []) == 1 else "multi"):
             groups.setdefault(name, []).append(hit)
     by = {name: {"kept": sum(v), "questions": len(v), "rate": round(sum(v) / len(v), 4)} for name, v in groups.items()}
-    lengths = run["trace_tokens"]
+    total = _summed(earlier, {**run, "runs": int(run["questions"] > 0)})
+    every = _counts_block(total)
     summary = {"questions": len(records), "questions_kept": by["all"]["kept"], "samples": samples,
-               "completions_sampled": run["completions"], "completions_kept": run["kept_completions"],
-               "pass_at_k": round(run["pass"] / run["questions"], 4) if run["questions"] else 0.0}
+               "completions_sampled": every["completions"], "completions_kept": every["completions_kept"],
+               "pass_at_k": every["pass_at_k"]}
+    note = ("summary and all_runs count every run that wrote the traces and rejected files (a question sampled again "
+            "with retry_rejected counts each time); this_run is the last run's")
+    if total["uncounted"]:
+        note += (f"; {total['uncounted']} questions in the files were sampled by a run that ended before writing its "
+                 f"report: their completions are not counted")
     return {"summary": summary, "by_group": by,
-            "this_run": {"questions_sampled": run["questions"], "completions": run["completions"],
-                         "reasons": run["reasons"],
-                         "trace_tokens": ({"p50": percentile(lengths, 50), "p95": percentile(lengths, 95),
-                                           "max": max(lengths)} if lengths else None),
-                         "generated_tokens": run["generated_tokens"], "seconds": round(run["seconds"], 2),
-                         "tokens_per_s": round(run["generated_tokens"] / run["seconds"], 1) if run["seconds"] else None},
-            "files": {"traces": str(out), "rejected": str(rejected_path)},
-            "note": "summary.questions_kept and by_group count every run's traces; completions, pass@k, lengths "
-                    "and speed are this run's"}
+            "this_run": {**_counts_block(run), "skipped_done": skipped},
+            "all_runs": {"runs": total["runs"], **every, "questions_done": len(kept | rejected),
+                         "uncounted": total["uncounted"], "trace_token_lengths": sorted(total["trace_tokens"])},
+            "files": {"traces": str(files[0]), "rejected": str(files[1])}, "note": note}

@@ -2,7 +2,7 @@
 adapter says about how it was trained, and whether evaluated questions were trained on.
 
 A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config) and
-``data_manifest.json`` (files, sha256, split, prompt format, the hashed statements trained on); a merged
+``data_manifest.json`` (files, sha256, split, prompt format, the hashed questions trained on); a merged
 model holds ``lawtune_merge.json``.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .config import DecidesWeights, GrpoRun, save_config, sections_of
-from .data import Record, legacy_statement_key, sha256_file, statement_key
+from .data import Record, legacy_statement_key, question_key, sha256_file, statement_key
 
 log = logging.getLogger("lawtune")
 
@@ -28,14 +28,17 @@ MANIFEST_FILE = "data_manifest.json"
 MERGE_INFO = "lawtune_merge.json"
 
 
-# The manifest says which statement key its hashes are of; manifests without it used the legacy key.
-STATEMENT_KEY_VERSION = "normalized-1"
+# A manifest's ``train_statements_key`` says which key its ``train_statements_sha256`` are hashes of: the statement
+# and the option texts (now), the folded statement alone (``normalized-1``), or, where it says nothing, the
+# whitespace-free statement.
+STATEMENT_KEY_VERSION = "statement-options-1"
+STATEMENT_ONLY_VERSIONS = ("normalized-1", None)
+_KEYS = {STATEMENT_KEY_VERSION: question_key, "normalized-1": statement_key, None: legacy_statement_key}
 
 
-def statement_hash(record: Record, legacy: bool = False) -> str:
-    """A short hash of a record's statement key: what a manifest keeps of the questions trained on."""
-    key = legacy_statement_key(record) if legacy else statement_key(record)
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+def statement_hash(record: Record, version: str | None = STATEMENT_KEY_VERSION) -> str:
+    """A short hash of a record's key (of that manifest version): what a manifest keeps of the questions trained on."""
+    return hashlib.sha256(_KEYS[version](record).encode("utf-8")).hexdigest()[:16]
 
 
 def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
@@ -111,17 +114,22 @@ def resolve_prompt_format(model_path: str, adapter: str | None, override: str | 
     return "chat"
 
 
-def training_overlap(adapter: str | None, records: list[Record]) -> int:
-    """How many evaluated questions share a statement with the adapter's training split."""
+def training_overlap(adapter: str | None, records: list[Record]) -> tuple[int, str | None]:
+    """(how many evaluated questions are in the adapter's training split, the manifest's key version). A manifest
+    of a version in ``STATEMENT_ONLY_VERSIONS`` holds statements alone: it is checked by statement."""
     if not adapter:
-        return 0
+        return 0, None
     manifest_path = Path(adapter) / MANIFEST_FILE
     if not manifest_path.is_file():
-        return 0
+        return 0, None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     trained = set(manifest.get("train_statements_sha256", []))
-    legacy = manifest.get("train_statements_key") != STATEMENT_KEY_VERSION
-    return sum(statement_hash(r, legacy=legacy) in trained for r in records)
+    version = manifest.get("train_statements_key")
+    if version not in _KEYS:
+        log.warning("%s: statement key %r is not one this lawtune knows (%s); the training-split check is skipped",
+                    manifest_path, version, ", ".join(str(v) for v in _KEYS if v))
+        return 0, version
+    return sum(statement_hash(r, version) in trained for r in records), version
 
 
 # ----------------------------------------------------------------------------- a training run's output folder

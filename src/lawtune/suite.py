@@ -9,6 +9,10 @@ The suite YAML names the model (and adapter) and its runs::
       - {name: lawbench12, data: LawBench/data/zero_shot/1-2.json, mode: reasoning, prompt_format: native,
          samples: 4, max_new_tokens: 4096}
 
+A relative path in the suite is read from the suite file's folder, not the current one (``model`` and ``adapter``
+where such a folder exists there; else, as a hub id, as written). Every file is loaded, and checked, before the
+model, each once (its warnings print once, however many runs score it); a problem names its run.
+
 The model is loaded once; each run's report is written as ``page.<name>.json`` (the report `lawtune eval` writes,
 which `compare` reads) and the page holds a table per benchmark (data file), bars per category, and every
 question's output one click away. Self-contained HTML: no script or style is fetched.
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from .config import ConfigError, EvalRun, SuiteRun, load_suite
 from .config import replace as replace_config
+from .data import DataError
 from .errors import UsageError
 from .evaluate import load_eval_file, score_file, write_report
 from .rundir import resolve_prompt_format
@@ -28,10 +33,12 @@ from .rundir import resolve_prompt_format
 CATEGORIES = ("single", "multi", "KD", "CA")
 
 
-def run_config(cfg: EvalRun, run: SuiteRun) -> EvalRun:
-    """The eval config of one run: the command's, with the run's data, mode, samples and budget."""
+def run_config(cfg: EvalRun, run: SuiteRun, folder: Path = Path(".")) -> EvalRun:
+    """The eval config of one run: the command's, with the run's data (read from the suite's ``folder``), mode,
+    samples and budget."""
+    data = run.data if Path(run.data).is_absolute() else str(folder / run.data)
     try:
-        ecfg = replace_config(cfg.eval, data=run.data, suite=None, mode=run.mode or cfg.eval.mode,
+        ecfg = replace_config(cfg.eval, data=data, suite=None, mode=run.mode or cfg.eval.mode,
                               samples=run.samples or cfg.eval.samples, format=run.format or cfg.eval.format)
         gcfg = replace_config(cfg.generation, max_new_tokens=run.max_new_tokens or cfg.generation.max_new_tokens)
         return replace_config(cfg, eval=ecfg, generation=gcfg)
@@ -39,25 +46,42 @@ def run_config(cfg: EvalRun, run: SuiteRun) -> EvalRun:
         raise ConfigError(f"{cfg.eval.suite}: run {run.name}: {exc}") from None
 
 
+def _local(folder: Path, path: str | None) -> str | None:
+    """A model or adapter named in the suite: a folder beside the suite file where one is there, else as written
+    (a hub id, or a path of the current folder)."""
+    if not path or Path(path).is_absolute() or not (folder / path).exists():
+        return path
+    return str(folder / path)
+
+
 def run_suite(cfg: EvalRun) -> dict:
     """Score every run of the suite with one loaded model; write each report and the page."""
     from .model import load_for_inference, quiet_loading
 
-    suite = load_suite(cfg.eval.suite or "")
+    suite_file = cfg.eval.suite or ""
+    suite, folder = load_suite(suite_file), Path(suite_file).parent
     page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
     if page.is_dir():
         raise UsageError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
-    model_cfg = replace_config(cfg.model, path=suite.model or cfg.model.path)
-    adapter = suite.adapter or cfg.adapter.path
+    model_cfg = replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path)
+    adapter = _local(folder, suite.adapter) or cfg.adapter.path
     cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
     if not model_cfg.path:
-        raise ConfigError(f"{cfg.eval.suite}: no model (give model: in the suite or --model)")
-    runs = [(run, run_config(cfg, run)) for run in suite.runs]
-    loaded = [load_eval_file(rc.eval.data, rc.eval, adapter) for _, rc in runs]  # every file checked first
+        raise ConfigError(f"{suite_file}: no model (give model: in the suite or --model)")
+    runs = [(run, run_config(cfg, run, folder)) for run in suite.runs]
+    files: dict[tuple, tuple] = {}  # every file checked first, each once
+    for run, rc in runs:
+        key = (rc.eval.data, rc.eval.format)
+        if key not in files:
+            try:
+                files[key] = load_eval_file(rc.eval.data, rc.eval, adapter)
+            except DataError as exc:
+                raise DataError([f"{suite_file}: run {run.name}: {p}" for p in exc.problems]) from None
     quiet_loading()
     model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force)
     reports = {}
-    for (run, rc), (records, skipped, overlap) in zip(runs, loaded):
+    for run, rc in runs:
+        records, skipped, overlap = files[(rc.eval.data, rc.eval.format)]
         fmt = resolve_prompt_format(model_cfg.path, adapter, run.prompt_format or cfg.adapter.prompt_format)
         report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
         report["summary"]["run"] = run.name

@@ -55,7 +55,8 @@ RUN_FOLDER = {"--resume": "continue from the newest checkpoint in the output fol
               "--overwrite": "start over in an output folder that holds a run (its outputs are removed first)"}
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command(c.DemoRun, "train", "train.max_steps=20", run_file=True, default_file=demo_config_path()),
+    "demo": Command(c.DemoRun, "train", "train.max_steps=20", run_file=True, default_file=demo_config_path(),
+                    options={"--overwrite": RUN_FOLDER["--overwrite"]}),
     "train": Command(c.TrainRun, "train", "train.max_steps=100", run_file=True, options=RUN_FOLDER),
     "grpo": Command(c.GrpoRun, "grpo", "grpo.num_generations=16", run_file=True, options=RUN_FOLDER),
     "eval": Command(c.EvalRun, "eval", "generation.top_p=0.9"),

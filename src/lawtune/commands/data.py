@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 from ..config import CheckRun, OverlapRun
-from ..data import data_stats, find_overlap, load_records
+from ..data import data_stats, find_overlap, load_records, statement_key, write_without
+from ..errors import UsageError
+
+log = logging.getLogger("lawtune")
 
 
 def run_check(cfg: CheckRun) -> int:
@@ -44,14 +49,36 @@ def run_check(cfg: CheckRun) -> int:
 
 def run_overlap(cfg: OverlapRun) -> int:
     o = cfg.overlap
+    out = Path(o.exclude_output) if o.exclude_output else None
+    if out is not None and (out.is_dir() or (out.exists() and out.resolve() == Path(o.b).resolve())):
+        raise UsageError(f"overlap.exclude_output: {out} is {'a directory' if out.is_dir() else 'file B itself'}; "
+                         f"give a new file")
     a, b = load_records(o.a, require_answer=False).records, load_records(o.b, require_answer=False).records
     pairs = find_overlap(a, b)
-    examples = [{"b_id": rb.id, "a_id": ra.id, "statement": rb.statement[:80]} for rb, ra in pairs[:5]]
+    found = {rb.position for rb, _ in pairs}
+    # the same stem with other options: what a statement-only check (manifests of key normalized-1) also counts
+    stem_only = {rb.position for rb, _ in find_overlap(a, b, key=statement_key)} - found
+    result: dict = {"b_records": len(b), "overlap": len(found), "same_statement_only": len(stem_only),
+                    "pairs": [{"a_id": ra.id, "b_id": rb.id} for rb, ra in pairs]}
+    if out is not None:
+        result["exclude_output"] = {"file": str(out), "records": write_without(o.b, out, found)}
+        # read back: AGIEval and LawBench take KD/CA from the file name, which the new name may not carry
+        expected = [r.type for r in b if r.position not in found]
+        types = [r.type for r in load_records(out, require_answer=False).records] if expected else []
+        if types != expected:
+            log.warning("%s: its questions read as type %s, B's as %s (%s reads KD/CA from the file name): name it "
+                        "like B, e.g. %s", out, ", ".join(sorted(set(types))),
+                        ", ".join(sorted({r.type for r in b})), b[0].format, Path(o.b).stem + ".clean" + Path(o.b).suffix)
     if o.as_json:
-        print(json.dumps({"b_records": len(b), "overlap": len(pairs), "examples": examples}, ensure_ascii=False))
+        print(json.dumps(result, ensure_ascii=False))
         return 0
-    print(f"{len(pairs)} of {len(b)} questions of {o.b} are in {o.a} ({100 * len(pairs) / len(b):.1f}%; statements "
-          f"compared folded to half width, without whitespace, punctuation or options)")
-    for e in examples:
-        print(f"  {e['b_id']} = {e['a_id']}: {e['statement']}")
+    print(f"{len(found)} of {len(b)} questions of {o.b} are in {o.a} ({100 * len(found) / len(b):.1f}%; statement "
+          f"and option texts compared, options as a set, folded to half width, without whitespace or punctuation)"
+          + (f"; {len(stem_only)} more share only the statement" if stem_only else ""))
+    for rb, ra in pairs[:5]:
+        print(f"  {rb.id} = {ra.id}: {rb.statement[:80]}")
+    if len(pairs) > 5:
+        print(f"  … {len(pairs) - 5} more pairs (--json lists every one)")
+    if out is not None:
+        print(f"{result['exclude_output']['records']} records of {o.b} not in {o.a} -> {out}")
     return 0

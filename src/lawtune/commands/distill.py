@@ -8,7 +8,8 @@ from ..distill import distill
 
 def run_distill(cfg: DistillRun) -> int:
     r = distill(cfg)
-    print(f"kept traces for {r['questions_kept']} of {r['questions']} questions ({r['completions_kept']} of "
-          f"{r['completions_sampled']} completions kept, pass@{r['samples']} {r['pass_at_k']:.3f}) -> "
+    done = f"skipped {r['skipped_done']} already done; " if r["skipped_done"] else ""
+    print(f"{done}kept traces for {r['questions_kept']} of {r['questions']} questions ({r['completions_kept']} of "
+          f"{r['completions_sampled']} completions kept over all runs, pass@{r['samples']} {r['pass_at_k']:.3f}) -> "
           f"{cfg.distill.output}; report {r['report_file']}")
     return 0

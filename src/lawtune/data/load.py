@@ -102,6 +102,7 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
             problems.append(f"{where}: duplicate id {record.id!r} (first at {seen_ids[record.id]})")
         else:
             seen_ids[record.id] = where
+            record.position = index
             records.append(record)
             if max_samples is not None and len(records) >= max_samples:
                 break
@@ -117,3 +118,22 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
     if not records:
         raise DataError([f"{path}: no usable records"])
     return LoadResult(records=records, skipped=dict(skipped), path=str(path))
+
+
+def write_without(path: str | Path, dest: str | Path, positions: set[int]) -> int:
+    """Copy a question file without its records at ``positions`` (``Record.position``), in the file's own format
+    and shape: JSON Lines keep their other lines byte for byte, a JSON array keeps its other objects. Returns how
+    many records were written."""
+    path, dest = Path(path), Path(dest)
+    text = path.read_text(encoding="utf-8")
+    items = list(iter_objects(path, text))
+    if text.lstrip("\ufeff \t\r\n").startswith("["):
+        kept = [obj for index, (_, obj) in enumerate(items, start=1) if index not in positions]
+        body = json.dumps(kept, ensure_ascii=False, indent=1) + "\n"
+    else:
+        lines = text.splitlines()
+        kept = [lines[line - 1] for index, (line, _) in enumerate(items, start=1) if index not in positions]
+        body = "".join(row + "\n" for row in kept)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(body, encoding="utf-8")
+    return len(kept)

@@ -47,6 +47,9 @@ class Record:
     """FILE:LINE the record came from, for messages."""
     format: str = "jecqa"
     """The file format it was read from (jecqa, agieval, lawbench): LawBench's files are also scored by its rule."""
+    position: int = 0
+    """Its place among its file's records (1 = the first; 0 = not read from a file): which of the file's own
+    records it is, whatever the format's ids are made of."""
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"id": self.id, "statement": self.statement, "option_list": dict(self.options)}
@@ -70,13 +73,25 @@ class LoadResult:
     path: str
 
 
-def statement_key(record: Record) -> str:
-    """What makes two questions the same one, in any format: the statement (options are never part of it; a
-    LawBench question's inline options are split off when it is read) folded to half width (NFKC), lower case,
-    without whitespace or punctuation. Copies of JEC-QA in AGIEval and LawBench differ from the release in
-    exactly those."""
-    text = unicodedata.normalize("NFKC", record.statement).lower()
+def _fold(text: str) -> str:
+    """Text folded to half width (NFKC), lower case, without whitespace, punctuation or symbols: copies of JEC-QA in
+    AGIEval and LawBench differ from the release in exactly those."""
+    text = unicodedata.normalize("NFKC", text).lower()
     return "".join(ch for ch in text if not ch.isspace() and not unicodedata.category(ch).startswith(("P", "S")))
+
+
+def statement_key(record: Record) -> str:
+    """The statement, folded (``_fold``); options are never part of it (a LawBench question's inline options are
+    split off when it is read). What the train/eval split groups by: a repeated stem stays on one side."""
+    return _fold(record.statement)
+
+
+def question_key(record: Record) -> str:
+    """What makes two questions the same one, in any format: the folded statement and the folded option texts as a
+    set. Many questions share a generic stem (以下说法错误的是) and differ only in their options; a copy whose
+    options were re-lettered (or reordered) is still the same question."""
+    options = sorted({_fold(text) for text in record.options.values()})
+    return "\n".join([statement_key(record), *options])
 
 
 def legacy_statement_key(record: Record) -> str:
@@ -112,12 +127,13 @@ def drop_overlap(train: list[Record], held_out: list[Record]) -> tuple[list[Reco
     return kept, len(train) - len(kept)
 
 
-def find_overlap(a: list[Record], b: list[Record]) -> list[tuple[Record, Record]]:
-    """(record of b, the record of a with the same statement key) for every record of b that a holds."""
-    by_key: dict[str, Record] = {}
+def find_overlap(a: list[Record], b: list[Record], key=question_key) -> list[tuple[Record, Record]]:
+    """(record of b, record of a) for every pair of the same question (``key``: ``question_key`` unless told), in
+    b's order; a record of b that a holds twice is paired with both."""
+    by_key: dict[str, list[Record]] = {}
     for record in a:
-        by_key.setdefault(statement_key(record), record)
-    return [(r, by_key[statement_key(r)]) for r in b if statement_key(r) in by_key]
+        by_key.setdefault(key(record), []).append(record)
+    return [(r, match) for r in b for match in by_key.get(key(r), [])]
 
 
 def write_jsonl(records: list[Record], path: str | Path) -> None:
