@@ -325,8 +325,10 @@ class GenerationEngine:
         self.running: dict[int, tuple[Request, Sample]] = {}
         self.pending: collections.deque[Look] = collections.deque()  # readings on their way to the host
         self.waiting: collections.deque[Request] = collections.deque()
-        self.graphs: dict[tuple[bool, int, int], torch.cuda.CUDAGraph] = {}  # by (sampling, rows, columns)
-        self.warm: set[tuple[bool, int, int]] = set()
+        # By (sampling, rows, columns, top): a step that keeps the likeliest tokens is a graph of its own, recorded when
+        # first needed (capture_graphs records the others), so steps that need none never pay for them.
+        self.graphs: dict[tuple[bool, int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.warm: set[tuple[bool, int, int, bool]] = set()
         self.pool: Any = None  # one memory pool for all graphs (they never run at the same time); torch's handle
         self.lock = threading.Condition()  # guards waiting; the loop waits on it when idle
         self.thread: threading.Thread | None = None
@@ -399,8 +401,8 @@ class GenerationEngine:
             for sampling in (False, True):
                 for rows in widths:
                     for columns in windows:
-                        while (sampling, rows, columns) not in self.graphs:
-                            self._run_step(sampling, rows, columns)
+                        while (sampling, rows, columns, False) not in self.graphs:
+                            self._run_step(sampling, rows, columns, False)
         torch.cuda.synchronize(self.device)
         return len(self.graphs)
 
@@ -633,7 +635,7 @@ class GenerationEngine:
         self.out_tokens[index, 0] = token
         self.out_logprobs[index, 0] = logprob
         tops: list = [None] * len(sample_rows)
-        if self.top:
+        if self.top and any(r.params.top_logprobs for r in batch):
             top = torch.log_softmax(logits[torch.tensor(owner, device=d)], dim=-1).topk(self.top)
             self.out_top_ids[index, 0], self.out_top_logprobs[index, 0] = top.indices, top.values
             tops = [[list(zip(i, v))] for i, v in zip(top.indices.tolist(), top.values.tolist())]
@@ -667,7 +669,7 @@ class GenerationEngine:
         stops = ((token == self.eos) & ~self.ignore_eos[rows]) | (self.stop_ids[rows] == token[:, None]).any(-1)
         return (stops & (count >= self.min_tokens[rows])) | (count >= self.budget[rows])
 
-    def _decode_step(self, sampling: bool, rows: int, columns: int) -> None:
+    def _decode_step(self, sampling: bool, rows: int, columns: int, top: bool) -> None:
         """One token for each of the first ``rows`` rows, attending their first ``columns`` columns, on fixed tensors
         only (what a CUDA graph records)."""
         r = slice(0, rows)
@@ -688,11 +690,11 @@ class GenerationEngine:
         column = step_no.clamp(max=self.max_len - 1)[:, None]  # an ended row's writes land past its end
         self.out_tokens[r].scatter_(1, column, token[:, None])
         self.out_logprobs[r].scatter_(1, column, logprob[:, None])
-        if self.top:
-            top = torch.log_softmax(logits, dim=-1).topk(self.top)
+        if top:
+            likeliest = torch.log_softmax(logits, dim=-1).topk(self.top)
             where = column[:, :, None].expand(-1, -1, self.top)
-            self.out_top_ids[r].scatter_(1, where, top.indices[:, None])
-            self.out_top_logprobs[r].scatter_(1, where, top.values[:, None])
+            self.out_top_ids[r].scatter_(1, where, likeliest.indices[:, None])
+            self.out_top_logprobs[r].scatter_(1, where, likeliest.values[:, None])
         step_no.add_(1)
         alive = self.alive[r]
         self.length[r].copy_(torch.where(alive, step_no, self.length[r]))
@@ -717,10 +719,10 @@ class GenerationEngine:
         return self._window(max(self.prompt_len[slot] + self.steps - self.admitted_at[slot] + 1
                                 for slot in self.running))
 
-    def _run_step(self, sampling: bool, rows: int, columns: int) -> None:
-        key = (sampling, rows, columns)
+    def _run_step(self, sampling: bool, rows: int, columns: int, top: bool = False) -> None:
+        key = (sampling, rows, columns, top)
         if not self.use_graph:
-            self._decode_step(sampling, rows, columns)
+            self._decode_step(sampling, rows, columns, top)
         elif key in self.graphs:
             self.graphs[key].replay()
         elif key in self.warm:  # warmed up once: record the step (recording does not run it), then replay
@@ -728,14 +730,14 @@ class GenerationEngine:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._decode_step(sampling, rows, columns)
+                self._decode_step(sampling, rows, columns, top)
             self.graphs[key] = graph
             graph.replay()
         else:  # capture needs one eager run on a side stream first
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._decode_step(sampling, rows, columns)
+                self._decode_step(sampling, rows, columns, top)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warm.add(key)
 
@@ -744,8 +746,9 @@ class GenerationEngine:
         a streaming caller waits, a row's budget runs out or ``CHECK_EVERY`` steps have passed, starts a reading of
         this one."""
         sampling = any(request.params.temperature > 0 for request, _ in self.running.values())
+        top = self.top > 0 and any(request.params.top_logprobs for request, _ in self.running.values())
         rows, columns = self._rows_in_use(), self._columns_in_use()
-        self._run_step(sampling, rows, columns)
+        self._run_step(sampling, rows, columns, top)
         self.steps += 1
         self.busy_rows += len(self.running)
         self.row_steps += rows

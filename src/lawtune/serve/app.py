@@ -54,7 +54,8 @@ class Guard:
         try:
             if self.state.draining and scope["path"].startswith("/v1/"):
                 await self.answer(sending, RequestError(503, "the server is shutting down", "server_error",
-                                                        code="shutdown", headers={"Connection": "close"}))
+                                                        code="shutdown",
+                                                        headers={"Connection": "close", "Retry-After": "1"}))
                 return
             body_receive = await self.read_body(scope, receive, sending)
             if body_receive is not None:

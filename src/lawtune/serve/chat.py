@@ -96,6 +96,8 @@ class ChatChoiceRun:
     answer: Any = None
     first_at: float | None = None
     error: BaseException | None = None
+    streamed: bool = False
+    """Its events come as the tokens do (else all at the end): only then is the first one's time a first token's."""
 
     async def pieces(self, deadline: float | None) -> AsyncIterator[tuple[str, Any]]:
         """("reasoning" | "content", text) as released past the stop strings, ("tokens", [...]) for each token."""
@@ -111,6 +113,8 @@ class ChatChoiceRun:
             elif event == "done":
                 self.answer = payload
             else:
+                if self.streamed:
+                    self.first_at = self.first_at or time.monotonic()
                 for channel, text in self.stop.feed(event, payload):
                     setattr(self, channel, getattr(self, channel) + text)
                     yield channel, text
@@ -143,12 +147,15 @@ def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
     # A client that reads the whole answer at once is served without a per-step look at its row, unless it wants
     # what only the token stream has (log-probabilities, a stop string to watch for).
     stream = body.stream or body.logprobs or bool(stops)
+    # Token events cost the server a hop per token: asked for only where the log-probabilities or the count of a
+    # stopped answer need them.
+    tokens = body.logprobs or bool(stops)
 
     def events(on_request):
-        return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=True,
+        return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=tokens,
                                top_logprobs=top, on_request=on_request)
 
-    return ChatChoiceRun(index, Job(state, events), StopText(stops))
+    return ChatChoiceRun(index, Job(state, events), StopText(stops), streamed=stream)
 
 
 async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
@@ -198,9 +205,12 @@ async def chat_stream(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
     tokenizer = state.loaded.tokenizer  # type: ignore[union-attr]
 
     def chunk(delta: dict, finish: str | None = None, tokens: list | None = None, **extra) -> str:
-        return sse(api.ChatCompletionChunk(**base, choices=[api.ChatChunkChoice(
-            delta=api.ChatDelta(**delta), finish_reason=finish,
-            logprobs=chat_logprobs(tokenizer, tokens) if tokens else None)], **extra).model_dump())
+        # A plain dict shaped as api.ChatCompletionChunk: the per-token path, where building and dumping the
+        # pydantic models cost more interpreter time than the rest of a chunk's work (bench/README.md, issue 27).
+        logprobs = chat_logprobs(tokenizer, tokens).model_dump() if tokens else None
+        return sse({**base, "object": "chat.completion.chunk", "model": api.MODEL_ID, "choices": [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            **{k: v.model_dump() for k, v in extra.items()}})
 
     async def events() -> AsyncIterator[str]:
         pending: list = []  # tokens whose log-probabilities go out with the next chunk

@@ -289,7 +289,7 @@ def error_events(err: RequestError) -> list[str]:
 def cancelled_error(job: Job) -> RequestError:
     if job.cancelled == "shutdown":
         return RequestError(503, "the server is shutting down; the request was cancelled", "server_error",
-                            code="shutdown")
+                            code="shutdown", headers={"Retry-After": "1"})
     return RequestError(500, f"generation stopped: {job.cancelled}", "server_error")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
+import logging
 import socket
 import threading
 import time
@@ -22,8 +22,12 @@ from .app import make_app
 from .protocol import MAX_TOP_LOGPROBS
 from .runtime import ServeState
 
-# uvicorn's own limit on shutting down comes this long after serve.shutdown_grace_s has cancelled what still ran.
-SHUTDOWN_SLACK_S = 5
+log = logging.getLogger("lawtune")
+
+# The last part of serve.shutdown_grace_s: the cancelled requests' ends and uvicorn's closing of connections.
+CLOSE_S = 2.0
+# 503s answered after the last running request ended, before the socket closes (under a Retry-After of 1 s).
+LINGER_S = 0.5
 
 
 class Server(uvicorn.Server):
@@ -32,7 +36,7 @@ class Server(uvicorn.Server):
 
     def __init__(self, app, state: ServeState, sock: socket.socket):
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=math.ceil(state.cfg.shutdown_grace_s + SHUTDOWN_SLACK_S))
+                                timeout_graceful_shutdown=1)
         super().__init__(config)
         self.state, self.sock = state, sock
 
@@ -46,13 +50,27 @@ class Server(uvicorn.Server):
         return self.state.loaded.generator if self.state.loaded else None
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.state.draining = True
-        timer = asyncio.get_running_loop().call_later(self.state.cfg.shutdown_grace_s, self.state.cancel_all,
-                                                      "shutdown")
-        try:
-            await super().shutdown(sockets)
-        finally:
-            timer.cancel()
+        """Drain, then close: new requests get a 503 with Retry-After while the socket still listens (a connection
+        waiting in the listen queue when it closes would be reset); running ones get ``serve.shutdown_grace_s`` to
+        finish, then are cancelled; a last ``LINGER_S`` of 503s lets clients that just got their answer learn of
+        the shutdown before the socket closes and new connections are refused."""
+        state, loop = self.state, asyncio.get_running_loop()
+        state.draining = True
+        began = loop.time()
+        # The whole shutdown fits in the grace period: what runs at its end (minus the linger and the closing) is
+        # cancelled.
+        end = began + max(0.0, state.cfg.shutdown_grace_s - LINGER_S - CLOSE_S)
+        log.info("shutting down: %d running or waiting; new requests get 503", state.rows)
+        while state.rows and loop.time() < end:
+            await asyncio.sleep(0.05)
+        if state.rows:
+            log.info("shutting down: cancelling %d after %.1f s", state.rows, loop.time() - began)
+            state.cancel_all("shutdown")
+            while state.rows and loop.time() < end + CLOSE_S / 2:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(LINGER_S)
+        await super().shutdown(sockets)
+        log.info("shut down after %.1f s", loop.time() - began)
 
     def serve_forever(self) -> None:
         self.run(sockets=[self.sock])
