@@ -13,6 +13,8 @@ and write it as the question's JEC-QA record plus ``reasoning`` (the think text)
 trains inside the think block. Questions without a kept completion go to ``<output>.rejected.jsonl`` with what
 was sampled. A rerun skips every id in either file (``retry_rejected`` samples the rejected ones again); each
 sample's seed comes from (seed, id, sample index), so a resumed run writes what an uninterrupted one writes.
+SIGTERM drops the batch being sampled, keeps every written one and ends the command with exit code 143
+(``preempt.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .config import DistillRun
 from .data import Record, load_records
 from .errors import UsageError
 from .infer import done_ids
+from .preempt import Preempted, Sigterm
 from .progress import progress
 from .prompts import chat_user_text, render_prompt
 from .scoring import extract_answer
@@ -210,14 +213,35 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
     run: dict[str, Any] = {"questions": 0, "rejected": 0, "completions": 0, "kept_completions": 0, "pass": 0, "trace_tokens": [],
            "generated_tokens": 0, "seconds": 0.0, "reasons": dict.fromkeys(REASONS, 0)}
-    if todo:
-        sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
-        bar = progress(total=len(records), initial=len(records) - len(todo), desc="distill", unit="q",
-                       disable=not show_progress)
-        for k in range(0, len(todo), d.batch_size):
-            batch = todo[k: k + d.batch_size]
-            start = time.time()
-            sampled = sample(batch)
+    preempted = False
+    with Sigterm(interrupt=True, what="stopping; every batch sampled so far is saved") as sigterm:
+        try:
+            if todo:
+                _sample_all(cfg, records, todo, run, out, rejected_path, sigterm, show_progress)
+        except Preempted:
+            preempted = True
+        sigterm.disarm()  # what is left is writing the report: it completes, whatever comes
+        report = build_report(records, out, rejected_path, run, d.samples)
+        report_path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+    if preempted:
+        raise Preempted(f"preempted: {run['questions']} of the {len(todo)} questions left were sampled and saved in "
+                        f"{out} and {rejected_path.name}; rerun the same command to go on")
+    return {**report["summary"], "report_file": str(report_path)}
+
+
+def _sample_all(cfg: DistillRun, records: list[Record], todo: list[Record], run: dict, out: Path, rejected_path: Path,
+                sigterm: Sigterm, show_progress: bool) -> None:
+    """Sample ``todo`` batch by batch, appending each batch's traces and rejected questions and counting it in
+    ``run``. SIGTERM (``sigterm``) drops the batch being sampled, never one being written."""
+    d = cfg.distill
+    sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+    bar = progress(total=len(records), initial=len(records) - len(todo), desc="distill", unit="q",
+                   disable=not show_progress)
+    for k in range(0, len(todo), d.batch_size):
+        batch = todo[k: k + d.batch_size]
+        start = time.time()
+        sampled = sample(batch)
+        with sigterm.holding():  # a batch's lines and its counts go in whole
             run["seconds"] += time.time() - start
             traces, rejected = [], []
             for record, completions in zip(batch, sampled):
@@ -232,14 +256,11 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
             _append(out, traces)
             _append(rejected_path, rejected)
             run["rejected"] += len(rejected)
-            bar.update(len(batch))
             run["questions"] += len(batch)
-            bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
-                            completions=f"{run['kept_completions']}/{run['completions']}")
-        bar.close()
-    report = build_report(records, out, rejected_path, run, d.samples)
-    report_path.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    return {**report["summary"], "report_file": str(report_path)}
+        bar.update(len(batch))
+        bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                        completions=f"{run['kept_completions']}/{run['completions']}")
+    bar.close()
 
 
 def _drop_lines(path: Path, ids: set[str]) -> None:
