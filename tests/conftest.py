@@ -155,6 +155,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+def term_at_step(step: int):
+    """A Trainer callback that sends this process SIGTERM as optimizer step ``step`` begins, in a test process: only
+    while lawtune's handler is installed (the default action would end pytest)."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class TermAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return TermAtStep()
+
+
 def preempting_script(directory: Path) -> Path:
     path = directory / "preempting.py"
     path.write_text(PREEMPTING_SCRIPT, encoding="utf-8")

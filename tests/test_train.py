@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from lawtune.config import load_config
 from lawtune.train import fit, setup, train
@@ -302,19 +301,6 @@ def test_resume_of_a_finished_run_writes_nothing_and_a_larger_max_steps_goes_on(
     assert capsys.readouterr().out.startswith("already at step 3 (past train.max_steps=2): nothing to do")
 
 
-class TermAtStep(TrainerCallback):
-    """Sends this process SIGTERM as optimizer step ``step`` begins, only while lawtune's handler is installed (the
-    default action would end pytest)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _demo_args(config, out, *extra):
     return ["train", str(config), "--output-dir", str(out), *extra]
 
@@ -325,7 +311,7 @@ def test_sigterm_before_the_first_step_ends_exits_143_without_a_checkpoint(when,
     from lawtune.cli import main
     from lawtune.train import sft
 
-    from conftest import ddp_demo_config
+    from conftest import ddp_demo_config, term_at_step
 
     if when == "setup":
         real = sft.prepare_data
@@ -341,7 +327,7 @@ def test_sigterm_before_the_first_step_ends_exits_143_without_a_checkpoint(when,
 
         def setup(*args, **kwargs):
             run = real_setup(*args, **kwargs)
-            run.trainer.add_callback(TermAtStep(1))
+            run.trainer.add_callback(term_at_step(1))
             return run
 
         monkeypatch.setattr(sft, "setup", setup)
