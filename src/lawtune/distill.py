@@ -237,30 +237,32 @@ def _sample_all(cfg: DistillRun, records: list[Record], todo: list[Record], run:
     sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
     bar = progress(total=len(records), initial=len(records) - len(todo), desc="distill", unit="q",
                    disable=not show_progress)
-    for k in range(0, len(todo), d.batch_size):
-        batch = todo[k: k + d.batch_size]
-        start = time.time()
-        sampled = sample(batch)
-        with sigterm.holding():  # a batch's lines and its counts go in whole
-            run["seconds"] += time.time() - start
-            traces, rejected = [], []
-            for record, completions in zip(batch, sampled):
-                verdicts = [judge(c, record) for c in completions]
-                _count(run, record, completions, verdicts, tokenizer)
-                good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
-                if good:
-                    traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
-                else:
-                    rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
-                                     "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
-            _append(out, traces)
-            _append(rejected_path, rejected)
-            run["rejected"] += len(rejected)
-            run["questions"] += len(batch)
-        bar.update(len(batch))
-        bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
-                        completions=f"{run['kept_completions']}/{run['completions']}")
-    bar.close()
+    try:
+        for k in range(0, len(todo), d.batch_size):
+            batch = todo[k: k + d.batch_size]
+            start = time.time()
+            sampled = sample(batch)
+            with sigterm.holding():  # a batch's lines and its counts go in whole
+                run["seconds"] += time.time() - start
+                traces, rejected = [], []
+                for record, completions in zip(batch, sampled):
+                    verdicts = [judge(c, record) for c in completions]
+                    _count(run, record, completions, verdicts, tokenizer)
+                    good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
+                    if good:
+                        traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
+                    else:
+                        rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
+                                         "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
+                _append(out, traces)
+                _append(rejected_path, rejected)
+                run["rejected"] += len(rejected)
+                run["questions"] += len(batch)
+            bar.update(len(batch))
+            bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                            completions=f"{run['kept_completions']}/{run['completions']}")
+    finally:
+        bar.close()  # also when stopped: the message that follows starts a line of its own
 
 
 def _drop_lines(path: Path, ids: set[str]) -> None:

@@ -105,23 +105,25 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
     engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
                    disable=not show_progress)
-    with open(out_path, "a", encoding="utf-8") as fh:
-        for k in range(0, len(todo), pcfg.batch_size):
-            batch = todo[k: k + pcfg.batch_size]
-            rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
-                                slots=pcfg.batch_size)
-            with sigterm.holding():
-                for record, row in zip(batch, rows):
-                    line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
-                    if row.get("forced"):
-                        line["forced"] = True
-                    fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    summary["unreadable"] += not row["pred"]
-                fh.flush()
-                os.fsync(fh.fileno())  # a crash loses at most the batch being generated
-                summary["generated"] += len(batch)
-            bar.update(len(batch))
-    bar.close()
+    try:
+        with open(out_path, "a", encoding="utf-8") as fh:
+            for k in range(0, len(todo), pcfg.batch_size):
+                batch = todo[k: k + pcfg.batch_size]
+                rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
+                                    slots=pcfg.batch_size)
+                with sigterm.holding():
+                    for record, row in zip(batch, rows):
+                        line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
+                        if row.get("forced"):
+                            line["forced"] = True
+                        fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        summary["unreadable"] += not row["pred"]
+                    fh.flush()
+                    os.fsync(fh.fileno())  # a crash loses at most the batch being generated
+                    summary["generated"] += len(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()  # also when stopped: the message that follows starts a line of its own
 
 
 
