@@ -44,31 +44,31 @@ class Sigterm:
         self.interrupt = interrupt
         self.what = what
         self.received = False
-        self._holding = 0
-        self._pending = False
-        self._previous: Any = None
-        self._installed = False
+        self.depth = 0
+        self.pending = False
+        self.previous: Any = None
+        self.installed = False
 
     def __enter__(self) -> Sigterm:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            self.previous = signal.signal(signal.SIGTERM, self.handle)
+            self.installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
+        if self.installed:
             # None: the previous handler was not set from Python; the default is what a process starts with
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
-            self._installed = False
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+            self.installed = False
 
-    def _handle(self, signum, frame) -> None:
+    def handle(self, signum, frame) -> None:
         if self.received:
             return
         self.received = True
         log.warning("SIGTERM: %s", self.what)
         if self.interrupt:
-            if self._holding:
-                self._pending = True
+            if self.depth:
+                self.pending = True
             else:
                 raise Preempted()
 
@@ -79,11 +79,11 @@ class Sigterm:
     @contextmanager
     def holding(self) -> Iterator[None]:
         """A block that SIGTERM does not cut short (writing a batch's lines): ``Preempted`` comes after it."""
-        self._holding += 1
+        self.depth += 1
         try:
             yield
         finally:
-            self._holding -= 1
-        if self._pending and not self._holding:
-            self._pending = False
+            self.depth -= 1
+        if self.pending and not self.depth:
+            self.pending = False
             raise Preempted()

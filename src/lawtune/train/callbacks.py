@@ -34,14 +34,14 @@ class StopOnSigterm(TrainerCallback):
         self.first_step: int | None = None
         self.stopped_at: int | None = None
         self.saved = False
-        self._group = None
-        self._grouped = False
+        self.group = None  # dist.cpu_group(), made at the first look under DDP
+        self.grouped = False
 
     def requested(self) -> bool:
         """Whether some rank received SIGTERM; every rank calls this at the same points."""
-        if world_size() > 1 and not self._grouped:
-            self._group, self._grouped = cpu_group(), True
-        return any_rank(self.sigterm.received, self._group)
+        if world_size() > 1 and not self.grouped:
+            self.group, self.grouped = cpu_group(), True
+        return any_rank(self.sigterm.received, self.group)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.first_step = state.global_step + 1
