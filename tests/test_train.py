@@ -268,7 +268,6 @@ def test_a_resumed_run_counts_tokens_from_where_it_stopped_and_examples_per_seco
 # ----------------------------------------------------------------------------- a finished run, a preempted run
 
 
-@pytest.mark.slow  # four sessions in one folder, three steps trained in all
 def test_resume_of_a_finished_run_writes_nothing_and_a_larger_max_steps_goes_on(tiny_config, tmp_path, capsys):
     from lawtune.commands import run
 

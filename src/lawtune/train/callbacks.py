@@ -186,7 +186,10 @@ class HeldOutEvalCallback(TrainerCallback):
             rows = {}
             if self.metrics.path.is_file():
                 for line in self.metrics.path.read_text(encoding="utf-8").splitlines():
-                    row = json.loads(line) if line.strip() else {}
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut off when a process was killed while writing it
+                        continue
                     if "eval_accuracy" in row and row["step"] <= step:  # later rows: steps this run does again
                         rows[row["step"]] = row
             history = [rows[k] for k in sorted(rows)]
