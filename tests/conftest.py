@@ -121,6 +121,83 @@ def one_node_ddp_run(tiny_model_dir, tmp_path_factory):
     return config, out, proc, snapshot
 
 
+# `python <script> <lawtune command line>`: lawtune's command line in a process that sends itself SIGTERM as optimizer
+# step $TERM_AT_STEP begins (on rank $TERM_ON_RANK only, where set), through a callback that `train` (`grpo` with
+# $TERM_MODULE=grpo) adds to its Trainer. The signal comes at a known step, not after a wall-clock wait.
+PREEMPTING_SCRIPT = """
+import importlib, os, signal, sys
+
+from transformers import TrainerCallback
+
+from lawtune.cli import main
+
+step, rank = int(os.environ["TERM_AT_STEP"]), os.environ.get("TERM_ON_RANK")
+module = importlib.import_module("lawtune.train." + os.environ.get("TERM_MODULE", "sft"))
+
+
+class TermAtStep(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == step and rank in (None, os.environ.get("RANK", "0")):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+real_setup = module.setup
+
+
+def setup(*args, **kwargs):
+    run = real_setup(*args, **kwargs)
+    run.trainer.add_callback(TermAtStep())
+    return run
+
+
+module.setup = setup
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def term_at_step(step: int):
+    """A Trainer callback that sends this process SIGTERM as optimizer step ``step`` begins, in a test process: only
+    while lawtune's handler is installed (the default action would end pytest)."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class TermAtStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return TermAtStep()
+
+
+def preempting_script(directory: Path) -> Path:
+    path = directory / "preempting.py"
+    path.write_text(PREEMPTING_SCRIPT, encoding="utf-8")
+    return path
+
+
+def adapter_weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    import torch
+
+    wa, wb = adapter_weights(a), adapter_weights(b)
+    assert set(wa) == set(wb)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+
+
+def file_states(root: Path) -> dict:
+    """Every file under ``root``: its size and modification time (what a command that writes nothing leaves)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file()}
+
+
 @pytest.fixture
 def tiny_config(tiny_model_dir, tmp_path):
     """A config that trains the tiny model for a few steps on the bundled questions, CPU, fp32."""

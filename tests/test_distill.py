@@ -232,3 +232,42 @@ def test_traces_train_beside_answer_only_records_of_a_second_file(tiny_config, t
     assert manifest["mix"]["answer_only_records"] == len(direct) and manifest["files"][-1]["role"] == "mix"
     saved = yaml.safe_load((run / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
     assert saved["data"]["mix"] == str(original) and result.steps == 2
+
+
+def test_sigterm_while_a_batch_is_written_keeps_it_whole_exits_143_and_a_rerun_ends_as_one_run(teacher, tmp_path,
+                                                                                               monkeypatch, capsys):
+    """SIGTERM as the second of three batches is being written: both of its files get the whole batch, the third is
+    not sampled, the report covers what was written, the exit code is 143; the rerun writes what one run writes."""
+    import os
+    import signal
+
+    url, data, rows = teacher
+    args = lambda out: ["distill", "--teacher-url", url, "--teacher-model", "r1", "--data", str(data),  # noqa: E731
+                        "--output", str(out), "--batch-size", "5"]
+    whole = tmp_path / "whole.jsonl"
+    assert main(args(whole)) == 0
+    real_append, calls = distill._append, []
+
+    def term_while_writing(path, lines):
+        calls.append(path)
+        if len(calls) == 3:  # the second batch's traces
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_append(path, lines)
+
+    monkeypatch.setattr(distill, "_append", term_while_writing)
+    parts = tmp_path / "parts.jsonl"
+    capsys.readouterr()
+    assert main(args(parts)) == 143
+    rejected = distill.side_files(parts)[0]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"preempted: 10 of the 12 questions left were sampled and saved in {parts} and {rejected.name}; rerun the "
+        "same command to go on")
+    assert len(calls) == 4  # the second batch's rejected questions were written too; no third batch
+    written = {json.loads(line)["id"] for path in (parts, rejected) for line in path.read_text(encoding="utf-8").splitlines()}
+    assert written == {r["id"] for r in rows[:10]}
+    report = json.loads(distill.side_files(parts)[1].read_text(encoding="utf-8"))
+    assert report["summary"]["questions_kept"] == len(parts.read_text(encoding="utf-8").splitlines())
+    monkeypatch.setattr(distill, "_append", real_append)
+    assert main(args(parts)) == 0
+    assert parts.read_bytes() == whole.read_bytes() and rejected.read_bytes() == distill.side_files(whole)[0].read_bytes()

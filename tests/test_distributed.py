@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # every test launches training processes
 
 
 def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(one_node_ddp_run):
-    config, out, proc, _ = one_node_ddp_run
+    _, out, proc, _ = one_node_ddp_run
     assert proc.stdout.count("done: 4 steps") == 1  # rank 1 stays quiet
     assert proc.stderr.count("all-reduced in buckets of 3 MiB") == 1  # the config reached DDP; rank 0 says so
     assert proc.stderr.count("rank 1: ") == 1 and "full Python garbage collections during training" in proc.stderr
@@ -39,14 +39,7 @@ def test_two_processes_train_on_disjoint_shards_and_only_rank0_writes(one_node_d
     assert (out / "final_model" / "adapter_model.safetensors").is_file()
     assert (out / "best_model" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-4").is_dir()
-
-    # Resume from the two-process checkpoint and train two more steps.
-    resumed = config.with_name("resume.yaml")
-    resumed.write_text(config.read_text(encoding="utf-8").replace("max_steps: 4", "max_steps: 6"), encoding="utf-8")
-    proc = launch_one_node(resumed, "--resume")
-    assert "done: 6 steps" in proc.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    # --resume from a two-process checkpoint: the preemption test at the end of this file
 
 
 # ----------------------------------------------------------------------------- two nodes
@@ -190,3 +183,39 @@ def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(l
     # the comparison is not between two untrained adapters: training moved the weights
     step2, final = (load_file(run / name / "adapter_model.safetensors") for name in ("checkpoint-2", "final_model"))
     assert any(not torch.equal(step2[k], v) for k, v in final.items())
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_on_one_rank_stops_both_at_one_step_and_resume_ends_as_the_uninterrupted_run(one_node_ddp_run,
+                                                                                            tiny_model_dir, tmp_path):
+    """Rank 1 alone gets SIGTERM during step 3 of 4 (checkpoints every 2 steps). Through the all-reduced stop flag
+    both ranks end step 3, save it and stop (rank 0 would otherwise go on and wait in step 4's all-reduce for a rank
+    that is gone); --resume ends on the adapter of the run that got no signal."""
+    from conftest import assert_same_adapter, preempting_script
+
+    out = tmp_path / "run"
+    config = ddp_demo_config(tmp_path / "ddp.yaml", tiny_model_dir, out)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(preempting_script(tmp_path)), "train", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**launcher_env(), "TERM_AT_STEP": "3", "TERM_ON_RANK": "1"})
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        _end(proc)
+    assert err.count("SIGTERM: stopping after this optimizer step") == 1, err[-3000:]  # rank 1 only got it
+    assert err.count("preempted at step 3; rerun with --resume") == 1  # said once, by rank 0
+    # the launcher reports a failed job: a rank's exit code 143 (it may end the other rank itself once that one is done)
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*143", err), err[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in (out / "checkpoint-3").glob("rng_state_*.pth")) == ["rng_state_0.pth",
+                                                                                       "rng_state_1.pth"]
+    assert not (out / "final_model").exists()
+
+    assert "done: 4 steps" in launch_one_node(config, "--resume").stdout
+    assert_same_adapter(out / "final_model", one_node_ddp_run[3] / "final_model")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]

@@ -204,3 +204,63 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
     cfg = load_config(None, ["model.path=m", "data.train=d.json", *override], run_cls=GrpoRun)
     args = grpo_arguments(cfg, tmp_path, torch.float32, torch.device("cpu"), [1.0])
     assert args.gradient_checkpointing is expected
+
+
+def _random01(prompts, completions, **_):
+    """A seeded random 0/1 reward: completions of one group differ in it, so a tiny random model learns something."""
+    return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
+
+
+def _tiny_grpo(model_dir, out, *extra):
+    from lawtune.demo import demo_data_path
+
+    return ["grpo", "--model", str(model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
+            "model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
+            "grpo.num_generations=2", "grpo.per_device_batch_size=4", "grpo.gradient_accumulation_steps=1",
+            "grpo.max_completion_length=8", "grpo.eval_max_new_tokens=8", "grpo.eval_batch_size=4",
+            "grpo.max_steps=3", "grpo.save_steps=10", "grpo.eval_steps=2", "grpo.beta=0", "grpo.learning_rate=1e-2",
+            "grpo.gradient_checkpointing=false", "grpo.report_to=[none]", *extra]
+
+
+@pytest.mark.slow  # three short GRPO sessions and a straight run
+def test_sigterm_stops_grpo_with_a_checkpoint_and_the_resumed_run_ends_as_a_straight_one(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """SIGTERM during step 2 of 3: exit 143 with checkpoint-2 (no evaluation after the signal); --resume ends on the
+    straight run's adapter and prints its held-out summary (start, best, final); another --resume does nothing."""
+    from lawtune.train import grpo as grpo_module
+
+    from conftest import assert_same_adapter, file_states, term_at_step
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main(_tiny_grpo(tiny_model_dir, straight)) == 0
+    summary = capsys.readouterr().out.splitlines()[-1]
+    assert "at the start, best" in summary and summary.endswith(str(straight / "final_model"))
+
+    real_setup = grpo_module.setup
+
+    def setup(*args, **kwargs):
+        run = real_setup(*args, **kwargs)
+        run.trainer.add_callback(term_at_step(2))
+        return run
+
+    monkeypatch.setattr(grpo_module, "setup", setup)
+    assert main(_tiny_grpo(tiny_model_dir, out)) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "preempted at step 2; rerun with --resume"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / "final_model").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0]
+
+    monkeypatch.setattr(grpo_module, "setup", real_setup)
+    assert main([*_tiny_grpo(tiny_model_dir, out), "--resume"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == summary.replace(str(straight), str(out))
+    assert_same_adapter(out / "final_model", straight / "final_model")
+    step2, final = (load_file(str(out / name / "adapter_model.safetensors")) for name in ("checkpoint-2", "final_model"))
+    assert any(not torch.equal(step2[k], v) for k, v in final.items())  # step 3 trained: the comparison means something
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 3]
+
+    before = file_states(out)
+    assert main([*_tiny_grpo(tiny_model_dir, out), "--resume"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("already at step 3 of 3: nothing to do")
+    assert file_states(out) == before

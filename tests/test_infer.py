@@ -193,3 +193,39 @@ def test_predict_max_samples_answers_only_the_first_questions(answering_model_di
     assert main(["predict", "--model", str(answering_model_dir), "--data", str(data), "--output", str(out),
                  "--max-samples", "2", "model.dtype=float32"]) == 0
     assert [r["id"] for r in read_lines(out)] == ids[:2]
+
+
+def test_sigterm_keeps_every_answered_batch_exits_143_and_a_rerun_ends_as_one_run(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """SIGTERM while the second of three batches is generated: that batch is dropped at once, the first stays
+    whole on disk, the exit code is 143; the rerun writes what a run without the signal writes."""
+    import os
+    import signal
+
+    data, ids = unanswered_file(tmp_path)
+    args = lambda out: ["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),  # noqa: E731
+                        "--batch-size", "3", "model.dtype=float32"]
+    whole = tmp_path / "whole.jsonl"
+    assert main(args(whole)) == 0
+    real, batches = evaluate.MODES["direct"], []
+
+    def term_in_the_second_batch(model, tokenizer, records, prompt_format, gcfg, slots=None):
+        batches.append([r.id for r in records])
+        if len(batches) == 2:
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, tokenizer, records, prompt_format, gcfg, slots)
+
+    monkeypatch.setitem(evaluate.MODES, "direct", term_in_the_second_batch)
+    parts = tmp_path / "parts.jsonl"
+    handler = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    assert main(args(parts)) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"preempted: 3 of 7 questions answered in {parts}; "
+                                                                "rerun the same command to go on")
+    assert len(batches) == 2 and signal.getsignal(signal.SIGTERM) is handler
+    whole_lines = whole.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert parts.read_text(encoding="utf-8") == "".join(whole_lines[:3])
+    monkeypatch.setitem(evaluate.MODES, "direct", real)
+    assert main(args(parts)) == 0
+    assert parts.read_bytes() == whole.read_bytes()

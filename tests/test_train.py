@@ -1,4 +1,7 @@
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -260,3 +263,108 @@ def test_a_resumed_run_counts_tokens_from_where_it_stopped_and_examples_per_seco
     examples = parts.n_train / len(parts.trainer.train_dataset) * rows  # examples in them, on average
     assert examples > 3 * rows  # else the test could not tell the two apart
     assert abs(end["train_samples_per_second"] * end["train_runtime"] - examples) < 0.3 * examples
+
+
+# ----------------------------------------------------------------------------- a finished run, a preempted run
+
+
+def test_resume_of_a_finished_run_writes_nothing_and_a_larger_max_steps_goes_on(tiny_config, tmp_path, capsys):
+    from lawtune.commands import run
+
+    from conftest import assert_same_adapter, file_states
+
+    out = tmp_path / "run"
+    two = tiny_config("train.max_steps=2", "train.save_steps=2")
+    assert run("train", two) == 0
+    before = file_states(out)
+    capsys.readouterr()
+    assert run("train", two, resume=True) == 0
+    assert capsys.readouterr().out.startswith("already at step 2 of 2: nothing to do")
+    assert file_states(out) == before  # no checkpoint, no final model, no metrics row, not even lawtune_run.json
+
+    # A run that stopped after its last checkpoint, before its final model was written: only that is left to do.
+    metrics = (out / "metrics.jsonl").read_text(encoding="utf-8")
+    shutil.rmtree(out / "final_model")
+    assert run("train", two, resume=True) == 0
+    last_loss = [r["loss"] for r in _metrics(out) if "loss" in r][-1]
+    assert capsys.readouterr().out.startswith(f"done: 2 steps, final loss {last_loss:.4f}")
+    assert_same_adapter(out / "final_model", out / "checkpoint-2")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (out / "metrics.jsonl").read_text(encoding="utf-8") == metrics  # the evaluation at step 2 is not redone
+
+    assert run("train", tiny_config("train.max_steps=3", "train.save_steps=2"), resume=True) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: 3 steps")
+    rows = _metrics(out)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and [r["step"] for r in rows if "eval_accuracy" in r] == [2, 3]
+    assert run("train", two, resume=True) == 0
+    assert capsys.readouterr().out.startswith("already at step 3 (past train.max_steps=2): nothing to do")
+
+
+def _demo_args(config, out, *extra):
+    return ["train", str(config), "--output-dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("when", ["setup", "first step"])
+def test_sigterm_before_the_first_step_ends_exits_143_without_a_checkpoint(when, tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    from lawtune.cli import main
+    from lawtune.train import sft
+
+    from conftest import ddp_demo_config, term_at_step
+
+    if when == "setup":
+        real = sft.prepare_data
+
+        def prepare_data(*args, **kwargs):
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sft, "prepare_data", prepare_data)
+    else:
+        real_setup = sft.setup
+
+        def setup(*args, **kwargs):
+            run = real_setup(*args, **kwargs)
+            run.trainer.add_callback(term_at_step(1))
+            return run
+
+        monkeypatch.setattr(sft, "setup", setup)
+    config = ddp_demo_config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "run")
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(_demo_args(config, tmp_path / "run", "train.save_steps=1" if when == "setup" else "train.save_steps=2")) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("preempted before the first step ended: no checkpoint "
+                                                                "written; rerun with --resume")
+    assert not list((tmp_path / "run").glob("checkpoint-*")) and not (tmp_path / "run" / "final_model").exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the previous handler is back
+
+
+@pytest.mark.slow  # an uninterrupted run, a run preempted in a subprocess, its resumption
+def test_sigterm_saves_the_step_exits_143_and_resume_reaches_the_uninterrupted_adapter(tiny_model_dir, tmp_path):
+    """SIGTERM during step 2 of 4 (checkpoints every 3 steps, evaluations every 2): step 2 ends and is saved, its
+    evaluation is left for the resumed run, the process exits 143; --resume ends where a run without the signal
+    ends."""
+    import subprocess
+    import sys
+
+    from lawtune.cli import main
+
+    from conftest import assert_same_adapter, ddp_demo_config, launcher_env, preempting_script
+
+    config = ddp_demo_config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "run")
+    extra = ("train.save_steps=3", "train.gradient_accumulation_steps=1")
+    assert main(_demo_args(config, tmp_path / "straight", *extra)) == 0
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(preempting_script(tmp_path)), *_demo_args(config, out, *extra)],
+                          capture_output=True, text=True, timeout=300, env={**launcher_env(), "TERM_AT_STEP": "2"})
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "preempted at step 2; rerun with --resume"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and not (out / "final_model").exists()
+    assert not [r for r in _metrics(out) if "eval_accuracy" in r]  # no time is spent on it after the signal
+
+    assert main([*_demo_args(config, out, *extra), "--resume"]) == 0
+    assert_same_adapter(out / "final_model", tmp_path / "straight" / "final_model")
+    evals = lambda run: [(r["step"], r["eval_accuracy"]) for r in _metrics(run) if "eval_accuracy" in r]  # noqa: E731
+    assert evals(out) == evals(tmp_path / "straight") and [s for s, _ in evals(out)] == [2, 4]
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]

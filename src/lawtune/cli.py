@@ -3,7 +3,8 @@
 takes ``key=value`` overrides anywhere on the line, ``--config FILE`` and ``--print-config``.
 
 What a user did wrong (``errors.UsageError``: a bad config key, a malformed data line, an unusable model directory)
-ends in one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+ends in one line on stderr and exit code 2; a command stopped by SIGTERM after saving its work
+(``preempt.Preempted``) in one line and exit code 143; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .commands import COMMANDS, RENAMED, run
 from .config import config_to_yaml, load_config, sections_of
 from .errors import UsageError
 from .logs import setup_logging
+from .preempt import EXIT_PREEMPTED, Preempted
 
 EXIT_USAGE = 2
 
@@ -100,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    except Preempted as exc:
+        from .dist import is_main_process, shutdown
+
+        if is_main_process():
+            print(exc, file=sys.stderr)
+        shutdown()
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -49,6 +49,26 @@ def sum_over_ranks(value: int) -> int:
     return int(total.item())
 
 
+def cpu_group():
+    """A process group for small collectives on CPU tensors, made by every rank at the same point: the job's own
+    group where it is gloo, else a gloo group beside it (a CUDA tensor would make the CPU wait for the GPU to
+    read its value back). None outside a distributed job."""
+    if world_size() == 1:
+        return None
+    dist = torch.distributed
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """Whether ``flag`` holds on some process of a distributed job (``flag`` itself in a single process); every
+    rank must call this at the same point. ``group``: from ``cpu_group``."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
 def gather_objects(obj) -> list:
     """obj from every rank, in rank order, on every rank ([obj] in a single process)."""
     if world_size() == 1:

@@ -15,6 +15,8 @@ was sampled. A rerun skips every id in either file (``retry_rejected`` samples t
 sample's seed comes from (seed, id, sample index), so a resumed run writes what an uninterrupted one writes.
 ``<output>.report.json`` covers both files after every run, a stopped one too: the counts of every run that wrote
 them, summed (``all_runs``, carried from the report the last run left), and this run's (``this_run``).
+SIGTERM drops the batch being sampled, keeps every written one and ends the command with exit code 143
+(``preempt.py``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .config import DistillRun
 from .data import Record, load_records
 from .errors import UsageError
 from .infer import done_ids
+from .preempt import Preempted, Sigterm
 from .progress import progress
 from .prompts import chat_user_text, render_prompt
 from .scoring import extract_answer
@@ -212,42 +215,57 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
     run = new_counts()
     skipped = len(records) - len(todo)
-    try:
-        if todo:
-            sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
-            bar = progress(total=len(records), initial=skipped, desc="distill", unit="q", disable=not show_progress)
-            for k in range(0, len(todo), d.batch_size):
-                batch = todo[k: k + d.batch_size]
-                start = time.time()
-                sampled = sample(batch)
-                counts = new_counts()  # added to the run's once the batch is in the files
-                counts["seconds"] = time.time() - start
-                traces, rejected = [], []
-                for record, completions in zip(batch, sampled):
-                    verdicts = [judge(c, record) for c in completions]
-                    _count(counts, record, completions, verdicts, tokenizer)
-                    good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
-                    if good:
-                        traces += [_trace(record, c, i) for i, c in enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
-                    else:
-                        rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
-                                         "sampled": [a for _, a in verdicts], "reasons": [r for r, _ in verdicts]})
-                _append(out, traces)
-                _append(rejected_path, rejected)
-                batch_kept = {_base_id(t["id"]) for t in traces}
-                kept_ids |= batch_kept
-                rejected_ids |= {r.id for r in batch} - batch_kept
-                counts["rejected"], counts["questions"] = len(rejected), len(batch)
-                run = _summed(run, counts)
-                bar.update(len(batch))
-                bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
-                                completions=f"{run['kept_completions']}/{run['completions']}")
-            bar.close()
-    finally:  # also when the run is stopped: the report counts what the two files hold
-        report = build_report(records, kept_ids, rejected_ids, (out, rejected_path), run, earlier, d.samples, skipped)
-        tmp = report_path.with_name(report_path.name + ".tmp")
-        tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, report_path)
+    preempted = False
+    with Sigterm(interrupt=True, what="stopping; every batch sampled so far is saved") as sigterm:
+        try:
+            if todo:
+                sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+                bar = progress(total=len(records), initial=skipped, desc="distill", unit="q",
+                               disable=not show_progress)
+                try:
+                    for k in range(0, len(todo), d.batch_size):
+                        batch = todo[k: k + d.batch_size]
+                        start = time.time()
+                        sampled = sample(batch)
+                        with sigterm.holding():  # a batch's lines and its counts go in whole
+                            counts = new_counts()  # added to the run's once the batch is in the files
+                            counts["seconds"] = time.time() - start
+                            traces, rejected = [], []
+                            for record, completions in zip(batch, sampled):
+                                verdicts = [judge(c, record) for c in completions]
+                                _count(counts, record, completions, verdicts, tokenizer)
+                                good = [c for c, (reason, _) in zip(completions, verdicts) if reason == "kept"]
+                                if good:
+                                    traces += [_trace(record, c, i) for i, c in
+                                               enumerate(_pick(good, d.pick, cfg.generation.seed, record.id))]
+                                else:
+                                    rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
+                                                     "sampled": [a for _, a in verdicts],
+                                                     "reasons": [r for r, _ in verdicts]})
+                            _append(out, traces)
+                            _append(rejected_path, rejected)
+                            batch_kept = {_base_id(t["id"]) for t in traces}
+                            kept_ids |= batch_kept
+                            rejected_ids |= {r.id for r in batch} - batch_kept
+                            counts["rejected"], counts["questions"] = len(rejected), len(batch)
+                            run = _summed(run, counts)
+                        bar.update(len(batch))
+                        bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                                        completions=f"{run['kept_completions']}/{run['completions']}")
+                finally:
+                    bar.close()  # also when stopped: the message that follows starts a line of its own
+        except Preempted:
+            preempted = True
+        finally:  # also when the run is stopped: the report counts what the two files hold
+            sigterm.disarm()  # what is left is writing the report: it completes, whatever comes
+            report = build_report(records, kept_ids, rejected_ids, (out, rejected_path), run, earlier, d.samples,
+                                  skipped)
+            tmp = report_path.with_name(report_path.name + ".tmp")
+            tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+            os.replace(tmp, report_path)
+    if preempted:
+        raise Preempted(f"preempted: {run['questions']} of the {len(todo)} questions left were sampled and saved in "
+                        f"{out} and {rejected_path.name}; rerun the same command to go on")
     return {**report["summary"], "skipped_done": skipped, "report_file": str(report_path)}
 
 

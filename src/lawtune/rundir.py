@@ -209,18 +209,60 @@ def prepare_run_dir(out: Path, cfg, resume: bool, overwrite: bool, main: bool = 
                     old.unlink()
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / RUN_FILE).write_text(json.dumps(fingerprint, ensure_ascii=False, indent=1), encoding="utf-8")
+        text = json.dumps(fingerprint, ensure_ascii=False, indent=1)
+        path = out / RUN_FILE
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:  # a resumed run leaves it as it was
+            path.write_text(text, encoding="utf-8")
+
+
+TRAINER_STATE = "trainer_state.json"  # what the Trainer writes last into a checkpoint
+FINAL_STEPS = "trained_steps"  # final_model's manifest: the optimizer steps it was trained for
+
+
+class RunFinished(Exception):
+    """--resume of a run that has reached its max_steps: nothing to do. The message says so."""
+
+
+def checkpoint_step(checkpoint: str | Path | None) -> int:
+    """The optimizer step a Trainer checkpoint was saved at (0 for none)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
+
+
+def newest_checkpoint(out: Path, say: bool = False) -> Path | None:
+    """The newest whole checkpoint in ``out``. One without the Trainer's state was cut short while saving (the
+    process was killed): it is passed over (and, with ``say``, said)."""
+    numbered = sorted(((int(p.name.split("-", 1)[1]), p) for p in out.glob("checkpoint-*")
+                       if p.is_dir() and p.name.split("-", 1)[1].isdigit()), reverse=True)
+    for _, path in numbered:
+        if (path / TRAINER_STATE).is_file():
+            return path
+        if say:
+            log.warning("%s: incomplete (no %s: its save was cut short); passed over", path, TRAINER_STATE)
+    return None
+
+
+def finished_step(out: Path) -> int | None:
+    """The step a run in ``out`` ended at, once its final model was written from its newest checkpoint; None while
+    training (or writing the final model) is left to do."""
+    manifest = out / "final_model" / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    newest = checkpoint_step(newest_checkpoint(out))
+    # final models written before lawtune recorded their steps: the newest checkpoint's
+    trained = json.loads(manifest.read_text(encoding="utf-8")).get(FINAL_STEPS, newest)
+    return trained if trained >= newest else None
 
 
 def resume_checkpoint(out: Path, resume: bool) -> str | None:
-    """The checkpoint ``--resume`` continues from: the newest in ``out`` (None, said, where there is none)."""
+    """The checkpoint ``--resume`` continues from: the newest whole one in ``out`` (None, said, where there is
+    none)."""
     if not resume:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    checkpoint = newest_checkpoint(out, say=True) if out.is_dir() else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     else:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
-    return checkpoint
+    return str(checkpoint) if checkpoint else None

@@ -12,12 +12,13 @@ from ..data import load_records
 from ..errors import UsageError
 from ..evaluate import answer_batch
 from ..infer import done_ids, load_model
+from ..preempt import Preempted, Sigterm
 from ..progress import progress
 
 
 def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
     """`lawtune predict`: answers for every record of ``predict.data`` not yet in ``predict.output`` (JSON Lines,
-    appended)."""
+    appended). SIGTERM keeps every written batch and raises ``Preempted``."""
     pcfg = cfg.predict
     if not pcfg.data or not pcfg.output:
         raise UsageError(f"predict.{'data' if not pcfg.data else 'output'}: required (pass --data FILE --output FILE)")
@@ -32,26 +33,43 @@ def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
                                "unreadable": 0, "output": str(out_path)}
     if not todo:
         return summary
+    with Sigterm(interrupt=True, what="stopping; every batch answered so far is saved") as sigterm:
+        try:
+            _answer_all(cfg, records, todo, out_path, summary, sigterm, show_progress)
+        except Preempted:
+            done = summary["already_done"] + summary["generated"]
+            raise Preempted(f"preempted: {done} of {len(records)} questions answered in {out_path}; rerun the same "
+                            f"command to go on") from None
+    return summary
+
+
+def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summary: dict, sigterm: Sigterm,
+                show_progress: bool) -> None:
+    """Answer ``todo`` batch by batch, appending each batch's lines; SIGTERM drops the batch being generated, never
+    one being written."""
+    pcfg = cfg.predict
     engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
                    disable=not show_progress)
-    with open(out_path, "a", encoding="utf-8") as fh:
-        for k in range(0, len(todo), pcfg.batch_size):
-            batch = todo[k: k + pcfg.batch_size]
-            rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
-                                slots=pcfg.batch_size)
-            for record, row in zip(batch, rows):
-                line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
-                if row.get("forced"):
-                    line["forced"] = True
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                summary["unreadable"] += not row["pred"]
-            fh.flush()
-            os.fsync(fh.fileno())  # a crash loses at most the batch being generated
-            summary["generated"] += len(batch)
-            bar.update(len(batch))
-    bar.close()
-    return summary
+    try:
+        with open(out_path, "a", encoding="utf-8") as fh:
+            for k in range(0, len(todo), pcfg.batch_size):
+                batch = todo[k: k + pcfg.batch_size]
+                rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
+                                    slots=pcfg.batch_size)
+                with sigterm.holding():
+                    for record, row in zip(batch, rows):
+                        line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
+                        if row.get("forced"):
+                            line["forced"] = True
+                        fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        summary["unreadable"] += not row["pred"]
+                    fh.flush()
+                    os.fsync(fh.fileno())  # a crash loses at most the batch being generated
+                    summary["generated"] += len(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()  # also when stopped: the message that follows starts a line of its own
 
 
 def run_predict(cfg: PredictRun) -> int:

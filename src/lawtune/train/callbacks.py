@@ -1,5 +1,5 @@
-"""Every callback of a training run: progress and metrics.jsonl, held-out evaluation with the best model
-kept, and short garbage-collection pauses."""
+"""Every callback of a training run: the stop on SIGTERM, progress and metrics.jsonl, held-out evaluation with the
+best model kept, and short garbage-collection pauses."""
 
 from __future__ import annotations
 
@@ -13,11 +13,48 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from ..config import replace as replace_config
-from ..dist import gather_objects, is_main_process, sum_over_ranks
+from ..dist import any_rank, cpu_group, gather_objects, is_main_process, sum_over_ranks, world_size
+from ..preempt import Sigterm
 from ..progress import progress
-from ..rundir import save_model_dir
+from ..rundir import MANIFEST_FILE, save_model_dir
 
 log = logging.getLogger("lawtune")
+
+
+class StopOnSigterm(TrainerCallback):
+    """Ends training at the end of the optimizer step in which SIGTERM came (``sigterm``, installed by the command
+    around setup and training), on every rank at the same step: the ranks OR their flags after every step, in one
+    all-reduce of one integer on the CPU. The step is saved as a checkpoint, unless it is the first step of this
+    session (a job ended that soon has nothing worth the time a save takes). Comes before the other callbacks:
+    they see ``control.should_training_stop`` and skip what a stopping job has no time for (an evaluation due at
+    that step runs first thing when the run is resumed)."""
+
+    def __init__(self, sigterm: Sigterm):
+        self.sigterm = sigterm
+        self.first_step: int | None = None
+        self.stopped_at: int | None = None
+        self.saved = False
+        self.group = None  # dist.cpu_group(), made at the first look under DDP
+        self.grouped = False
+
+    def requested(self) -> bool:
+        """Whether some rank received SIGTERM; every rank calls this at the same points."""
+        if world_size() > 1 and not self.grouped:
+            self.group, self.grouped = cpu_group(), True
+        return any_rank(self.sigterm.received, self.group)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = state.global_step + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.requested():
+            return
+        self.stopped_at = state.global_step
+        control.should_training_stop = True
+        control.should_log = True  # the loss since the last log row is not lost
+        if self.first_step is not None and state.global_step > self.first_step:
+            control.should_save = True
+        self.saved = control.should_save  # the flow callback (first in the list) may save this step anyway
 
 
 class MetricsCallback(TrainerCallback):
@@ -130,13 +167,54 @@ class HeldOutEvalCallback(TrainerCallback):
         """Steps between evaluations; 0 = only at the end."""
         return self.cfg.train.eval_steps
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def due(self, step: int, max_steps: int) -> bool:
+        """Whether an evaluation is due at ``step`` before the end (the one at the end is ``final``'s)."""
         steps = self.interval()
-        if self.records and steps and state.global_step % steps == 0 and state.global_step < state.max_steps:
+        return bool(steps) and 0 < step < max_steps and step % steps == 0
+
+    def evaluated(self, step: int) -> bool:
+        return any(row["step"] == step for row in self.history)
+
+    def restore(self, step: int) -> None:
+        """A resumed run's evaluations up to its checkpoint's ``step`` (metrics.jsonl) and the accuracy best_model/
+        holds, as rank 0 reads them: the summary and the best adapter cover the whole run, not this session."""
+        if step == 0:
+            return
+        history: list[dict] = []
+        best = -1.0
+        if is_main_process():
+            rows = {}
+            if self.metrics.path.is_file():
+                for line in self.metrics.path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a line cut off when a process was killed while writing it
+                        continue
+                    if "eval_accuracy" in row and row["step"] <= step:  # later rows: steps this run does again
+                        rows[row["step"]] = row
+            history = [rows[k] for k in sorted(rows)]
+            best = max((row["eval_accuracy"] for row in history), default=-1.0)
+            kept = self.out / "best_model" / MANIFEST_FILE
+            if kept.is_file():
+                saved = json.loads(kept.read_text(encoding="utf-8")).get("best") or {}
+                if saved.get("step", step + 1) <= step:
+                    best = saved["eval_accuracy"]
+        self.history, self.best = gather_objects((history, best))[0]
+
+    def final(self, state, model) -> None:
+        """The evaluation at the end of the run (where the last step has none yet)."""
+        if self.records and not self.evaluated(state.global_step):
             self._run(state, model)
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.records and (not self.history or self.history[-1]["step"] != state.global_step):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.restore(state.global_step)
+        # a resumed run whose last session stopped on SIGTERM before the evaluation of its last step runs it now
+        if self.records and self.due(state.global_step, state.max_steps) and not self.evaluated(state.global_step):
+            self._run(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # should_training_stop: the last step (``final`` evaluates it) or a stop on SIGTERM
+        if self.records and not control.should_training_stop and self.due(state.global_step, state.max_steps):
             self._run(state, model)
 
 

@@ -20,7 +20,17 @@ from ..data import drop_overlap, load_records, sha256_file, split_records, write
 from ..dist import is_main_process
 from ..errors import UsageError
 from ..model import resolve_device, resolve_dtype
-from ..rundir import STATEMENT_KEY_VERSION, prepare_run_dir, resolve_output_dir, statement_hash
+from ..preempt import Preempted
+from ..rundir import (
+    STATEMENT_KEY_VERSION,
+    TRAINER_STATE,
+    RunFinished,
+    checkpoint_step,
+    finished_step,
+    prepare_run_dir,
+    resolve_output_dir,
+    statement_hash,
+)
 
 log = logging.getLogger("lawtune")
 
@@ -139,7 +149,8 @@ def cpu_model_fallbacks(model: ModelConfig) -> ModelConfig:
 def start_run(cfg, section: str, fallbacks, resume: bool, overwrite: bool):
     """The opening of a training command (``section`` "train" or "grpo"): its GPU, device, CPU ``fallbacks``,
     dtype, the output folder prepared for this run, the seed. Returns (config as it will run,
-    recording its output folder; output folder; device; dtype)."""
+    recording its output folder; output folder; device; dtype). ``resume`` of a run that has reached its max_steps
+    raises ``RunFinished`` before anything is loaded or written."""
     if cfg.model.gpu is not None and "LOCAL_RANK" not in os.environ and torch.cuda.is_available():
         torch.cuda.set_device(cfg.model.gpu)
     out = resolve_output_dir(cfg)
@@ -148,8 +159,45 @@ def start_run(cfg, section: str, fallbacks, resume: bool, overwrite: bool):
     dtype = resolve_dtype(cfg.model, device)
     prepare_run_dir(out, cfg, resume, overwrite, main=is_main_process())
     own = getattr(cfg, section)
+    done = finished_step(out) if resume else None
+    if done is not None and done >= own.max_steps:
+        of = f"of {done}" if done == own.max_steps else f"(past {section}.max_steps={own.max_steps})"
+        raise RunFinished(f"already at step {done} {of}: nothing to do; the adapter is in {out / 'final_model'}")
     set_seed(own.seed)
     return replace_config(cfg, **{section: replace_config(own, output_dir=str(out))}), out, device, dtype
+
+
+def train_to_the_end(trainer, held_out, stop, checkpoint: str | None):
+    """``trainer.train`` from ``checkpoint`` (None: from the start) to max_steps, then the held-out evaluation at the
+    end; returns the Trainer's output (None where no step was left). A checkpoint at max_steps is of a run that
+    stopped before its final model was written: its adapter is loaded and only the end is done. ``stop`` (a
+    ``StopOnSigterm`` among the Trainer's callbacks) raises ``Preempted`` where SIGTERM came first."""
+    if stop.requested():  # during setup: every rank stops before the first step
+        raise Preempted(_before_first_step(checkpoint))
+    output = None
+    step = checkpoint_step(checkpoint)
+    if checkpoint and step >= trainer.args.max_steps:
+        from transformers import TrainerState
+
+        log.info("%s is at max_steps=%d: the held-out evaluation at the end and the final model are left",
+                 checkpoint, trainer.args.max_steps)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        model = trainer.model
+        model.load_adapter(checkpoint, adapter_name=model.active_adapter, is_trainable=True)
+        held_out.restore(step)
+    else:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+        if stop.stopped_at is not None:
+            if not stop.saved:
+                raise Preempted(_before_first_step(checkpoint))
+            raise Preempted(f"preempted at step {stop.stopped_at}; rerun with --resume")
+    held_out.final(trainer.state, trainer.model)
+    return output
+
+
+def _before_first_step(checkpoint: str | None) -> str:
+    newest = f" (the newest is still {Path(checkpoint).name})" if checkpoint else ""
+    return f"preempted before the first step ended: no checkpoint written{newest}; rerun with --resume"
 
 
 def write_curves(metrics_path: Path, png_path: Path, key: str = "loss", label: str = "train loss") -> None:

@@ -34,11 +34,19 @@ from ..model import (
     load_tokenizer,
     lora_config,
 )
+from ..preempt import Sigterm
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, render_prompt
-from ..rundir import MANIFEST_FILE, STATEMENT_KEY_VERSION, adapter_prompt_format, resume_checkpoint, save_model_dir
+from ..rundir import (
+    FINAL_STEPS,
+    MANIFEST_FILE,
+    STATEMENT_KEY_VERSION,
+    adapter_prompt_format,
+    resume_checkpoint,
+    save_model_dir,
+)
 from . import rewards as R
-from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
-from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, write_curves
+from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
+from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
 
 log = logging.getLogger("lawtune")
 
@@ -144,10 +152,9 @@ class GrpoHeldOut(HeldOutEvalCallback):
     def interval(self) -> int:
         return self.cfg.grpo.eval_steps
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # Where the run starts from: the curve's first point, and the adapter to beat for best_model/.
-        if self.records and state.global_step == 0:
-            self._run(state, model)
+    def due(self, step: int, max_steps: int) -> bool:
+        # Step 0 too: where the run starts from, the curve's first point and the adapter to beat for best_model/.
+        return step == 0 or super().due(step, max_steps)
 
 
 # ----------------------------------------------------------------------------- main
@@ -166,6 +173,7 @@ class GrpoSetup:
     manifest: dict
     out: Path
     held_out: GrpoHeldOut
+    stop: StopOnSigterm
 
 
 @dataclass
@@ -242,10 +250,12 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
         )
 
 
-def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None) -> GrpoSetup:
+def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None,
+          sigterm: Sigterm | None = None) -> GrpoSetup:
     """Everything before the loop: data and prompts, tokenizer, policy, trainer.
 
-    ``reward_funcs``: TRL-form reward functions (weight 1 each) instead of the config's, e.g. a control reward."""
+    ``reward_funcs``: TRL-form reward functions (weight 1 each) instead of the config's, e.g. a control reward.
+    ``sigterm``: the SIGTERM handler the run stops on (``grpo`` installs one)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # lawtune pins the TRL range it calls rollout_func in; the experimental-API notice is for TRL's own users.
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -312,16 +322,14 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
                         "sampling with TRL's generation", cfg.model.attn_implementation)
     metrics = MetricsCallback(out / "metrics.jsonl", append=resume)
     held_out = GrpoHeldOut(cfg, eval_subset, tokenizer, metrics, out, manifest)
-    best = out / "best_model" / MANIFEST_FILE
-    if resume and best.is_file():  # best_model/ is replaced only by a better adapter than the one it holds
-        held_out.best = json.loads(best.read_text(encoding="utf-8")).get("best", {}).get("eval_accuracy", -1.0)
+    stop = StopOnSigterm(sigterm or Sigterm())
     trainer = _trainer_class()(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_arguments(cfg, out, dtype, device, weights),
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[metrics, held_out, GcPauses()],
+        callbacks=[stop, metrics, held_out, GcPauses()],
         peft_config=peft_config,
         rollout_func=rollout,
     )
@@ -335,15 +343,15 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     log.info("data: %d train / %d held-out questions (%d scored in reasoning mode) -> %s", len(kept),
              len(eval_records), len(eval_subset), out / "data")
     return GrpoSetup(cfg=cfg, trainer=trainer, model=trainer.model, tokenizer=tokenizer, manifest=manifest, out=out,
-                     held_out=held_out)
+                     held_out=held_out, stop=stop)
 
 
 def fit(run: GrpoSetup, resume: bool = False) -> GrpoResult:
     trainer, out = run.trainer, run.out
-    checkpoint = resume_checkpoint(out, resume)
-    trainer.train(resume_from_checkpoint=checkpoint)
+    train_to_the_end(trainer, run.held_out, run.stop, resume_checkpoint(out, resume))
     final = out / "final_model"
-    save_model_dir(trainer.model, run.tokenizer, run.cfg, run.manifest, final, trainer=trainer)
+    save_model_dir(trainer.model, run.tokenizer, run.cfg, {**run.manifest, FINAL_STEPS: trainer.state.global_step},
+                   final, trainer=trainer)
     if is_main_process():
         write_curves(out / "metrics.jsonl", out / "curves.png", key="rewards/exact_set/mean",
                      label="exact-set reward (rollouts)")
@@ -360,5 +368,8 @@ def fit(run: GrpoSetup, resume: bool = False) -> GrpoResult:
 
 
 def grpo(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_funcs: list | None = None) -> GrpoResult:
-    """Run a whole GRPO job from a config."""
-    return fit(setup(cfg, resume=resume, overwrite=overwrite, reward_funcs=reward_funcs), resume=resume)
+    """Run a whole GRPO job from a config. SIGTERM ends it after the step in progress, with a checkpoint
+    (``Preempted``); --resume of a run already at grpo.max_steps raises ``RunFinished``."""
+    with Sigterm(what="stopping after this optimizer step") as sigterm:
+        return fit(setup(cfg, resume=resume, overwrite=overwrite, reward_funcs=reward_funcs, sigterm=sigterm),
+                   resume=resume)

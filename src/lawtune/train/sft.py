@@ -21,11 +21,12 @@ from ..config import TrainRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer
+from ..preempt import Sigterm
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
-from ..rundir import resume_checkpoint, save_model_dir
-from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback
+from ..rundir import FINAL_STEPS, resume_checkpoint, save_model_dir
+from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .collate import CountingCollator, PlannedBatches, make_collator, plan_batches
-from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, write_curves
+from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
 from .kernels import apply_liger, compile_layers, install_packed_block_mask
 from .loss import sparse_logits_loss
 from .trainer import LawtuneTrainer, LawtuneTrainingArguments, LoraForTraining
@@ -50,6 +51,7 @@ class SFTRun:
     held_out: HeldOutEvalCallback
     n_train: int
     """Encoded training examples."""
+    stop: StopOnSigterm
 
 
 @dataclass
@@ -100,11 +102,12 @@ def cpu_fallbacks(cfg: TrainRun, device: torch.device) -> TrainRun:
     return replace_config(cfg, model=cpu_model_fallbacks(cfg.model), train=train)
 
 
-def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRun:
+def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm: Sigterm | None = None) -> SFTRun:
     """Everything before the loop: data, tokenizer, model with LoRA, Trainer.
 
     A folder that holds a run is continued only with ``resume`` (and only by the same run) and replaced only with
-    ``overwrite`` (``rundir.prepare_run_dir``)."""
+    ``overwrite`` (``rundir.prepare_run_dir``); ``resume`` of a finished run raises ``RunFinished``. ``sigterm``:
+    the SIGTERM handler the run stops on (``train`` installs one)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg, out, device, dtype = start_run(cfg, "train", cpu_fallbacks, resume, overwrite)
     if 2 * cfg.train.warmup_steps >= cfg.train.max_steps:
@@ -156,6 +159,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
                  cfg.train.batch_tokens, "packed" if cfg.train.packing else "grouped by length")
     metrics = MetricsCallback(out / "metrics.jsonl", append=resume, counter=counter)
     held_out = HeldOutEvalCallback(cfg, eval_subset, tokenizer, metrics, out, manifest)
+    stop = StopOnSigterm(sigterm or Sigterm())
     args = training_arguments(cfg, out, dtype, device)
     if torch.cuda.device_count() > 1 and args.world_size == 1:
         log.info("%d GPUs visible: training on one; use accelerate launch or torchrun for all of them",
@@ -166,7 +170,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[metrics, held_out, GcPauses()],
+        callbacks=[stop, metrics, held_out, GcPauses()],
         compute_loss_func=sparse_logits_loss if cfg.train.sparse_logits else None,
         counter=counter,
     )
@@ -178,22 +182,23 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTRu
     log.info("data: %d train / %d held-out questions (%d scored during training) -> %s", len(train_records),
              len(eval_records), len(eval_subset), out / "data")
     return SFTRun(cfg=cfg, trainer=trainer, model=model, tokenizer=tokenizer, manifest=manifest, out=out,
-                  held_out=held_out, n_train=len(features))
+                  held_out=held_out, n_train=len(features), stop=stop)
 
 
 def fit(run: SFTRun, resume: bool = False) -> SFTResult:
     trainer, out = run.trainer, run.out
-    checkpoint = resume_checkpoint(out, resume)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    result = train_to_the_end(trainer, run.held_out, run.stop, resume_checkpoint(out, resume))
     final = out / "final_model"
-    save_model_dir(trainer.model, run.tokenizer, run.cfg, run.manifest, final, trainer=trainer)
+    save_model_dir(trainer.model, run.tokenizer, run.cfg, {**run.manifest, FINAL_STEPS: trainer.state.global_step},
+                   final, trainer=trainer)
     if is_main_process():
         write_curves(out / "metrics.jsonl", out / "curves.png")
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    train_loss = float(result.training_loss) if result is not None else float("nan")  # nan: no step in this session
     return SFTResult(
         steps=trainer.state.global_step,
-        final_loss=losses[-1] if losses else float(result.training_loss),
-        train_loss=float(result.training_loss),
+        final_loss=losses[-1] if losses else train_loss,
+        train_loss=train_loss,
         final_model=str(final),
         best_eval_accuracy=run.held_out.best if run.held_out.history else None,
         eval_history=run.held_out.history,
@@ -202,7 +207,9 @@ def fit(run: SFTRun, resume: bool = False) -> SFTResult:
 
 
 def train(cfg: TrainRun, resume: bool = False, overwrite: bool = False) -> SFTResult:
-    """Run a whole training job from a config."""
-    return fit(setup(cfg, resume=resume, overwrite=overwrite), resume=resume)
+    """Run a whole training job from a config. SIGTERM ends it after the step in progress, with a checkpoint
+    (``Preempted``); --resume of a run already at train.max_steps raises ``RunFinished``."""
+    with Sigterm(what="stopping after this optimizer step") as sigterm:
+        return fit(setup(cfg, resume=resume, overwrite=overwrite, sigterm=sigterm), resume=resume)
 
 
