@@ -70,7 +70,8 @@ def sse_events(url, content, route="/v1/chat/completions", **fields):
 def reference_logprobs(engine, ids):
     """Log-probabilities of the model at every position of ``ids`` (transformers' forward, not the engine)."""
     with torch.no_grad():
-        return torch.log_softmax(engine.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        logits = engine.model(torch.tensor([ids], device=engine.model.device)).logits
+    return torch.log_softmax(logits[0].float(), dim=-1).cpu()
 
 
 # ----------------------------------------------------------------------------- what serve did before (issue 27 keeps)
@@ -307,7 +308,7 @@ def test_text_completions_from_text_and_token_ids_equal_transformers_greedy(rand
     prompt = "甲与乙订立买卖合同"
     ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=6, do_sample=False, min_new_tokens=6,
                              pad_token_id=tokenizer.pad_token_id)
     expected = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
     for given in (prompt, ids):

@@ -100,27 +100,39 @@ class ChatChoiceRun:
     """Its events come as the tokens do (else all at the end): only then is the first one's time a first token's."""
 
     async def pieces(self, deadline: float | None) -> AsyncIterator[tuple[str, Any]]:
-        """("reasoning" | "content", text) as released past the stop strings, ("tokens", [...]) for each token."""
-        async for kind, value in self.job.items(deadline):
-            if kind == "error":
-                self.error = value
-                return
-            event, payload = value
-            if event == "token":
-                self.first_at = self.first_at or time.monotonic()
-                self.tokens.append(payload)
-                yield "tokens", payload
-            elif event == "done":
-                self.answer = payload
-            else:
-                if self.streamed:
+        """("reasoning" | "content", text) as released past the stop strings, ("tokens", [...]) for each token. The
+        text of what came at once goes out together (one chunk per channel)."""
+        async for batch in self.job.batches(deadline):
+            released: list[list] = []
+            for kind, value in batch:
+                if kind == "error":
+                    self.error = value
+                    break
+                event, payload = value
+                if event == "token":
                     self.first_at = self.first_at or time.monotonic()
-                for channel, text in self.stop.feed(event, payload):
-                    setattr(self, channel, getattr(self, channel) + text)
-                    yield channel, text
-                if self.stop.hit:
-                    self.job.cancel("stop string")
-                    return
+                    self.tokens.append(payload)
+                    yield "tokens", payload
+                elif event == "done":
+                    self.answer = payload
+                else:
+                    if self.streamed:
+                        self.first_at = self.first_at or time.monotonic()
+                    for channel, text in self.stop.feed(event, payload):
+                        if released and released[-1][0] == channel:
+                            released[-1][1] += text
+                        else:
+                            released.append([channel, text])
+                    if self.stop.hit:
+                        break
+            for channel, text in released:
+                setattr(self, channel, getattr(self, channel) + text)
+                yield channel, text
+            if self.error is not None:
+                return
+            if self.stop.hit:
+                self.job.cancel("stop string")
+                return
         for channel, text in self.stop.flush():
             setattr(self, channel, getattr(self, channel) + text)
             yield channel, text
