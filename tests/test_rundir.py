@@ -2,7 +2,9 @@
 forgotten, and older run files (without a field added since) still resume."""
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Annotated
 
@@ -124,3 +126,20 @@ def test_the_split_still_groups_by_statement_whatever_the_options(tmp_path):
     for seed in range(4):
         train, held = split_records(records, 0.3, seed)
         assert stem <= {r.id for r in train} or stem <= {r.id for r in held}  # one stem, one side
+
+
+def test_weights_lawtune_writes_have_the_mode_of_its_other_files(tiny_config, tmp_path):
+    from lawtune.demo import write_base_model
+    from lawtune.train import train
+
+    umask = os.umask(0o022)  # the usual one, whatever the test runner's
+    try:
+        run = Path(train(tiny_config("train.max_steps=1", "train.save_steps=1")).final_model).parent
+        base = write_base_model(tmp_path / "base", [demo_data_path()])
+    finally:
+        os.umask(umask)
+    for folder, other in ((run / "final_model", "adapter_config.json"), (run / "checkpoint-1", "adapter_config.json"),
+                          (base, "config.json")):
+        weights = list(folder.glob("*.safetensors"))
+        assert weights and {stat.S_IMODE(f.stat().st_mode) for f in weights} == {0o644}, folder
+        assert stat.S_IMODE((folder / other).stat().st_mode) == 0o644

@@ -40,6 +40,8 @@ FILE_CONTENT = DecidesWeights(value=False, content="")
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["auto", "jecqa", "agieval", "lawbench"]
+# KD (knowledge-driven) or CA (case analysis); auto = what the file says (JEC-QA's type field, else the file name).
+QuestionType = Literal["auto", "KD", "CA"]
 # Evaluation may also ask a LawBench file in its own words (its instruction and question).
 EvalPromptFormat = Literal["chat", "plain", "native"]
 InferMode = Literal["direct", "reasoning"]
@@ -112,6 +114,10 @@ class DataConfig(Section):
     format: Annotated[DataFormat, WEIGHTS] = "auto"
     """File format of data.train, data.eval and data.mix: jecqa, agieval or lawbench; auto = told by the first
     record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of data.train, data.eval and data.mix; auto =
+    what the file says: JEC-QA's type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else
+    unknown. Set it for a renamed copy of an AGIEval or LawBench file."""
     mix: Annotated[str | None, FILE_CONTENT] = None
     """A second JEC-QA file trained answer-only beside data.train (its reasoning, if any, left out): after
     `lawtune distill`, answer-only records keep direct mode working while the traces train reasoning."""
@@ -259,9 +265,13 @@ class EvalFileConfig(EvalConfig):
     """Score only the first N questions."""
     format: DataFormat = "auto"
     """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of eval.data; auto = what the file says: JEC-QA's
+    type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed
+    copy of an AGIEval or LawBench file."""
     suite: str | None = None
-    """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format): every
-    run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
+    """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format,
+    type): every run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
     samples: PositiveInt = 1
     """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
     gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
@@ -372,6 +382,10 @@ class CheckConfig(Section):
     """Print one JSON object."""
     format: DataFormat = "auto"
     """File format: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record; auto = what the file says: JEC-QA's type field,
+    AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed copy of an
+    AGIEval or LawBench file."""
 
 
 class OverlapConfig(Section):
@@ -484,6 +498,8 @@ class SuiteRun(Section):
     """As generation.max_new_tokens."""
     format: DataFormat | None = None
     """As eval.format."""
+    type: QuestionType | None = None
+    """As eval.type."""
 
 
 class Suite(Section):

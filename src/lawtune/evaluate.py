@@ -24,7 +24,7 @@ from .errors import UsageError
 from .generation import default_budget, device_of, encode_batch, generate, reason_then_answer
 from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .progress import progress
-from .prompts import answer_text, render_prompt
+from .prompts import answer_text, check_native, render_prompt
 from .rundir import STATEMENT_ONLY_VERSIONS, resolve_prompt_format, training_overlap
 from .scoring import extract_answer, lawbench_summary, summarize
 from .think import answer_part
@@ -346,7 +346,8 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 
 def load_eval_file(data: str, ecfg, adapter: str | None) -> tuple:
     """(records, skipped, training overlap) of a file to score; warns loudly about questions the adapter trained on."""
-    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format)
+    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format,
+                          question_type=ecfg.type)
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", data, count, reason)
     overlap, version = training_overlap(adapter, loaded.records)
@@ -387,6 +388,7 @@ def eval_file(cfg: EvalRun) -> dict:
         raise UsageError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
     records, skipped, overlap = load_eval_file(data, ecfg, adapter)
     prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
+    check_native(prompt_format, records, data)
     quiet_loading()
     model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
     report = score_file(model, tokenizer, records, skipped, overlap, cfg, prompt_format)

@@ -16,7 +16,7 @@ import torch
 
 from .config import MergeRun, ModelConfig
 from .model import ModelError, load_for_inference, model_source, quiet_loading
-from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization
+from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization, give_weights_default_mode
 
 
 def _checkpoint_dtype(path: str) -> torch.dtype:
@@ -77,6 +77,7 @@ def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    give_weights_default_mode(tmp)
     keys = _safetensors_keys(tmp)
     bad = [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
     if not keys or bad:

@@ -41,6 +41,21 @@ def statement_hash(record: Record, version: str | None = STATEMENT_KEY_VERSION) 
     return hashlib.sha256(_KEYS[version](record).encode("utf-8")).hexdigest()[:16]
 
 
+def default_file_mode() -> int:
+    """The mode a file created now gets: 0666 less the umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_weights_default_mode(directory: str | Path) -> None:
+    """safetensors (0.8 and later) writes a file through a temporary one, created 0600, and renames it: the weights
+    lawtune has just written in ``directory`` get the mode of the other files it writes."""
+    mode = default_file_mode()
+    for file in Path(directory).glob("*.safetensors"):
+        os.chmod(file, mode)
+
+
 def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
     """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model.
 
@@ -63,6 +78,7 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    give_weights_default_mode(tmp)
     save_config(cfg, tmp / CONFIG_FILE)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
     if dest.exists():
