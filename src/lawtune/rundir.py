@@ -56,6 +56,26 @@ def give_weights_default_mode(directory: str | Path) -> None:
         os.chmod(file, mode)
 
 
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_sha256(adapter: str | Path) -> str | None:
+    """sha256 of an adapter's weights file (None where it has none)."""
+    return next((sha256_file(Path(adapter) / name) for name in WEIGHT_FILES if (Path(adapter) / name).is_file()), None)
+
+
+def merge_info(model_path: str | Path | None) -> dict:
+    """A merged model's lawtune_merge.json ({} for any other model)."""
+    info = Path(model_path) / MERGE_INFO if model_path else None
+    if info is None or not info.is_file():
+        return {}
+    try:
+        found = json.loads(info.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
     """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model.
 
@@ -119,15 +139,7 @@ def adapter_quantization(adapter: str | None) -> str:
 
 def resolve_prompt_format(model_path: str, adapter: str | None, override: str | None = None) -> str:
     """The format given, else the adapter's, else a merged model's, else chat."""
-    if override:
-        return override
-    fmt = adapter_prompt_format(adapter)
-    if fmt:
-        return fmt
-    info = Path(model_path or ".") / MERGE_INFO
-    if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8")).get("prompt_format") or "chat"
-    return "chat"
+    return override or adapter_prompt_format(adapter) or merge_info(model_path).get("prompt_format") or "chat"
 
 
 def training_overlap(adapter: str | None, records: list[Record]) -> tuple[int, str | None]:
