@@ -98,7 +98,7 @@ def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
     del reloaded
     # adapter_sha256: what `eval`, `serve`... compare an adapter given with this model against (it is merged already)
     info_out = {"base_model": str(base), "adapter": str(adapter), "adapter_sha256": adapter_sha256(adapter),
-                "prompt_format": adapter_prompt_format(adapter) or "chat",
+                "working_dir": os.getcwd(), "prompt_format": adapter_prompt_format(adapter) or "chat",
                 "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
     (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
     if out.exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import LoraSection, ModelConfig
+from .config import LoraSection, ModelConfig, looks_like_hub_id
 from .errors import UsageError
 from .rundir import MANIFEST_FILE, MERGE_INFO, adapter_sha256, merge_info
 
@@ -51,10 +51,9 @@ def model_source(path: str) -> str:
     """Where to load ``path`` from: the directory itself, or for a hub id ('org/name') the hub when it answers,
     else the copy in the Hugging Face cache. Offline, transformers would spend most of a minute on retries (and
     print dozens of warnings) before failing: the hub is asked once, with a short timeout, instead."""
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1 or "\\" in path
     if Path(path).expanduser().exists():
         return path
-    if looks_local:
+    if not looks_like_hub_id(path):
         raise ModelError(f"{path}: model directory does not exist (pass a local model directory or a hub id)")
     import huggingface_hub
     from huggingface_hub import constants

@@ -1,9 +1,10 @@
 """Reading and writing a run directory: model directories (adapter, tokenizer, config, manifest), what an
 adapter says about how it was trained, and whether evaluated questions were trained on.
 
-A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config) and
-``data_manifest.json`` (files, sha256, split, prompt format, the hashed questions trained on); a merged
-model holds ``lawtune_merge.json``.
+A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config and the working directory
+its relative paths are read from) and ``data_manifest.json`` (files, sha256, split, prompt format, the hashed
+questions trained on); a merged model holds ``lawtune_merge.json`` (base, adapter and the sha256 of the adapter's
+weights, so that the adapter is not applied to it a second time).
 """
 
 from __future__ import annotations
@@ -18,8 +19,19 @@ from typing import Any
 
 import yaml
 
-from .config import DecidesWeights, GrpoRun, save_config, sections_of
+from .config import (
+    MODEL_DIR,
+    WORKING_DIR,
+    DecidesWeights,
+    GrpoRun,
+    looks_like_hub_id,
+    path_fields,
+    read_from,
+    save_config,
+    sections_of,
+)
 from .data import Record, legacy_statement_key, question_key, sha256_file, statement_key
+from .errors import UsageError
 
 log = logging.getLogger("lawtune")
 
@@ -142,6 +154,35 @@ def resolve_prompt_format(model_path: str, adapter: str | None, override: str | 
     return override or adapter_prompt_format(adapter) or merge_info(model_path).get("prompt_format") or "chat"
 
 
+def adapter_base(adapter: str | Path) -> tuple[str, Path]:
+    """(the base model an adapter records, the file that records it): its lawtune_config.yaml's model.path, else
+    peft's base_model_name_or_path in adapter_config.json. A relative path is read from the folder of the run that
+    wrote it (the run file's working_dir; the current directory for a run file written before it was recorded)."""
+    directory = Path(adapter)
+    if not directory.is_dir():
+        raise UsageError(f"{adapter}: adapter directory does not exist (pass --adapter DIR, e.g. outputs/RUN/final_model)")
+    raw = _run_config(directory)
+    recorded = raw.get(WORKING_DIR)
+    folder = recorded if isinstance(recorded, str) else os.getcwd()
+    found = [(directory / CONFIG_FILE, "model.path", (raw.get("model") or {}).get("path"))]
+    peft_file = directory / "adapter_config.json"
+    if peft_file.is_file():
+        try:
+            peft_config = json.loads(peft_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            peft_config = {}
+        found.append((peft_file, "base_model_name_or_path", peft_config.get("base_model_name_or_path")))
+    for file, key, written in found:
+        if not isinstance(written, str) or not written:
+            continue
+        base = read_from(folder, written, MODEL_DIR)
+        if not os.path.exists(base) and not looks_like_hub_id(base):
+            relative = f" (relative to {folder})" if base != written else ""
+            raise UsageError(f"{file}: {key} {written}{relative}: model directory does not exist; pass --model DIR")
+        return base, file
+    raise UsageError(f"model.path: no base model given and {adapter} records none (pass --model DIR)")
+
+
 def training_overlap(adapter: str | None, records: list[Record]) -> tuple[int, str | None]:
     """(how many evaluated questions are in the adapter's training split, the manifest's key version). A manifest
     of a version in ``STATEMENT_ONLY_VERSIONS`` holds statements alone: it is checked by statement."""
@@ -189,11 +230,13 @@ RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs
 def run_fingerprint(cfg) -> dict:
     """What decides a training run's weights: every config field marked so (``config.DecidesWeights``: the base
     model, the data files by content, the split, LoRA, the prompt format, a continued adapter). A checkpoint
-    continues only the run it came from."""
+    continues only the run it came from. A path is recorded absolute (a hub id as written): the same run started
+    from another folder is the same run."""
     out: dict = {}
+    paths = path_fields(type(cfg))
     for key, value, mark in weight_fields(cfg):
         if mark.value:
-            out[key] = value
+            out[key] = read_from(os.getcwd(), value, paths[key]) if key in paths and isinstance(value, str) else value
         if mark.content is not None:
             path = Path(value) / mark.content if value and mark.content else Path(value) if value else None
             out[f"{key} sha256"] = sha256_file(path) if path and path.is_file() else None
@@ -220,6 +263,10 @@ def prepare_run_dir(out: Path, cfg, resume: bool, overwrite: bool, main: bool = 
             # a key that an older run file lacks (a field added since) compares as the field's default
             defaults = run_fingerprint(type(cfg)())
             before = {**defaults, **before}
+            # an older run file holds paths as given: read from the current folder, as that run read them
+            for key, mark in path_fields(type(cfg)).items():
+                if isinstance(before.get(key), str):
+                    before[key] = read_from(os.getcwd(), before[key], mark)
             differs = [k for k in fingerprint if before.get(k) != fingerprint[k]]
             if differs:
                 raise ConfigError(f"{out}: --resume would continue a run with another {', '.join(differs)} "

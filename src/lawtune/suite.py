@@ -27,7 +27,7 @@ from .config import ConfigError, EvalRun, SuiteRun, load_suite
 from .config import replace as replace_config
 from .data import DataError
 from .errors import UsageError
-from .evaluate import load_eval_file, score_file, write_report
+from .evaluate import load_eval_file, score_file, with_adapter_base, write_report
 from .prompts import check_native
 from .rundir import resolve_prompt_format
 
@@ -65,8 +65,8 @@ def run_suite(cfg: EvalRun) -> dict:
     page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
     if page.is_dir():
         raise UsageError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
-    model_cfg = replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path)
     adapter = _local(folder, suite.adapter) or cfg.adapter.path
+    model_cfg = with_adapter_base(replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path), adapter)
     cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
     if not model_cfg.path:
         raise ConfigError(f"{suite_file}: no model (give model: in the suite or --model)")
