@@ -16,6 +16,7 @@ from lawtune.config import load_config
 from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "deepseek-r1-distill-qwen-1.5b"
+TOKENIZER_ENV = "LAWTUNE_TOKENIZER"
 
 # The synthetic task: the statement names one topic, and each topic has its own answer set (single
 # and multi), so the answer depends on the question's content and is never a constant letter.
@@ -268,13 +269,25 @@ def chromium(tmp_path, monkeypatch):
         driver.quit()
 
 
+def real_tokenizer_dir() -> Path | None:
+    """The folder of DeepSeek-R1-Distill's tokenizer: the one LAWTUNE_TOKENIZER names (which must hold it), else
+    ../shared/deepseek-r1-distill-qwen-1.5b where that holds it, else None."""
+    named = os.environ.get(TOKENIZER_ENV)
+    if named:
+        if not (Path(named) / "tokenizer_config.json").is_file():
+            pytest.fail(f"{TOKENIZER_ENV}={named}: no tokenizer_config.json there")
+        return Path(named)
+    return SHARED if (SHARED / "tokenizer_config.json").is_file() else None
+
+
 @pytest.fixture
 def real_tokenizer():
-    if not (SHARED / "tokenizer_config.json").is_file():
-        pytest.skip("../shared/deepseek-r1-distill-qwen-1.5b is not present")
+    directory = real_tokenizer_dir()
+    if directory is None:
+        pytest.skip(f"no real tokenizer: set {TOKENIZER_ENV} to its folder or put it in {SHARED}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(SHARED)
+    return AutoTokenizer.from_pretrained(directory)
 
 
 def make_adapter(model, directory, seed=0):

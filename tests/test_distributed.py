@@ -172,8 +172,9 @@ def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(l
     for name in ("best_model", "final_model"):
         assert (run / name / "data_manifest.json").read_text() == (one_node / name / "data_manifest.json").read_text()
         got, expected = (yaml.safe_load((d / name / "lawtune_config.yaml").read_text()) for d in (run, one_node))
-        assert got["train"].pop("output_dir") == "run"
+        assert got["train"].pop("output_dir") == "run" and got.pop("working_dir") == str(nodes[0])
         expected["train"].pop("output_dir")
+        expected.pop("working_dir")
         assert got == expected
     for step in (2, 4):  # rank 1's state, written on node 1, as the one-node run's rank 1 wrote it
         name = f"checkpoint-{step}/rng_state_1.pth"

@@ -184,10 +184,57 @@ def test_eval_of_a_lawbench_file_reports_its_score_in_its_own_words(answering_mo
     assert s["prompt_format"] == "native" and s["do_sample"] is False  # greedy: what compare tells apart
 
 
-def test_native_prompts_need_a_lawbench_file(answering_model_dir, tmp_path, capsys):
-    assert main(["eval", "--model", str(answering_model_dir), "--data", str(JECQA), "--prompt-format", "native",
-                 "--output", str(tmp_path / "x.json"), "model.dtype=float32"]) == 2
-    assert "needs a LawBench file" in capsys.readouterr().err
+@pytest.mark.parametrize("command", [
+    ["eval", "--data", str(JECQA)], ["eval", "--data", str(AGIEVAL)], ["predict", "--data", str(JECQA)],
+    ["distill", "--data", str(JECQA)], ["ask", "--question", "题干\nA. 甲\nB. 乙"], ["serve", "--port", "0"],
+    ["data", "check", str(JECQA), "--tokenizer"]])
+def test_native_prompts_need_a_lawbench_file_and_say_so_before_the_model_loads(command, tmp_path, capsys):
+    """The model named does not exist: a command that loaded it first would fail on that instead."""
+    missing = str(tmp_path / "no_model")
+    extra = {"data": [missing], "ask": ["--model", missing], "serve": ["--model", missing]}.get(
+        command[0], ["--model", missing, "--output", str(tmp_path / "x.json")])
+    assert main([*command, *extra, "--prompt-format", "native"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "prompt format native asks a LawBench file's own instruction" in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
+def _renamed(source: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / f"questions{source.suffix}"  # a name that says neither kd/ca nor 1-2/3-6
+    copy.write_bytes(source.read_bytes())
+    return copy
+
+
+@pytest.mark.parametrize("source", [AGIEVAL, ONE_SHOT])
+def test_the_type_of_a_renamed_copy_is_given_with_type(source, tmp_path, capsys):
+    copy = _renamed(source, tmp_path)
+    told = load_records(source).records[0].type
+    assert {r.type for r in load_records(copy).records} == {"unknown"}  # the name said it
+    assert {r.type for r in load_records(copy, question_type=told).records} == {told}
+    assert main(["data", "check", str(copy), "--type", told, "--json"]) == 0
+    by_type = json.loads(capsys.readouterr().out)["by_type"]
+    assert by_type[told] == len(load_records(copy, require_answer=False).records) and by_type["unknown"] == 0
+
+
+def test_training_reads_the_type_given_too(tmp_path):
+    from lawtune.cli import parse_args
+    from lawtune.config import load_config
+    from lawtune.train.common import prepare_data
+
+    assert vars(parse_args(["train", "run.yaml", "--type", "KD"])[1])["data.type"] == "KD"
+    cfg = load_config(None, [f"data.train={_renamed(AGIEVAL, tmp_path)}", "data.eval_fraction=0"],
+                      settings={"data.type": "KD"})
+    train, _, _ = prepare_data(cfg, tmp_path / "run")
+    assert {r.type for r in train} == {"KD"}
+    assert {r.type for r in load_records(tmp_path / "run" / "data" / "train.jsonl").records} == {"KD"}  # as written
+
+
+def test_eval_reports_the_type_given_for_a_renamed_copy(answering_model_dir, tmp_path, capsys):
+    copy, out = _renamed(AGIEVAL, tmp_path), tmp_path / "r.json"
+    assert main(["eval", "--model", str(answering_model_dir), "--data", str(copy), "--type", "KD",
+                 "--output", str(out), "model.dtype=float32"]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["summary"]["by_type"]["KD"]["n"] == 4 and {s["type"] for s in report["samples"]} == {"KD"}
 
 
 def test_a_sampled_eval_prints_avg_maj_and_pass_at_k(answering_model_dir, tmp_path, capsys):

@@ -132,7 +132,7 @@ def test_a_run_writes_what_train_writes_and_resumes(sft_run, tmp_path):
             assert (out / folder / name).is_file(), (folder, name)
         assert not (out / folder / "ref").exists()  # the KL reference is rebuilt from grpo.adapter, never saved
     saved = yaml.safe_load((out / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
-    assert list(saved) == ["model", "lora", "data", "grpo"] and saved["data"]["prompt_format"] == "chat"
+    assert list(saved) == ["working_dir", "model", "lora", "data", "grpo"] and saved["data"]["prompt_format"] == "chat"
     manifest = json.loads((out / "final_model" / "data_manifest.json").read_text(encoding="utf-8"))
     assert manifest["grpo"]["continued_adapter"] and manifest["base_model"]["hidden_size"] == 64
     sft_manifest = json.loads((sft_run["adapter"] / "data_manifest.json").read_text(encoding="utf-8"))

@@ -1,12 +1,17 @@
 """lawtune merge: the merged model is a plain transformers model that says what base + adapter says."""
 
+import hashlib
 import json
+import os
+import stat
 
+import pytest
 import torch
 
 from lawtune import infer
 from lawtune.cli import main
 from lawtune.config import GenerationConfig, ModelConfig
+from lawtune.demo import demo_data_path
 from lawtune.generation import generate
 from lawtune.model import load_for_inference
 from lawtune.prompts import render_prompt
@@ -150,3 +155,72 @@ def test_qlora_adapter_is_merged_into_the_unquantised_base(tiny_model_dir, tmp_p
         assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.bfloat16}
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
     assert resolve_prompt_format(str(bf16), None) == "plain"  # the merged model keeps the adapter's format
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_model_dir, adapter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merged_home") / "merged"
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(adapter_dir), "--output", str(out)]) == 0
+    return out
+
+
+def test_the_merged_model_records_the_adapters_weights_and_writes_them_with_the_usual_mode(merged_dir, adapter_dir):
+    info = json.loads((merged_dir / "lawtune_merge.json").read_text(encoding="utf-8"))
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert info["adapter_sha256"] == hashlib.sha256(weights).hexdigest()
+    # every file as the other files lawtune writes (0644 under the usual umask), the weights included
+    modes = {file.name: stat.S_IMODE(file.stat().st_mode) for file in merged_dir.iterdir()}
+    assert len(set(modes.values())) == 1, modes
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert modes["config.json"] == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _args(command: str, model, adapter, tmp_path) -> list[str]:
+    data, out = tmp_path / "two.jsonl", str(tmp_path / "out.json")
+    data.write_text("".join(demo_data_path().read_text(encoding="utf-8").splitlines(keepends=True)[:2]), encoding="utf-8")
+    return {"eval": ["eval", "--data", str(data), "--output", out],
+            "predict": ["predict", "--data", str(data), "--output", out],
+            "distill": ["distill", "--data", str(data), "--output", out, "--samples", "2", "--max-new-tokens", "8"],
+            "ask": ["ask", "--question", "题干\nA. 甲\nB. 乙"]}[command] + [
+        "--model", str(model), "--adapter", str(adapter), "model.dtype=float32"]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "distill", "ask"])
+def test_an_adapter_is_refused_on_the_model_it_was_merged_into(command, merged_dir, adapter_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(_args(command, merged_dir, adapter_dir, tmp_path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already merged into" in err and "--force" in err, err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_merged_check_is_for_that_adapter_only_and_force_overrides_it(merged_dir, adapter_dir, tiny_model_dir,
+                                                                      tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_adapter
+
+    other = make_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "other", seed=1)
+    assert main(_args("eval", merged_dir, other, tmp_path)) == 0  # another adapter on the merged model: its business
+    assert main(_args("eval", tiny_model_dir, adapter_dir, tmp_path)) == 0  # the adapter on its base
+    assert main([*_args("eval", merged_dir, adapter_dir, tmp_path), "--force"]) == 0
+
+
+def test_grpo_refuses_to_continue_an_adapter_on_the_model_it_was_merged_into(merged_dir, adapter_dir):
+    from lawtune.config import GrpoRun, load_config
+    from lawtune.model import ModelError
+    from lawtune.train.grpo import load_policy
+
+    cfg = load_config(None, [f"model.path={merged_dir}", f"grpo.adapter={adapter_dir}", "model.dtype=float32"],
+                      run_cls=GrpoRun)
+    with pytest.raises(ModelError, match="already merged into"):
+        load_policy(cfg, torch.device("cpu"))
+    forced = load_config(None, [f"model.path={merged_dir}", f"grpo.adapter={adapter_dir}", "model.dtype=float32",
+                                "grpo.force=true"], run_cls=GrpoRun)
+    assert load_policy(forced, torch.device("cpu"))[0] is not None

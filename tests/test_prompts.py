@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from lawtune.data import Record
@@ -86,3 +88,15 @@ def test_overlong_examples_are_cut_in_the_question_never_the_answer(tiny_tokeniz
 def test_example_that_cannot_fit_is_refused(tiny_tokenizer):
     huge_options = Record(**{**RECORD.__dict__, "options": {k: "很长的选项" * 100 for k in "ABCD"}})
     assert encode_example(huge_options, tiny_tokenizer, "chat", 64) is None
+
+
+def test_the_real_tokenizer_is_also_taken_from_lawtune_tokenizer(tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import SHARED, TOKENIZER_ENV, real_tokenizer_dir
+
+    monkeypatch.setenv(TOKENIZER_ENV, str(tiny_model_dir))
+    assert real_tokenizer_dir() == Path(tiny_model_dir)
+    monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path))  # named, but no tokenizer there: said, not skipped
+    with pytest.raises(pytest.fail.Exception, match=f"{TOKENIZER_ENV}=.*no tokenizer_config.json"):
+        real_tokenizer_dir()
+    monkeypatch.delenv(TOKENIZER_ENV)
+    assert real_tokenizer_dir() == (SHARED if (SHARED / "tokenizer_config.json").is_file() else None)

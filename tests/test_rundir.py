@@ -2,12 +2,17 @@
 forgotten, and older run files (without a field added since) still resume."""
 
 import json
+import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Annotated
 
 import pytest
+import yaml
 
+from lawtune.cli import main
 from lawtune.config import WEIGHTS, ConfigError, DataConfig, TrainRun, load_config
 from lawtune.demo import demo_data_path
 from lawtune.rundir import RUN_FILE, prepare_run_dir, run_fingerprint
@@ -124,3 +129,102 @@ def test_the_split_still_groups_by_statement_whatever_the_options(tmp_path):
     for seed in range(4):
         train, held = split_records(records, 0.3, seed)
         assert stem <= {r.id for r in train} or stem <= {r.id for r in held}  # one stem, one side
+
+
+# ----------------------------------------------------------------------------- relative paths in run files
+
+
+def _train_in(project: Path, model_dir: Path, monkeypatch) -> Path:
+    """A one-step run started in ``project`` with relative paths, as a new user runs the demo's files."""
+    from lawtune.train import train
+
+    shutil.copytree(model_dir, project / "outputs" / "demo" / "base_model")
+    shutil.copy(demo_data_path(), project / "train.jsonl")
+    monkeypatch.chdir(project)
+    cfg = load_config(None, ["model.path=outputs/demo/base_model", "model.dtype=float32", "data.train=train.jsonl",
+                             "data.max_length=512", "data.eval_fraction=0.1", "train.output_dir=outputs/demo",
+                             "train.max_steps=1", "train.save_steps=1", "train.eval_steps=0", "train.optim=adamw_torch",
+                             "train.report_to=[none]", "eval.batch_size=16"])
+    return Path(train(cfg).final_model).resolve()
+
+
+def test_a_run_is_read_from_the_folder_it_was_started_in_from_any_other(tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                                         caplog):
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    final = _train_in(project, tiny_model_dir, monkeypatch)
+    base, run_file = project / "outputs" / "demo" / "base_model", final / "lawtune_config.yaml"
+    # what peft and the config record is relative, as the issue found it; the run file also says where from
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == "outputs/demo/base_model"
+    assert yaml.safe_load(run_file.read_text())["working_dir"] == str(project)
+
+    monkeypatch.chdir(elsewhere)
+    saved = load_config(run_file)
+    assert (saved.model.path, saved.data.train) == (str(base), str(project / "train.jsonl"))
+    assert saved.train.output_dir == str(project / "outputs" / "demo")
+    data = ["--data", str(demo_data_path()), "--max-samples", "2"]
+    assert main(["eval", "--config", str(run_file), "--adapter", str(final), *data, "--output", "a.json"]) == 0
+    assert json.loads(Path("a.json").read_text())["summary"]["model"] == str(base)
+    # no --model: the base the adapter records, said in one line
+    with caplog.at_level(logging.INFO, logger="lawtune"):
+        assert main(["eval", "--adapter", str(final), *data, "--output", "b.json"]) == 0
+    said = [r.getMessage() for r in caplog.records if "no --model" in r.getMessage()]
+    assert said == [f"no --model given: using {base}, the base model recorded in {run_file}"]
+    assert json.loads(Path("b.json").read_text())["summary"]["model"] == str(base)
+
+    shutil.rmtree(base)  # the error names the file the path came from, and the folder it is read from
+    capsys.readouterr()
+    for argv in (["--config", str(run_file)], ["--adapter", str(final)]):
+        assert main(["eval", *argv, *data, "--output", "c.json"]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {run_file}: model.path outputs/demo/base_model (relative to "
+                                                   f"{project}): model directory does not exist" +
+                                                   ("; pass --model DIR" if argv[0] == "--adapter" else ""))
+
+
+def test_a_run_file_written_before_it_recorded_its_folder_names_itself_when_a_path_is_not_there(tiny_model_dir,
+                                                                                                  tmp_path, monkeypatch,
+                                                                                                  capsys):
+    run_file = tmp_path / "final_model" / "lawtune_config.yaml"
+    run_file.parent.mkdir()
+    run_file.write_text("model:\n  path: outputs/demo/base_model\n  dtype: float32\ndata:\n  prompt_format: chat\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--config", str(run_file), "--data", str(demo_data_path()), "--output", "r.json"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {run_file}: model.path outputs/demo/base_model (relative to "
+                                               f"{tmp_path}): model directory does not exist")
+    # a path given on the command line replaces the file's, which is then not looked for
+    assert main(["eval", "--config", str(run_file), "--model", str(tiny_model_dir), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["path"] == str(tiny_model_dir)
+
+
+def test_resume_compares_resolved_paths_so_a_run_started_elsewhere_or_before_continues(tmp_path, monkeypatch):
+    project, out = tmp_path / "project", tmp_path / "run"
+    (project / "base_model").mkdir(parents=True)
+    monkeypatch.chdir(project)
+    prepare_run_dir(out, _demo_run(), resume=False, overwrite=False)  # model=base_model, relative
+    assert json.loads((out / RUN_FILE).read_text())["model.path"] == str(project / "base_model")
+    monkeypatch.chdir(tmp_path)
+    prepare_run_dir(out, _demo_run(f"model={project / 'base_model'}"), resume=True, overwrite=False)  # the same base
+    with pytest.raises(ConfigError, match="another model.path"):  # base_model here is another folder
+        prepare_run_dir(out, _demo_run(), resume=True, overwrite=False)
+    # a run file written before paths were resolved holds the path as given: read from where that run was started
+    shutil.copy(OLD_RUN, out / RUN_FILE)
+    monkeypatch.chdir(project)
+    prepare_run_dir(out, _demo_run(f"model={project / 'base_model'}"), resume=True, overwrite=False)
+
+
+def test_weights_lawtune_writes_have_the_mode_of_its_other_files(tiny_config, tmp_path):
+    from lawtune.demo import write_base_model
+    from lawtune.train import train
+
+    umask = os.umask(0o022)  # the usual one, whatever the test runner's
+    try:
+        run = Path(train(tiny_config("train.max_steps=1", "train.save_steps=1")).final_model).parent
+        base = write_base_model(tmp_path / "base", [demo_data_path()])
+    finally:
+        os.umask(umask)
+    for folder, other in ((run / "final_model", "adapter_config.json"), (run / "checkpoint-1", "adapter_config.json"),
+                          (base, "config.json")):
+        weights = list(folder.glob("*.safetensors"))
+        assert weights and {stat.S_IMODE(f.stat().st_mode) for f in weights} == {0o644}, folder
+        assert stat.S_IMODE((folder / other).stat().st_mode) == 0o644

@@ -5,10 +5,15 @@ A key, section or override that a command does not read is an error naming it an
 Overrides are ``key=value`` with dotted keys (``train.max_steps=10``); ``model=DIR`` and ``data=FILE`` are shorthands
 for ``model.path`` and ``data.train`` where the command has those keys. A YAML given to an inference command with
 ``--config`` (a full run file, such as an adapter's ``lawtune_config.yaml``) lends only the sections it reads.
+
+A run file lawtune writes records the working directory of the run (``working_dir``): a relative path in it (a field
+marked ``NamesPath``: the base model, data files, an adapter, the output folder) is read from there, and one that does
+not exist is an error naming the file. A YAML without ``working_dir`` is read from the current directory.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +43,29 @@ class DecidesWeights:
 WEIGHTS = DecidesWeights()
 FILE_CONTENT = DecidesWeights(value=False, content="")
 
+
+@dataclass(frozen=True)
+class NamesPath:
+    """Marks a field that names a file or folder. A run file lawtune writes records the working directory of the run
+    that wrote it (``working_dir``), and a relative path in it is read from there, whatever the current directory.
+    ``missing``: what a path that does not exist is called in the error (None: it need not exist yet, an output
+    folder); ``hub``: a Hugging Face hub id (``org/name``) is accepted in its place."""
+
+    missing: str | None
+    hub: bool = False
+
+
+MODEL_DIR = NamesPath("model directory does not exist", hub=True)
+ADAPTER_DIR = NamesPath("adapter directory does not exist")
+DATA_FILE = NamesPath("file not found")
+OUTPUT = NamesPath(None)
+# The top-level key of a run file that records the working directory of the run that wrote it.
+WORKING_DIR = "working_dir"
+
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DataFormat = Literal["auto", "jecqa", "agieval", "lawbench"]
+# KD (knowledge-driven) or CA (case analysis); auto = what the file says (JEC-QA's type field, else the file name).
+QuestionType = Literal["auto", "KD", "CA"]
 # Evaluation may also ask a LawBench file in its own words (its instruction and question).
 EvalPromptFormat = Literal["chat", "plain", "native"]
 InferMode = Literal["direct", "reasoning"]
@@ -64,8 +90,9 @@ class Section(BaseModel):
 
 
 class ModelPath(Section):
-    path: Annotated[str, WEIGHTS] = ""
-    """Local model directory or hub id of the base model."""
+    path: Annotated[str, WEIGHTS, MODEL_DIR] = ""
+    """Local model directory or hub id of the base model (eval: none with --adapter = the base the adapter
+    records)."""
 
 
 class ModelConfig(ModelPath):
@@ -93,9 +120,9 @@ class LoraSection(Section):
 
 
 class DataConfig(Section):
-    train: Annotated[str, FILE_CONTENT] = ""
+    train: Annotated[str, FILE_CONTENT, DATA_FILE] = ""
     """JEC-QA training file (JSON Lines or one JSON array)."""
-    eval: Annotated[str | None, FILE_CONTENT] = None
+    eval: Annotated[str | None, FILE_CONTENT, DATA_FILE] = None
     """Separate held-out file; None = split eval_fraction off the training file."""
     eval_fraction: Annotated[float, Field(ge=0, lt=1), WEIGHTS] = 0.05
     """Share of the training file held out for evaluation (by statement, never splitting repeats)."""
@@ -112,7 +139,11 @@ class DataConfig(Section):
     format: Annotated[DataFormat, WEIGHTS] = "auto"
     """File format of data.train, data.eval and data.mix: jecqa, agieval or lawbench; auto = told by the first
     record's fields."""
-    mix: Annotated[str | None, FILE_CONTENT] = None
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of data.train, data.eval and data.mix; auto =
+    what the file says: JEC-QA's type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else
+    unknown. Set it for a renamed copy of an AGIEval or LawBench file."""
+    mix: Annotated[str | None, FILE_CONTENT, DATA_FILE] = None
     """A second JEC-QA file trained answer-only beside data.train (its reasoning, if any, left out): after
     `lawtune distill`, answer-only records keep direct mode working while the traces train reasoning."""
     mix_ratio: Annotated[PositiveFloat, WEIGHTS] = 0.5
@@ -127,7 +158,7 @@ class OptimizationSection(Section):
     """What `train` and `grpo` both set the same way: the optimizer, its schedule, logging and checkpoints. Each
     command's section (``train``, ``grpo``) adds its own fields and may change a default."""
 
-    output_dir: str | None = None
+    output_dir: Annotated[str | None, OUTPUT] = None
     """Where checkpoints and the final adapter go; default outputs/<config file stem> (a run records the one
     it used)."""
     per_device_batch_size: PositiveInt = 2
@@ -193,7 +224,7 @@ class TrainConfig(OptimizationSection):
 
 
 class AdapterPath(Section):
-    path: str | None = None
+    path: Annotated[str | None, ADAPTER_DIR] = None
     """LoRA adapter directory (e.g. outputs/run/final_model); None = the base model alone (merge needs one)."""
     force: bool = False
     """Load the adapter even where the base model it records (architecture, vocabulary, tokenizer, embedding
@@ -259,9 +290,13 @@ class EvalFileConfig(EvalConfig):
     """Score only the first N questions."""
     format: DataFormat = "auto"
     """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of eval.data; auto = what the file says: JEC-QA's
+    type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed
+    copy of an AGIEval or LawBench file."""
     suite: str | None = None
-    """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format): every
-    run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
+    """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format,
+    type): every run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
     samples: PositiveInt = 1
     """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
     gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
@@ -372,6 +407,10 @@ class CheckConfig(Section):
     """Print one JSON object."""
     format: DataFormat = "auto"
     """File format: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record; auto = what the file says: JEC-QA's type field,
+    AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed copy of an
+    AGIEval or LawBench file."""
 
 
 class OverlapConfig(Section):
@@ -419,7 +458,7 @@ class GrpoConfig(OptimizationSection):
     the first and at the end."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass to save memory (TRL's GRPOConfig default)."""
-    adapter: Annotated[str | None, DecidesWeights(content="adapter_model.safetensors")] = None
+    adapter: Annotated[str | None, DecidesWeights(content="adapter_model.safetensors"), ADAPTER_DIR] = None
     """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
     LoRA from the lora section."""
     force: bool = False
@@ -484,6 +523,8 @@ class SuiteRun(Section):
     """As generation.max_new_tokens."""
     format: DataFormat | None = None
     """As eval.format."""
+    type: QuestionType | None = None
+    """As eval.type."""
 
 
 class Suite(Section):
@@ -643,6 +684,30 @@ KNOWN_SECTIONS = {name for run in (TrainRun, GrpoRun, EvalRun, PredictRun, AskRu
                                    CheckRun, OverlapRun, CompareRun) for name in sections_of(run)}
 
 
+def path_fields(run_cls: type[Run]) -> dict[str, NamesPath]:
+    """Dotted key -> marker of every field of a command's config that names a file or folder."""
+    return {f"{name}.{key}": m for name, cls in sections_of(run_cls).items() for key, f in cls.model_fields.items()
+            for m in f.metadata if isinstance(m, NamesPath)}
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name``, and nothing that reads as a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``, a backslash)."""
+    return not path.startswith(("/", ".", "~")) and path.count("/") == 1 and "\\" not in path
+
+
+def is_relative(path: str) -> bool:
+    return bool(path) and not path.startswith("~") and not Path(path).is_absolute()
+
+
+def read_from(folder: str | Path, path: str, mark: NamesPath) -> str:
+    """A path of a run file read from ``folder`` (the working directory of the run that wrote it): absolute. A hub id
+    that is no folder there stays as written, as does an absolute path or one from the home folder (``~``)."""
+    if not is_relative(path):
+        return path
+    resolved = os.path.abspath(os.path.join(folder, path))
+    return path if mark.hub and looks_like_hub_id(path) and not os.path.exists(resolved) else resolved
+
+
 def valid_keys(run_cls: type[Run]) -> list[str]:
     return [f"{name}.{key}" for name, cls in sections_of(run_cls).items() for key in cls.model_fields]
 
@@ -732,10 +797,24 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     ``lend``: the file is a full run file lending the sections the command reads; its other known sections are
     left out. Otherwise every section in the file must be one the command reads."""
     raw: dict = read_yaml(path) if path is not None else {}
+    recorded = raw.pop(WORKING_DIR, None)
+    if recorded is not None and not (isinstance(recorded, str) and Path(recorded).is_absolute()):
+        raise ConfigError(f"{path}: {WORKING_DIR}: expected the absolute folder relative paths are read from, "
+                          f"got {recorded!r}")
     unknown = [section for section in raw if section not in KNOWN_SECTIONS]
     if lend and unknown:
         raise ConfigError(f"{path}: {unknown[0]}: unknown section; valid sections: {', '.join(sorted(KNOWN_SECTIONS))}")
     raw = {section: value for section, value in raw.items() if not lend or section in sections_of(run_cls)}
+    folder = recorded or os.getcwd()
+    # key -> (the path as the file writes it, read from its folder, marker): checked once overrides are applied
+    from_file: dict[str, tuple[str, str, NamesPath]] = {}
+    for key, mark in path_fields(run_cls).items():
+        section, name = key.split(".")
+        value = raw[section].get(name) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and is_relative(value):
+            from_file[key] = (value, read_from(folder, value, mark), mark)
+            if recorded:
+                raw[section] = {**raw[section], name: from_file[key][1]}
     keys, title = valid_keys(run_cls), run_cls.model_config.get("title")
     changes = [(key.strip(), yaml.safe_load(text)) for key, _, text in (item.partition("=") for item in overrides)]
     for key, value in [*changes, *(settings or {}).items()]:
@@ -744,6 +823,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{key}: not a key of `lawtune {title}`; valid keys: {', '.join(keys)}")
         section, name = key.split(".")
         raw[section] = {**(raw[section] if isinstance(raw.get(section), dict) else {}), name: value}
+        from_file.pop(key, None)
+    for key, (written, resolved, mark) in from_file.items():
+        if mark.missing and not os.path.exists(resolved) and not (mark.hub and looks_like_hub_id(resolved)):
+            raise ConfigError(f"{path}: {key} {written} (relative to {folder}): {mark.missing}")
     return validate(run_cls, {**raw, "source": str(path) if path else None}, where=f"{path}: " if path else "")
 
 
@@ -752,4 +835,7 @@ def config_to_yaml(cfg: Run) -> str:
 
 
 def save_config(cfg: Run, path: str | Path) -> None:
-    Path(path).write_text(config_to_yaml(cfg), encoding="utf-8")
+    """A run file: the config, and the working directory its relative paths are read from."""
+    head = f"# relative paths in this file are read from {WORKING_DIR}, the folder the run was started in\n"
+    Path(path).write_text(head + yaml.safe_dump({WORKING_DIR: os.getcwd()}, allow_unicode=True) + config_to_yaml(cfg),
+                          encoding="utf-8")

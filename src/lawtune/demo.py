@@ -13,6 +13,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .rundir import give_weights_default_mode
 from .think import CLOSE, OPEN
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -120,4 +121,5 @@ def write_base_model(directory: str | Path, data_paths: list[Path], hidden_size:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    give_weights_default_mode(directory)
     return directory

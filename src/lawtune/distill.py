@@ -35,7 +35,7 @@ from .errors import UsageError
 from .infer import done_ids
 from .preempt import Preempted, Sigterm
 from .progress import progress
-from .prompts import chat_user_text, render_prompt
+from .prompts import chat_user_text, check_native, render_prompt
 from .scoring import extract_answer
 from .stats import percentile
 from .think import answer_part
@@ -205,6 +205,7 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", d.data, count, reason)
     records = loaded.records
+    check_native(cfg.adapter.prompt_format, records, d.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept_ids = {_base_id(i) for i in done_ids(out)}
     rejected_ids = done_ids(rejected_path)

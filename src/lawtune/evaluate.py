@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EvalConfig, EvalRun, GenerationConfig
+from .config import EvalConfig, EvalRun, GenerationConfig, ModelConfig
 from .config import replace as replace_config
 from .data import Record, load_records, sha256_file
 from .dist import gather_objects, world_size
@@ -24,8 +24,8 @@ from .errors import UsageError
 from .generation import default_budget, device_of, encode_batch, generate, reason_then_answer
 from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
 from .progress import progress
-from .prompts import answer_text, render_prompt
-from .rundir import STATEMENT_ONLY_VERSIONS, resolve_prompt_format, training_overlap
+from .prompts import answer_text, check_native, render_prompt
+from .rundir import STATEMENT_ONLY_VERSIONS, adapter_base, resolve_prompt_format, training_overlap
 from .scoring import extract_answer, lawbench_summary, summarize
 from .think import answer_part
 
@@ -344,9 +344,19 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 # ----------------------------------------------------------------------------- command
 
 
+def with_adapter_base(mcfg: ModelConfig, adapter: str | None) -> ModelConfig:
+    """The model settings, with the base model the adapter records where none is given (and a line saying so)."""
+    if mcfg.path or not adapter:
+        return mcfg
+    base, where = adapter_base(adapter)
+    log.info("no --model given: using %s, the base model recorded in %s", base, where)
+    return replace_config(mcfg, path=base)
+
+
 def load_eval_file(data: str, ecfg, adapter: str | None) -> tuple:
     """(records, skipped, training overlap) of a file to score; warns loudly about questions the adapter trained on."""
-    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format)
+    loaded = load_records(data, require_answer=True, max_samples=ecfg.max_samples, fmt=ecfg.format,
+                          question_type=ecfg.type)
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", data, count, reason)
     overlap, version = training_overlap(adapter, loaded.records)
@@ -385,8 +395,10 @@ def eval_file(cfg: EvalRun) -> dict:
     output = Path(ecfg.output)
     if output.is_dir():
         raise UsageError(f"eval.output: {output} is a directory; give a report file (e.g. {output / 'report.json'})")
+    cfg = replace_config(cfg, model=with_adapter_base(cfg.model, adapter))
     records, skipped, overlap = load_eval_file(data, ecfg, adapter)
     prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
+    check_native(prompt_format, records, data)
     quiet_loading()
     model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
     report = score_file(model, tokenizer, records, skipped, overlap, cfg, prompt_format)

@@ -16,7 +16,7 @@ import torch
 
 from .config import MergeRun, ModelConfig
 from .model import ModelError, load_for_inference, model_source, quiet_loading
-from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization
+from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization, adapter_sha256, give_weights_default_mode
 
 
 def _checkpoint_dtype(path: str) -> torch.dtype:
@@ -77,6 +77,7 @@ def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    give_weights_default_mode(tmp)
     keys = _safetensors_keys(tmp)
     bad = [k for k in keys if "lora" in k.lower() or "base_model.model" in k]
     if not keys or bad:
@@ -95,7 +96,9 @@ def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"{out}: the saved model does not reload as merged ({', '.join(problems[:3])})")
     del reloaded
-    info_out = {"base_model": str(base), "adapter": str(adapter), "prompt_format": adapter_prompt_format(adapter) or "chat",
+    # adapter_sha256: what `eval`, `serve`... compare an adapter given with this model against (it is merged already)
+    info_out = {"base_model": str(base), "adapter": str(adapter), "adapter_sha256": adapter_sha256(adapter),
+                "working_dir": os.getcwd(), "prompt_format": adapter_prompt_format(adapter) or "chat",
                 "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
     (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
     if out.exists():

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .config import LoraSection, ModelConfig
+from .config import LoraSection, ModelConfig, looks_like_hub_id
 from .errors import UsageError
-from .rundir import MANIFEST_FILE
+from .rundir import MANIFEST_FILE, MERGE_INFO, adapter_sha256, merge_info
 
 log = logging.getLogger("lawtune")
 
@@ -51,10 +51,9 @@ def model_source(path: str) -> str:
     """Where to load ``path`` from: the directory itself, or for a hub id ('org/name') the hub when it answers,
     else the copy in the Hugging Face cache. Offline, transformers would spend most of a minute on retries (and
     print dozens of warnings) before failing: the hub is asked once, with a short timeout, instead."""
-    looks_local = path.startswith(("/", ".", "~")) or path.count("/") != 1 or "\\" in path
     if Path(path).expanduser().exists():
         return path
-    if looks_local:
+    if not looks_like_hub_id(path):
         raise ModelError(f"{path}: model directory does not exist (pass a local model directory or a hub id)")
     import huggingface_hub
     from huggingface_hub import constants
@@ -234,9 +233,22 @@ def recorded_base(adapter_dir: str | Path) -> dict:
     return {}
 
 
+def check_not_merged(adapter_dir: str | Path, base_path: str) -> None:
+    """Refuse an adapter that `lawtune merge` already folded into ``base_path``: its lawtune_merge.json records the
+    sha256 of the merged adapter's weights. Loaded again, the LoRA update would count twice."""
+    info = merge_info(base_path)
+    if info.get("adapter_sha256") and info["adapter_sha256"] == adapter_sha256(adapter_dir):
+        base = info.get("base_model")
+        raise ModelError(f"{adapter_dir}: adapter is already merged into {base_path} (its {MERGE_INFO} records these "
+                         f"weights' sha256), so it would count twice; use {base_path} alone, or --model "
+                         f"{base or 'BASE'} with the adapter; pass --force to load it anyway")
+
+
 def check_adapter_base(adapter_dir: str | Path, model, base_path: str) -> None:
     """Refuse an adapter trained on another base model whose tensor shapes happen to fit this one (a model with
-    another vocabulary or tokenizer, or another checkpoint of the same architecture)."""
+    another vocabulary or tokenizer, or another checkpoint of the same architecture), or one already merged into
+    this model."""
+    check_not_merged(adapter_dir, base_path)
     recorded = recorded_base(adapter_dir)
     if not recorded:
         return

@@ -48,6 +48,17 @@ PLAIN_TEMPLATE = (
 # The think block's tags (OPEN_LINE, CLOSE_LINES per format) and ANSWER_PREFIX are think.py's.
 
 
+NATIVE_NEEDS = "prompt format native asks a LawBench file's own instruction and question"
+
+
+def check_native(prompt_format: str | None, records: list[Record], source: str) -> None:
+    """Refuse the native prompt format for questions not read from a LawBench file: checked before a model loads,
+    so the mistake costs no loading time."""
+    other = next((r for r in records if r.format != "lawbench"), None)
+    if prompt_format == "native" and other is not None:
+        raise UsageError(f"{source}: {NATIVE_NEEDS}; this file is {other.format} (use --prompt-format chat or plain)")
+
+
 def format_question(record: Record) -> str:
     lines = [record.statement]
     lines += [f"{letter}. {text}" for letter, text in record.options.items()]
@@ -69,8 +80,7 @@ def _open_prompt(record: Record, tokenizer, prompt_format: str) -> str:
     if prompt_format == "native":
         # LawBench's protocol: the file's own instruction and question are the user turn, in the chat template
         if record.format != "lawbench":
-            raise UsageError(f"{record.where or record.id}: prompt format 'native' needs a LawBench file (its "
-                             f"instruction and question); this record is {record.format}")
+            raise UsageError(f"{record.where or record.id}: {NATIVE_NEEDS}; this record is {record.format}")
         user = record.extra["instruction"] + "\n" + record.extra["question"]
         text = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)

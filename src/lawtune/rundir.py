@@ -1,9 +1,10 @@
 """Reading and writing a run directory: model directories (adapter, tokenizer, config, manifest), what an
 adapter says about how it was trained, and whether evaluated questions were trained on.
 
-A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config) and
-``data_manifest.json`` (files, sha256, split, prompt format, the hashed questions trained on); a merged
-model holds ``lawtune_merge.json``.
+A model directory written by lawtune holds ``lawtune_config.yaml`` (the resolved run config and the working directory
+its relative paths are read from) and ``data_manifest.json`` (files, sha256, split, prompt format, the hashed
+questions trained on); a merged model holds ``lawtune_merge.json`` (base, adapter and the sha256 of the adapter's
+weights, so that the adapter is not applied to it a second time).
 """
 
 from __future__ import annotations
@@ -18,8 +19,19 @@ from typing import Any
 
 import yaml
 
-from .config import DecidesWeights, GrpoRun, save_config, sections_of
+from .config import (
+    MODEL_DIR,
+    WORKING_DIR,
+    DecidesWeights,
+    GrpoRun,
+    looks_like_hub_id,
+    path_fields,
+    read_from,
+    save_config,
+    sections_of,
+)
 from .data import Record, legacy_statement_key, question_key, sha256_file, statement_key
+from .errors import UsageError
 
 log = logging.getLogger("lawtune")
 
@@ -39,6 +51,41 @@ _KEYS = {STATEMENT_KEY_VERSION: question_key, "normalized-1": statement_key, Non
 def statement_hash(record: Record, version: str | None = STATEMENT_KEY_VERSION) -> str:
     """A short hash of a record's key (of that manifest version): what a manifest keeps of the questions trained on."""
     return hashlib.sha256(_KEYS[version](record).encode("utf-8")).hexdigest()[:16]
+
+
+def default_file_mode() -> int:
+    """The mode a file created now gets: 0666 less the umask (0644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def give_weights_default_mode(directory: str | Path) -> None:
+    """safetensors (0.8 and later) writes a file through a temporary one, created 0600, and renames it: the weights
+    lawtune has just written in ``directory`` get the mode of the other files it writes."""
+    mode = default_file_mode()
+    for file in Path(directory).glob("*.safetensors"):
+        os.chmod(file, mode)
+
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_sha256(adapter: str | Path) -> str | None:
+    """sha256 of an adapter's weights file (None where it has none)."""
+    return next((sha256_file(Path(adapter) / name) for name in WEIGHT_FILES if (Path(adapter) / name).is_file()), None)
+
+
+def merge_info(model_path: str | Path | None) -> dict:
+    """A merged model's lawtune_merge.json ({} for any other model)."""
+    info = Path(model_path) / MERGE_INFO if model_path else None
+    if info is None or not info.is_file():
+        return {}
+    try:
+        found = json.loads(info.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
@@ -63,6 +110,7 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
             shutil.rmtree(tmp)
         model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    give_weights_default_mode(tmp)
     save_config(cfg, tmp / CONFIG_FILE)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
     if dest.exists():
@@ -103,15 +151,36 @@ def adapter_quantization(adapter: str | None) -> str:
 
 def resolve_prompt_format(model_path: str, adapter: str | None, override: str | None = None) -> str:
     """The format given, else the adapter's, else a merged model's, else chat."""
-    if override:
-        return override
-    fmt = adapter_prompt_format(adapter)
-    if fmt:
-        return fmt
-    info = Path(model_path or ".") / MERGE_INFO
-    if info.is_file():
-        return json.loads(info.read_text(encoding="utf-8")).get("prompt_format") or "chat"
-    return "chat"
+    return override or adapter_prompt_format(adapter) or merge_info(model_path).get("prompt_format") or "chat"
+
+
+def adapter_base(adapter: str | Path) -> tuple[str, Path]:
+    """(the base model an adapter records, the file that records it): its lawtune_config.yaml's model.path, else
+    peft's base_model_name_or_path in adapter_config.json. A relative path is read from the folder of the run that
+    wrote it (the run file's working_dir; the current directory for a run file written before it was recorded)."""
+    directory = Path(adapter)
+    if not directory.is_dir():
+        raise UsageError(f"{adapter}: adapter directory does not exist (pass --adapter DIR, e.g. outputs/RUN/final_model)")
+    raw = _run_config(directory)
+    recorded = raw.get(WORKING_DIR)
+    folder = recorded if isinstance(recorded, str) else os.getcwd()
+    found = [(directory / CONFIG_FILE, "model.path", (raw.get("model") or {}).get("path"))]
+    peft_file = directory / "adapter_config.json"
+    if peft_file.is_file():
+        try:
+            peft_config = json.loads(peft_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            peft_config = {}
+        found.append((peft_file, "base_model_name_or_path", peft_config.get("base_model_name_or_path")))
+    for file, key, written in found:
+        if not isinstance(written, str) or not written:
+            continue
+        base = read_from(folder, written, MODEL_DIR)
+        if not os.path.exists(base) and not looks_like_hub_id(base):
+            relative = f" (relative to {folder})" if base != written else ""
+            raise UsageError(f"{file}: {key} {written}{relative}: model directory does not exist; pass --model DIR")
+        return base, file
+    raise UsageError(f"model.path: no base model given and {adapter} records none (pass --model DIR)")
 
 
 def training_overlap(adapter: str | None, records: list[Record]) -> tuple[int, str | None]:
@@ -161,11 +230,13 @@ RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs
 def run_fingerprint(cfg) -> dict:
     """What decides a training run's weights: every config field marked so (``config.DecidesWeights``: the base
     model, the data files by content, the split, LoRA, the prompt format, a continued adapter). A checkpoint
-    continues only the run it came from."""
+    continues only the run it came from. A path is recorded absolute (a hub id as written): the same run started
+    from another folder is the same run."""
     out: dict = {}
+    paths = path_fields(type(cfg))
     for key, value, mark in weight_fields(cfg):
         if mark.value:
-            out[key] = value
+            out[key] = read_from(os.getcwd(), value, paths[key]) if key in paths and isinstance(value, str) else value
         if mark.content is not None:
             path = Path(value) / mark.content if value and mark.content else Path(value) if value else None
             out[f"{key} sha256"] = sha256_file(path) if path and path.is_file() else None
@@ -192,6 +263,10 @@ def prepare_run_dir(out: Path, cfg, resume: bool, overwrite: bool, main: bool = 
             # a key that an older run file lacks (a field added since) compares as the field's default
             defaults = run_fingerprint(type(cfg)())
             before = {**defaults, **before}
+            # an older run file holds paths as given: read from the current folder, as that run read them
+            for key, mark in path_fields(type(cfg)).items():
+                if isinstance(before.get(key), str):
+                    before[key] = read_from(os.getcwd(), before[key], mark)
             differs = [k for k in fingerprint if before.get(k) != fingerprint[k]]
             if differs:
                 raise ConfigError(f"{out}: --resume would continue a run with another {', '.join(differs)} "

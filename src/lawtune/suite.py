@@ -27,7 +27,8 @@ from .config import ConfigError, EvalRun, SuiteRun, load_suite
 from .config import replace as replace_config
 from .data import DataError
 from .errors import UsageError
-from .evaluate import load_eval_file, score_file, write_report
+from .evaluate import load_eval_file, score_file, with_adapter_base, write_report
+from .prompts import check_native
 from .rundir import resolve_prompt_format
 
 CATEGORIES = ("single", "multi", "KD", "CA")
@@ -39,7 +40,8 @@ def run_config(cfg: EvalRun, run: SuiteRun, folder: Path = Path(".")) -> EvalRun
     data = run.data if Path(run.data).is_absolute() else str(folder / run.data)
     try:
         ecfg = replace_config(cfg.eval, data=data, suite=None, mode=run.mode or cfg.eval.mode,
-                              samples=run.samples or cfg.eval.samples, format=run.format or cfg.eval.format)
+                              samples=run.samples or cfg.eval.samples, format=run.format or cfg.eval.format,
+                              type=run.type or cfg.eval.type)
         gcfg = replace_config(cfg.generation, max_new_tokens=run.max_new_tokens or cfg.generation.max_new_tokens)
         return replace_config(cfg, eval=ecfg, generation=gcfg)
     except ConfigError as exc:
@@ -63,26 +65,30 @@ def run_suite(cfg: EvalRun) -> dict:
     page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
     if page.is_dir():
         raise UsageError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
-    model_cfg = replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path)
     adapter = _local(folder, suite.adapter) or cfg.adapter.path
+    model_cfg = with_adapter_base(replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path), adapter)
     cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
     if not model_cfg.path:
         raise ConfigError(f"{suite_file}: no model (give model: in the suite or --model)")
     runs = [(run, run_config(cfg, run, folder)) for run in suite.runs]
     files: dict[tuple, tuple] = {}  # every file checked first, each once
     for run, rc in runs:
-        key = (rc.eval.data, rc.eval.format)
+        key = (rc.eval.data, rc.eval.format, rc.eval.type)
         if key not in files:
             try:
                 files[key] = load_eval_file(rc.eval.data, rc.eval, adapter)
             except DataError as exc:
                 raise DataError([f"{suite_file}: run {run.name}: {p}" for p in exc.problems]) from None
+    formats = [resolve_prompt_format(model_cfg.path, adapter, run.prompt_format or cfg.adapter.prompt_format)
+               for run, _ in runs]
+    for (run, rc), fmt in zip(runs, formats):
+        check_native(fmt, files[(rc.eval.data, rc.eval.format, rc.eval.type)][0], f"{suite_file}: run {run.name}: "
+                     f"{rc.eval.data}")
     quiet_loading()
     model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force)
     reports = {}
-    for run, rc in runs:
-        records, skipped, overlap = files[(rc.eval.data, rc.eval.format)]
-        fmt = resolve_prompt_format(model_cfg.path, adapter, run.prompt_format or cfg.adapter.prompt_format)
+    for (run, rc), fmt in zip(runs, formats):
+        records, skipped, overlap = files[(rc.eval.data, rc.eval.format, rc.eval.type)]
         report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
         report["summary"]["run"] = run.name
         write_report(report, page.with_name(f"{page.stem}.{run.name}.json"))

@@ -49,7 +49,8 @@ class Command:
 # The flags of the sections several commands share, where a command's config has them.
 SHARED_FLAGS = {"model.path": "--model", "adapter.path": "--adapter", "adapter.force": "--force",
                 "adapter.prompt_format": "--prompt-format", "generation.max_new_tokens": "--max-new-tokens",
-                "generation.do_sample": "--sample", "data.train": "--data", "data.format": "--format"}
+                "generation.do_sample": "--sample", "data.train": "--data", "data.format": "--format",
+                "data.type": "--type"}
 FLAG_NAMES = {"as_json": "--json"}  # a field called json would hide pydantic's BaseModel.json
 RUN_FOLDER = {"--resume": "continue from the newest checkpoint in the output folder (only the run that wrote it)",
               "--overwrite": "start over in an output folder that holds a run (its outputs are removed first)"}

@@ -16,6 +16,7 @@ from ..infer import (
     record_from_lines,
     record_from_text,
 )
+from ..prompts import NATIVE_NEEDS
 
 
 def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
@@ -23,6 +24,9 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
     time), or, without one, questions from stdin: a question, then its options one per line; an empty line
     asks it. Returns 0 once stdin ends."""
     a = cfg.ask
+    if cfg.adapter.prompt_format == "native":
+        raise UsageError(f"adapter.prompt_format: {NATIVE_NEEDS}; ask takes a question, not a LawBench file (use chat "
+                         f"or plain)")
     if a.question and a.record:
         raise UsageError("ask: give --question (with --option) or --record, not both")
     if a.option and not a.question:

@@ -15,12 +15,13 @@ log = logging.getLogger("lawtune")
 
 def run_check(cfg: CheckRun) -> int:
     c = cfg.check
-    loaded = load_records(c.file, require_answer=False, fmt=c.format)
+    loaded = load_records(c.file, require_answer=False, fmt=c.format, question_type=c.type)
     lengths = None
     if c.tokenizer:
         from ..model import load_tokenizer
-        from ..prompts import encode_example, render_prompt
+        from ..prompts import check_native, encode_example, render_prompt
 
+        check_native(c.prompt_format, loaded.records, c.file)
         tokenizer = load_tokenizer(c.tokenizer)
         lengths = []
         for r in loaded.records:
@@ -67,8 +68,9 @@ def run_overlap(cfg: OverlapRun) -> int:
         types = [r.type for r in load_records(out, require_answer=False).records] if expected else []
         if types != expected:
             log.warning("%s: its questions read as type %s, B's as %s (%s reads KD/CA from the file name): name it "
-                        "like B, e.g. %s", out, ", ".join(sorted(set(types))),
-                        ", ".join(sorted({r.type for r in b})), b[0].format, Path(o.b).stem + ".clean" + Path(o.b).suffix)
+                        "like B, e.g. %s, or give --type (data.type) where it is read", out,
+                        ", ".join(sorted(set(types))), ", ".join(sorted({r.type for r in b})), b[0].format,
+                        Path(o.b).stem + ".clean" + Path(o.b).suffix)
     if o.as_json:
         print(json.dumps(result, ensure_ascii=False))
         return 0

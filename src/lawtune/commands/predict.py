@@ -14,6 +14,7 @@ from ..evaluate import answer_batch
 from ..infer import done_ids, load_model
 from ..preempt import Preempted, Sigterm
 from ..progress import progress
+from ..prompts import check_native
 
 
 def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
@@ -26,6 +27,7 @@ def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
     if out_path.is_dir():
         raise UsageError(f"predict.output: {out_path} is a directory; give a file (e.g. {out_path / 'preds.jsonl'})")
     records = load_records(pcfg.data, require_answer=False, max_samples=pcfg.max_samples).records
+    check_native(cfg.adapter.prompt_format, records, pcfg.data)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [r for r in records if r.id not in done]

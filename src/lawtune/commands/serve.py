@@ -9,6 +9,7 @@ import sys
 from ..config import ServeRun
 from ..errors import UsageError
 from ..infer import load_model
+from ..prompts import NATIVE_NEEDS
 from ..serve import MODEL_ID, make_server
 
 
@@ -16,6 +17,9 @@ def run_serve(cfg: ServeRun, say=print) -> int:
     """`lawtune serve`: listen at once, load the model in the background (/health is 503 until it is ready), answer
     requests until SIGTERM or Ctrl-C, then drain (serve.shutdown_grace_s) and exit 0."""
     host, port = cfg.serve.host, cfg.serve.port
+    if cfg.adapter.prompt_format == "native":
+        raise UsageError(f"adapter.prompt_format: {NATIVE_NEEDS}; serve takes questions, not a LawBench file (use "
+                         f"chat or plain)")
     api_key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else os.environ.get("LAWTUNE_API_KEY") or None
 
     def load():

@@ -1,7 +1,8 @@
 """AGIEval's copies of JEC-QA (``jec-qa-kd.jsonl``, ``jec-qa-ca.jsonl``): JSON Lines of
 ``{"passage": null, "question": …, "options": ["(A)…", …], "label": ["A", "C"], "answer": null, "other": null}``.
 
-Ids come from the line number (``<file stem>-<line>``), the type from the file name (``kd`` / ``ca``). ``label`` is
+Ids come from the line number (``<file stem>-<line>``), the type from the file name (``kd`` / ``ca``) unless
+``data.type`` says it. ``label`` is
 a list of letters or a string; an empty one is skipped and counted. Real copies hold labels with a stray
 punctuation mark (``["A", "C", "D", "。"]``): it is dropped, and the loader warns once, counting and naming the
 lines; a letter that is not an option is an error.

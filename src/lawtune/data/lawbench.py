@@ -5,7 +5,7 @@ The question holds the statement and then its four options inline, ``…?A:text;
 end with ``。``; colons ASCII or full-width, in the options and in the answer). The options are split off here, so
 that the statement is the question alone (what the overlap check compares); the file's own instruction and
 question are kept for ``--prompt-format native`` (LawBench's protocol). Ids are ``<file stem>-<position>``; the
-type is KD for tasks 1-2 and CA for 3-6 (from the file name).
+type is KD for tasks 1-2 and CA for 3-6 (from the file name, unless ``data.type`` says it).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reading a question file in any of its formats: the one entry point, ``load_records``.
 
 The format (``FORMATS``: JEC-QA's release, AGIEval's copies, LawBench's files; one module each) is detected from
-the first record's fields, or forced (``data.format``). Files are JSON Lines or one JSON array, the shape told
+the first record's fields, or forced (``data.format``); so is the question type (KD or CA: what the file says, or
+``data.type``). Files are JSON Lines or one JSON array, the shape told
 by the first non-blank character. Every problem is reported as ``FILE:LINE: what is wrong``.
 """
 
@@ -63,9 +64,10 @@ def detect_format(obj, path: Path) -> str:
 
 
 def load_records(path: str | Path, require_answer: bool = True, max_samples: int | None = None,
-                 fmt: str | None = None) -> LoadResult:
+                 fmt: str | None = None, question_type: str | None = None) -> LoadResult:
     """Load and validate a question file; raise DataError listing every problem found. ``fmt``: jecqa, agieval or
-    lawbench (None or auto = detected)."""
+    lawbench (None or auto = detected). ``question_type``: KD or CA for every record (a renamed AGIEval or LawBench
+    file, whose type is otherwise read from its name); None or auto = what the file says."""
     path = Path(path)
     if path.is_dir():
         raise DataError([f"{path}: is a directory; give a question file (JSON Lines or a JSON array)"])
@@ -92,6 +94,8 @@ def load_records(path: str | Path, require_answer: bool = True, max_samples: int
             keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
             raise DataError([f"{where}: data.format={fmt}, but the first record has the fields {keys}"])
         record, problem, skip, note = module.parse(obj, where, require_answer, path, index)
+        if record is not None and question_type not in (None, "auto"):
+            record.type = question_type
         if note:
             notes.setdefault(note, []).append(line)
         if problem:

@@ -16,7 +16,7 @@ from ..config import replace as replace_config
 from ..dist import any_rank, cpu_group, gather_objects, is_main_process, sum_over_ranks, world_size
 from ..preempt import Sigterm
 from ..progress import progress
-from ..rundir import MANIFEST_FILE, save_model_dir
+from ..rundir import MANIFEST_FILE, give_weights_default_mode, save_model_dir
 
 log = logging.getLogger("lawtune")
 
@@ -91,6 +91,10 @@ class MetricsCallback(TrainerCallback):
         if self.counter is not None:
             self.base = state.num_input_tokens_seen  # loaded from the checkpoint when resuming, else 0
         self.last = (self.seen(state), time.time())
+
+    def on_save(self, args, state, control, **kwargs):
+        if is_main_process():  # the checkpoint the Trainer has just written
+            give_weights_default_mode(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:

@@ -40,7 +40,8 @@ log = logging.getLogger("lawtune")
 
 def prepare_data(cfg: TrainRun | GrpoRun, out: Path) -> tuple[list, list, dict]:
     """Load, split and write the split actually used; returns (train, eval, manifest)."""
-    loaded = load_records(cfg.data.train, require_answer=True, max_samples=cfg.data.max_samples, fmt=cfg.data.format)
+    loaded = load_records(cfg.data.train, require_answer=True, max_samples=cfg.data.max_samples, fmt=cfg.data.format,
+                          question_type=cfg.data.type)
     manifest: dict = {
         "files": [{"role": "train", "path": str(Path(cfg.data.train).resolve()), "sha256": sha256_file(cfg.data.train),
                    "records": len(loaded.records), "skipped": loaded.skipped}],
@@ -50,7 +51,7 @@ def prepare_data(cfg: TrainRun | GrpoRun, out: Path) -> tuple[list, list, dict]:
     for reason, count in loaded.skipped.items():
         log.warning("%s: skipped %d records (%s)", cfg.data.train, count, reason)
     if cfg.data.eval:
-        held = load_records(cfg.data.eval, require_answer=True, fmt=cfg.data.format)
+        held = load_records(cfg.data.eval, require_answer=True, fmt=cfg.data.format, question_type=cfg.data.type)
         train_records, overlap = drop_overlap(loaded.records, held.records)
         eval_records = held.records
         manifest["files"].append({"role": "eval", "path": str(Path(cfg.data.eval).resolve()),
@@ -82,7 +83,7 @@ def mix_answer_only(cfg: TrainRun | GrpoRun, n_train: int, eval_records: list, m
 
     mix = cfg.data.mix
     assert mix, "called only with a data.mix file"
-    mixed = load_records(mix, require_answer=True, fmt=cfg.data.format)
+    mixed = load_records(mix, require_answer=True, fmt=cfg.data.format, question_type=cfg.data.type)
     pool, overlap = drop_overlap(mixed.records, eval_records)
     want = round(cfg.data.mix_ratio * n_train)
     if want > len(pool):
