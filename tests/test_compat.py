@@ -25,7 +25,7 @@ LAWTUNE_OWNED = frozenset({
     "_look", "_loop", "_notify", "_prefill", "_prompt_logprobs", "_record", "_rows", "_rows_in_use", "_run_step",
     "_take", "_window",
     # serve/runtime.py: Job (a thread of lawtune's own)
-    "_on_request", "_put",
+    "_on_request", "_put", "_wake",
     # train/callbacks.py: HeldOutEvalCallback, GcPauses (transformers' TrainerCallback has no private names)
     "_run", "_on_gc", "_freeze",
     # train/trainer.py: LawtuneTrainer

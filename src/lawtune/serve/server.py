@@ -28,6 +28,8 @@ log = logging.getLogger("lawtune")
 CLOSE_S = 2.0
 # 503s answered after the last running request ended, before the socket closes (under a Retry-After of 1 s).
 LINGER_S = 0.5
+# After the socket closes: the requests of connections accepted before it are read and answered.
+ACCEPTED_S = 0.3
 
 
 class Server(uvicorn.Server):
@@ -59,7 +61,7 @@ class Server(uvicorn.Server):
         began = loop.time()
         # The whole shutdown fits in the grace period: what runs at its end (minus the linger and the closing) is
         # cancelled.
-        end = began + max(0.0, state.cfg.shutdown_grace_s - LINGER_S - CLOSE_S)
+        end = began + max(0.0, state.cfg.shutdown_grace_s - LINGER_S - ACCEPTED_S - CLOSE_S)
         log.info("shutting down: %d running or waiting; new requests get 503", state.rows)
         while state.rows and loop.time() < end:
             await asyncio.sleep(0.05)
@@ -69,6 +71,11 @@ class Server(uvicorn.Server):
             while state.rows and loop.time() < end + CLOSE_S / 2:
                 await asyncio.sleep(0.02)
         await asyncio.sleep(LINGER_S)
+        # Stop listening first, and let requests on connections accepted just before get their 503: uvicorn's own
+        # shutdown closes a connection whose request it has not read yet without an answer.
+        for server in self.servers:
+            server.close()
+        await asyncio.sleep(ACCEPTED_S)
         await super().shutdown(sockets)
         log.info("shut down after %.1f s", loop.time() - began)
 
