@@ -15,6 +15,13 @@ import pytest
 from lawtune.config import load_config
 from lawtune.demo import build_tiny_model, build_tokenizer, corpus_texts, demo_data_path
 
+# Under pytest-xdist (`pytest -n auto`) each worker is one of several processes sharing the cores: torch's own
+# thread pool (one thread per core in every process) would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "deepseek-r1-distill-qwen-1.5b"
 TOKENIZER_ENV = "LAWTUNE_TOKENIZER"
 

@@ -229,3 +229,26 @@ def test_sigterm_keeps_every_answered_batch_exits_143_and_a_rerun_ends_as_one_ru
     monkeypatch.setitem(evaluate.MODES, "direct", real)
     assert main(args(parts)) == 0
     assert parts.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_text_pieces_join_to_the_decoded_text_and_hold_back_a_split_character(real_tokenizer, fast):
+    """The pieces of a stream of ids (Chinese, rare characters split over byte-level tokens, random ids) join to what the
+    tokenizer decodes at once, and no piece ends in half a character; special tokens are left out. ``fast`` False:
+    the fallback for a tokenizer without a ``tokenizers`` backend."""
+    import random
+
+    text = "甲公司与乙公司签订合同，约定交付货物。龘𠀀 The court held é.\n答案：AB"
+    ids = real_tokenizer(text, add_special_tokens=False)["input_ids"]
+    noise = [random.Random(0).randrange(len(real_tokenizer)) for _ in range(300)]
+    for stream, whole_characters in ((ids + [real_tokenizer.eos_token_id], True), (noise, False)):
+        pieces = infer.TextPieces(real_tokenizer)
+        if not fast:
+            pieces.backend = None
+        out = [pieces.put(token) for token in stream]
+        assert "".join(out) == real_tokenizer.decode(stream, skip_special_tokens=True)
+        assert not whole_characters or not any("\ufffd" in piece for piece in out)
+    split = real_tokenizer("𠀀", add_special_tokens=False)["input_ids"]
+    assert len(split) > 1  # one character, several byte-level tokens: held back until it is whole
+    pieces = infer.TextPieces(real_tokenizer)
+    assert [pieces.put(token) for token in split] == [""] * (len(split) - 1) + ["𠀀"]

@@ -54,7 +54,7 @@ class CompletionRun:
 
     async def pieces(self, deadline: float | None, tokenizer) -> AsyncIterator[tuple[str, list]]:
         """(text, the tokens it came with) as released past the stop strings."""
-        pieces, shown, pending = TextPieces(tokenizer, skip_special_tokens=True), "", []
+        pieces, shown, pending = TextPieces(tokenizer), "", []
         async for kind, value in self.job.items(deadline):
             if kind == "error":
                 self.error = value
@@ -73,8 +73,7 @@ class CompletionRun:
                 pending.append(payload)
                 if payload[0] == tokenizer.eos_token_id:
                     continue
-                pieces.put(_tensor([payload[0]]))
-                new = "".join(pieces.take())
+                new = pieces.put(payload[0])
                 shown += new
                 released = self.stop.feed("text", new) if new else []
             for _, text in released:
@@ -87,12 +86,6 @@ class CompletionRun:
                 return
         if pending:
             yield "", pending
-
-
-def _tensor(ids: list[int]):
-    import torch
-
-    return torch.tensor(ids)
 
 
 @dataclass
