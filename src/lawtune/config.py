@@ -736,11 +736,6 @@ def load_suite(path: str) -> Suite:
     return validate(Suite, read_yaml(path), where=f"{path}: ")
 
 
-def config_from_dict(raw: dict, source: str | None = None, run_cls: type[Run] = TrainRun) -> Any:
-    """A command's config from a mapping of sections; a section or key the command does not read is an error."""
-    return validate(run_cls, {**(raw or {}), "source": source})
-
-
 # Run files written before the generation section existed kept its keys under eval, with one budget per mode.
 _MOVED_TO_GENERATION = {"do_sample", "temperature", "top_p", "static_cache", "cuda_graphs", "max_new_tokens",
                         "direct_max_new_tokens"}
