@@ -119,21 +119,7 @@ class LoraSection(Section):
     """Module names that get adapters: all seven attention and MLP projections by default."""
 
 
-class QuestionFiles(Section):
-    """The format and question type of the question files a section names (its own fields are declared after
-    these). The format decides which examples a training run reads (``data.format``); only training runs are
-    fingerprinted, so the mark is inert in the other commands' sections."""
-
-    format: Annotated[DataFormat, WEIGHTS] = "auto"
-    """File format of the question files this command reads: jecqa, agieval or lawbench; auto = told by the first
-    record's fields."""
-    type: QuestionType = "auto"
-    """KD (knowledge-driven) or CA (case analysis) for every record of the question files this command reads; auto =
-    what the file says: JEC-QA's type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else
-    unknown. Set it for a renamed copy of an AGIEval or LawBench file."""
-
-
-class DataConfig(QuestionFiles):
+class DataConfig(Section):
     train: Annotated[str, FILE_CONTENT, DATA_FILE] = ""
     """JEC-QA training file (JSON Lines or one JSON array)."""
     eval: Annotated[str | None, FILE_CONTENT, DATA_FILE] = None
@@ -150,6 +136,13 @@ class DataConfig(QuestionFiles):
     """Longest tokenized example (at least 32); longer ones are cut inside the question, never in the answer."""
     seed: Annotated[int, WEIGHTS] = 42
     """Seed of the train/eval split."""
+    format: Annotated[DataFormat, WEIGHTS] = "auto"
+    """File format of data.train, data.eval and data.mix: jecqa, agieval or lawbench; auto = told by the first
+    record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of data.train, data.eval and data.mix; auto =
+    what the file says: JEC-QA's type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else
+    unknown. Set it for a renamed copy of an AGIEval or LawBench file."""
     mix: Annotated[str | None, FILE_CONTENT, DATA_FILE] = None
     """A second JEC-QA file trained answer-only beside data.train (its reasoning, if any, left out): after
     `lawtune distill`, answer-only records keep direct mode working while the traces train reasoning."""
@@ -288,13 +281,19 @@ class EvalConfig(Section):
     """Seed of option shuffling."""
 
 
-class EvalFileConfig(QuestionFiles, EvalConfig):
+class EvalFileConfig(EvalConfig):
     data: str = ""
     """JEC-QA file with answers to score."""
     output: str = "report.json"
     """Report file (one JSON file: summary and every question's output)."""
     max_samples: PositiveInt | None = None
     """Score only the first N questions."""
+    format: DataFormat = "auto"
+    """File format of eval.data: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record of eval.data; auto = what the file says: JEC-QA's
+    type field, AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed
+    copy of an AGIEval or LawBench file."""
     suite: str | None = None
     """A suite YAML (model, adapter, runs: name, data, mode, prompt_format, samples, max_new_tokens, format,
     type): every run is scored and eval.output is one HTML page, each run's report beside it as <page>.<name>.json."""
@@ -397,7 +396,7 @@ class DistillConfig(Section):
             yield f"distill.{'teacher_url' if self.teacher_model else 'teacher_model'}: give both or neither"
 
 
-class CheckConfig(QuestionFiles):
+class CheckConfig(Section):
     file: str = ""
     """JEC-QA file to validate."""
     tokenizer: str | None = None
@@ -406,6 +405,12 @@ class CheckConfig(QuestionFiles):
     """Prompt format of those token lengths (chat, plain, or native for LawBench files)."""
     as_json: bool = False
     """Print one JSON object."""
+    format: DataFormat = "auto"
+    """File format: jecqa, agieval or lawbench; auto = told by the first record's fields."""
+    type: QuestionType = "auto"
+    """KD (knowledge-driven) or CA (case analysis) for every record; auto = what the file says: JEC-QA's type field,
+    AGIEval's file name (kd or ca in it), LawBench's (1-2 KD, 3-6 CA), else unknown. Set it for a renamed copy of an
+    AGIEval or LawBench file."""
 
 
 class OverlapConfig(Section):
