@@ -82,7 +82,7 @@ def test_a_run_file_lends_only_the_sections_the_command_reads(tmp_path, capsys):
     assert cfg.generation.max_new_tokens == 300 and cfg.eval.mode == "reasoning"
     # a section no command reads is a mistake, not something to lend
     run_file.write_text(run_file.read_text(encoding="utf-8") + "trainer:\n  x: 1\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="trainer: unknown section"):
+    with pytest.raises(ConfigError, match="trainer: not a section of `lawtune eval`"):
         load_config(run_file, run_cls=COMMANDS["eval"].config, lend=True)
     # the train command's own YAML is not lent: a section train does not read is an error there
     with pytest.raises(ConfigError, match="adapter: not a section of `lawtune train`"):

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lawtune.config import ConfigError, GrpoRun, TrainRun, config_from_dict, load_config
+from lawtune.config import ConfigError, GrpoRun, TrainRun, load_config, validate
 from lawtune.rundir import resolve_output_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -58,10 +58,10 @@ def test_ddp_config_sees_as_many_tokens_as_the_default_on_two_gpus():
 
 def test_unknown_key_names_the_key_and_the_valid_ones():
     with pytest.raises(ConfigError) as err:
-        config_from_dict({"train": {"max_stpes": 3}})
+        validate(TrainRun, {"train": {"max_stpes": 3}})
     assert "train.max_stpes" in str(err.value) and "max_steps" in str(err.value)
     with pytest.raises(ConfigError, match="not a section of `lawtune train`"):
-        config_from_dict({"trainer": {}})
+        validate(TrainRun, {"trainer": {}})
 
 
 def test_overrides_dotted_shorthand_and_scientific_floats(tmp_path):

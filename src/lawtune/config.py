@@ -695,14 +695,10 @@ def looks_like_hub_id(path: str) -> bool:
     return not path.startswith(("/", ".", "~")) and path.count("/") == 1 and "\\" not in path
 
 
-def is_relative(path: str) -> bool:
-    return bool(path) and not path.startswith("~") and not Path(path).is_absolute()
-
-
 def read_from(folder: str | Path, path: str, mark: NamesPath) -> str:
     """A path of a run file read from ``folder`` (the working directory of the run that wrote it): absolute. A hub id
     that is no folder there stays as written, as does an absolute path or one from the home folder (``~``)."""
-    if not is_relative(path):
+    if not path or path.startswith("~") or Path(path).is_absolute():
         return path
     resolved = os.path.abspath(os.path.join(folder, path))
     return path if mark.hub and looks_like_hub_id(path) and not os.path.exists(resolved) else resolved
@@ -718,24 +714,21 @@ def validate(model: type[M], raw: Any, where: str = "") -> M:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(where + describe(exc.errors()[0], model)) from None
-
-
-def describe(err: Any, model: Any) -> str:
-    loc, kind = err["loc"], err["type"]
-    key = "".join(f"[{part + 1}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    if kind == "value_error":  # our own rules name their key
-        return str(err["ctx"]["error"])
-    if kind == "extra_forbidden" and len(loc) == 1 and issubclass(model, Run):
-        sections = ", ".join(sections_of(model))
-        return f"{key}: not a section of `lawtune {model.model_config.get('title')}`; valid sections: {sections}"
-    if kind == "extra_forbidden":
-        for part in loc[:-1]:  # down to the model holding the key; a number is an item of a list of models
-            model = get_args(model)[0] if isinstance(part, int) else model.model_fields[part].annotation
-        return f"{key}: unknown key; valid keys: {', '.join(model.model_fields)}"
-    # A flag's value is text: "got 0" reads better than "got '0'" (an empty text shows as '').
-    got = err["input"] if isinstance(err["input"], str) and err["input"] else repr(err["input"])
-    return f"{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got}"
+        err = exc.errors()[0]
+    holder: Any = model  # the model holding the key
+    key = "".join(f"[{part + 1}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
+    if err["type"] == "value_error":  # our own rules name their key
+        raise ConfigError(where + str(err["ctx"]["error"]))
+    if err["type"] != "extra_forbidden":
+        # A flag's value is text: "got 0" reads better than "got '0'" (an empty text shows as '').
+        got = err["input"] if isinstance(err["input"], str) and err["input"] else repr(err["input"])
+        raise ConfigError(f"{where}{key}: {err['msg'][0].lower()}{err['msg'][1:]}, got {got}")
+    for part in err["loc"][:-1]:  # a number is an item of a list of models
+        holder = get_args(holder)[0] if isinstance(part, int) else holder.model_fields[part].annotation
+    if issubclass(holder, Run):
+        title, sections = holder.model_config.get("title"), ", ".join(sections_of(holder))
+        raise ConfigError(f"{where}{key}: not a section of `lawtune {title}`; valid sections: {sections}")
+    raise ConfigError(f"{where}{key}: unknown key; valid keys: {', '.join(holder.model_fields)}")
 
 
 def replace(obj: M, **changes: Any) -> M:
@@ -748,26 +741,20 @@ def load_suite(path: str) -> Suite:
     return validate(Suite, read_yaml(path), where=f"{path}: ")
 
 
-def config_from_dict(raw: dict, source: str | None = None, run_cls: type[Run] = TrainRun) -> Any:
-    """A command's config from a mapping of sections; a section or key the command does not read is an error."""
-    return validate(run_cls, {**(raw or {}), "source": source})
-
-
 # Run files written before the generation section existed kept its keys under eval, with one budget per mode.
-_OLD_BUDGETS = {"max_new_tokens": 2048, "direct_max_new_tokens": 8}
-_MOVED_TO_GENERATION = {"do_sample", "temperature", "top_p", "static_cache", "cuda_graphs", *_OLD_BUDGETS}
+_MOVED_TO_GENERATION = {"do_sample", "temperature", "top_p", "static_cache", "cuda_graphs", "max_new_tokens",
+                        "direct_max_new_tokens"}
 
 
 def upgrade_run_file(raw: dict) -> dict:
     """Move an older run file's generation keys from ``eval`` to ``generation``. Its two budgets become the one
-    budget of the mode the file selects; the old defaults (2048 reasoning, 8 direct) are today's mode defaults."""
-    old = raw.get("eval")
-    if isinstance(old, dict) and _MOVED_TO_GENERATION & old.keys():
-        moved = {key: old.pop(key) for key in _MOVED_TO_GENERATION & old.keys()}
-        budgets = {key: moved.pop(key, default) for key, default in _OLD_BUDGETS.items()}
-        if budgets != _OLD_BUDGETS:
-            mode_budget = "direct_max_new_tokens" if old.get("mode", "direct") == "direct" else "max_new_tokens"
-            moved["max_new_tokens"] = budgets[mode_budget]
+    budget of the mode the file selects; the old defaults (8 direct, 2048 reasoning) are today's mode defaults."""
+    old = raw["eval"] if isinstance(raw.get("eval"), dict) else {}
+    moved = {key: old.pop(key) for key in _MOVED_TO_GENERATION & old.keys()}
+    budgets = (moved.pop("direct_max_new_tokens", 8), moved.pop("max_new_tokens", 2048))
+    if budgets != (8, 2048):
+        moved["max_new_tokens"] = budgets[0] if old.get("mode", "direct") == "direct" else budgets[1]
+    if moved:
         raw["generation"] = {**(raw.get("generation") or {}), **moved}
     return raw
 
@@ -780,9 +767,8 @@ def read_yaml(path: str | Path) -> dict:
     except OSError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise ConfigError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        line = f":{exc.problem_mark.line + 1}" if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return upgrade_run_file({key: {} if value is None else value for key, value in raw.items()})
@@ -799,35 +785,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     raw: dict = read_yaml(path) if path is not None else {}
     recorded = raw.pop(WORKING_DIR, None)
     if recorded is not None and not (isinstance(recorded, str) and Path(recorded).is_absolute()):
-        raise ConfigError(f"{path}: {WORKING_DIR}: expected the absolute folder relative paths are read from, "
-                          f"got {recorded!r}")
-    unknown = [section for section in raw if section not in KNOWN_SECTIONS]
-    if lend and unknown:
-        raise ConfigError(f"{path}: {unknown[0]}: unknown section; valid sections: {', '.join(sorted(KNOWN_SECTIONS))}")
-    raw = {section: value for section, value in raw.items() if not lend or section in sections_of(run_cls)}
-    folder = recorded or os.getcwd()
-    # key -> (the path as the file writes it, read from its folder, marker): checked once overrides are applied
-    from_file: dict[str, tuple[str, str, NamesPath]] = {}
-    for key, mark in path_fields(run_cls).items():
-        section, name = key.split(".")
-        value = raw[section].get(name) if isinstance(raw.get(section), dict) else None
-        if isinstance(value, str) and is_relative(value):
-            from_file[key] = (value, read_from(folder, value, mark), mark)
-            if recorded:
-                raw[section] = {**raw[section], name: from_file[key][1]}
+        raise ConfigError(f"{path}: {WORKING_DIR}: expected the absolute folder of the run, got {recorded!r}")
+    if lend:  # the known sections the command does not read stay behind; one no command reads is refused by name
+        raw = {name: value for name, value in raw.items() if name in sections_of(run_cls) or name not in KNOWN_SECTIONS}
     keys, title = valid_keys(run_cls), run_cls.model_config.get("title")
     changes = [(key.strip(), yaml.safe_load(text)) for key, _, text in (item.partition("=") for item in overrides)]
-    for key, value in [*changes, *(settings or {}).items()]:
-        key = SHORTHANDS[key] if SHORTHANDS.get(key) in keys else key
+    given = {SHORTHANDS[k] if SHORTHANDS.get(k) in keys else k: value for k, value in [*changes, *(settings or {}).items()]}
+    for key, value in given.items():
         if key not in keys:
             raise ConfigError(f"{key}: not a key of `lawtune {title}`; valid keys: {', '.join(keys)}")
         section, name = key.split(".")
         raw[section] = {**(raw[section] if isinstance(raw.get(section), dict) else {}), name: value}
-        from_file.pop(key, None)
-    for key, (written, resolved, mark) in from_file.items():
-        if mark.missing and not os.path.exists(resolved) and not (mark.hub and looks_like_hub_id(resolved)):
+    cfg = validate(run_cls, {**raw, "source": str(path) if path else None}, where=f"{path}: " if path else "")
+    # A relative path of the file is read from the folder of the run that wrote it; one given here, as it is.
+    folder = recorded or os.getcwd()
+    for key, mark in path_fields(run_cls).items():
+        section, name = key.split(".")
+        written = getattr(getattr(cfg, section), name)
+        resolved = written if key in given or not written else read_from(folder, written, mark)
+        if resolved != written and mark.missing and not os.path.exists(resolved):
             raise ConfigError(f"{path}: {key} {written} (relative to {folder}): {mark.missing}")
-    return validate(run_cls, {**raw, "source": str(path) if path else None}, where=f"{path}: " if path else "")
+        if recorded:
+            setattr(getattr(cfg, section), name, resolved)
+    return cfg
 
 
 def config_to_yaml(cfg: Run) -> str:

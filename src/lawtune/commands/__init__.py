@@ -21,11 +21,10 @@ from ..demo import demo_config_path
 class Command:
     """A command: its config, whose docstring is the command's help, and how the command line reads it. It runs as
     ``run_<the last word of its name>`` in the module named by the first word (``data check``: ``data.run_check``):
-    the function takes the config (and ``options``) and returns an exit code."""
+    the function takes the config (and ``options``) and returns an exit code. The last word of the config's title
+    names the command's own section: each of its fields is a flag (``max_steps`` -> ``--max-steps``)."""
 
     config: type[c.Run]
-    section: str
-    """The command's own section: each of its fields is a flag (``max_steps`` -> ``--max-steps``)."""
     example: str
     """A ``key=value`` override the command reads, shown in its help."""
     positional: tuple[str, ...] = ()
@@ -41,8 +40,9 @@ class Command:
     def flags(self) -> dict[str, str]:
         """Flag (or positional argument) -> the config key it sets: the shared sections' flags the command's config
         has, and one for every field of its own section."""
+        section = str(self.config.model_config.get("title")).split()[-1]
         own = {name if name in self.positional else FLAG_NAMES.get(name, "--" + name.replace("_", "-")):
-               f"{self.section}.{name}" for name in c.sections_of(self.config)[self.section].model_fields}
+               f"{section}.{name}" for name in c.sections_of(self.config)[section].model_fields}
         return {flag: key for key, flag in SHARED_FLAGS.items() if key in c.valid_keys(self.config)} | own
 
 
@@ -56,20 +56,19 @@ RUN_FOLDER = {"--resume": "continue from the newest checkpoint in the output fol
               "--overwrite": "start over in an output folder that holds a run (its outputs are removed first)"}
 
 COMMANDS: dict[str, Command] = {
-    "demo": Command(c.DemoRun, "train", "train.max_steps=20", run_file=True, default_file=demo_config_path(),
+    "demo": Command(c.DemoRun, "train.max_steps=20", run_file=True, default_file=demo_config_path(),
                     options={"--overwrite": RUN_FOLDER["--overwrite"]}),
-    "train": Command(c.TrainRun, "train", "train.max_steps=100", run_file=True, options=RUN_FOLDER),
-    "grpo": Command(c.GrpoRun, "grpo", "grpo.num_generations=16", run_file=True, options=RUN_FOLDER),
-    "eval": Command(c.EvalRun, "eval", "generation.top_p=0.9"),
-    "predict": Command(c.PredictRun, "predict", "generation.top_p=0.9"),
-    "ask": Command(c.AskRun, "ask", "generation.temperature=0.6"),
-    "serve": Command(c.ServeRun, "serve", "serve.max_prompt_tokens=4096"),
-    "distill": Command(c.DistillRun, "distill", "generation.temperature=0.7"),
-    "merge": Command(c.MergeRun, "merge", "merge.dtype=bfloat16",
-                     options={"--overwrite": "replace a non-empty output directory"}),
-    "compare": Command(c.CompareRun, "compare", "compare.html=cmp.html", positional=("report_a", "report_b")),
-    "data check": Command(c.CheckRun, "check", "check.prompt_format=plain", positional=("file",)),
-    "data overlap": Command(c.OverlapRun, "overlap", "overlap.as_json=true", positional=("a", "b")),
+    "train": Command(c.TrainRun, "train.max_steps=100", run_file=True, options=RUN_FOLDER),
+    "grpo": Command(c.GrpoRun, "grpo.num_generations=16", run_file=True, options=RUN_FOLDER),
+    "eval": Command(c.EvalRun, "generation.top_p=0.9"),
+    "predict": Command(c.PredictRun, "generation.top_p=0.9"),
+    "ask": Command(c.AskRun, "generation.temperature=0.6"),
+    "serve": Command(c.ServeRun, "serve.max_prompt_tokens=4096"),
+    "distill": Command(c.DistillRun, "generation.temperature=0.7"),
+    "merge": Command(c.MergeRun, "merge.dtype=bfloat16", options={"--overwrite": "replace a non-empty output directory"}),
+    "compare": Command(c.CompareRun, "compare.html=cmp.html", positional=("report_a", "report_b")),
+    "data check": Command(c.CheckRun, "check.prompt_format=plain", positional=("file",)),
+    "data overlap": Command(c.OverlapRun, "overlap.as_json=true", positional=("a", "b")),
 }
 # Flags that were renamed, and what a user who still types them is told.
 RENAMED = {"--force-base": "--force (skip the adapter/base check; --overwrite replaces the output)"}
