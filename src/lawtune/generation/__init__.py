@@ -1,11 +1,11 @@
 """Generation: the one place that turns prompts into text (eval, ask, predict, serve and in-training eval).
 
-``generate`` runs a batch of prompts through the engine of ``engine.py`` (continuous batching on a static cache,
-greedy or sampled, CUDA graphs on a GPU); where the engine cannot run the model (another attention kernel,
-sliding windows, a model sharded across the ranks of a distributed job) through transformers' ``generate``, both
-with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the one forced-answer rule of
-reasoning mode. ``decode.py`` keeps the static-batch CUDA-graph decoder the engine replaced, as the baseline of
-``bench/generation.py``.
+``generate`` runs a batch of prompts through the engine of ``engine/`` (continuous batching on a static cache,
+greedy or sampled, CUDA graphs on a GPU; its package docstring lists its parts); where the engine cannot run the
+model (another attention kernel, sliding windows, a model sharded across the ranks of a distributed job) through
+transformers' ``generate``, both with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the
+one forced-answer rule of reasoning mode. The static-batch CUDA-graph decoder the engine replaced lives on as the
+baseline of ``bench/generation.py`` (``bench/static_decoder.py``).
 """
 
 from __future__ import annotations
