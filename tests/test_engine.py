@@ -4,7 +4,7 @@ log-probabilities, streaming, and live weights. CPU, eager steps (CUDA graphs ar
 import pytest
 import torch
 
-from lawtune.generation.engine import GenerationEngine, SamplingParams, choose_tokens, engine_for, engine_supported
+from lawtune.generation.engine import EngineHolder, GenerationEngine, SamplingParams, choose_tokens, engine_supported
 
 TEXTS = ["甲与乙订立买卖合同", "合同", "物权问题：甲与乙的物权纠纷，涉及房屋。下列哪些规则适用？", "丙", "法院认为当事人",
          "侵权", "继承问题：甲死亡后", "婚姻"]
@@ -202,17 +202,19 @@ def test_a_failed_step_in_the_background_loop_is_logged_and_raised_to_its_caller
 def test_generation_follows_the_live_weights_after_an_update(tiny):
     """GRPO and in-training evaluation generate from the weights being trained, never from a stale copy."""
     model, tok, prompts = tiny
-    engine = engine_for(model, tok.eos_token_id, slots=2, max_len=64)
+    holder = EngineHolder(tok.eos_token_id)
+    engine = holder.get(model, 2, 64)
     before = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
     head = model.get_output_embeddings().weight
     saved = head.detach().clone()
     try:
         with torch.no_grad():
             head.add_(torch.randn_like(head) * 0.5)  # in place, as an optimizer step does
-        assert engine_for(model, tok.eos_token_id, slots=2, max_len=64) is engine
+        assert holder.get(model, 2, 64) is engine
         after = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
         assert after == _reference(model, tok, prompts[2], 8) and after != before
     finally:
+        holder.close()
         with torch.no_grad():
             head.copy_(saved)
 
@@ -317,3 +319,55 @@ def test_greedy_and_seeded_tokens_are_unchanged_when_rows_are_preempted(tiny):
     assert [[s.tokens for s in r.samples] for r in squeezed] == [[s.tokens for s in r.samples] for r in roomy]
     with pytest.raises(ValueError, match="budget"):
         tight.submit(prompts[2], SamplingParams(max_new_tokens=30))  # fits a slot of 64, not the budget
+
+
+def test_a_closed_engine_lets_go_of_the_model(tiny_tokenizer):
+    import gc
+    import weakref
+
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=64, layers=2).eval()
+    prompt = tiny_tokenizer("合同", add_special_tokens=False)["input_ids"]
+    with GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=2, max_len=64) as engine:
+        engine.generate([(prompt, SamplingParams(max_new_tokens=3), None)])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the closed engine (still referenced here) holds no model, cache or graph
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(prompt, SamplingParams(max_new_tokens=3))
+
+
+def test_an_engine_holder_reuses_its_engine_for_fewer_rows_and_grows_it_for_more(tiny):
+    model, tok, prompts = tiny
+    with EngineHolder(tok.eos_token_id) as holder:
+        big = holder.get(model, 4, 100)
+        assert holder.get(model, 1, 40) is big  # fewer rows, a shorter row: the same engine
+        assert (big.slots, big.max_len) == (4, 256)  # lengths rounded up to a multiple of 256
+        bigger = holder.get(model, 8, 64)
+        assert bigger is not big and big.runner is None  # more rows: a new engine, the old one closed
+        assert holder.get(model, 4, 300).max_len == 512 and holder.engine.slots == 8  # never fewer rows than before
+    assert holder.engine is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_closing_the_engine_returns_its_memory(tiny_tokenizer):
+    import gc
+
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer).to("cuda").eval()
+    prompt = tiny_tokenizer("合同", add_special_tokens=False)["input_ids"]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=8, max_len=1024)
+    engine.capture_graphs()
+    engine.generate([(prompt, SamplingParams(max_new_tokens=20, temperature=0.7), None)])
+    taken = torch.cuda.memory_allocated() - before
+    assert taken > 1 << 20  # the cache alone: 8 rows x 1,024 columns of every layer's keys and values
+    engine.close()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < max(taken // 100, 64 << 10)

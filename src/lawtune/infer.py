@@ -35,13 +35,14 @@ from .errors import UsageError
 from .generation import (
     Generated,
     default_budget,
+    engine_holder,
     generated,
     hf_generate,
     sampling_params,
     split_budget,
     uses_engine,
 )
-from .generation.engine import GenerationEngine, engine_for
+from .generation.engine import EngineHolder, GenerationEngine
 from .model import ModelError, load_for_inference, quiet_loading
 from .prompts import ANSWER_PREFIX, render_prompt
 from .rundir import resolve_prompt_format
@@ -187,7 +188,21 @@ class LoadedModel:
     """The default generation settings of its requests."""
     generator: GenerationEngine | None = None
     """A generation engine running in the background, shared by concurrent requests (``serve``); None = the
-    model's own engine, driven by the caller."""
+    engine of ``engines``, driven by the caller."""
+    engines: EngineHolder | None = None
+    """The engine the caller drives (``ask``, ``predict``), made on first use and kept for the next question."""
+
+    def __post_init__(self) -> None:
+        if self.engines is None:
+            self.engines = engine_holder(self.tokenizer, self.gcfg)
+
+    def close(self) -> None:
+        """Give back the model's engines (their caches, graphs and model references); the command that loaded the
+        model calls it when done."""
+        if self.generator is not None:
+            self.generator.close()
+        if self.engines is not None:
+            self.engines.close()
 
 
 def load_model(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
@@ -287,8 +302,8 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
     if not uses_engine(model, gcfg):
         with HF_GENERATE_LOCK:  # one model, several request threads (serve)
             return hf_generate(model, tokenizer, [tokenizer.decode(ids)], budget, gcfg)[0]
-    runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
-                                            use_graph=None if gcfg.cuda_graphs else False)
+    assert engine.engines is not None
+    runner = engine.generator or engine.engines.get(model, 1, len(ids) + budget)
     params = dataclasses.replace(sampling_params(gcfg, budget), top_logprobs=top_logprobs,
                                  prompt_logprobs=prompt_logprobs)
     request = runner.submit(ids, params, key=key, stream=stream)

@@ -10,6 +10,8 @@ baseline of ``bench/generation.py`` (``bench/static_decoder.py``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ import torch
 from ..dist import world_size
 from ..think import closing_text
 from .attention import eager_stance, fast_attention
-from .engine import SamplingParams, engine_for, engine_supported
+from .engine import EngineHolder, SamplingParams, engine_supported
 
 # Default budgets of the two generating modes: '答案：ABCD' and the end token are 5 tokens of R1-Distill's
 # tokenizer; R1-style thinking often runs past 1,000 tokens.
@@ -106,21 +108,39 @@ def generated(tokenizer, tokens: list[int], logprobs: list[float] | None = None)
 
 
 @torch.inference_mode()
+def engine_holder(tokenizer, gcfg) -> EngineHolder:
+    """An engine holder for a command or trainer that generates with ``gcfg`` (its owner closes it)."""
+    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False)
+
+
+@contextlib.contextmanager
+def holding(engines: EngineHolder | None, tokenizer, gcfg) -> Iterator[EngineHolder]:
+    """``engines``, or for a caller that passed none one of its own for the block, closed after it."""
+    if engines is not None:
+        yield engines
+        return
+    with engine_holder(tokenizer, gcfg) as own:
+        yield own
+
+
+@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg, slots: int | None = None,
-             keys: list[str] | None = None) -> list[Generated]:
+             keys: list[str] | None = None, engines: EngineHolder | None = None) -> list[Generated]:
     """Generate for a batch of prompts with the settings of a GenerationConfig ``gcfg``.
 
     ``slots``: sequences decoded at once (default: all of them); ``keys`` name the prompts for their sampling seeds
-    (default: the prompt text), so that a question samples the same whatever else is asked beside it."""
+    (default: the prompt text), so that a question samples the same whatever else is asked beside it. ``engines``:
+    the caller's engine holder (its engine is reused and stays open); without one an engine is made for the call and
+    closed after it."""
     if not prompts:
         return []
     if uses_engine(model, gcfg):
         ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         slots = min(slots or len(prompts), len(prompts))
-        engine = engine_for(model, tokenizer.eos_token_id, slots, max(map(len, ids)) + max_new_tokens,
-                            use_graph=None if gcfg.cuda_graphs else False)
         params = sampling_params(gcfg, max_new_tokens)
-        done = engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
+        with holding(engines, tokenizer, gcfg) as holder:
+            engine = holder.get(model, slots, max(map(len, ids)) + max_new_tokens)
+            done = engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
         return [generated(tokenizer, r.samples[0].tokens, r.samples[0].logprobs) for r in done]
     return hf_generate(model, tokenizer, prompts, max_new_tokens, gcfg)
 
@@ -156,18 +176,23 @@ def decode_rows(tokenizer, new: list[list[int]]) -> list[Generated]:
 
 
 def reason_then_answer(model, tokenizer, prompts: list[str], budget: int, gcfg, prompt_format: str,
-                       slots: int | None = None) -> list[dict]:
+                       slots: int | None = None, engines: EngineHolder | None = None) -> list[dict]:
     """Reasoning mode for a batch: think within the budget; a trace cut off by it is closed and asked for its
     answer (``forced``), so a cut-off never silently counts as an ordinary answer. Generated tokens, the forced
     answer's included, never exceed ``budget``. Returns {output, generated_tokens, forced} per prompt."""
+    with holding(engines, tokenizer, gcfg) as engines:
+        return _reason_then_answer(model, tokenizer, prompts, budget, gcfg, prompt_format, slots, engines)
+
+
+def _reason_then_answer(model, tokenizer, prompts, budget, gcfg, prompt_format, slots, engines) -> list[dict]:
     think, reserve = split_budget(budget)
-    results = generate(model, tokenizer, prompts, think, gcfg, slots=slots)
+    results = generate(model, tokenizer, prompts, think, gcfg, slots=slots, engines=engines)
     rows: list[dict[str, Any]] = [{"output": r.text, "generated_tokens": r.tokens, "forced": not r.stopped} for r in results]
     cut = [i for i, r in enumerate(results) if not r.stopped]
     if cut and reserve:
         closing = {i: closing_text(results[i].text, prompt_format) for i in cut}
         forced = generate(model, tokenizer, [prompts[i] + results[i].text + closing[i] for i in cut], reserve, gcfg,
-                          slots=slots, keys=[prompts[i] for i in cut])
+                          slots=slots, keys=[prompts[i] for i in cut], engines=engines)
         for i, more in zip(cut, forced):
             rows[i]["output"] = results[i].text + closing[i] + more.text
             rows[i]["generated_tokens"] += more.tokens

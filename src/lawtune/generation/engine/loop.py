@@ -273,3 +273,40 @@ class GenerationEngine:
         self.readback.sync(self.steps)
         while self.scheduler.over_budget(self.steps):
             self.scheduler.preempt(self.scheduler.newest())
+
+
+class EngineHolder:
+    """The engine of one owner (a command, a trainer, a loaded model): ``get`` hands out an engine for the model with
+    at least the rows and the row length a call needs, the one it holds while that one is large enough (a call
+    needing fewer rows reuses it: a step runs only the rows in use), else a larger one (the old one closed first, its
+    memory given back); ``close`` closes it. Row lengths are rounded up to a multiple of 256, so that nearby lengths
+    share one engine."""
+
+    def __init__(self, eos_token_id: int, use_graph: bool | None = None, top_logprobs: int = 0) -> None:
+        self.eos, self.use_graph, self.top = eos_token_id, use_graph, top_logprobs
+        self.engine: GenerationEngine | None = None
+
+    def get(self, model, slots: int, max_len: int) -> GenerationEngine:
+        max_len = -(-max_len // 256) * 256
+        old = self.engine
+        if old is not None and old.model is model and old.fits(slots, max_len):
+            return old
+        if old is not None:
+            if old.model is model:  # never smaller than before: calls alternating between two sizes keep one engine
+                slots, max_len = max(slots, old.slots), max(max_len, old.max_len)
+            self.close()
+        self.engine = GenerationEngine(model, self.eos, slots=slots, max_len=max_len, use_graph=self.use_graph,
+                                       top_logprobs=self.top)
+        return self.engine
+
+    def close(self) -> None:
+        """Close the engine held, if any (the holder stays usable: a later ``get`` makes a new one)."""
+        if self.engine is not None:
+            self.engine.close()
+        self.engine = None
+
+    def __enter__(self) -> EngineHolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
