@@ -371,3 +371,32 @@ def test_on_a_gpu_closing_the_engine_returns_its_memory(tiny_tokenizer):
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < max(taken // 100, 64 << 10)
+
+
+def test_a_forced_answer_continues_the_row_as_a_second_prefill_of_the_closed_trace_would(tiny):
+    """A trace cut off by its thinking budget gets its closing appended on its own row and decodes on: the tokens a
+    second prefill of the prompt, the trace and the closing gives, which are the old way's (detokenise, append the
+    closing text, tokenize the whole again) where the text's tokenisation round-trips."""
+    from lawtune.generation import forced_answer
+    from lawtune.think import closing_text
+
+    model, tok, prompts = tiny
+    think, reserve = 3, 6
+    params = SamplingParams(max_new_tokens=think, ignore_eos=True, **forced_answer(tok, "chat", reserve))
+    engine = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=96)
+    done = engine.generate([(p, params, None) for p in prompts])
+    round_trips = 0
+    for prompt, request in zip(prompts, done):
+        sample = request.samples[0]
+        assert sample.forced_at == think and len(sample.tokens) == think + reserve and sample.finish_reason == "length"
+        trace = tok.decode(sample.tokens[:think], skip_special_tokens=True)
+        assert sample.closing == tok(closing_text(trace, "chat"), add_special_tokens=False)["input_ids"]
+        closed = prompt + sample.tokens[:think] + sample.closing
+        assert sample.tokens[think:] == _reference_eos_ignored(model, closed, reserve)
+        text = tok.decode(prompt, skip_special_tokens=True) + trace + closing_text(trace, "chat")
+        round_trips += tok(text, add_special_tokens=False)["input_ids"] == closed
+    assert round_trips >= 1  # (byte-level pieces of a random model's trace often do not)
+    tight = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=96, max_tokens=params.row_tokens + 24)
+    again = tight.generate([(p, params, None) for p in prompts])  # forced rows preempted and recomputed too
+    assert tight.scheduler.preemptions > 0
+    assert [r.samples[0].tokens for r in again] == [r.samples[0].tokens for r in done]

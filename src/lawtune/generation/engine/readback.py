@@ -117,7 +117,8 @@ class ReadBack:
             row = table[seq.slot]
             alive = row[2 * w] > 0
             end = count if alive else int(row[2 * w + 1])
-            first, last = seq.delivered - count + w, end - count + w  # index in the reading of a column c: c - count + w
+            # the index in the reading of a column c is c - count + w
+            first, last = seq.delivered - count + w, end - count + w
             tops = None
             if look.top:
                 k, ids_at, lps_at = look.top, 2 * w + 2, 2 * w + 2 + w * look.top
