@@ -155,13 +155,23 @@ def main(argv=None) -> int:
     emit({"bench": "setup", "model_build_s": round(build_s, 1), "questions": len(records),
           "parameters": sum(p.numel() for p in model.parameters()), "prompt_tokens": jecqa_synth.percentiles(prompt_lengths)})
     results: dict[str, dict] = {}
+    # One engine holder for the whole run, as a command owns one: the warm-up's engine (cache, CUDA graphs) is the
+    # timed run's. (Before issue 29 the engine was cached per model; an older lawtune has no holder to pass.)
+    try:
+        from lawtune.generation import engine_holder
+    except ImportError:
+        engine_holder = None
+    holder = engine_holder(tokenizer, GenerationConfig()) if engine_holder is not None else None
+    shared = {"engines": holder} if holder is not None else {}
 
     def lawtune_run(name: str, recs, ecfg: EvalConfig, gcfg: GenerationConfig | None = None) -> dict:
         gcfg = gcfg or GenerationConfig()
+        own = {"engines": holder} if holder is not None and gcfg.cuda_graphs else {}
         # warm-up on a few batches' worth (kernels, allocator), then the timed run over all questions
-        evaluate_records(model, tokenizer, recs[: min(len(recs), ecfg.batch_size)], ecfg, gcfg, "chat", show_progress=False)
+        evaluate_records(model, tokenizer, recs[: min(len(recs), ecfg.batch_size)], ecfg, gcfg, "chat", show_progress=False,
+                         **own)
         (samples, summary), seconds = timed(device, lambda: evaluate_records(model, tokenizer, recs, ecfg, gcfg, "chat",
-                                                                               show_progress=False))
+                                                                               show_progress=False, **own))
         generated = sum(s["generated_tokens"] for s in samples)
         row = {"bench": name, "what": "lawtune evaluate_records", "mode": ecfg.mode, "questions": len(recs),
                "batch_size": ecfg.batch_size, "seconds": round(seconds, 3), "questions_per_s": round(len(recs) / seconds, 1),
@@ -176,10 +186,10 @@ def main(argv=None) -> int:
         for mode in ("direct", "choice"):
             ecfg = EvalConfig(mode=mode, batch_size=256)
             batch = sorted(records, key=lambda r: len(r.statement))[len(records) // 2:][:256]
-            evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False)
+            evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False, **shared)
             profile_call(device, f"eval {mode}, 256 questions",
                          lambda batch=batch, ecfg=ecfg: evaluate_records(model, tokenizer, batch, ecfg, None, "chat",
-                                                                         show_progress=False))
+                                                                         show_progress=False, **shared))
         if args.only_profile:
             return 0
 
@@ -188,10 +198,11 @@ def main(argv=None) -> int:
 
         ecfg = EvalConfig(mode="direct", batch_size=256)
         batch = records[:256]
-        evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False)
+        evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False, **shared)
         prof = cProfile.Profile()
         prof.enable()
-        _, wall = timed(device, lambda: evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False))
+        _, wall = timed(device, lambda: evaluate_records(model, tokenizer, batch, ecfg, None, "chat", show_progress=False,
+                                                         **shared))
         prof.disable()
         emit({"bench": "cprofile", "what": "eval direct, 256 questions", "wall_s": round(wall, 3),
               "top_self_cpu": jecqa_synth.cprofile_top(prof)})
@@ -277,12 +288,16 @@ def main(argv=None) -> int:
         base = GenerationConfig()
         for name, gcfg in (("engine", base), ("generate_static", base.model_copy(update={"engine": False})),
                            ("generate_dynamic", base.model_copy(update={"engine": False, "static_cache": False}))):
-            generate(model, tokenizer, subset[:8], 8, gcfg)  # warm-up
-            out, seconds = timed(device, lambda gcfg=gcfg: generate(model, tokenizer, subset, args.reasoning_tokens, gcfg))
+            own = shared if gcfg.engine else {}
+            generate(model, tokenizer, subset[:8], 8, gcfg, **own)  # warm-up
+            out, seconds = timed(device, lambda gcfg=gcfg, own=own: generate(model, tokenizer, subset,
+                                                                             args.reasoning_tokens, gcfg, **own))
             tokens = sum(o.tokens for o in out)
             emit({"bench": f"cache_{name}", "what": "lawtune generation.generate", "rows": len(subset),
                   "max_new_tokens": args.reasoning_tokens, "seconds": round(seconds, 2),
                   "generated_tokens_per_s": round(tokens / seconds, 1)})
+    if holder is not None:
+        holder.close()
     return 0
 
 

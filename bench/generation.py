@@ -7,7 +7,7 @@
 1. Mixed lengths: N reasoning prompts (JEC-QA-shaped, bench/jecqa_synth.py) whose budgets are drawn like R1
    traces (lognormal, median 900, p95 2,048, clipped to 100-2,048); every request runs to its budget (random
    weights never end on their own; the end token is ignored). Useful tokens = the budgets' sum.
-   - ``static``: today's static batches before the engine (``decode.greedy_decode``, CUDA graphs, batches of
+   - ``static``: today's static batches before the engine (``static_decoder.greedy_decode``, CUDA graphs, batches of
      ``--static-batch`` in the given order, each running to its longest budget);
    - ``engine``: the continuous-batching engine with ``--slots`` rows;
    - ``generate``: plain transformers ``generate`` batches (static cache), on ``--plain-n`` requests only.
@@ -74,8 +74,9 @@ def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tenso
 
 
 def run_static(model, tokenizer, prompts, budgets, batch: int, device) -> dict:
+    from static_decoder import greedy_decode
+
     from lawtune.generation.attention import fast_attention
-    from lawtune.generation.decode import greedy_decode
 
     def go():
         raw = 0
@@ -180,8 +181,9 @@ def run_distill_plain(model, tokenizer, prompts, budgets, samples: int, device) 
 def run_one_row(model, tokenizer, tokens: int, device) -> dict:
     """One sequence of ``tokens`` without streaming: the static decoder and the engine (one slot), the device's
     speed for one row beside which the stream's host work shows."""
+    from static_decoder import greedy_decode
+
     from lawtune.generation.attention import fast_attention
-    from lawtune.generation.decode import greedy_decode
     from lawtune.generation.engine import GenerationEngine, SamplingParams
 
     prompt = tokenizer("甲与乙订立买卖合同，下列哪些说法正确？", add_special_tokens=False)["input_ids"]

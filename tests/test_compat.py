@@ -20,10 +20,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lawtune"
 # library class: callbacks, tqdm). None of them is a name of the library class it derives from. A
 # new one is added here by hand, after checking that; anything else private on a library object belongs in compat.py.
 LAWTUNE_OWNED = frozenset({
-    # generation/engine.py: GenerationEngine
-    "_admit", "_columns_in_use", "_decode", "_decode_step", "_drop_cancelled", "_ends", "_fail_all", "_finish",
-    "_look", "_loop", "_notify", "_prefill", "_prompt_logprobs", "_record", "_rows", "_rows_in_use", "_run_step",
-    "_take", "_window",
+    # generation/engine/: GenerationEngine
+    "_loop", "_prefill", "_preempt",
     # serve/runtime.py: Job (a thread of lawtune's own)
     "_on_request", "_put", "_wake",
     # train/callbacks.py: HeldOutEvalCallback, GcPauses (transformers' TrainerCallback has no private names)

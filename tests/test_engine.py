@@ -4,7 +4,7 @@ log-probabilities, streaming, and live weights. CPU, eager steps (CUDA graphs ar
 import pytest
 import torch
 
-from lawtune.generation.engine import GenerationEngine, SamplingParams, choose_tokens, engine_for
+from lawtune.generation.engine import EngineHolder, GenerationEngine, SamplingParams, choose_tokens, engine_supported
 
 TEXTS = ["甲与乙订立买卖合同", "合同", "物权问题：甲与乙的物权纠纷，涉及房屋。下列哪些规则适用？", "丙", "法院认为当事人",
          "侵权", "继承问题：甲死亡后", "婚姻"]
@@ -40,7 +40,7 @@ def test_a_step_runs_only_the_rows_in_use_and_new_sequences_take_the_lowest_free
     model, tok, prompts = tiny
     engine = GenerationEngine(model, tok.eos_token_id, slots=16, max_len=64)
     widths = []
-    hook = engine.decoder.register_forward_pre_hook(
+    hook = engine.runner.decoder.register_forward_pre_hook(
         lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape), with_kwargs=True)
     try:
         alone = engine.generate([(prompts[0], SamplingParams(max_new_tokens=6, ignore_eos=True), None)])[0]
@@ -62,7 +62,7 @@ def test_a_step_attends_only_the_columns_in_use(tiny):
     model, tok, prompts = tiny
     engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=1024)
     windows = []
-    hook = engine.decoder.register_forward_pre_hook(
+    hook = engine.runner.decoder.register_forward_pre_hook(
         lambda module, args, kwargs: windows.append(kwargs["attention_mask"]["full_attention"].shape[-1])
         if kwargs["input_ids"].shape[1] == 1 else None, with_kwargs=True)
     try:
@@ -152,7 +152,7 @@ def test_streaming_yields_tokens_as_made_and_closing_frees_the_row(tiny):
         if len(seen) == 4:
             break
     assert seen == request.samples[0].tokens[:4]
-    assert request.cancelled and not engine.running and len(engine.free) == 2
+    assert request.cancelled and not engine.running and len(engine.scheduler.free) == 2
     assert request.samples[0].finish_reason == "cancelled"
 
 
@@ -202,17 +202,19 @@ def test_a_failed_step_in_the_background_loop_is_logged_and_raised_to_its_caller
 def test_generation_follows_the_live_weights_after_an_update(tiny):
     """GRPO and in-training evaluation generate from the weights being trained, never from a stale copy."""
     model, tok, prompts = tiny
-    engine = engine_for(model, tok.eos_token_id, slots=2, max_len=64)
+    holder = EngineHolder(tok.eos_token_id)
+    engine = holder.get(model, 2, 64)
     before = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
     head = model.get_output_embeddings().weight
     saved = head.detach().clone()
     try:
         with torch.no_grad():
             head.add_(torch.randn_like(head) * 0.5)  # in place, as an optimizer step does
-        assert engine_for(model, tok.eos_token_id, slots=2, max_len=64) is engine
+        assert holder.get(model, 2, 64) is engine
         after = engine.generate([(prompts[2], SamplingParams(max_new_tokens=8), None)])[0].samples[0].tokens
         assert after == _reference(model, tok, prompts[2], 8) and after != before
     finally:
+        holder.close()
         with torch.no_grad():
             head.copy_(saved)
 
@@ -244,16 +246,16 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
             alone = engine.submit(prompts[2], SamplingParams(max_new_tokens=280, temperature=temperature, seed=1,
                                                              ignore_eos=True), "2", stream=True)
             outputs.append([t for _, t, _ in engine.stream(alone)])
-        assert not use_graph or {key[0] for key in engine.graphs} == {False, True}  # (sampling, rows, columns)
-        assert not use_graph or {1, 3} <= {key[1] for key in engine.graphs} <= {1, 2, 3}
-        assert not use_graph or {key[2] for key in engine.graphs} == {256, 512}
+        assert not use_graph or {key[0] for key in engine.runner.graphs} == {False, True}  # (sampling, rows, columns)
+        assert not use_graph or {1, 3} <= {key[1] for key in engine.runner.graphs} <= {1, 2, 3}
+        assert not use_graph or {key[2] for key in engine.runner.graphs} == {256, 512}
     assert outputs[:4] == outputs[4:]
     assert outputs[1][: len(outputs[0][2])] == outputs[0][2]  # greedy: alone as in the batch
     ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600)
     assert ready.capture_graphs() == 18  # rows 1, 2, 3 x columns 256, 512, 600, greedy and sampling, before any request
     done = ready.generate([(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
                            for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
-    assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.graphs) == 18
+    assert [r.samples[0].tokens for r in done] == outputs[2] and len(ready.runner.graphs) == 18
 
 
 def test_top_logprobs_and_prompt_logprobs_are_the_models(tiny):
@@ -281,3 +283,120 @@ def test_top_logprobs_and_prompt_logprobs_are_the_models(tiny):
     assert plain.prompt_logprobs is None
     with pytest.raises(ValueError, match="top_logprobs"):
         engine.submit(prompt, SamplingParams(max_new_tokens=2, top_logprobs=6))
+
+
+def test_only_full_attention_sdpa_models_run_on_the_engine(tiny_tokenizer):
+    from lawtune.compat import set_attn_implementation
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=64, layers=2)
+    set_attn_implementation(model.config, "sdpa")
+    assert engine_supported(model)
+    set_attn_implementation(model.config, "eager")
+    assert not engine_supported(model)
+    set_attn_implementation(model.config, "sdpa")
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    assert not engine_supported(model)
+
+
+def test_greedy_and_seeded_tokens_are_unchanged_when_rows_are_preempted(tiny):
+    """A token budget smaller than the rows' needs: the newest rows are preempted and recomputed later, never dropped,
+    and every sample is the one an engine with room for all makes (greedy: transformers' generate)."""
+    model, tok, prompts = tiny
+    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), None) for p, b in zip(prompts, BUDGETS)]
+    tight = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64, max_tokens=36)
+    done = tight.generate(requests)
+    assert tight.scheduler.preemptions > 0
+    for (prompt, _, _), budget, request in zip(requests, BUDGETS, done):
+        assert request.samples[0].tokens == _reference_eos_ignored(model, prompt, budget)
+        assert request.samples[0].finish_reason == "length"
+    sampled = SamplingParams(max_new_tokens=14, temperature=0.9, seed=5, n=2)
+    roomy = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64).generate(
+        [(p, sampled, str(i)) for i, p in enumerate(prompts[:4])])
+    tight.scheduler.preemptions = 0
+    squeezed = tight.generate([(p, sampled, str(i)) for i, p in enumerate(prompts[:4])])
+    assert tight.scheduler.preemptions > 0
+    assert [[s.tokens for s in r.samples] for r in squeezed] == [[s.tokens for s in r.samples] for r in roomy]
+    with pytest.raises(ValueError, match="budget"):
+        tight.submit(prompts[2], SamplingParams(max_new_tokens=30))  # fits a slot of 64, not the budget
+
+
+def test_a_closed_engine_lets_go_of_the_model(tiny_tokenizer):
+    import gc
+    import weakref
+
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer, hidden_size=64, layers=2).eval()
+    prompt = tiny_tokenizer("合同", add_special_tokens=False)["input_ids"]
+    with GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=2, max_len=64) as engine:
+        engine.generate([(prompt, SamplingParams(max_new_tokens=3), None)])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the closed engine (still referenced here) holds no model, cache or graph
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(prompt, SamplingParams(max_new_tokens=3))
+
+
+def test_an_engine_holder_reuses_its_engine_for_fewer_rows_and_grows_it_for_more(tiny):
+    model, tok, prompts = tiny
+    with EngineHolder(tok.eos_token_id) as holder:
+        big = holder.get(model, 4, 100)
+        assert holder.get(model, 1, 40) is big  # fewer rows, a shorter row: the same engine
+        assert (big.slots, big.max_len) == (4, 256)  # lengths rounded up to a multiple of 256
+        bigger = holder.get(model, 8, 64)
+        assert bigger is not big and big.runner is None  # more rows: a new engine, the old one closed
+        assert holder.get(model, 4, 300).max_len == 512 and holder.engine.slots == 8  # never fewer rows than before
+    assert holder.engine is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_closing_the_engine_returns_its_memory(tiny_tokenizer):
+    import gc
+
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer).to("cuda").eval()
+    prompt = tiny_tokenizer("合同", add_special_tokens=False)["input_ids"]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=8, max_len=1024)
+    engine.capture_graphs()
+    engine.generate([(prompt, SamplingParams(max_new_tokens=20, temperature=0.7), None)])
+    taken = torch.cuda.memory_allocated() - before
+    assert taken > 1 << 20  # the cache alone: 8 rows x 1,024 columns of every layer's keys and values
+    engine.close()
+    gc.collect()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before < max(taken // 100, 64 << 10)
+
+
+def test_a_forced_answer_continues_the_row_as_a_second_prefill_of_the_closed_trace_would(tiny):
+    """A trace cut off by its thinking budget gets its closing appended on its own row and decodes on: the tokens a
+    second prefill of the prompt, the trace and the closing gives, which are the old way's (detokenise, append the
+    closing text, tokenize the whole again) where the text's tokenisation round-trips."""
+    from lawtune.generation import forced_answer
+    from lawtune.think import closing_text
+
+    model, tok, prompts = tiny
+    think, reserve = 3, 6
+    params = SamplingParams(max_new_tokens=think, ignore_eos=True, **forced_answer(tok, "chat", reserve))
+    engine = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=96)
+    done = engine.generate([(p, params, None) for p in prompts])
+    round_trips = 0
+    for prompt, request in zip(prompts, done):
+        sample = request.samples[0]
+        assert sample.forced_at == think and len(sample.tokens) == think + reserve and sample.finish_reason == "length"
+        trace = tok.decode(sample.tokens[:think], skip_special_tokens=True)
+        assert sample.closing == tok(closing_text(trace, "chat"), add_special_tokens=False)["input_ids"]
+        closed = prompt + sample.tokens[:think] + sample.closing
+        assert sample.tokens[think:] == _reference_eos_ignored(model, closed, reserve)
+        text = tok.decode(prompt, skip_special_tokens=True) + trace + closing_text(trace, "chat")
+        round_trips += tok(text, add_special_tokens=False)["input_ids"] == closed
+    assert round_trips >= 1  # (byte-level pieces of a random model's trace often do not)
+    tight = GenerationEngine(model, tok.eos_token_id, slots=3, max_len=96, max_tokens=params.row_tokens + 24)
+    again = tight.generate([(p, params, None) for p in prompts])  # forced rows preempted and recomputed too
+    assert tight.scheduler.preemptions > 0
+    assert [r.samples[0].tokens for r in again] == [r.samples[0].tokens for r in done]

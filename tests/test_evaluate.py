@@ -183,3 +183,33 @@ def test_eval_with_k_samples_reports_avg_maj_and_pass_at_k(tiny_model_dir, tmp_p
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(demo_data_path()), "--max-samples", "12",
                  "--samples", "3", "--output", str(again), "model.dtype=float32"]) == 0
     assert json.loads(again.read_text(encoding="utf-8"))["samples"] == report["samples"]  # seeded: repeats
+
+
+def test_k_samples_of_a_question_are_one_request_seeded_by_its_id_alone(tiny_model_dir):
+    """eval --samples K: sample i of a question comes from (seed, its id, i), one prefill for the K: the same
+    samples whether the question is evaluated among others or alone, and (reasoning mode) each sample forced on its
+    own row when its trace is cut off."""
+    from lawtune.generation import engine_holder
+    from lawtune.model import load_for_inference
+
+    model, tok = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"))
+    records = [Record(id=f"q{i}", statement=f"第{i}题：甲与乙订立合同？", options={"A": "a", "B": "b"}, answer=["A"])
+               for i in range(4)]
+    gcfg = GenerationConfig(max_new_tokens=10)
+    prefills = []
+    with engine_holder(tok, gcfg) as engines:
+        engine = engines.get(model, 3, 256)
+        hook = engine.runner.decoder.register_forward_pre_hook(
+            lambda module, args, kwargs: prefills.append(kwargs["input_ids"].shape) if kwargs["input_ids"].shape[1] > 1
+            else None, with_kwargs=True)
+        try:
+            crowded, _ = evaluate_records(model, tok, records, EvalFileConfig(mode="reasoning", samples=3, batch_size=3),
+                                          gcfg, "chat", show_progress=False, engines=engines)
+        finally:
+            hook.remove()
+        alone, _ = evaluate_records(model, tok, records[2:3], EvalFileConfig(mode="reasoning", samples=3, batch_size=3),
+                                    gcfg, "chat", show_progress=False, engines=engines)
+    # one prefill row per question (and closing chunks of one row each), never one per sample
+    assert sum(shape[0] for shape in prefills if shape[1] > 8) == len(records)
+    assert [s["output"] for s in alone[0]["sampled"]] == [s["output"] for s in crowded[2]["sampled"]]
+    assert len({s["output"] for s in crowded[2]["sampled"]}) > 1  # K different draws

@@ -121,9 +121,9 @@ def test_predict_writes_one_line_per_record_and_resumes(answering_model_dir, tmp
     generated = []
     real = evaluate.MODES["direct"]
 
-    def counting(model, tokenizer, records, prompt_format, gcfg, slots=None):
+    def counting(model, tokenizer, records, prompt_format, gcfg, slots=None, **kwargs):
         generated.extend(r.id for r in records)
-        return real(model, tokenizer, records, prompt_format, gcfg, slots)
+        return real(model, tokenizer, records, prompt_format, gcfg, slots, **kwargs)
 
     monkeypatch.setitem(evaluate.MODES, "direct", counting)
     assert main(args) == 0
@@ -209,12 +209,12 @@ def test_sigterm_keeps_every_answered_batch_exits_143_and_a_rerun_ends_as_one_ru
     assert main(args(whole)) == 0
     real, batches = evaluate.MODES["direct"], []
 
-    def term_in_the_second_batch(model, tokenizer, records, prompt_format, gcfg, slots=None):
+    def term_in_the_second_batch(model, tokenizer, records, prompt_format, gcfg, slots=None, **kwargs):
         batches.append([r.id for r in records])
         if len(batches) == 2:
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, tokenizer, records, prompt_format, gcfg, slots)
+        return real(model, tokenizer, records, prompt_format, gcfg, slots, **kwargs)
 
     monkeypatch.setitem(evaluate.MODES, "direct", term_in_the_second_batch)
     parts = tmp_path / "parts.jsonl"

@@ -279,6 +279,28 @@ def test_a_prompt_longer_than_the_context_or_the_limit_is_refused_at_once(random
         assert resp.status_code == 400 and "serve.max_prompt_tokens" in resp.json()["error"]["message"]
 
 
+def test_a_reasoning_prompt_at_the_context_edge_is_answered_or_refused_at_once(random_engine):
+    """The row must hold the prompt, the thinking budget, a forced answer's closing and its reserve: a prompt that
+    fits exactly gets its (forced) answer; one token less room is a 400 before generation, never a failure
+    mid-stream."""
+    from lawtune.generation import closing_room
+    from lawtune.infer import record_from_text
+    from lawtune.prompts import render_prompt
+
+    tokenizer = random_engine.tokenizer
+    prompt = render_prompt(record_from_text(PLAIN, where="q"), tokenizer, random_engine.prompt_format, think=True)
+    need = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) + 24 + closing_room(
+        tokenizer, random_engine.prompt_format)
+    with running(random_engine, max_len=need, slots=2) as (url, _):
+        events = sse_events(url, PLAIN, mode="reasoning", max_tokens=24)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events)
+        last = json.loads(events[-2])
+        assert last["choices"][0]["finish_reason"] == "length" and last["usage"]["completion_tokens"] == 24
+    with running(random_engine, max_len=need - 1, slots=2) as (url, _):
+        resp = chat(url, PLAIN, mode="reasoning", max_tokens=24, stream=True)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_a_client_that_hangs_up_leaves_no_traceback_in_the_log(random_engine, capfd):
     import struct
 

@@ -253,7 +253,7 @@ class GenerationConfig(Section):
     """Sampling seed; each question's samples come from (seed, the question, the sample index), whatever else is
     generated beside it."""
     engine: bool = True
-    """Generate with lawtune's engine (continuous batching on a static KV cache, lawtune/generation/engine.py);
+    """Generate with lawtune's engine (continuous batching on a static KV cache, lawtune/generation/engine/);
     false = transformers' generate. Models the engine cannot run use generate anyway."""
     static_cache: bool = True
     """Where transformers' generate runs: a preallocated (static) KV cache instead of one that grows by copying

@@ -96,7 +96,7 @@ def split_think(text: str) -> tuple[str | None, str]:
 def local_sampler(cfg: DistillRun):
     """Samples from the model itself through the generation engine: a question's K samples share one prefill."""
     from .generation import generated
-    from .generation.engine import SamplingParams, engine_for
+    from .generation.engine import SamplingParams
     from .infer import load_model
 
     loaded = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
@@ -107,8 +107,8 @@ def local_sampler(cfg: DistillRun):
         prompts = [tokenizer(render_prompt(r, tokenizer, loaded.prompt_format, think=True),
                              add_special_tokens=False)["input_ids"] for r in records]
         # the same rows for every batch (the last one may be smaller): one engine, one graph capture
-        engine = engine_for(loaded.model, tokenizer.eos_token_id, d.batch_size * d.samples,
-                            max(map(len, prompts)) + budget, use_graph=None if g.cuda_graphs else False)
+        assert loaded.engines is not None
+        engine = loaded.engines.get(loaded.model, d.batch_size * d.samples, max(map(len, prompts)) + budget)
         params = SamplingParams(max_new_tokens=budget, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                                 seed=g.seed, n=d.samples)
         done = engine.generate([(p, params, r.id) for p, r in zip(prompts, records)])
@@ -123,7 +123,7 @@ def local_sampler(cfg: DistillRun):
             out.append(row)
         return out
 
-    return sample, tokenizer
+    return sample, tokenizer, loaded.close
 
 
 def teacher_sampler(cfg: DistillRun):
@@ -171,7 +171,7 @@ def teacher_sampler(cfg: DistillRun):
         with httpx.Client() as client, ThreadPoolExecutor(max_workers=min(16, len(records))) as pool:
             return list(pool.map(lambda r: one(client, r), records))
 
-    return sample, None
+    return sample, None, lambda: None
 
 
 # ----------------------------------------------------------------------------- the command
@@ -220,7 +220,7 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     with Sigterm(interrupt=True, what="stopping; every batch sampled so far is saved") as sigterm:
         try:
             if todo:
-                sample, tokenizer = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+                sample, tokenizer, close = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
                 bar = progress(total=len(records), initial=skipped, desc="distill", unit="q",
                                disable=not show_progress)
                 try:
@@ -255,6 +255,7 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                                         completions=f"{run['kept_completions']}/{run['completions']}")
                 finally:
                     bar.close()  # also when stopped: the message that follows starts a line of its own
+                    close()  # the model's engine: its cache and graphs
         except Preempted:
             preempted = True
         finally:  # also when the run is stopped: the report counts what the two files hold

@@ -21,8 +21,9 @@ from .data import Record, load_records, sha256_file
 from .dist import gather_objects, world_size
 from .dist import rank as process_rank
 from .errors import UsageError
-from .generation import default_budget, device_of, encode_batch, generate, reason_then_answer
+from .generation import default_budget, device_of, encode_batch, generate, holding, reason_then_answer
 from .generation.attention import FAST_ATTENTION, attention_implementation, eager_stance, fast_attention
+from .generation.engine import EngineHolder
 from .progress import progress
 from .prompts import answer_text, check_native, render_prompt
 from .rundir import STATEMENT_ONLY_VERSIONS, adapter_base, resolve_prompt_format, training_overlap
@@ -51,22 +52,22 @@ def shuffle_options(record: Record, seed: int) -> tuple[Record, dict[str, str]]:
 # ----------------------------------------------------------------------------- modes
 
 
-def _direct(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
+def _direct(model, tokenizer, records, prompt_format, gcfg, slots=None, engines=None, n=1) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=False) for r in records]
     budget = default_budget("direct", gcfg.max_new_tokens)
     rows = []
-    for out, r in zip(generate(model, tokenizer, prompts, budget, gcfg, slots=slots, keys=[r.id for r in records]),
-                      records):
+    for out, r in zip(generate(model, tokenizer, prompts, budget, gcfg, slots=slots, keys=[r.id for r in records],
+                               engines=engines, n=n), [r for r in records for _ in range(n)]):
         rows.append({"output": out.text, "pred": extract_answer(out.text, "".join(r.options)),
                      "generated_tokens": out.tokens, "forced": False})
     return rows
 
 
-def _reasoning(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
+def _reasoning(model, tokenizer, records, prompt_format, gcfg, slots=None, engines=None, n=1) -> list[dict]:
     prompts = [render_prompt(r, tokenizer, prompt_format, think=True) for r in records]
     rows = reason_then_answer(model, tokenizer, prompts, default_budget("reasoning", gcfg.max_new_tokens), gcfg,
-                              prompt_format, slots=slots)
-    for row, r in zip(rows, records):
+                              prompt_format, slots=slots, engines=engines, keys=[r.id for r in records], n=n)
+    for row, r in zip(rows, [r for r in records for _ in range(n)]):
         row["pred"] = extract_answer(answer_part(row["output"]), "".join(r.options))
     return rows
 
@@ -208,15 +209,17 @@ def _score_candidates_with_cache(model, tokenizer, records, prompt_format) -> li
     return out_rows
 
 
-def _choice(model, tokenizer, records, prompt_format, gcfg, slots=None) -> list[dict]:
+def _choice(model, tokenizer, records, prompt_format, gcfg, slots=None, engines=None, n=1) -> list[dict]:
     rows = []
     for scored in score_candidates(model, tokenizer, records, prompt_format):
         best, value = max(scored, key=lambda cs: cs[1])
-        rows.append({"output": answer_text(best), "pred": list(best), "generated_tokens": 0, "forced": False,
-                     "score": round(value, 4)})
+        rows += [{"output": answer_text(best), "pred": list(best), "generated_tokens": 0, "forced": False,
+                  "score": round(value, 4)}] * n  # scoring is deterministic: n samples are one
     return rows
 
 
+# Each mode answers records (model, tokenizer, records, prompt_format, gcfg, slots, engines, n): a row per record, or
+# with n > 1 n rows per record (record i's are rows i*n to i*n+n-1), sampled from one prefill.
 MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
 
 
@@ -249,15 +252,26 @@ GENERATE_CHUNK = 8
 
 
 def answer_batch(mode: str, model, tokenizer, records: list[Record], prompt_format: str,
-                 gcfg: GenerationConfig, slots: int | None = None) -> list[dict]:
-    """Questions in a mode, ``slots`` generated at once: {output, pred, generated_tokens, forced} per record."""
-    return MODES[mode](model, tokenizer, records, prompt_format, gcfg, slots)
+                 gcfg: GenerationConfig, slots: int | None = None, engines: EngineHolder | None = None,
+                 n: int = 1) -> list[dict]:
+    """Questions in a mode, ``slots`` generated at once: {output, pred, generated_tokens, forced} per record (``n``
+    per record, record by record, with ``n`` > 1). ``engines``: the caller's engine holder (else the generating modes
+    make an engine for the call)."""
+    return MODES[mode](model, tokenizer, records, prompt_format, gcfg, slots, engines=engines, n=n)
 
 
 def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig | None = None,
-                     prompt_format: str = "chat", show_progress: bool = True) -> tuple[list[dict], dict]:
-    """Score records with a live model; returns (per-question samples, summary)."""
+                     prompt_format: str = "chat", show_progress: bool = True,
+                     engines: EngineHolder | None = None) -> tuple[list[dict], dict]:
+    """Score records with a live model; returns (per-question samples, summary). ``engines``: the caller's engine
+    holder (an in-training evaluation's, reused from one evaluation to the next); else one for this call."""
     gcfg = gcfg or GenerationConfig()
+    with holding(engines, tokenizer, gcfg) as engines:
+        return _evaluate_records(model, tokenizer, records, ecfg, gcfg, prompt_format, show_progress, engines)
+
+
+def _evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
+                      prompt_format: str, show_progress: bool, engines: EngineHolder) -> tuple[list[dict], dict]:
     shown = [shuffle_options(r, ecfg.seed) if ecfg.shuffle_options else (r, None) for r in records]
     # Sorting by length keeps padding (and wasted compute) low inside each batch.
     order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
@@ -266,19 +280,17 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     start = time.time()
     chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
     k_samples = getattr(ecfg, "samples", 1)
-    # K samples: sample j draws with seed + j (each question's draws come from (seed + j, its id) alone)
-    configs = [replace_config(gcfg, do_sample=True, seed=gcfg.seed + j) for j in range(k_samples)] \
-        if k_samples > 1 else [gcfg]
+    # K samples of a question share one prefill; sample j comes from (seed, the question's id, j) alone
+    sampled = replace_config(gcfg, do_sample=True) if k_samples > 1 else gcfg
     for k in range(0, len(order), chunk):
         idx = order[k: k + chunk]
-        runs = [answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, g,
-                             slots=ecfg.batch_size) for g in configs]
+        rows = answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, sampled,
+                            slots=ecfg.batch_size, engines=engines, n=k_samples)
         for n, i in enumerate(idx):
             record, new_to_old = records[i], shown[i][1]
             gold = record.answer or []
             drawn = []
-            for rows in runs:
-                row = rows[n]
+            for row in rows[n * k_samples: (n + 1) * k_samples]:
                 pred = row["pred"]
                 if pred is not None and new_to_old:
                     pred = sorted(new_to_old[p] for p in pred)
@@ -317,7 +329,7 @@ def sampled_decoding(ecfg: EvalConfig, gcfg: GenerationConfig) -> bool:
 
 
 def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
-                     prompt_format: str = "chat"):
+                     prompt_format: str = "chat", engines: EngineHolder | None = None):
     """evaluate_records split across the ranks of a distributed job, gathered on every rank.
 
     Each rank scores a disjoint, equally long slice (the last one padded with repeats that are dropped
@@ -325,7 +337,8 @@ def evaluate_sharded(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
     models need.
     """
     if world_size() == 1:
-        return evaluate_records(model, tokenizer, records, ecfg, gcfg, prompt_format, show_progress=False)
+        return evaluate_records(model, tokenizer, records, ecfg, gcfg, prompt_format, show_progress=False,
+                                engines=engines)
     rank, world = process_rank(), world_size()
     per_rank = -(-len(records) // world)
     indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(records))))

@@ -34,13 +34,15 @@ from .errors import UsageError
 from .generation import (
     Generated,
     default_budget,
+    engine_holder,
+    forced_answer,
     generated,
     hf_generate,
     sampling_params,
     split_budget,
     uses_engine,
 )
-from .generation.engine import GenerationEngine, engine_for
+from .generation.engine import EngineHolder, GenerationEngine
 from .model import ModelError, load_for_inference, quiet_loading
 from .prompts import ANSWER_PREFIX, render_prompt
 from .rundir import resolve_prompt_format
@@ -186,7 +188,21 @@ class LoadedModel:
     """The default generation settings of its requests."""
     generator: GenerationEngine | None = None
     """A generation engine running in the background, shared by concurrent requests (``serve``); None = the
-    model's own engine, driven by the caller."""
+    engine of ``engines``, driven by the caller."""
+    engines: EngineHolder | None = None
+    """The engine the caller drives (``ask``, ``predict``), made on first use and kept for the next question."""
+
+    def __post_init__(self) -> None:
+        if self.engines is None:
+            self.engines = engine_holder(self.tokenizer, self.gcfg)
+
+    def close(self) -> None:
+        """Give back the model's engines (their caches, graphs and model references); the command that loaded the
+        model calls it when done."""
+        if self.generator is not None:
+            self.generator.close()
+        if self.engines is not None:
+            self.engines.close()
 
 
 def load_model(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
@@ -288,21 +304,23 @@ HF_GENERATE_LOCK = threading.Lock()
 
 def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, stream: bool = True,
                   top_logprobs: int = 0, key: str | None = None, on_request: Callable[[Any, Any], None] | None = None,
-                  prompt_logprobs: int | None = None) -> Generator[tuple[int, float, list], None, Generated]:
+                  prompt_logprobs: int | None = None,
+                  forced: dict[str, Any] | None = None) -> Generator[tuple[int, float, list], None, Generated]:
     """Yield (token, log-probability, likeliest tokens of its step) of one generation as its tokens arrive (with
     ``stream``; else none); return its Generated. Closing the generator early cancels the request (its engine row is
     freed); so does ``engine.cancel(request)`` from another thread, given the two by ``on_request(engine, request)``
     once it is queued. Models the engine cannot run go through transformers' generate, one request at a time, and
     yield nothing. ``prompt_logprobs``: the request computes its prompt's log-probabilities (``request.prompt_logprobs``
-    once its first token has come)."""
+    once its first token has come). ``forced``: reasoning mode's forced answer (``generation.forced_answer``); the
+    Generated is then of all the sample's tokens, the closing not among them (``_generate`` assembles the text)."""
     model, tokenizer = engine.model, engine.tokenizer
     if not uses_engine(model, gcfg):
         with HF_GENERATE_LOCK:  # one model, several request threads (serve)
             return hf_generate(model, tokenizer, [tokenizer.decode(ids)], budget, gcfg)[0]
-    runner = engine.generator or engine_for(model, tokenizer.eos_token_id, 1, len(ids) + budget,
-                                            use_graph=None if gcfg.cuda_graphs else False)
     params = dataclasses.replace(sampling_params(gcfg, budget), top_logprobs=top_logprobs,
-                                 prompt_logprobs=prompt_logprobs)
+                                 prompt_logprobs=prompt_logprobs, **(forced or {}))
+    assert engine.engines is not None
+    runner = engine.generator or engine.engines.get(model, 1, len(ids) + params.row_tokens)
     request = runner.submit(ids, params, key=key, stream=stream)
     if on_request is not None:
         on_request(runner, request)
@@ -314,19 +332,29 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
 
 
 def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
-              stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None):
+              stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0):
     """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
-    log-probability, likeliest tokens)) event for each); return its Generated."""
+    log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
+    forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
+    tokens; the closing's text is streamed as the model's, it has no token events)."""
     tokenizer = engine.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not uses_engine(engine.model, gcfg):
         result = yield from stream_tokens(engine, ids, budget, gcfg)
         yield from splitter.feed(result.text)
         return result
+    requests: list = []
+
+    def remember(runner, request) -> None:
+        requests.append(request)
+        if on_request is not None:
+            on_request(runner, request)
+
+    forced = forced_answer(tokenizer, engine.prompt_format, reserve) if reserve else None
     pieces = TextPieces(tokenizer)
-    shown = ""
+    shown, count, trace = "", 0, None
     tokens_of = stream_tokens(engine, ids, budget, gcfg, stream=stream, top_logprobs=top_logprobs,
-                              on_request=on_request)
+                              on_request=remember, forced=forced)
     try:
         while True:
             try:
@@ -334,6 +362,10 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
             except StopIteration as done:
                 result = done.value
                 break
+            if trace is None and requests[0].samples[0].forced_at == count:  # the answer's first token
+                trace = yield from _close_trace(tokenizer, requests[0].samples[0], shown, splitter, engine.prompt_format)
+                pieces, shown = TextPieces(tokenizer), ""
+            count += 1
             if tokens:
                 yield "token", (token, logprob, top)
             if token == tokenizer.eos_token_id:
@@ -344,9 +376,29 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
                 yield from splitter.feed(piece)
     finally:
         tokens_of.close()
-    if result.text.startswith(shown):
-        yield from splitter.feed(result.text[len(shown):])
-    return result
+    sample = requests[0].samples[0] if requests else None
+    if sample is None or sample.forced_at is None:
+        if result.text.startswith(shown):
+            yield from splitter.feed(result.text[len(shown):])
+        return result
+    if trace is None:  # nothing streamed
+        trace = yield from _close_trace(tokenizer, sample, shown, splitter, engine.prompt_format)
+        shown = ""
+    answer = generated(tokenizer, sample.tokens[sample.forced_at:])
+    if answer.text.startswith(shown):
+        yield from splitter.feed(answer.text[len(shown):])
+    return Generated(trace.text + closing_text(trace.text, engine.prompt_format) + answer.text,
+                     trace.tokens + answer.tokens, False, sample.tokens, sample.logprobs)
+
+
+def _close_trace(tokenizer, sample, shown: str, splitter: ThinkSplitter, prompt_format: str):
+    """The text events that end a forced sample's trace (what is left of it after ``shown``, then the closing the
+    engine appended); returns the trace's Generated."""
+    trace = generated(tokenizer, sample.tokens[: sample.forced_at])
+    if trace.text.startswith(shown):
+        yield from splitter.feed(trace.text[len(shown):])
+    yield from splitter.feed(closing_text(trace.text, prompt_format))
+    return trace
 
 
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
@@ -367,10 +419,11 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
     prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     splitter = ThinkSplitter(reasoning=think)
+    continued = think and uses_engine(engine.model, gcfg)  # the forced answer continues the sample's row
     first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
-                                 on_request)
+                                 on_request, reserve=reserve if continued else 0)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
-    if think and not stopped and reserve:
+    if think and not stopped and reserve and not continued:
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
         closing = closing_text(first.text, engine.prompt_format)
         yield from splitter.feed(closing)

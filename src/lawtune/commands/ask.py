@@ -39,8 +39,16 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
     elif a.question:
         record = record_from_text(a.question, where="--question")
     engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    try:
+        return _ask_all(engine, record, a.mode, out, stdin)
+    finally:
+        engine.close()
+
+
+def _ask_all(engine, record, mode: str, out, stdin) -> int:
+    """One question (``record``), or every question read from ``stdin``."""
     if record is not None:
-        ask(engine, record, a.mode, out=out)
+        ask(engine, record, mode, out=out)
         return 0
     stdin = stdin or sys.stdin
     interactive = stdin.isatty()
@@ -61,4 +69,4 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
                 raise
             print(f"error: {exc}", file=sys.stderr)
             continue
-        ask(engine, record, a.mode, out=out)
+        ask(engine, record, mode, out=out)

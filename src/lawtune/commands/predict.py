@@ -58,7 +58,7 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
             for k in range(0, len(todo), pcfg.batch_size):
                 batch = todo[k: k + pcfg.batch_size]
                 rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
-                                    slots=pcfg.batch_size)
+                                    slots=pcfg.batch_size, engines=engine.engines)
                 with sigterm.holding():
                     for record, row in zip(batch, rows):
                         line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
@@ -72,6 +72,7 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
                 bar.update(len(batch))
     finally:
         bar.close()  # also when stopped: the message that follows starts a line of its own
+        engine.close()
 
 
 def run_predict(cfg: PredictRun) -> int:

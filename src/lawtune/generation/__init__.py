@@ -1,24 +1,27 @@
 """Generation: the one place that turns prompts into text (eval, ask, predict, serve and in-training eval).
 
-``generate`` runs a batch of prompts through the engine of ``engine.py`` (continuous batching on a static cache,
-greedy or sampled, CUDA graphs on a GPU); where the engine cannot run the model (another attention kernel,
-sliding windows, a model sharded across the ranks of a distributed job) through transformers' ``generate``, both
-with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the one forced-answer rule of
-reasoning mode. ``decode.py`` keeps the static-batch CUDA-graph decoder the engine replaced, as the baseline of
-``bench/generation.py``.
+``generate`` runs a batch of prompts through the engine of ``engine/`` (continuous batching on a static cache,
+greedy or sampled, CUDA graphs on a GPU; its package docstring lists its parts); where the engine cannot run the
+model (another attention kernel, sliding windows, a model sharded across the ranks of a distributed job) through
+transformers' ``generate``, both with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the
+one forced-answer rule of reasoning mode. The static-batch CUDA-graph decoder the engine replaced lives on as the
+baseline of ``bench/generation.py`` (``bench/static_decoder.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..dist import world_size
-from ..think import closing_text
+from ..think import CLOSE, closing_text
 from .attention import eager_stance, fast_attention
-from .engine import SamplingParams, engine_for, engine_supported
+from .engine import EngineHolder, Request, Sample, SamplingParams, engine_supported
 
 # Default budgets of the two generating modes: '答案：ABCD' and the end token are 5 tokens of R1-Distill's
 # tokenizer; R1-style thinking often runs past 1,000 tokens.
@@ -106,23 +109,51 @@ def generated(tokenizer, tokens: list[int], logprobs: list[float] | None = None)
 
 
 @torch.inference_mode()
+def engine_holder(tokenizer, gcfg) -> EngineHolder:
+    """An engine holder for a command or trainer that generates with ``gcfg`` (its owner closes it)."""
+    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False)
+
+
+@contextlib.contextmanager
+def holding(engines: EngineHolder | None, tokenizer, gcfg) -> Iterator[EngineHolder]:
+    """``engines``, or for a caller that passed none one of its own for the block, closed after it."""
+    if engines is not None:
+        yield engines
+        return
+    with engine_holder(tokenizer, gcfg) as own:
+        yield own
+
+
+@torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg, slots: int | None = None,
-             keys: list[str] | None = None) -> list[Generated]:
-    """Generate for a batch of prompts with the settings of a GenerationConfig ``gcfg``.
+             keys: list[str] | None = None, engines: EngineHolder | None = None, n: int = 1) -> list[Generated]:
+    """Generate for a batch of prompts with the settings of a GenerationConfig ``gcfg``; with ``n`` > 1, ``n``
+    samples of each prompt (one prefill on the engine), prompt by prompt: prompt i's are results i*n to i*n+n-1.
 
     ``slots``: sequences decoded at once (default: all of them); ``keys`` name the prompts for their sampling seeds
-    (default: the prompt text), so that a question samples the same whatever else is asked beside it."""
+    (default: the prompt text): sample i of a prompt comes from (gcfg.seed, its key, i) alone, whatever else is asked
+    beside it. ``engines``: the caller's engine holder (its engine is reused and stays open); without one an engine
+    is made for the call and closed after it."""
     if not prompts:
         return []
     if uses_engine(model, gcfg):
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        slots = min(slots or len(prompts), len(prompts))
-        engine = engine_for(model, tokenizer.eos_token_id, slots, max(map(len, ids)) + max_new_tokens,
-                            use_graph=None if gcfg.cuda_graphs else False)
-        params = sampling_params(gcfg, max_new_tokens)
-        done = engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
-        return [generated(tokenizer, r.samples[0].tokens, r.samples[0].logprobs) for r in done]
-    return hf_generate(model, tokenizer, prompts, max_new_tokens, gcfg)
+        done = engine_requests(model, tokenizer, prompts, sampling_params(gcfg, max_new_tokens, n), gcfg, slots, keys,
+                               engines)
+        return [generated(tokenizer, s.tokens, s.logprobs) for r in done for s in r.samples]
+    runs = [hf_generate(model, tokenizer, prompts, max_new_tokens, gcfg) for _ in range(n)]
+    return [run[i] for i in range(len(prompts)) for run in runs]
+
+
+def engine_requests(model, tokenizer, prompts: list[str], params: SamplingParams, gcfg, slots: int | None,
+                    keys: list[str] | None, engines: EngineHolder | None) -> list[Request]:
+    """The prompts through the engine (of ``engines``, else one for the call), each with ``params``: the finished
+    requests, in order."""
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    rows = len(prompts) * params.n
+    slots = max(min(slots or rows, rows), params.n)
+    with holding(engines, tokenizer, gcfg) as holder:
+        engine = holder.get(model, slots, max(map(len, ids)) + params.row_tokens)
+        return engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
 
 
 def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, gcfg) -> list[Generated]:
@@ -155,19 +186,68 @@ def decode_rows(tokenizer, new: list[list[int]]) -> list[Generated]:
     return results
 
 
+def closing_room(tokenizer, prompt_format: str) -> int:
+    """The most tokens a forced answer's closing takes (either closing text, tokenized alone)."""
+    return max(len(tokenizer(closing_text(trace, prompt_format), add_special_tokens=False)["input_ids"])
+               for trace in ("", CLOSE))
+
+
+def forced_answer(tokenizer, prompt_format: str, reserve: int) -> dict[str, Any]:
+    """The ``SamplingParams`` fields of reasoning mode's forced answer (the one rule of ``eval``, ``predict``, ``ask``
+    and ``serve``): a trace cut off by its thinking budget gets ``think.closing_text`` of its text, tokenized alone,
+    appended on its own row, and ``reserve`` more tokens for the answer."""
+
+    def closing(tokens: list[int]) -> list[int]:
+        trace = tokenizer.decode(tokens, skip_special_tokens=True)
+        return tokenizer(closing_text(trace, prompt_format), add_special_tokens=False)["input_ids"]
+
+    return {"forced_answer": closing, "answer_reserve": reserve, "closing_tokens": closing_room(tokenizer, prompt_format)}
+
+
+def reasoning_output(tokenizer, sample: Sample, prompt_format: str) -> tuple[str, int, bool]:
+    """(output, generated tokens, forced) of a reasoning-mode sample: a forced one's output is its trace, the
+    closing text and its answer; its closing tokens are not generated ones."""
+    if sample.forced_at is None:
+        whole = generated(tokenizer, sample.tokens)
+        return whole.text, whole.tokens, not whole.stopped
+    trace = generated(tokenizer, sample.tokens[: sample.forced_at])
+    answer = generated(tokenizer, sample.tokens[sample.forced_at:])
+    return trace.text + closing_text(trace.text, prompt_format) + answer.text, trace.tokens + answer.tokens, True
+
+
 def reason_then_answer(model, tokenizer, prompts: list[str], budget: int, gcfg, prompt_format: str,
-                       slots: int | None = None) -> list[dict]:
+                       slots: int | None = None, engines: EngineHolder | None = None, keys: list[str] | None = None,
+                       n: int = 1) -> list[dict]:
     """Reasoning mode for a batch: think within the budget; a trace cut off by it is closed and asked for its
     answer (``forced``), so a cut-off never silently counts as an ordinary answer. Generated tokens, the forced
-    answer's included, never exceed ``budget``. Returns {output, generated_tokens, forced} per prompt."""
+    answer's included, never exceed ``budget``. Returns {output, generated_tokens, forced} per prompt (per sample
+    with ``n`` > 1, as ``generate`` orders them).
+
+    On the engine the forced answer continues the sample's own row (``forced_answer``); on transformers' generate the
+    closed trace is prompted again."""
     think, reserve = split_budget(budget)
-    results = generate(model, tokenizer, prompts, think, gcfg, slots=slots)
+    if not uses_engine(model, gcfg):
+        return _reason_then_answer_hf(model, tokenizer, prompts, think, reserve, gcfg, prompt_format, n)
+    params = sampling_params(gcfg, think, n)
+    if reserve:
+        params = dataclasses.replace(params, **forced_answer(tokenizer, prompt_format, reserve))
+    done = engine_requests(model, tokenizer, prompts, params, gcfg, slots, keys, engines)
+    rows = []
+    for request in done:
+        for sample in request.samples:
+            output, tokens, forced = reasoning_output(tokenizer, sample, prompt_format)
+            rows.append({"output": output, "generated_tokens": tokens, "forced": forced})
+    return rows
+
+
+def _reason_then_answer_hf(model, tokenizer, prompts, think, reserve, gcfg, prompt_format, n) -> list[dict]:
+    prompts = [p for p in prompts for _ in range(n)]
+    results = hf_generate(model, tokenizer, prompts, think, gcfg)
     rows: list[dict[str, Any]] = [{"output": r.text, "generated_tokens": r.tokens, "forced": not r.stopped} for r in results]
     cut = [i for i, r in enumerate(results) if not r.stopped]
     if cut and reserve:
         closing = {i: closing_text(results[i].text, prompt_format) for i in cut}
-        forced = generate(model, tokenizer, [prompts[i] + results[i].text + closing[i] for i in cut], reserve, gcfg,
-                          slots=slots, keys=[prompts[i] for i in cut])
+        forced = hf_generate(model, tokenizer, [prompts[i] + results[i].text + closing[i] for i in cut], reserve, gcfg)
         for i, more in zip(cut, forced):
             rows[i]["output"] = results[i].text + closing[i] + more.text
             rows[i]["generated_tokens"] += more.tokens

@@ -165,7 +165,7 @@ def make_app(state: ServeState, load: Callable[[], None] | None = None) -> Guard
         yield
         generator = state.loaded.generator if state.loaded else None
         if generator is not None:
-            generator.stop()
+            generator.close()  # the server made it: its loop, cache, graphs and model reference go
 
     app = FastAPI(title="lawtune serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible API for one model fine-tuned on Chinese legal exam questions.")

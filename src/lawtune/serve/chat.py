@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..config import GenerationConfig
 from ..config import replace as replace_config
 from ..data import DataError, Record
-from ..generation import default_budget
+from ..generation import closing_room, default_budget, split_budget
 from ..infer import generate_events, record_from_text
 from ..prompts import render_prompt
 from ..scoring import extract_answer
@@ -79,7 +79,10 @@ def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
     loaded = state.loaded
     prompt = render_prompt(record, loaded.tokenizer, loaded.prompt_format, think=body.mode == "reasoning")
     n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    check_length(state, n, default_budget(body.mode, max_tokens or gcfg.max_new_tokens), "messages")
+    budget = default_budget(body.mode, max_tokens or gcfg.max_new_tokens)
+    if body.mode == "reasoning" and split_budget(budget)[1]:  # a forced answer's closing takes room in the row too
+        budget += closing_room(loaded.tokenizer, loaded.prompt_format)
+    check_length(state, n, budget, "messages")
     return ChatPlan(record, gcfg, max_tokens, n)
 
 

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..config import replace as replace_config
 from ..dist import any_rank, cpu_group, gather_objects, is_main_process, sum_over_ranks, world_size
+from ..generation import engine_holder
 from ..preempt import Sigterm
 from ..progress import progress
 from ..rundir import MANIFEST_FILE, give_weights_default_mode, save_model_dir
@@ -137,6 +138,9 @@ class HeldOutEvalCallback(TrainerCallback):
         self.best = -1.0
         self.history: list[dict] = []
         self.trainer: Trainer | None = None  # set once the Trainer exists; saving goes through it (FSDP gathers there)
+        # The evaluations' generation engine, kept from one to the next and closed when training ends (GRPO's
+        # rollouts share it: one engine with the rows of both).
+        self.engines = engine_holder(tokenizer, self.settings()[1])
 
     def _run(self, state, model) -> None:
         from ..evaluate import evaluate_sharded
@@ -144,7 +148,8 @@ class HeldOutEvalCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         ecfg, gcfg = self.settings()
-        _, summary = evaluate_sharded(model, self.tokenizer, self.records, ecfg, gcfg, self.cfg.data.prompt_format)
+        _, summary = evaluate_sharded(model, self.tokenizer, self.records, ecfg, gcfg, self.cfg.data.prompt_format,
+                                      engines=self.engines)
         if was_training:
             model.train()
         row = {"step": state.global_step, "eval_accuracy": summary["accuracy"], "eval_invalid": summary["invalid"],
@@ -220,6 +225,10 @@ class HeldOutEvalCallback(TrainerCallback):
         # should_training_stop: the last step (``final`` evaluates it) or a stop on SIGTERM
         if self.records and not control.should_training_stop and self.due(state.global_step, state.max_steps):
             self._run(state, model)
+
+    def close(self) -> None:
+        """Give the evaluations' engine back (its cache, graphs and model reference)."""
+        self.engines.close()
 
 
 class GcPauses(TrainerCallback):

@@ -172,7 +172,15 @@ def train_to_the_end(trainer, held_out, stop, checkpoint: str | None):
     """``trainer.train`` from ``checkpoint`` (None: from the start) to max_steps, then the held-out evaluation at the
     end; returns the Trainer's output (None where no step was left). A checkpoint at max_steps is of a run that
     stopped before its final model was written: its adapter is loaded and only the end is done. ``stop`` (a
-    ``StopOnSigterm`` among the Trainer's callbacks) raises ``Preempted`` where SIGTERM came first."""
+    ``StopOnSigterm`` among the Trainer's callbacks) raises ``Preempted`` where SIGTERM came first. The held-out
+    evaluation's engine is closed at the end, however the run ends."""
+    try:
+        return _train_to_the_end(trainer, held_out, stop, checkpoint)
+    finally:
+        held_out.close()
+
+
+def _train_to_the_end(trainer, held_out, stop, checkpoint: str | None):
     if stop.requested():  # during setup: every rank stops before the first step
         raise Preempted(_before_first_step(checkpoint))
     output = None

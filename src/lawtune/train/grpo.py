@@ -97,8 +97,9 @@ class EngineRollout:
     so a rollout does not depend on what else is generated beside it. The engine holds the model itself: it samples
     from the weights the last optimizer step left."""
 
-    def __init__(self, cfg: GrpoRun, tokenizer, ids_by_prompt: dict[str, str]):
+    def __init__(self, cfg: GrpoRun, tokenizer, ids_by_prompt: dict[str, str], engines):
         self.cfg, self.tokenizer, self.ids_by_prompt = cfg, tokenizer, ids_by_prompt
+        self.engines = engines  # the held-out evaluation's holder: one engine with the rows of both, closed at the end
         self.max_len = cfg.data.max_length  # prompts longer than max_length - max_completion_length were dropped
 
     def sampling(self, n: int):
@@ -110,8 +111,6 @@ class EngineRollout:
                               seed=g.seed, n=n)
 
     def __call__(self, prompts: list[str], trainer) -> dict:
-        from ..generation.engine import engine_for
-
         groups: list[tuple[str, int]] = []
         for prompt in prompts:
             if groups and groups[-1][0] == prompt:
@@ -121,7 +120,7 @@ class EngineRollout:
         ids = self.tokenizer([p for p, _ in groups], add_special_tokens=False)["input_ids"]
         model = trainer.accelerator.unwrap_model(trainer.model)
         # One engine for the run: its slots hold a whole step's completions, its rows the longest prompt allowed.
-        engine = engine_for(model, self.tokenizer.eos_token_id, slots=len(prompts), max_len=self.max_len)
+        engine = self.engines.get(model, len(prompts), self.max_len)
         step = trainer.state.global_step
         requests = [(x, self.sampling(n), f"{self.ids_by_prompt.get(p, p)}@{step}") for x, (p, n) in zip(ids, groups)]
         was_training = model.training
@@ -311,17 +310,17 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     else:
         weights = [1.0] * len(reward_funcs)
 
+    metrics = MetricsCallback(out / "metrics.jsonl", append=resume)
+    held_out = GrpoHeldOut(cfg, eval_subset, tokenizer, metrics, out, manifest)
     rollout = None
     if cfg.grpo.rollout == "engine":
         from ..generation import engine_supported
 
         if engine_supported(model):
-            rollout = EngineRollout(cfg, tokenizer, {p: r.id for p, r in zip(prompts, kept)})
+            rollout = EngineRollout(cfg, tokenizer, {p: r.id for p, r in zip(prompts, kept)}, held_out.engines)
         else:
             log.warning("grpo.rollout: the engine cannot run this model (model.attn_implementation=%s); "
                         "sampling with TRL's generation", cfg.model.attn_implementation)
-    metrics = MetricsCallback(out / "metrics.jsonl", append=resume)
-    held_out = GrpoHeldOut(cfg, eval_subset, tokenizer, metrics, out, manifest)
     stop = StopOnSigterm(sigterm or Sigterm())
     trainer = _trainer_class()(
         model=model,

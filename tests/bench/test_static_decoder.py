@@ -1,6 +1,10 @@
-"""greedy_decode must produce exactly what transformers' greedy generate produces."""
+"""bench/static_decoder.py (the benchmarks' baseline decoder) must produce exactly what transformers' greedy generate
+produces."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +14,11 @@ from lawtune.config import GenerationConfig
 from lawtune.demo import build_tiny_model
 from lawtune.generation import encode_batch, generate
 from lawtune.generation.attention import fast_attention
-from lawtune.generation.decode import graph_decode_supported, greedy_decode
 
 from conftest import lora_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from static_decoder import greedy_decode  # noqa: E402
 
 PROMPTS = ["合同纠纷：甲与乙", "物权问题，房屋与车辆的证据期限。法院认为当事人", "侵权", "继承与婚姻的诉讼"]
 
@@ -54,16 +60,6 @@ def test_rows_stop_at_the_end_token_and_decoding_stops_when_all_have(tiny_tokeni
     ref, got = _both(model, tiny_tokenizer, 12, eos, prompts=PROMPTS[:1])
     assert ref.shape == got.shape == (1, 3)
     assert torch.equal(ref, got)
-
-
-def test_only_full_attention_sdpa_models_take_the_graph_path(tiny_tokenizer):
-    model = _model(tiny_tokenizer)
-    assert graph_decode_supported(model)
-    set_attn_implementation(model.config, "eager")
-    assert not graph_decode_supported(model)
-    set_attn_implementation(model.config, "sdpa")
-    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
-    assert not graph_decode_supported(model)
 
 
 @pytest.mark.gpu

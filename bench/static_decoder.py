@@ -1,4 +1,5 @@
-"""Greedy decoding on a static KV cache, every step after the first replayed from one CUDA graph.
+"""Greedy decoding on a static KV cache, every step after the first replayed from one CUDA graph: the static-batch
+decoder that lawtune's generation engine replaced, kept as the baseline of ``bench/generation.py``.
 
 Why not ``model.generate``: each eager decoding step of the 1.5B model launches several hundred small
 kernels (28 layers) from Python; on the H100 machine plain ``generate`` made 11-12 tokens/s for a single
@@ -12,37 +13,15 @@ slot, attention-mask column, output column), so the captured graph replays uncha
 checks every ``check_every`` steps whether all rows have ended. On the CPU, or with ``use_graph=False``,
 the very same step runs eagerly, which is how the tests compare it with ``model.generate``.
 
-Limits, checked by ``graph_decode_supported``: greedy decoding, sdpa-family attention, and models whose
-layers all use full attention (no sliding windows). Anything else goes through ``model.generate``.
+Limits, those of the engine (``lawtune.generation.engine.engine_supported``): greedy decoding, sdpa-family
+attention, and models whose layers all use full attention (no sliding windows).
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from .attention import FAST_ATTENTION, attention_implementation
-
-
-def base_model(model):
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def graph_decode_supported(model) -> bool:
-    """True where ``greedy_decode`` reproduces greedy ``generate`` (see the module docstring)."""
-    config = getattr(base_model(model), "config", None)
-    if config is None or attention_implementation(model) not in ("sdpa", "flex_attention", FAST_ATTENTION):
-        return False
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    return set(layer_types) == {"full_attention"} and not getattr(config, "is_encoder_decoder", False)
-
-
-def cache_keyword(model) -> str:
-    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name still warns)."""
-    params = inspect.signature(base_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+from lawtune.generation.engine import base_model, cache_keyword
 
 
 @torch.inference_mode()
