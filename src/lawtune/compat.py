@@ -46,6 +46,16 @@ def is_module_compiled(module: torch.nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
+def clear_cublas_workspaces() -> None:
+    """Give back the cuBLAS workspaces torch keeps per (handle, stream) in its caching allocator
+    (``torch._C._cuda_clearCublasWorkspaces``; absent from CPU builds): a closed generation engine's warm-up stream
+    would otherwise keep its workspace allocated for the life of the process. torch (2.13) has no public call;
+    the next matrix product on a stream allocates its workspace again."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+
+
 def raise_recompile_limits(per_code: int, accumulated: int) -> None:
     """Raise dynamo's recompilation limits to at least these (never lowers them).
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from ...compat import clear_cublas_workspaces
 from ..attention import eager_stance, fast_attention
 from .readback import ReadBack
 from .runner import ModelRunner
@@ -156,6 +157,7 @@ class GenerationEngine:
         self.runner = None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            clear_cublas_workspaces()
             torch.cuda.empty_cache()
 
     def __enter__(self) -> GenerationEngine:
@@ -251,6 +253,7 @@ class GenerationEngine:
         for seq, token, logprob, ended, tops in zip(seqs, *made):
             seq.since, seq.base, seq.epoch = self.steps, seq.delivered + 1, seq.epoch + 1
             self.readback.record(seq, [token], [logprob], ended, tops, self.steps)
+        self.readback.force_pending(self.steps)
 
     def _run(self) -> None:
         """One decoding step of the rows in use, attending the columns in use."""

@@ -157,6 +157,9 @@ class ModelRunner:
         self.graphs: dict[tuple[bool, int, int, bool], torch.cuda.CUDAGraph] = {}
         self.warm: set[tuple[bool, int, int, bool]] = set()
         self.pool: Any = None  # one memory pool for all graphs (they never run at the same time); torch's handle
+        # The stream graph warm-ups run on: one for all of them (each stream of torch's pool would keep a cuBLAS
+        # workspace of its own)
+        self.side: torch.cuda.Stream | None = None
 
     # -- prefill: new rows, and a forced answer's closing on a live row
 
@@ -182,21 +185,24 @@ class ModelRunner:
         last = hidden[torch.arange(len(contexts), device=d), torch.tensor(lengths, device=d) - 1]
         return hidden, self.head(last).float()
 
-    def extend(self, slot: int, tokens: list[int], at: int) -> torch.Tensor:
-        """``tokens`` into row ``slot`` from column ``at`` (its cache holds the columns before), attending those
-        columns and each other causally; the float logits of the last one (a forced answer's next token)."""
-        d, n = self.device, len(tokens)
-        self.rows.visible[slot, at:] = False
-        self.rows.visible[slot, at: at + n] = True
-        columns = at + n
-        causal = torch.ones(n, columns, dtype=torch.bool, device=d).tril(diagonal=at)
-        mask = (self.rows.visible[slot, :columns][None, :] & causal)[None, None]
-        self.cache.prefill_rows = torch.tensor([slot], device=d)
-        self.cache.prefill_at = torch.tensor([[at]], device=d)
+    def extend(self, slots: list[int], chunks: list[list[int]], at: list[int]) -> torch.Tensor:
+        """Each chunk (all of one length) into its row from the row's column ``at`` (its cache holds the columns
+        before), attending those columns and the chunk causally; the float logits of each chunk's last token (a
+        forced answer's next token)."""
+        d, n = self.device, len(chunks[0])
+        for slot, start in zip(slots, at):
+            self.rows.visible[slot, start:] = False
+            self.rows.visible[slot, start: start + n] = True
+        columns = max(at) + n
+        positions = torch.tensor(at, device=d)[:, None] + torch.arange(n, device=d)  # (rows, n)
+        causal = torch.arange(columns, device=d)[None, None, :] <= positions[:, :, None]  # (rows, n, columns)
+        index = torch.tensor(slots, device=d)
+        mask = (self.rows.visible[index, :columns][:, None, :] & causal)[:, None]
+        self.cache.prefill_rows, self.cache.prefill_at = index, positions[:, :1]
         self.cache.prefill_columns = columns
         try:
-            hidden = self.decoder(input_ids=torch.tensor([tokens], device=d), attention_mask={"full_attention": mask},
-                                  position_ids=torch.arange(at, columns, device=d)[None], use_cache=True,
+            hidden = self.decoder(input_ids=torch.tensor(chunks, device=d), attention_mask={"full_attention": mask},
+                                  position_ids=positions, use_cache=True,
                                   **{self.cache_kw: self.cache}).last_hidden_state
         finally:
             self.cache.prefill_rows, self.cache.prefill_at, self.cache.prefill_columns = None, None, 0
@@ -309,7 +315,7 @@ class ModelRunner:
             self.graphs[key] = graph
             graph.replay()
         else:  # capture needs one eager run on a side stream first
-            side = torch.cuda.Stream(self.device)
+            side = self.side = self.side or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 self.decode_step(sampling, rows, columns, top)
@@ -333,7 +339,7 @@ class ModelRunner:
         """Let go of the model, the cache, the row tensors and the graphs (with their memory pool)."""
         self.graphs.clear()
         self.warm.clear()
-        self.pool = None
+        self.pool = self.side = None
         self.cache.release()
         self.model = self.decoder = self.head = None
         self.rows = None  # type: ignore[assignment]
