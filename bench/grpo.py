@@ -108,7 +108,9 @@ def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
 
     run = setup(cfg, overwrite=True)
     clock = StepClock()
-    run.trainer.rollout_func = _timed(clock, Forced(run.cfg, run.tokenizer, {}))
+    engine_rollout = run.trainer.rollout_func  # grpo.rollout=engine: the EngineRollout, whose engines it shares
+    run.trainer.rollout_func = _timed(clock, Forced(run.cfg, run.tokenizer, engine_rollout.ids_by_prompt,
+                                                    engine_rollout.engines))
     run.trainer.add_callback(clock.callback())
     run.trainer.train()
     return summary("lawtune", length, clock, opts.warmup, completions)
