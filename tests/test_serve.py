@@ -663,3 +663,29 @@ def test_load_with_sigterm_in_the_middle(tiny_model_dir):
         t.join(60)
     assert not failures, failures[:3]
     assert len(statuses) == 1024 and set(statuses) <= {200, 503, "refused"} and statuses.count(200) >= 200
+
+
+def test_n_choices_are_the_n_samples_of_one_request(random_engine, rand):
+    """`n` choices are the n samples of ONE engine request (one prefill; sample i seeded by (seed, the prompt's key,
+    i), the engine's one seed rule): the tokens a direct request of n samples gives, not n requests of seed + i."""
+    from lawtune.generation import generated
+    from lawtune.generation.engine import GenerationEngine, SamplingParams
+
+    tok = random_engine.tokenizer
+    ids = tok("甲与乙订立合同", add_special_tokens=False)["input_ids"]
+    body = {"prompt": ids, "max_tokens": 8, "n": 3, "temperature": 1.0, "top_p": 1.0, "seed": 5}
+    resp = httpx.post(f"{rand}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    texts = [c["text"] for c in sorted(resp.json()["choices"], key=lambda c: c["index"])]
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1.0, seed=5, n=3)
+    with GenerationEngine(random_engine.model, tok.eos_token_id, slots=3, max_len=64) as engine:
+        [request] = engine.generate([(ids, params, None)])
+    direct = [generated(tok, sample.tokens).text for sample in request.samples]
+    assert texts == direct and len(set(direct)) > 1
+    # chat: reasoning mode with a budget that forces every answer, each choice on its own row of the one request
+    answer = chat(rand, "甲与乙订立合同\nA. 有效\nB. 无效", mode="reasoning", n=2, temperature=1.0, max_tokens=12,
+                  seed=3)
+    assert answer.status_code == 200, answer.text
+    choices = answer.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1] and all(c["finish_reason"] == "length" for c in choices)
+    assert answer.json()["usage"]["completion_tokens"] == 24

@@ -302,17 +302,61 @@ class TextPieces:
 HF_GENERATE_LOCK = threading.Lock()
 
 
+class SharedSamples:
+    """The ``n`` choices of one request (``serve``'s ``n``) as ONE engine request of ``n`` samples: one prefill, and
+    sample i seeded by (seed, key, i), the engine's one seed rule. The first choice to reach the engine submits it,
+    each streams its own sample (``stream_tokens(shared=..., index=i)``), and the request is cancelled only once every
+    choice has let go of it (finished, stopped by a stop string, or its client gone)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.lock = n, threading.Lock()
+        self.runner: Any = None
+        self.request: Any = None
+        self.left: set[int] = set()
+
+    def join(self, runner, ids: list[int], params, key: str | None, stream: bool):
+        with self.lock:
+            if self.request is None:
+                self.runner = runner
+                self.request = runner.submit(ids, dataclasses.replace(params, n=self.n), key=key, stream=stream)
+            return self.request
+
+    def leave(self, index: int) -> None:
+        with self.lock:
+            self.left.add(index)
+            last = len(self.left) == self.n and self.request is not None
+        if last:
+            self.runner.cancel(self.request)
+
+    def handle(self, index: int) -> SampleHandle:
+        return SampleHandle(self, index)
+
+
+@dataclass
+class SampleHandle:
+    """What ``on_request`` gets for a shared request in place of the engine: its ``cancel`` lets go of one choice."""
+
+    shared: SharedSamples
+    index: int
+
+    def cancel(self, request) -> None:
+        self.shared.leave(self.index)
+
+
 def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, stream: bool = True,
                   top_logprobs: int = 0, key: str | None = None, on_request: Callable[[Any, Any], None] | None = None,
-                  prompt_logprobs: int | None = None,
-                  forced: dict[str, Any] | None = None) -> Generator[tuple[int, float, list], None, Generated]:
+                  prompt_logprobs: int | None = None, forced: dict[str, Any] | None = None,
+                  shared: SharedSamples | None = None,
+                  index: int = 0) -> Generator[tuple[int, float, list], None, Generated]:
     """Yield (token, log-probability, likeliest tokens of its step) of one generation as its tokens arrive (with
     ``stream``; else none); return its Generated. Closing the generator early cancels the request (its engine row is
     freed); so does ``engine.cancel(request)`` from another thread, given the two by ``on_request(engine, request)``
     once it is queued. Models the engine cannot run go through transformers' generate, one request at a time, and
     yield nothing. ``prompt_logprobs``: the request computes its prompt's log-probabilities (``request.prompt_logprobs``
     once its first token has come). ``forced``: reasoning mode's forced answer (``generation.forced_answer``); the
-    Generated is then of all the sample's tokens, the closing not among them (``_generate`` assembles the text)."""
+    Generated is then of all the sample's tokens, the closing not among them (``_generate`` assembles the text).
+    ``shared``: this is choice ``index`` of a request shared by several (``SharedSamples``); ``on_request`` then gets
+    the choice's handle in place of the engine."""
     model, tokenizer = engine.model, engine.tokenizer
     if not uses_engine(model, gcfg):
         with HF_GENERATE_LOCK:  # one model, several request threads (serve)
@@ -321,22 +365,33 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
                                  prompt_logprobs=prompt_logprobs, **(forced or {}))
     assert engine.engines is not None
     runner = engine.generator or engine.engines.get(model, 1, len(ids) + params.row_tokens)
-    request = runner.submit(ids, params, key=key, stream=stream)
-    if on_request is not None:
-        on_request(runner, request)
-    sample = request.samples[0]
-    for i, (_, token, logprob) in enumerate(runner.stream(request)):
-        if stream:
-            yield token, logprob, sample.top_logprobs[i] if top_logprobs else []
+    if shared is None:
+        request = runner.submit(ids, params, key=key, stream=stream)
+        if on_request is not None:
+            on_request(runner, request)
+    else:
+        request = shared.join(runner, ids, params, key, stream)
+        if on_request is not None:
+            on_request(shared.handle(index), request)
+    sample = request.samples[index]
+    try:
+        for i, (_, token, logprob) in enumerate(runner.stream(request, sample=index, cancel_on_close=shared is None)):
+            if stream:
+                yield token, logprob, sample.top_logprobs[i] if top_logprobs else []
+    finally:
+        if shared is not None:
+            shared.leave(index)
     return generated(tokenizer, sample.tokens, sample.logprobs)
 
 
 def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
-              stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0):
+              stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0,
+              shared: SharedSamples | None = None, index: int = 0):
     """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
     log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
     forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
-    tokens; the closing's text is streamed as the model's, it has no token events)."""
+    tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``: as in
+    ``stream_tokens``."""
     tokenizer = engine.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not uses_engine(engine.model, gcfg):
@@ -354,7 +409,7 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
     pieces = TextPieces(tokenizer)
     shown, count, trace = "", 0, None
     tokens_of = stream_tokens(engine, ids, budget, gcfg, stream=stream, top_logprobs=top_logprobs,
-                              on_request=remember, forced=forced)
+                              on_request=remember, forced=forced, shared=shared, index=index)
     try:
         while True:
             try:
@@ -362,8 +417,9 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
             except StopIteration as done:
                 result = done.value
                 break
-            if trace is None and requests[0].samples[0].forced_at == count:  # the answer's first token
-                trace = yield from _close_trace(tokenizer, requests[0].samples[0], shown, splitter, engine.prompt_format)
+            if trace is None and requests[0].samples[index].forced_at == count:  # the answer's first token
+                trace = yield from _close_trace(tokenizer, requests[0].samples[index], shown, splitter,
+                                                engine.prompt_format)
                 pieces, shown = TextPieces(tokenizer), ""
             count += 1
             if tokens:
@@ -376,7 +432,7 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
                 yield from splitter.feed(piece)
     finally:
         tokens_of.close()
-    sample = requests[0].samples[0] if requests else None
+    sample = requests[0].samples[index] if requests else None
     if sample is None or sample.forced_at is None:
         if result.text.startswith(shown):
             yield from splitter.feed(result.text[len(shown):])
@@ -403,13 +459,15 @@ def _close_trace(tokenizer, sample, shown: str, splitter: ThinkSplitter, prompt_
 
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
                     gcfg: GenerationConfig | None = None, stream: bool = True, tokens: bool = False,
-                    top_logprobs: int = 0, on_request=None) -> Generator[tuple[str, Any], None, None]:
+                    top_logprobs: int = 0, on_request=None, shared: SharedSamples | None = None,
+                    index: int = 0) -> Generator[tuple[str, Any], None, None]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer). With ``tokens``,
     also ("token", (id, log-probability, its step's ``top_logprobs`` likeliest tokens)) for every generated token
     (the text a forced answer's closing adds has none).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
-    answer's included. Closing the iterator early stops the generation; ``on_request`` is as in ``stream_tokens``."""
+    answer's included. Closing the iterator early stops the generation; ``on_request``, ``shared`` and ``index`` are
+    as in ``stream_tokens``."""
     if mode not in INFER_MODES:
         raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
@@ -421,7 +479,7 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     splitter = ThinkSplitter(reasoning=think)
     continued = think and uses_engine(engine.model, gcfg)  # the forced answer continues the sample's row
     first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
-                                 on_request, reserve=reserve if continued else 0)
+                                 on_request, reserve=reserve if continued else 0, shared=shared, index=index)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
     if think and not stopped and reserve and not continued:
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.

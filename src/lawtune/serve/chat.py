@@ -14,7 +14,7 @@ from ..config import GenerationConfig
 from ..config import replace as replace_config
 from ..data import DataError, Record
 from ..generation import closing_room, default_budget, split_budget
-from ..infer import generate_events, record_from_text
+from ..infer import SharedSamples, generate_events, record_from_text
 from ..prompts import render_prompt
 from ..scoring import extract_answer
 from . import protocol as api
@@ -32,6 +32,7 @@ from .runtime import (
     new_id,
     observe,
     sampling_of,
+    shared_samples,
     sse,
     stops_of,
     timed_out,
@@ -153,10 +154,13 @@ class ChatChoiceRun:
         return self.answer.generated_tokens if self.answer is not None else len(self.tokens)
 
 
-def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, index: int) -> ChatChoiceRun:
+def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, index: int,
+                      shared: SharedSamples | None = None) -> ChatChoiceRun:
+    """Choice ``index``: sample ``index`` of the request the choices share on the engine (one prefill); a model the
+    engine cannot run samples each choice on its own, seeded seed + index."""
     assert state.loaded is not None
     loaded = state.loaded
-    gcfg = replace_config(plan.gcfg, seed=plan.gcfg.seed + index) if index else plan.gcfg
+    gcfg = replace_config(plan.gcfg, seed=plan.gcfg.seed + index) if index and shared is None else plan.gcfg
     top = (body.top_logprobs or 0) if body.logprobs else 0
     stops = stops_of(body.stop)
     # A client that reads the whole answer at once is served without a per-step look at its row, unless it wants
@@ -168,14 +172,15 @@ def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
 
     def events(on_request):
         return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=tokens,
-                               top_logprobs=top, on_request=on_request)
+                               top_logprobs=top, on_request=on_request, shared=shared, index=index)
 
     return ChatChoiceRun(index, Job(state, events), StopText(stops), streamed=stream)
 
 
 async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
                     deadline: float | None, scope: MutableMapping[str, Any]) -> JSONResponse:
-    runs = [start_chat_choice(state, body, plan, i) for i in range(body.n)]
+    shared = shared_samples(state, plan.gcfg, body.n)
+    runs = [start_chat_choice(state, body, plan, i, shared) for i in range(body.n)]
     try:
         for run in runs:
             async for _ in run.pieces(deadline):

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
 from ..config import replace as replace_config
-from ..infer import TextPieces, stream_tokens
+from ..infer import SharedSamples, TextPieces, stream_tokens
 from . import protocol as api
 from .runtime import (
     Job,
@@ -28,6 +28,7 @@ from .runtime import (
     new_id,
     observe,
     sampling_of,
+    shared_samples,
     sse,
     stops_of,
     timed_out,
@@ -95,13 +96,16 @@ class Finished:
 
 
 def start_completion(state: ServeState, body: api.CompletionRequest, ids: list[int], text: str, index: int,
-                     gcfg: GenerationConfig) -> CompletionRun:
+                     gcfg: GenerationConfig, shared: SharedSamples | None = None) -> CompletionRun:
+    """Choice ``index``: with ``shared``, sample ``index % n`` of the request the prompt's choices share on the engine
+    (one prefill); a model the engine cannot run samples each choice on its own, seeded seed + its index."""
     assert state.loaded is not None
     loaded = state.loaded
     budget = max(body.max_tokens, 1)  # max_tokens 0 (echo only): one token is made and left out
     top = body.logprobs or 0
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    gcfg = replace_config(gcfg, seed=gcfg.seed + index % body.n) if index % body.n else gcfg
+    if shared is None and index % body.n:
+        gcfg = replace_config(gcfg, seed=gcfg.seed + index % body.n)
 
     def events(on_request):
         got: dict[str, Any] = {}
@@ -111,7 +115,7 @@ def start_completion(state: ServeState, body: api.CompletionRequest, ids: list[i
             on_request(engine, request)
 
         tokens = stream_tokens(loaded, ids, budget, gcfg, top_logprobs=top, prompt_logprobs=prompt_logprobs,
-                               on_request=remember)
+                               on_request=remember, shared=shared, index=index % body.n)
         sent_prompt = False
         try:
             while True:
@@ -188,7 +192,8 @@ def plan_completion(state: ServeState, body: api.CompletionRequest) -> tuple[lis
 async def completions_json(state: ServeState, body: api.CompletionRequest, prompts: list, gcfg: GenerationConfig,
                            arrived: float, deadline: float | None, scope: MutableMapping[str, Any]) -> JSONResponse:
     tokenizer = state.loaded.tokenizer  # type: ignore[union-attr]
-    runs = [start_completion(state, body, ids, text, p * body.n + j, gcfg)
+    shared = [shared_samples(state, gcfg, body.n) for _ in prompts]
+    runs = [start_completion(state, body, ids, text, p * body.n + j, gcfg, shared[p])
             for p, (ids, text) in enumerate(prompts) for j in range(body.n)]
     try:
         for run in runs:

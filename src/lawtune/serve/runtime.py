@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..config import ConfigError, GenerationConfig, ServeConfig
 from ..config import replace as replace_config
-from ..infer import LoadedModel
+from ..generation import uses_engine
+from ..infer import LoadedModel, SharedSamples
 from . import protocol as api
 
 log = logging.getLogger("lawtune")
@@ -109,6 +110,12 @@ class ServeState:
     def cancel_all(self, reason: str) -> None:
         for job in list(self.jobs):
             job.cancel(reason)
+
+
+def shared_samples(state: ServeState, gcfg: GenerationConfig, n: int) -> SharedSamples | None:
+    """One engine request for a request's ``n`` choices (one prefill), where the engine runs the model."""
+    assert state.loaded is not None
+    return SharedSamples(n) if n > 1 and uses_engine(state.loaded.model, gcfg) else None
 
 
 class Job:

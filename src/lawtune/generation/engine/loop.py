@@ -183,27 +183,37 @@ class GenerationEngine:
 
     # -- consuming
 
-    def stream(self, request: Request) -> Iterator[tuple[int, int, float]]:
-        """(sample index, token, log-probability) of ``request`` as they are made. Drives the loop itself unless
-        the background loop runs. Closing the iterator early cancels the request."""
+    def stream(self, request: Request, sample: int | None = None,
+               cancel_on_close: bool = True) -> Iterator[tuple[int, int, float]]:
+        """(sample index, token, log-probability) of ``request`` as they are made: of every sample, or of sample
+        ``sample`` alone (the choices of one serve request share the request, one sample each). Drives the loop itself
+        unless the background loop runs. Closing the iterator early cancels the request (unless not
+        ``cancel_on_close``: whoever shares it decides)."""
+        queues = request.events if sample is None else [request.events[sample]]
+
+        def ended() -> bool:
+            return request.done.is_set() if sample is None else request.samples[sample].finish_reason is not None
+
         completed = False
         try:
             while True:
-                while request.events:
-                    yield request.events.popleft()
-                if request.done.is_set():
-                    while request.events:
-                        yield request.events.popleft()
+                for queue in queues:
+                    while queue:
+                        yield queue.popleft()
+                if ended():  # its last events were queued before it ended
+                    for queue in queues:
+                        while queue:
+                            yield queue.popleft()
                     break
                 if self.thread is None:
                     self.step()
                 else:
                     with request.wake:
-                        if not request.events and not request.done.is_set():
+                        if not any(queues) and not ended():
                             request.wake.wait(timeout=1.0)
             completed = True
         finally:
-            if not completed:
+            if not completed and cancel_on_close:
                 self.cancel(request)
                 if self.thread is None:
                     self.readback.drop_cancelled()

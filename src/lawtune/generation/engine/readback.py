@@ -137,7 +137,7 @@ class ReadBack:
         sample.logprobs.extend(logprobs)
         if params.top_logprobs:
             sample.top_logprobs.extend(top[: params.top_logprobs] for top in tops or [[]] * len(tokens))
-        request.events.extend((sample.index, t, lp) for t, lp in zip(tokens, logprobs))
+        request.events[sample.index].extend((sample.index, t, lp) for t, lp in zip(tokens, logprobs))
         if ended:
             last = sample.tokens[-1]
             stops = ((last == self.eos and not params.ignore_eos) or last in params.stop_token_ids) \

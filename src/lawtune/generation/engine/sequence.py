@@ -105,7 +105,8 @@ class Request:
         self.done = threading.Event()
         self.cancelled = False
         self.error: BaseException | None = None
-        self.events: collections.deque = collections.deque()  # (sample index, token, logprob), for stream()
+        # Per sample, (sample index, token, logprob) as read, for stream()
+        self.events: list[collections.deque] = [collections.deque() for _ in range(params.n)]
         self.wake = threading.Condition()
         self.streaming = False
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
