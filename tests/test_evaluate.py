@@ -154,7 +154,7 @@ def _drawn(pred, gold="AC"):
 
 
 def test_majority_vote_mean_and_any_correct_on_planted_samples():
-    from lawtune.evaluate import vote
+    from lawtune.scoring import vote
 
     v = vote([_drawn("B"), _drawn("AC"), _drawn("AC"), _drawn(None)])
     assert v["pred"] == ["A", "C"] and v["correct"] and v["mean_correct"] == 0.5 and v["any_correct"]

@@ -27,7 +27,7 @@ from .generation.engine import EngineHolder
 from .progress import progress
 from .prompts import answer_text, check_native, render_prompt
 from .rundir import STATEMENT_ONLY_VERSIONS, adapter_base, resolve_prompt_format, training_overlap
-from .scoring import extract_answer, lawbench_summary, summarize
+from .scoring import MAJORITY_RULE, extract_answer, lawbench_summary, summarize, vote
 from .think import answer_part
 
 log = logging.getLogger("lawtune")
@@ -221,29 +221,6 @@ def _choice(model, tokenizer, records, prompt_format, gcfg, slots=None, engines=
 # Each mode answers records (model, tokenizer, records, prompt_format, gcfg, slots, engines, n): a row per record, or
 # with n > 1 n rows per record (record i's are rows i*n to i*n+n-1), sampled from one prefill.
 MODES = {"direct": _direct, "reasoning": _reasoning, "choice": _choice}
-
-
-MAJORITY_RULE = ("maj@K: the answer set most samples gave; unreadable samples do not vote; a tie goes to the set "
-                 "that was sampled first. A question's pred/correct/output are its majority answer's")
-
-
-def vote(drawn: list[dict]) -> dict:
-    """One question's K samples as one sample: the majority answer set (``MAJORITY_RULE``), with the per-question
-    mean and any correct (avg@K, pass@K) and the agreement among the samples."""
-    votes: dict[tuple, int] = {}
-    for d in drawn:
-        if d["valid"]:
-            key = tuple(sorted(d["pred"]))
-            votes[key] = votes.get(key, 0) + 1  # dicts keep insertion order: the first sampled set wins a tie
-    winner = max(votes, key=lambda key: votes[key]) if votes else None
-    best = next((d for d in drawn if d["valid"] and tuple(sorted(d["pred"])) == winner), drawn[0])
-    return {**best, "correct": bool(winner is not None and best["correct"]),
-            "mean_correct": sum(d["correct"] for d in drawn) / len(drawn), "any_correct": any(d["correct"] for d in drawn),
-            "agreement": (votes[winner] / len(drawn)) if winner is not None else 0.0,
-            "forced": sum(d["forced"] for d in drawn) > len(drawn) / 2,
-            "generated_tokens": sum(d["generated_tokens"] for d in drawn),
-            "sampled": [{"pred": d["pred"], "valid": d["valid"], "correct": d["correct"], "output": d["output"]}
-                        for d in drawn]}
 
 
 # Generating modes hand the engine this many batches' worth of questions at once: a row that ends takes the next

@@ -231,3 +231,40 @@ def lawbench_summary(samples: list[dict]) -> dict:
     n = len(judged)
     return {"lawbench_score": sum(c for c, _ in judged) / n if n else 0.0,
             "abstention_rate": sum(a for _, a in judged) / n if n else 0.0, "lawbench_rule": LAWBENCH_RULE}
+
+
+# ----------------------------------------------------------------------------- voting over K samples
+
+
+MAJORITY_RULE = ("maj@K: the answer set most samples gave; unreadable samples do not vote; a tie goes to the set "
+                 "that was sampled first. A question's pred/correct/output are its majority answer's")
+
+
+def majority(preds: list[list[str] | None]) -> tuple[int | None, float]:
+    """The vote of one question's K sampled answers (None = unreadable) by ``MAJORITY_RULE``: (the index of the first
+    sample that gave the winning answer set, the share of all K samples that gave it); (None, 0.0) when none could be
+    read. Every voted answer (eval's maj@K, predict, ask, serve) is this one."""
+    votes: dict[tuple, int] = {}
+    first: dict[tuple, int] = {}
+    for i, pred in enumerate(preds):
+        if pred is not None:
+            key = tuple(sorted(pred))
+            votes[key] = votes.get(key, 0) + 1  # dicts keep insertion order: the first sampled set wins a tie
+            first.setdefault(key, i)
+    if not votes:
+        return None, 0.0
+    winner = max(votes, key=lambda key: votes[key])
+    return first[winner], votes[winner] / len(preds)
+
+
+def vote(drawn: list[dict]) -> dict:
+    """One question's K samples as one sample: the majority answer set (``majority``), with the per-question mean and
+    any correct (avg@K, pass@K) and the agreement among the samples."""
+    index, agreement = majority([d["pred"] if d["valid"] else None for d in drawn])
+    best = drawn[index if index is not None else 0]
+    return {**best, "correct": bool(index is not None and best["correct"]),
+            "mean_correct": sum(d["correct"] for d in drawn) / len(drawn), "any_correct": any(d["correct"] for d in drawn),
+            "agreement": agreement, "forced": sum(d["forced"] for d in drawn) > len(drawn) / 2,
+            "generated_tokens": sum(d["generated_tokens"] for d in drawn),
+            "sampled": [{"pred": d["pred"], "valid": d["valid"], "correct": d["correct"], "output": d["output"]}
+                        for d in drawn]}
