@@ -254,6 +254,39 @@ def answering_model_dir(tiny_tokenizer, tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="session")
+def voting_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny bigram model (as ``answering_model_dir``) that in direct mode writes "答案：" and then A, B or 无 (which
+    reads as no answer) with equal odds: sampled K times, its questions get split votes, ties and unreadable
+    samples."""
+    import torch
+
+    from lawtune.infer import record_from_fields
+    from lawtune.prompts import render_prompt
+
+    tok = tiny_tokenizer
+    model = build_tiny_model(tok)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    direct_end = ids(render_prompt(record_from_fields("题干", {"A": "甲", "B": "乙"}), tok, "chat", think=False))[-1]
+    prefix = ids("答案：")
+    links = list(zip([direct_end, *prefix], prefix))
+    for last in (ids("A"), ids("B"), ids("无")):
+        assert len(last) == 1, "each branch is one token of the tiny tokenizer"
+        links += [(prefix[-1], last[0]), (last[0], tok.eos_token_id)]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        head.zero_()
+        for cur, nxt in links:
+            head[nxt] += 20 * emb[cur] / emb[cur].norm()
+    directory = tmp_path_factory.mktemp("voting")
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def chromium(tmp_path, monkeypatch):
     """A headless Debian Chromium driven by Selenium (skips where it is not installed)."""

@@ -252,3 +252,56 @@ def test_text_pieces_join_to_the_decoded_text_and_hold_back_a_split_character(re
     assert len(split) > 1  # one character, several byte-level tokens: held back until it is whole
     pieces = infer.TextPieces(real_tokenizer)
     assert [pieces.put(token) for token in split] == [""] * (len(split) - 1) + ["𠀀"]
+
+
+# ----------------------------------------------------------------------------- voted answers
+
+
+def test_predict_and_ask_samples_vote_as_eval_maj_at_k_and_predict_resumes(voting_model_dir, tmp_path, capsys):
+    """predict --samples K and ask --samples K answer with eval --samples K's majority answer set, sample for sample
+    (same model, questions, K and seed), whatever the batching; a voted predictions file resumes like a plain one."""
+    rows = synthetic_records(6, seed=5)
+    gold = write_jsonl(tmp_path / "gold.json", rows)
+    data = write_jsonl(tmp_path / "test.json", [{k: v for k, v in r.items() if k != "answer"} for r in rows])
+    report, out = tmp_path / "report.json", tmp_path / "preds.jsonl"
+    common = ["--model", str(voting_model_dir), "--samples", "5", "model.dtype=float32"]
+    assert main(["eval", "--data", str(gold), "--output", str(report), "--batch-size", "8", *common]) == 0
+    scored = {q["id"]: q for q in json.loads(report.read_text(encoding="utf-8"))["samples"]}
+    predict = ["predict", "--data", str(data), "--output", str(out), "--batch-size", "3", *common]
+    assert main(predict) == 0
+    lines = read_lines(out)
+    assert [line["id"] for line in lines] == [r["id"] for r in rows]
+    for line in lines:
+        q = scored[line["id"]]
+        assert line["answer"] == (q["pred"] if q["valid"] else []) and line["output"] == q["output"]
+        assert line["samples"] == [s["pred"] for s in q["sampled"]] and line["agreement"] == q["agreement"]
+    # the model answers A, B or (unreadable) 无 with equal odds: the votes must really differ for this to test much
+    assert len({tuple(line["answer"]) for line in lines}) > 1 and any(line["agreement"] < 1 for line in lines)
+    assert any([] in line["samples"] for line in lines)
+    assert "vote of 5 samples" in capsys.readouterr().out
+
+    raw = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    out.write_text("".join(raw[:4]) + raw[4][:12], encoding="utf-8")  # a crash while writing the 5th line
+    assert main(predict) == 0
+    assert read_lines(out) == lines  # seeded per question: the rerun writes the very lines it lost
+    assert f"{len(rows) - 4} answered" in capsys.readouterr().out
+
+    split = next(line for line in lines if 0 < line["agreement"] < 1)
+    record = next(r for r in rows if r["id"] == split["id"])
+    asked = {k: v for k, v in record.items() if k != "answer"}
+    assert main(["ask", "--record", json.dumps(asked, ensure_ascii=False), *common]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == infer.answer_line(split["answer"] or None)
+    assert printed[-2].startswith("voted over 5 samples") and f"agreement {split['agreement']:.2f}" in printed[-2]
+
+
+def test_samples_are_bounded_and_one_stays_one_greedy_answer(answering_model_dir, tmp_path, capsys):
+    assert main(["predict", "--model", "m", "--data", "d", "--output", "o", "--samples", "0"]) == 2
+    assert "predict.samples" in capsys.readouterr().err
+    assert main(["ask", "--model", "m", "--question", "q", "--samples", "1000"]) == 2
+    assert "ask.samples" in capsys.readouterr().err
+    data, ids = unanswered_file(tmp_path, n=2)
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", str(answering_model_dir), "--data", str(data), "--output", str(out),
+                 "--samples", "1", "model.dtype=float32"]) == 0
+    assert all(set(line) == {"id", "answer", "output"} for line in read_lines(out))  # no vote fields

@@ -70,6 +70,9 @@ QuestionType = Literal["auto", "KD", "CA"]
 EvalPromptFormat = Literal["chat", "plain", "native"]
 InferMode = Literal["direct", "reasoning"]
 INFER_MODES: tuple[str, ...] = get_args(InferMode)
+# Samples a voted answer (predict, ask) may draw per question: one engine request, K rows of the cache.
+MAX_VOTE_SAMPLES = 64
+VoteSamples = Annotated[int, Field(ge=1, le=MAX_VOTE_SAMPLES)]
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -319,6 +322,10 @@ class PredictConfig(Section):
     """Questions per batch."""
     max_samples: PositiveInt | None = None
     """Answer only the first N questions of the file (a trial run before a long one)."""
+    samples: VoteSamples = 1
+    """K sampled answers per question (generation.temperature and top_p), one prefill for the K, voted into one by
+    eval's maj@K rule; each line also gets `samples` (every sample's answer) and `agreement`. 1 = one answer, greedy
+    unless generation.do_sample."""
 
 
 class AskConfig(Section):
@@ -330,6 +337,10 @@ class AskConfig(Section):
     """One JEC-QA record as JSON (statement, option_list)."""
     mode: InferMode = "direct"
     """direct or reasoning."""
+    samples: VoteSamples = 1
+    """K sampled answers (generation.temperature and top_p), one prefill for the K, voted into one by eval's maj@K
+    rule: prints the majority sample's words, K and the agreement, then the voted answer line (not streamed). 1 = one
+    answer, streamed, greedy unless generation.do_sample."""
 
 
 class ServeConfig(Section):

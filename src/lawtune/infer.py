@@ -29,8 +29,10 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from .config import INFER_MODES, GenerationConfig, ModelConfig
+from .config import replace as replace_config
 from .data import DataError, Record, parse_record
 from .errors import UsageError
+from .evaluate import answer_batch
 from .generation import (
     Generated,
     default_budget,
@@ -46,7 +48,7 @@ from .generation.engine import EngineHolder, GenerationEngine
 from .model import ModelError, load_for_inference, quiet_loading
 from .prompts import ANSWER_PREFIX, render_prompt
 from .rundir import resolve_prompt_format
-from .scoring import extract_answer
+from .scoring import extract_answer, majority
 from .think import CLOSE, answer_part, closing_text
 
 log = logging.getLogger("lawtune")
@@ -386,12 +388,12 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
 
 def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0,
-              shared: SharedSamples | None = None, index: int = 0):
+              shared: SharedSamples | None = None, index: int = 0, key: str | None = None):
     """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
     log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
     forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
-    tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``: as in
-    ``stream_tokens``."""
+    tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``,
+    ``key``: as in ``stream_tokens``."""
     tokenizer = engine.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not uses_engine(engine.model, gcfg):
@@ -409,7 +411,7 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
     pieces = TextPieces(tokenizer)
     shown, count, trace = "", 0, None
     tokens_of = stream_tokens(engine, ids, budget, gcfg, stream=stream, top_logprobs=top_logprobs,
-                              on_request=remember, forced=forced, shared=shared, index=index)
+                              on_request=remember, forced=forced, shared=shared, index=index, key=key)
     try:
         while True:
             try:
@@ -460,14 +462,14 @@ def _close_trace(tokenizer, sample, shown: str, splitter: ThinkSplitter, prompt_
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
                     gcfg: GenerationConfig | None = None, stream: bool = True, tokens: bool = False,
                     top_logprobs: int = 0, on_request=None, shared: SharedSamples | None = None,
-                    index: int = 0) -> Generator[tuple[str, Any], None, None]:
+                    index: int = 0, key: str | None = None) -> Generator[tuple[str, Any], None, None]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer). With ``tokens``,
     also ("token", (id, log-probability, its step's ``top_logprobs`` likeliest tokens)) for every generated token
     (the text a forced answer's closing adds has none).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
-    answer's included. Closing the iterator early stops the generation; ``on_request``, ``shared`` and ``index`` are
-    as in ``stream_tokens``."""
+    answer's included. Closing the iterator early stops the generation; ``on_request``, ``shared``, ``index`` and
+    ``key`` (the request's name for its samples' seeds; default: its prompt) are as in ``stream_tokens``."""
     if mode not in INFER_MODES:
         raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
@@ -479,7 +481,8 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     splitter = ThinkSplitter(reasoning=think)
     continued = think and uses_engine(engine.model, gcfg)  # the forced answer continues the sample's row
     first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
-                                 on_request, reserve=reserve if continued else 0, shared=shared, index=index)
+                                 on_request, reserve=reserve if continued else 0, shared=shared, index=index,
+                                 key=key)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
     if think and not stopped and reserve and not continued:
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
@@ -517,16 +520,78 @@ def ask(engine: LoadedModel, record: Record, mode: str = "direct", max_new_token
     assert result is not None, "generate_events ends with its ('done', Answer) event"
     if last != "\n":
         out.write("\n")
-    line = answer_line(result.answer)
-    # The model's own words after thinking, without its own answer line: the letters are printed once, as read
-    # (a raw 答案：ABCD on a two-option question is 答案：AB).
-    words = [x for x in "".join(content_parts).strip().splitlines() if not x.strip().startswith(ANSWER_PREFIX)]
-    content = "\n".join(words).strip()
+    content = own_words("".join(content_parts))
     if content:
         out.write(content + "\n")
-    out.write(line + "\n")
+    out.write(answer_line(result.answer) + "\n")
     out.flush()
     return result
+
+
+def own_words(content: str) -> str:
+    """The model's own words after thinking, without its own answer line: the letters are printed once, as read (a
+    raw 答案：ABCD on a two-option question is 答案：AB)."""
+    return "\n".join(x for x in content.strip().splitlines() if not x.strip().startswith(ANSWER_PREFIX)).strip()
+
+
+# ----------------------------------------------------------------------------- voted answers
+
+
+@dataclass
+class Voted:
+    """K sampled answers of one question voted into one by eval's maj@K rule (``scoring.majority``)."""
+
+    answer: list[str] | None
+    """The majority answer set; None when no sample could be read."""
+    output: str
+    """The output of the first sample that gave the majority answer (the first sample's when none could be read)."""
+    forced: bool
+    """That sample's answer was forced (its reasoning ran out of budget)."""
+    agreement: float
+    """The share of the K samples that gave the majority answer."""
+    samples: list[list[str] | None]
+    """Every sample's answer, in sample order (None = unreadable)."""
+
+
+def vote_rows(rows: list[dict]) -> Voted:
+    """One question's K rows of ``evaluate.answer_batch`` (``pred``, ``output``, ``forced``) as its voted answer."""
+    preds = [row["pred"] for row in rows]
+    index, agreement = majority(preds)
+    best = rows[index if index is not None else 0]
+    return Voted(best["pred"] if index is not None else None, best["output"], bool(best.get("forced")), agreement,
+                 preds)
+
+
+def sampled(gcfg: GenerationConfig, samples: int) -> GenerationConfig:
+    """The generation settings of ``samples`` answers a question: more than one are sampled (eval's --samples)."""
+    return replace_config(gcfg, do_sample=True) if samples > 1 else gcfg
+
+
+def answer_voted(engine: LoadedModel, records: list[Record], mode: str, samples: int,
+                 slots: int | None = None) -> list[Voted]:
+    """``samples`` sampled answers of every record (one engine request each: one prefill, sample i seeded by
+    (generation.seed, the record's id, i), as in ``eval --samples``), voted."""
+    rows = answer_batch(mode, engine.model, engine.tokenizer, records, engine.prompt_format,
+                        sampled(engine.gcfg, samples), slots=slots or samples, engines=engine.engines, n=samples)
+    return [vote_rows(rows[i * samples: (i + 1) * samples]) for i in range(len(records))]
+
+
+def ask_voted(engine: LoadedModel, record: Record, mode: str, samples: int, out=None) -> Voted:
+    """``ask --samples K``: the majority sample's reasoning and words, a line with every sample's answer and the
+    agreement, then the voted answer line (last line of output). Nothing is streamed: the vote needs all K."""
+    import sys
+
+    out = out or sys.stdout
+    voted = answer_voted(engine, [record], mode, samples)[0]
+    reasoning, _, content = voted.output.partition(CLOSE) if mode == "reasoning" else ("", "", voted.output)
+    for text in (reasoning.strip(), own_words(content)):
+        if text:
+            out.write(text + "\n")
+    answers = ", ".join("".join(sorted(set(a))) if a else "?" for a in voted.samples)
+    out.write(f"voted over {samples} samples ({answers}): agreement {voted.agreement:.2f}\n")
+    out.write(answer_line(voted.answer) + "\n")
+    out.flush()
+    return voted
 
 
 # ----------------------------------------------------------------------------- predict

@@ -9,6 +9,7 @@ from ..data import DataError
 from ..errors import UsageError
 from ..infer import (
     ask,
+    ask_voted,
     load_model,
     parse_options_arg,
     record_from_fields,
@@ -40,15 +41,21 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
         record = record_from_text(a.question, where="--question")
     engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
     try:
-        return _ask_all(engine, record, a.mode, out, stdin)
+        return _ask_all(engine, record, a.mode, a.samples, out, stdin)
     finally:
         engine.close()
 
 
-def _ask_all(engine, record, mode: str, out, stdin) -> int:
-    """One question (``record``), or every question read from ``stdin``."""
+def _ask_all(engine, record, mode: str, samples: int, out, stdin) -> int:
+    """One question (``record``), or every question read from ``stdin``; ``samples`` > 1: each answered by a vote."""
+    def answer(record) -> None:
+        if samples > 1:
+            ask_voted(engine, record, mode, samples, out=out)
+        else:
+            ask(engine, record, mode, out=out)
+
     if record is not None:
-        ask(engine, record, mode, out=out)
+        answer(record)
         return 0
     stdin = stdin or sys.stdin
     interactive = stdin.isatty()
@@ -69,4 +76,4 @@ def _ask_all(engine, record, mode: str, out, stdin) -> int:
                 raise
             print(f"error: {exc}", file=sys.stderr)
             continue
-        ask(engine, record, mode, out=out)
+        answer(record)

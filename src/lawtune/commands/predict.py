@@ -11,7 +11,7 @@ from ..config import PredictRun
 from ..data import load_records
 from ..errors import UsageError
 from ..evaluate import answer_batch
-from ..infer import done_ids, load_model
+from ..infer import answer_voted, done_ids, load_model
 from ..preempt import Preempted, Sigterm
 from ..progress import progress
 from ..prompts import check_native
@@ -19,7 +19,8 @@ from ..prompts import check_native
 
 def predict(cfg: PredictRun, show_progress: bool = True) -> dict:
     """`lawtune predict`: answers for every record of ``predict.data`` not yet in ``predict.output`` (JSON Lines,
-    appended). SIGTERM keeps every written batch and raises ``Preempted``."""
+    appended; with ``predict.samples`` K > 1 each line's answer is the vote of K samples, with ``samples`` and
+    ``agreement``). SIGTERM keeps every written batch and raises ``Preempted``."""
     pcfg = cfg.predict
     if not pcfg.data or not pcfg.output:
         raise UsageError(f"predict.{'data' if not pcfg.data else 'output'}: required (pass --data FILE --output FILE)")
@@ -57,15 +58,11 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
         with open(out_path, "a", encoding="utf-8") as fh:
             for k in range(0, len(todo), pcfg.batch_size):
                 batch = todo[k: k + pcfg.batch_size]
-                rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
-                                    slots=pcfg.batch_size, engines=engine.engines)
+                lines = _lines(cfg, engine, batch)
                 with sigterm.holding():
-                    for record, row in zip(batch, rows):
-                        line = {"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
-                        if row.get("forced"):
-                            line["forced"] = True
+                    for line in lines:
                         fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                        summary["unreadable"] += not row["pred"]
+                        summary["unreadable"] += not line["answer"]
                     fh.flush()
                     os.fsync(fh.fileno())  # a crash loses at most the batch being generated
                     summary["generated"] += len(batch)
@@ -75,8 +72,28 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
         engine.close()
 
 
+def _lines(cfg: PredictRun, engine, batch: list) -> list[dict]:
+    """The predictions lines of a batch: ``id``, ``answer`` (the letters; [] = unreadable), ``output``, ``forced``
+    where the answer was; voted: the majority sample's answer and output, every sample's answer and the agreement."""
+    pcfg = cfg.predict
+    lines: list[dict[str, Any]] = []
+    if pcfg.samples == 1:
+        rows = answer_batch(pcfg.mode, engine.model, engine.tokenizer, batch, engine.prompt_format, cfg.generation,
+                            slots=pcfg.batch_size, engines=engine.engines)
+        for record, row in zip(batch, rows):
+            lines.append({"id": record.id, "answer": row["pred"] or [], "output": row["output"]}
+                         | ({"forced": True} if row.get("forced") else {}))
+        return lines
+    for record, voted in zip(batch, answer_voted(engine, batch, pcfg.mode, pcfg.samples, slots=pcfg.batch_size)):
+        lines.append({"id": record.id, "answer": voted.answer or [], "output": voted.output}
+                     | ({"forced": True} if voted.forced else {})
+                     | {"samples": [a or [] for a in voted.samples], "agreement": voted.agreement})
+    return lines
+
+
 def run_predict(cfg: PredictRun) -> int:
     s = predict(cfg)
     print(f"{s['generated']} answered ({s['unreadable']} unreadable), {s['already_done']} already in {s['output']}, "
-          f"{s['records']} records in {cfg.predict.data}")
+          f"{s['records']} records in {cfg.predict.data}"
+          + (f"; each answer the vote of {cfg.predict.samples} samples" if cfg.predict.samples > 1 else ""))
     return 0

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import protocol as api
-from .chat import chat_json, chat_stream, plan_chat
+from .chat import chat_json, chat_stream, plan_chat, rows_of
 from .completions import completions_json, completions_stream, plan_completion
 from .runtime import RequestError, ServeState, error_response
 
@@ -208,17 +208,18 @@ def make_app(state: ServeState, load: Callable[[], None] | None = None) -> Guard
         arrived = time.monotonic()
         require_ready()
         plan = await run_in_threadpool(plan_chat, state, body)
-        state.admit(body.n)
+        rows = rows_of(body)
+        state.admit(rows)
         if body.stream:  # the stream releases its rows when it ends
             try:
                 return await chat_stream(state, body, plan, arrived, deadline_of(arrived), request.scope)
             except BaseException:
-                state.release(body.n)
+                state.release(rows)
                 raise
         try:
             return await chat_json(state, body, plan, arrived, deadline_of(arrived), request.scope)
         finally:
-            state.release(body.n)
+            state.release(rows)
 
     @v1.post("/completions", response_model=api.Completion,
              responses={400: {"model": api.ErrorResponse}, 503: {"model": api.ErrorResponse}})

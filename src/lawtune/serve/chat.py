@@ -16,7 +16,7 @@ from ..data import DataError, Record
 from ..generation import closing_room, default_budget, split_budget
 from ..infer import SharedSamples, generate_events, record_from_text
 from ..prompts import render_prompt
-from ..scoring import extract_answer
+from ..scoring import extract_answer, majority
 from . import protocol as api
 from .runtime import (
     Job,
@@ -61,6 +61,7 @@ def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
     """Validate a chat request against the model (in a worker thread: tokenizing a long prompt takes a while)."""
     assert state.loaded is not None
     check_common(state, body, body.logprobs)
+    check_vote(body)
     users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise RequestError(400, "messages: no user message (the last one is the question)", param="messages")
@@ -75,7 +76,11 @@ def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
         record = record_from_text(content, where="messages[-1].content", require_options=False)
     except DataError as exc:
         raise RequestError(400, str(exc).splitlines()[0], param="messages") from None
+    if body.vote is not None and not record.options:
+        raise RequestError(400, "vote: a vote counts answer sets; this question has no options", param="vote")
     gcfg = sampling_of(state, body)
+    if (body.vote or 1) > 1 and not gcfg.do_sample:  # K votes imply sampling, at the server's temperature
+        gcfg = replace_config(gcfg, do_sample=True)
     max_tokens = body.max_completion_tokens or body.max_tokens
     loaded = state.loaded
     prompt = render_prompt(record, loaded.tokenizer, loaded.prompt_format, think=body.mode == "reasoning")
@@ -85,6 +90,25 @@ def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
         budget += closing_room(loaded.tokenizer, loaded.prompt_format)
     check_length(state, n, budget, "messages")
     return ChatPlan(record, gcfg, max_tokens, n)
+
+
+def check_vote(body: api.ChatRequest) -> None:
+    """``vote``: K samples voted into one choice, returned whole."""
+    if body.vote is None:
+        return
+    if body.stream:
+        raise RequestError(400, "vote: a voted answer needs all its samples first, it is not streamed (stream false)",
+                           param="vote")
+    if body.n > 1:
+        raise RequestError(400, "vote: the K samples make one voted choice; leave n out", param="vote")
+    if body.vote > 1 and body.temperature == 0:
+        raise RequestError(400, "vote: K samples need sampling; leave temperature out (the server's) or above 0",
+                           param="vote")
+
+
+def rows_of(body: api.ChatRequest) -> int:
+    """Engine rows a chat request takes: its choices, or its vote's samples."""
+    return body.vote or body.n
 
 
 @dataclass
@@ -141,11 +165,15 @@ class ChatChoiceRun:
             setattr(self, channel, getattr(self, channel) + text)
             yield channel, text
 
-    def letters(self, record: Record) -> list[str]:
+    def read(self, record: Record) -> list[str] | None:
+        """The letters read from this choice; None = unreadable, or a question without options."""
         if self.answer is not None and not self.stop.hit:
-            return self.answer.answer or []
+            return self.answer.answer
         options = "".join(record.options)
-        return (extract_answer(self.content, options) or []) if options else []
+        return extract_answer(self.content, options) if options else None
+
+    def letters(self, record: Record) -> list[str]:
+        return self.read(record) or []
 
     def finish_reason(self) -> str:
         return "stop" if self.stop.hit or (self.answer is not None and self.answer.stopped) else "length"
@@ -155,9 +183,10 @@ class ChatChoiceRun:
 
 
 def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, index: int,
-                      shared: SharedSamples | None = None) -> ChatChoiceRun:
-    """Choice ``index``: sample ``index`` of the request the choices share on the engine (one prefill); a model the
-    engine cannot run samples each choice on its own, seeded seed + index."""
+                      shared: SharedSamples | None = None, key: str | None = None) -> ChatChoiceRun:
+    """Choice ``index``: sample ``index`` of the request the choices share on the engine (one prefill; ``key`` names
+    it for its samples' seeds, default its prompt); a model the engine cannot run samples each choice on its own,
+    seeded seed + index."""
     assert state.loaded is not None
     loaded = state.loaded
     gcfg = replace_config(plan.gcfg, seed=plan.gcfg.seed + index) if index and shared is None else plan.gcfg
@@ -172,15 +201,18 @@ def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
 
     def events(on_request):
         return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=tokens,
-                               top_logprobs=top, on_request=on_request, shared=shared, index=index)
+                               top_logprobs=top, on_request=on_request, shared=shared, index=index, key=key)
 
     return ChatChoiceRun(index, Job(state, events), StopText(stops), streamed=stream)
 
 
 async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
                     deadline: float | None, scope: MutableMapping[str, Any]) -> JSONResponse:
-    shared = shared_samples(state, plan.gcfg, body.n)
-    runs = [start_chat_choice(state, body, plan, i, shared) for i in range(body.n)]
+    count = rows_of(body)
+    shared = shared_samples(state, plan.gcfg, count)
+    # A vote's samples are the question's, as in eval --samples: seeded by its id (the prompt names other requests)
+    key = plan.record.id if body.vote is not None else None
+    runs = [start_chat_choice(state, body, plan, i, shared, key) for i in range(count)]
     try:
         for run in runs:
             async for _ in run.pieces(deadline):
@@ -195,9 +227,11 @@ async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, ar
         if run.answer is None and not run.stop.hit:
             raise cancelled_error(run.job)
         observe(state, arrived, run, plan.prompt_tokens)
-    choices = [api.ChatChoice(index=run.index, message=api.ChatMessageOut(
-        content=run.content.strip(), reasoning_content=run.reasoning.strip(), answer=run.letters(plan.record)),
-        logprobs=chat_logprobs(state.loaded.tokenizer, run.tokens) if body.logprobs else None,  # type: ignore[union-attr]
+    tokenizer = state.loaded.tokenizer  # type: ignore[union-attr]
+    choices = [voted_choice(tokenizer, body, plan, runs)] if body.vote is not None else [api.ChatChoice(
+        index=run.index, message=api.ChatMessageOut(
+            content=run.content.strip(), reasoning_content=run.reasoning.strip(), answer=run.letters(plan.record)),
+        logprobs=chat_logprobs(tokenizer, run.tokens) if body.logprobs else None,
         finish_reason=run.finish_reason()) for run in runs]
     completion = sum(run.generated() for run in runs)
     usage = api.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
@@ -205,6 +239,21 @@ async def chat_json(state: ServeState, body: api.ChatRequest, plan: ChatPlan, ar
     scope["lawtune.tokens"] = (plan.prompt_tokens, completion)
     return JSONResponse(api.ChatCompletion(id=new_id("chatcmpl"), created=int(time.time()), choices=choices,
                                            usage=usage).model_dump())
+
+
+def voted_choice(tokenizer, body: api.ChatRequest, plan: ChatPlan, runs: list[ChatChoiceRun]) -> api.ChatChoice:
+    """The one choice of a vote: the first sample that gave the majority answer set (``scoring.majority``, eval's
+    maj@K rule), the voted letters, and every sample."""
+    preds = [run.read(plan.record) for run in runs]
+    index, agreement = majority(preds)
+    best = runs[index if index is not None else 0]
+    samples = [api.VotedSample(content=run.content.strip(), reasoning_content=run.reasoning.strip(), answer=pred,
+                               finish_reason=run.finish_reason()) for run, pred in zip(runs, preds)]
+    message = api.ChatMessageOut(content=best.content.strip(), reasoning_content=best.reasoning.strip(),
+                                 answer=(preds[index] or []) if index is not None else [], samples=samples,
+                                 agreement=agreement)
+    return api.ChatChoice(index=0, message=message, finish_reason=best.finish_reason(),
+                          logprobs=chat_logprobs(tokenizer, best.tokens) if body.logprobs else None)
 
 
 async def chat_stream(state: ServeState, body: api.ChatRequest, plan: ChatPlan, arrived: float,
@@ -275,7 +324,7 @@ async def chat_stream(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
             yield sse("[DONE]")
         finally:
             run.job.cancel("the client went away")
-            state.release(body.n)
+            state.release(rows_of(body))
 
     return StreamingResponse(events(), media_type="text/event-stream; charset=utf-8",
                              headers={"Cache-Control": "no-store"}, background=None)

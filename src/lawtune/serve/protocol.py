@@ -96,6 +96,12 @@ class ChatRequest(SamplingFields):
     """Return each generated token's log-probability."""
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     """With logprobs: that many likeliest tokens of each step."""
+    vote: Count | None = None
+    """lawtune's field: K sampled answers (one engine request of K samples: one prefill; sample i seeded by (seed,
+    the question's id, i), as `eval --samples K`) voted into one by eval's maj@K rule. The one choice is the first
+    sample that gave the majority answer set (``content``, ``reasoning_content``; ``answer`` = the voted letters),
+    its message adds ``samples`` (every sample's content, reasoning, answer and finish reason) and ``agreement``.
+    Implies sampling (temperature absent: the server's); not with stream, n > 1 or a question without options."""
 
 
 class CompletionRequest(SamplingFields):
@@ -142,13 +148,32 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class VotedSample(BaseModel):
+    """One of the K samples of a voted answer."""
+
+    content: str
+    reasoning_content: str
+    answer: list[str] | None
+    """The letters read from this sample; null = unreadable (it did not vote)."""
+    finish_reason: str
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
     reasoning_content: str
     """The think text (reasoning mode), split at </think>."""
     answer: list[str]
-    """The option letters read from the answer (empty for a question without options)."""
+    """The option letters read from the answer (empty for a question without options); with ``vote``: the majority
+    answer set (empty when no sample could be read)."""
+    samples: list[VotedSample] | None = None
+    """With ``vote`` only: every sample, in sample order."""
+    agreement: float | None = None
+    """With ``vote`` only: the share of the K samples that gave the majority answer set."""
+
+    @model_serializer(mode="wrap")
+    def _vote_fields_only_when_voted(self, handler) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None or k not in ("samples", "agreement")}
 
 
 class ChatChoice(BaseModel):
