@@ -689,3 +689,51 @@ def test_n_choices_are_the_n_samples_of_one_request(random_engine, rand):
     choices = answer.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1] and all(c["finish_reason"] == "length" for c in choices)
     assert answer.json()["usage"]["completion_tokens"] == 24
+
+
+# ----------------------------------------------------------------------------- voted answers (issue 33)
+
+
+def test_vote_is_the_in_process_vote_of_k_samples_sharing_one_prefill(voting_model_dir):
+    """``"vote": K``: the voted answer of `predict`/`ask --samples K` (eval's maj@K rule, samples seeded by the
+    question's id), each sample available, from ONE engine request (one prefill row); vote with stream is a 400."""
+    from lawtune.infer import answer_voted, record_from_json
+
+    questions = [{"id": f"v{i}", "statement": f"第{i}题：甲与乙订立买卖合同，下列哪些说法正确？",
+                  "option_list": {"A": "合同成立", "B": "合同无效", "C": "可撤销"}} for i in range(4)]
+    local = load_model(ModelConfig(path=str(voting_model_dir), dtype="float32"))
+    try:
+        expected = answer_voted(local, [record_from_json(json.dumps(q, ensure_ascii=False)) for q in questions],
+                                "direct", 5)
+    finally:
+        local.close()
+    engine = load_model(ModelConfig(path=str(voting_model_dir), dtype="float32"))
+    with running(engine) as (url, server):
+        prefills = []
+        hook = server.generator.runner.decoder.register_forward_pre_hook(
+            lambda module, args, kwargs: prefills.append(kwargs["input_ids"].shape[0])
+            if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+        try:
+            for q, want in zip(questions, expected):
+                resp = chat(url, json.dumps(q, ensure_ascii=False), vote=5)
+                assert resp.status_code == 200, resp.text
+                [choice] = resp.json()["choices"]
+                message = choice["message"]
+                assert message["answer"] == (want.answer or []) and message["content"] == want.output.strip()
+                assert [s["answer"] for s in message["samples"]] == want.samples
+                assert message["agreement"] == want.agreement and len(message["samples"]) == 5
+                assert all(s["content"].startswith("答案：") for s in message["samples"])
+        finally:
+            hook.remove()
+        assert sum(prefills) == len(questions)  # one prefill row per question, not one per sample
+        assert any(0 < want.agreement < 1 for want in expected) and len({tuple(w.samples[0] or []) for w in expected}
+                                                                         | {tuple(w.answer or []) for w in expected}) > 1
+        plain = chat(url, PLAIN).json()["choices"][0]["message"]
+        assert set(plain) == {"role", "content", "reasoning_content", "answer"}  # no vote fields unless voted
+        for fields, words in (({"stream": True}, "stream"), ({"n": 2, "temperature": 1.0}, "n"),
+                              ({"temperature": 0}, "temperature"), ({}, "no options")):
+            content = "什么是买卖合同？" if words == "no options" else PLAIN
+            resp = chat(url, content, vote=3, **fields)
+            assert resp.status_code == 400, (fields, resp.text)
+            error = resp.json()["error"]
+            assert error["param"] == "vote" and error["message"].startswith("vote:") and words in error["message"]
