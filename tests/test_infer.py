@@ -304,4 +304,6 @@ def test_samples_are_bounded_and_one_stays_one_greedy_answer(answering_model_dir
     out = tmp_path / "preds.jsonl"
     assert main(["predict", "--model", str(answering_model_dir), "--data", str(data), "--output", str(out),
                  "--samples", "1", "model.dtype=float32"]) == 0
-    assert all(set(line) == {"id", "answer", "output"} for line in read_lines(out))  # no vote fields
+    lines = read_lines(out)
+    assert [line["id"] for line in lines] == ids
+    assert all(set(line) == {"id", "answer", "output"} for line in lines)  # no vote fields
