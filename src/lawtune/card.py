@@ -121,6 +121,12 @@ def _acc(part: Any) -> str:
     return f"{_pct(part.get('accuracy'))} (n={part['n']})"
 
 
+def run_holding(model_dir: Path) -> Path | None:
+    """The training run's folder a model folder is in (its final_model/ or best_model/), else None."""
+    parent = model_dir.parent
+    return parent if (parent / METRICS_FILE).is_file() or (parent / "final_model").is_dir() else None
+
+
 class _Source:
     """What a model directory says about how it was made: its own run files, or for a merged model those of the
     adapter it was merged from (where that folder is still here)."""
@@ -133,7 +139,7 @@ class _Source:
             adapter = read_from(self.merge.get(WORKING_DIR) or os.getcwd(), str(self.merge.get("adapter") or ""),
                                 MODEL_DIR)
             self.adapter_dir = Path(adapter)
-            run_dir = run_dir or self.adapter_dir.parent
+            run_dir = run_dir or run_holding(self.adapter_dir)
         self.run_dir = run_dir
         self.config = _read_run_config(self.adapter_dir)
         self.manifest = _read_json(self.adapter_dir / MANIFEST_FILE)
@@ -307,8 +313,7 @@ def build_card(model_dir: str | Path, reports: list[str] | tuple[str, ...] = (),
     for path, report in loaded:
         if not isinstance(report["summary"].get("accuracy"), (int, float)):
             raise UsageError(f"{path}: the report's summary has no accuracy")
-    parent = model_dir.parent
-    in_run = run_dir or (parent if (parent / METRICS_FILE).is_file() or (parent / "final_model").is_dir() else None)
+    in_run = run_dir or run_holding(model_dir)
     src = _Source(model_dir, Path(in_run) if in_run else None)
     name = name or (src.run_dir.name if src.run_dir and not src.merge else model_dir.name)
     base = src.base()
