@@ -2,7 +2,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from huggingface_hub import ModelCard
 
@@ -95,7 +94,6 @@ def test_card_command_refuses_a_folder_without_a_model_and_a_bad_report(tmp_path
     assert "bad.json" in capsys.readouterr().err and not (folder / "README.md").exists()
 
 
-@pytest.mark.slow  # trains the tiny model for 4 steps and scores 2 files
 def test_a_trained_runs_models_get_lawtunes_card_and_the_command_adds_reports(tiny_config, tiny_model_dir, tmp_path,
                                                                              capsys):
     train(tiny_config("train.eval_steps=2"))
