@@ -48,7 +48,7 @@ def test_overrides_may_follow_flags_and_print_config_shows_what_would_run(capsys
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_prints_exactly_its_sections(command, capsys):
     argv = command.split() + ([str(ROOT / "configs" / "demo.yaml")] if command == "train" else [])
-    argv += ["a", "b"] if command in ("compare", "data overlap") else ["f.json"] if command == "data check" else []
+    argv += ["a", "b"] if command in ("compare", "data overlap") else ["f.json"] if command in ("data check", "card") else []
     assert main([*argv, "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert list(printed) == list(sections_of(COMMANDS[command].config))

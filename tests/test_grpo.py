@@ -131,6 +131,8 @@ def test_a_run_writes_what_train_writes_and_resumes(sft_run, tmp_path):
                      "lawtune_config.yaml", "data_manifest.json"):
             assert (out / folder / name).is_file(), (folder, name)
         assert not (out / folder / "ref").exists()  # the KL reference is rebuilt from grpo.adapter, never saved
+        card = (out / folder / "README.md").read_text(encoding="utf-8")  # lawtune's card, not TRL's template
+        assert "[More Information Needed]" not in card and "`lawtune grpo`" in card and "library_name: peft" in card
     saved = yaml.safe_load((out / "final_model" / "lawtune_config.yaml").read_text(encoding="utf-8"))
     assert list(saved) == ["working_dir", "model", "lora", "data", "grpo"] and saved["data"]["prompt_format"] == "chat"
     manifest = json.loads((out / "final_model" / "data_manifest.json").read_text(encoding="utf-8"))

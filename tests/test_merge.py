@@ -175,6 +175,17 @@ def test_the_merged_model_records_the_adapters_weights_and_writes_them_with_the_
     assert modes["config.json"] == 0o666 & ~_umask()
 
 
+def test_the_merged_model_gets_lawtunes_card_not_a_template(merged_dir, adapter_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(merged_dir / "README.md")
+    info = json.loads((merged_dir / "lawtune_merge.json").read_text(encoding="utf-8"))
+    # a plain transformers model now, on a local base (no hub id to name)
+    assert card.data.library_name == "transformers" and card.data.base_model is None
+    assert "[More Information Needed]" not in card.content and info["adapter_sha256"] in card.text
+    assert "merged-lora" in card.data.tags and card.data.model_name == merged_dir.name
+
+
 def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)

@@ -445,6 +445,15 @@ class CompareConfig(Section):
     """HTML report path."""
 
 
+class CardConfig(Section):
+    path: str = ""
+    """A training run's output folder (its final_model/ and best_model/ get the card) or one model folder
+    (final_model/, best_model/, a `lawtune merge` output)."""
+    report: list[str] = Field(default_factory=list)
+    """Eval reports (`lawtune eval` JSON) whose results the card carries: its model-index, tables and contamination
+    check; one flag each. None given = a card without results (the ones named before are not kept)."""
+
+
 class GrpoConfig(OptimizationSection):
     # Defaults of the shared fields for GRPO with a LoRA (configs/..._grpo.yaml says where each comes from).
     per_device_batch_size: PositiveInt = 16
@@ -682,6 +691,12 @@ class CompareRun(Run, title="compare"):
     compare: CompareConfig = CompareConfig()
 
 
+class CardRun(Run, title="card"):
+    """write or refresh the model card (README.md, Hugging Face format) of a run's models or of one model folder"""
+
+    card: CardConfig = CardConfig()
+
+
 SHORTHANDS = {"model": "model.path", "data": "data.train"}
 
 
@@ -692,7 +707,7 @@ def sections_of(run_cls: type[Run]) -> dict[str, type[Section]]:
 
 # Every section any command reads: a lent run file may hold any of them; anything else is a mistake.
 KNOWN_SECTIONS = {name for run in (TrainRun, GrpoRun, EvalRun, PredictRun, AskRun, ServeRun, DistillRun, MergeRun,
-                                   CheckRun, OverlapRun, CompareRun) for name in sections_of(run)}
+                                   CheckRun, OverlapRun, CompareRun, CardRun) for name in sections_of(run)}
 
 
 def path_fields(run_cls: type[Run]) -> dict[str, NamesPath]:

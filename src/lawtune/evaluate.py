@@ -364,6 +364,8 @@ def score_file(model, tokenizer, records, skipped, overlap, cfg: EvalRun, prompt
     """The report of one file: its summary and every question."""
     ecfg, data = cfg.eval, cfg.eval.data
     samples, summary = evaluate_records(model, tokenizer, records, ecfg, cfg.generation, prompt_format)
+    # the format the file was read as: a model card's model-index names it as the dataset's type
+    summary.update({"format": records[0].format if records else ecfg.format})
     summary.update({"model": cfg.model.path, "adapter": cfg.adapter.path, "data": str(data),
                     "data_sha256": sha256_file(data), "prompt_format": prompt_format,
                     "shuffle_options": ecfg.shuffle_options, "skipped": skipped, "train_overlap": overlap})

@@ -14,6 +14,7 @@ from typing import cast
 
 import torch
 
+from .card import write_card
 from .config import MergeRun, ModelConfig
 from .model import ModelError, load_for_inference, model_source, quiet_loading
 from .rundir import MERGE_INFO, adapter_prompt_format, adapter_quantization, adapter_sha256, give_weights_default_mode
@@ -101,6 +102,7 @@ def merge_adapter(cfg: MergeRun, overwrite: bool = False, say=print) -> dict:
                 "working_dir": os.getcwd(), "prompt_format": adapter_prompt_format(adapter) or "chat",
                 "adapter_quantization": quantization, "dtype": str(save_dtype).replace("torch.", "")}
     (tmp / MERGE_INFO).write_text(json.dumps(info_out, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_card(tmp, name=out.name)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

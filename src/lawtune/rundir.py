@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +89,10 @@ def merge_info(model_path: str | Path | None) -> dict:
     return found if isinstance(found, dict) else {}
 
 
-def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None) -> Path:
-    """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model.
+def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=None,
+                   card: Callable[[Path], object] | None = None) -> Path:
+    """Write adapter + tokenizer + config + manifest atomically: a crash never leaves half a model. ``card`` writes
+    the folder's README.md (lawtune's model card, over peft's and TRL's template) before it is published.
 
     With a trainer, every rank must call this: Trainer.save_model gathers sharded (FSDP) weights
     collectively and writes on the main process only.
@@ -113,6 +116,8 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
     give_weights_default_mode(tmp)
     save_config(cfg, tmp / CONFIG_FILE)
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, ensure_ascii=False, indent=1), encoding="utf-8")
+    if card is not None:
+        card(tmp)
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old")
         if old.exists():

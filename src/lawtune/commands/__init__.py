@@ -67,6 +67,7 @@ COMMANDS: dict[str, Command] = {
     "distill": Command(c.DistillRun, "generation.temperature=0.7"),
     "merge": Command(c.MergeRun, "merge.dtype=bfloat16", options={"--overwrite": "replace a non-empty output directory"}),
     "compare": Command(c.CompareRun, "compare.html=cmp.html", positional=("report_a", "report_b")),
+    "card": Command(c.CardRun, "card.report=[a.json,b.json]", positional=("path",)),
     "data check": Command(c.CheckRun, "check.prompt_format=plain", positional=("file",)),
     "data overlap": Command(c.OverlapRun, "overlap.as_json=true", positional=("a", "b")),
 }

@@ -7,11 +7,13 @@ import gc
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from ..card import write_card
 from ..config import replace as replace_config
 from ..dist import any_rank, cpu_group, gather_objects, is_main_process, sum_over_ranks, world_size
 from ..generation import engine_holder
@@ -164,7 +166,8 @@ class HeldOutEvalCallback(TrainerCallback):
         if summary["accuracy"] > self.best:
             self.best = summary["accuracy"]
             manifest = {**self.manifest, "best": {"step": state.global_step, "eval_accuracy": self.best}}
-            save_model_dir(model, self.tokenizer, self.cfg, manifest, self.out / "best_model", trainer=self.trainer)
+            save_model_dir(model, self.tokenizer, self.cfg, manifest, self.out / "best_model", trainer=self.trainer,
+                           card=partial(write_card, run_dir=self.out))
 
     def settings(self):
         """(EvalConfig, GenerationConfig) of the evaluation. Reasoning runs thousands of tokens a question: during SFT

@@ -15,12 +15,14 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..card import refresh_cards, write_card
 from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
@@ -350,10 +352,11 @@ def fit(run: GrpoSetup, resume: bool = False) -> GrpoResult:
     train_to_the_end(trainer, run.held_out, run.stop, resume_checkpoint(out, resume))
     final = out / "final_model"
     save_model_dir(trainer.model, run.tokenizer, run.cfg, {**run.manifest, FINAL_STEPS: trainer.state.global_step},
-                   final, trainer=trainer)
+                   final, trainer=trainer, card=partial(write_card, run_dir=out))
     if is_main_process():
         write_curves(out / "metrics.jsonl", out / "curves.png", key="rewards/exact_set/mean",
                      label="exact-set reward (rollouts)")
+        refresh_cards(out)
     history = run.held_out.history
     return GrpoResult(
         steps=trainer.state.global_step,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..card import refresh_cards, write_card
 from ..config import TrainRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
@@ -190,9 +192,10 @@ def fit(run: SFTRun, resume: bool = False) -> SFTResult:
     result = train_to_the_end(trainer, run.held_out, run.stop, resume_checkpoint(out, resume))
     final = out / "final_model"
     save_model_dir(trainer.model, run.tokenizer, run.cfg, {**run.manifest, FINAL_STEPS: trainer.state.global_step},
-                   final, trainer=trainer)
+                   final, trainer=trainer, card=partial(write_card, run_dir=out))
     if is_main_process():
         write_curves(out / "metrics.jsonl", out / "curves.png")
+        refresh_cards(out)
     losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     train_loss = float(result.training_loss) if result is not None else float("nan")  # nan: no step in this session
     return SFTResult(
