@@ -504,7 +504,7 @@ class GrpoConfig(OptimizationSection):
     mask_truncated: bool = False
     """Overlong filtering: completions cut at max_completion_length (no end token) are left out of the loss (TRL's
     mask_truncated_completions). False = TRL's default: a cut completion gets no answer, no reward, and so teaches
-    shorter reasoning; DAPO turns filtering on (it lets the soft_overlong form alone speak about length)."""
+    shorter reasoning; DAPO's recipe turns filtering on, beside its soft overlong penalty (the soft_overlong form)."""
     importance_sampling_level: Literal["token", "sequence"] = "token"
     """Where the probability ratio is taken (TRL's importance_sampling_level): token = GRPO's per-token ratios (TRL's
     default); sequence = GSPO, one ratio per completion (the mean of its token log-ratios). GSPO's paper pairs it
