@@ -192,6 +192,14 @@ def test_a_grpo_yaml_with_a_section_it_does_not_read_or_contradictory_settings_i
     assert "eval: not a section of `lawtune grpo`" in capsys.readouterr().err
     for overrides, message in ((["grpo.adapter=a", "lora.r=4"], "lora:"), (["data.mix=x.json"], "data.mix:"),
                                (["grpo.length_penalty=2"], "grpo.length_penalty:"),
+                               (["grpo.overlong_cache=8"], "grpo.overlong_cache:"),
+                               (["grpo.length_penalty_form=soft_overlong"], "grpo.overlong_cache:"),
+                               (["grpo.length_penalty_form=soft_overlong", "grpo.overlong_cache=1024"],
+                                r"grpo.overlong_cache: 1024 must be less than grpo.max_completion_length \(1024\)"),
+                               (["grpo.length_penalty_form=soft_overlong", "grpo.overlong_cache=8",
+                                 "grpo.length_budget=100"], "grpo.length_budget:"),
+                               (["grpo.length_penalty_form=quadratic"], "grpo.length_penalty_form:"),
+                               (["grpo.importance_sampling_level=batch"], "grpo.importance_sampling_level:"),
                                (["grpo.per_device_batch_size=5"], "grpo.per_device_batch_size:"),
                                (["grpo.rollout=vllm"], "grpo.rollout:")):
         with pytest.raises(ConfigError, match=message):
@@ -208,6 +216,53 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
     assert args.gradient_checkpointing is expected
 
 
+@pytest.mark.parametrize("override, mask, level", [([], False, "token"),
+                                                   (["grpo.mask_truncated=true", "grpo.importance_sampling_level=sequence"],
+                                                    True, "sequence")])
+def test_the_recipe_switches_reach_trl(override, mask, level, tmp_path):
+    from lawtune.train.grpo import grpo_arguments
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", *override], run_cls=GrpoRun)
+    args = grpo_arguments(cfg, tmp_path, torch.float32, torch.device("cpu"), [1.0])
+    assert args.mask_truncated_completions is mask and args.importance_sampling_level == level
+
+
+@pytest.mark.parametrize("overrides, name, values", [
+    (["grpo.length_budget=10", "grpo.length_penalty=0.5"], "length_penalty_10", [0.0, -0.4, -0.5]),
+    (["grpo.length_penalty_form=soft_overlong", "grpo.overlong_cache=4"], "length_penalty_soft_overlong_4",
+     [0.0, -0.5, -1.0]),
+])
+def test_the_length_penalty_form_picks_one_length_reward(overrides, name, values):
+    from lawtune.train.grpo import reward_functions
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.max_completion_length=20", *overrides],
+                      run_cls=GrpoRun)
+    funcs, weights = reward_functions(cfg)
+    lengths = [f for f in funcs if f.__name__.startswith("length_penalty")]
+    assert [f.__name__ for f in lengths] == [name] and len(weights) == len(funcs)
+    assert lengths[0](["", "", ""], ["", "", ""], completion_ids=[[0] * 10, [0] * 18, [0] * 20]) == values
+
+
+def test_sequence_level_ratios_train_and_log_as_token_level_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """GSPO (grpo.importance_sampling_level=sequence) reaches TRL's trainer, trains and logs the same keys."""
+    from lawtune.train import grpo as grpo_module
+    from lawtune.train.grpo import fit, setup
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_alternating], [1.0]))
+    keys = {}
+    for level in ("token", "sequence"):
+        out = tmp_path / level
+        run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.rollout=engine",
+                                 f"grpo.importance_sampling_level={level}"))
+        assert run.trainer.importance_sampling_level == level
+        fit(run)
+        steps = _step_rows(out)
+        assert len(steps) == 2 and all(row["grad_norm"] > 0 for row in steps), steps
+        keys[level] = set(steps[0])
+    assert keys["sequence"] == keys["token"]
+    assert {"entropy", "clip_ratio/region_mean", "rewards/_alternating/mean", "completions/mean_length"} <= keys["token"]
+
+
 def _random01(prompts, completions, **_):
     """A seeded random 0/1 reward: completions of one group differ in it, so a tiny random model learns something."""
     return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
@@ -217,7 +272,19 @@ def _tiny_grpo(model_dir, out, *extra):
     from lawtune.demo import demo_data_path
 
     return ["grpo", "--model", str(model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
-            "model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
+            *_tiny_settings(*extra)]
+
+
+def _tiny_config(model_dir, out, *extra) -> GrpoRun:
+    """_tiny_grpo's run as a config, for setup() and fit()."""
+    from lawtune.demo import demo_data_path
+
+    return load_config(None, [f"model.path={model_dir}", f"data.train={demo_data_path()}", f"grpo.output_dir={out}",
+                              *_tiny_settings(*extra)], run_cls=GrpoRun)
+
+
+def _tiny_settings(*extra) -> list[str]:
+    return ["model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
             "grpo.num_generations=2", "grpo.per_device_batch_size=4", "grpo.gradient_accumulation_steps=1",
             "grpo.max_completion_length=8", "grpo.eval_max_new_tokens=8", "grpo.eval_batch_size=4",
             "grpo.max_steps=3", "grpo.save_steps=10", "grpo.eval_steps=2", "grpo.beta=0", "grpo.learning_rate=1e-2",
@@ -266,3 +333,76 @@ def test_sigterm_stops_grpo_with_a_checkpoint_and_the_resumed_run_ends_as_a_stra
     assert main([*_tiny_grpo(tiny_model_dir, out), "--resume"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("already at step 3 of 3: nothing to do")
     assert file_states(out) == before
+
+
+def _alternating(prompts, completions, **_):
+    """1, 0, 1, 0, ...: the two completions of each group of 2 differ, so every advantage is +-1 whatever they say."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
+def _step_rows(out) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "reward" in row]
+
+
+@pytest.mark.parametrize("rollout", ["engine", "trl"])
+def test_mask_truncated_leaves_cut_completions_out_of_the_loss(rollout, tiny_model_dir, tmp_path, monkeypatch):
+    """Two completion tokens: the random model cuts every completion. With grpo.mask_truncated nothing is left in the
+    loss (0, no gradient); without it the same steps have a gradient."""
+    from lawtune.train import grpo as grpo_module
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_alternating], [1.0]))
+    grad = {}
+    for mask in (True, False):
+        out = tmp_path / f"mask-{mask}"
+        assert main(_tiny_grpo(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0",
+                               "grpo.max_completion_length=2", f"grpo.rollout={rollout}",
+                               f"grpo.mask_truncated={str(mask).lower()}")) == 0
+        steps = _step_rows(out)
+        assert len(steps) == 2 and all(row["completions/clipped_ratio"] == 1.0 for row in steps), steps
+        grad[mask] = [row["grad_norm"] for row in steps]
+        if mask:
+            assert all(row["loss"] == 0.0 for row in steps), steps
+    assert grad[True] == [0.0, 0.0] and all(g > 0 for g in grad[False]), grad
+
+
+def _two_ending_model(tokenizer, path, other_end: int):
+    """A tiny model that samples only the end token or ``other_end`` (equal logits), which its generation config also
+    names as an end token (as R1-Distill's names more than the tokenizer's)."""
+    from transformers import GenerationConfig
+
+    model = build_tiny_model(tokenizer, hidden_size=64, layers=2)
+    with torch.no_grad():
+        for layer in model.model.layers:  # the residual stream stays the token's embedding
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0  # the final hidden state: (positive, 0, ..., 0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[[tokenizer.eos_token_id, other_end], 0] = 10.0
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                               eos_token_id=[tokenizer.eos_token_id, other_end])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("rollout", ["engine", "trl"])
+def test_completions_end_where_trl_ends_them_and_count_as_not_cut(rollout, tiny_tokenizer, tmp_path, monkeypatch):
+    """Every completion of this model is one end token (the tokenizer's or the generation config's other one): TRL
+    reads none as cut, so grpo.mask_truncated leaves them all in the loss. An engine that ran on past the generation
+    config's end token, or dropped the end token from the completion, would have them cut."""
+    from lawtune.train import grpo as grpo_module
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_alternating], [1.0]))
+    other = 100
+    model_dir = _two_ending_model(tiny_tokenizer, tmp_path / "model", other)
+    out = tmp_path / "run"
+    assert main(_tiny_grpo(model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.max_completion_length=4",
+                           f"grpo.rollout={rollout}", "grpo.mask_truncated=true")) == 0
+    steps = _step_rows(out)
+    assert len(steps) == 2, steps
+    for row in steps:
+        assert row["completions/max_length"] == 1 and row["completions/clipped_ratio"] == 0.0, row
+        assert row["grad_norm"] > 0, row

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lawtune.train.rewards import answer_format, exact_set, length_penalty, option_f1
+from lawtune.train.rewards import answer_format, exact_set, length_penalty, option_f1, soft_overlong_penalty
 
 TABLE = [
     ("分析……</think>\n\n答案：AC", "AC", 1.0, 1.0, 1.0),
@@ -42,3 +42,13 @@ def test_length_penalty_past_the_budget():
     penalty = length_penalty(100, per_budget=0.5)
     assert penalty(["", "", ""], ["", "", ""], completion_ids=[[0] * 80, [0] * 100, [0] * 300]) == [0.0, 0.0, -1.0]
     assert penalty.__name__ == "length_penalty_100"  # TRL logs each reward under its function's name
+
+
+def test_soft_overlong_penalty_is_zero_before_the_cache_and_falls_linearly_to_minus_one_at_the_maximum():
+    penalty = soft_overlong_penalty(1000, 200)
+    sizes = [0, 799, 800, 850, 900, 999, 1000, 1200]
+    got = penalty([""] * len(sizes), [""] * len(sizes), completion_ids=[[0] * n for n in sizes])
+    assert got == pytest.approx([0.0, 0.0, 0.0, -0.25, -0.5, -0.995, -1.0, -1.0])
+    assert penalty.__name__ == "length_penalty_soft_overlong_200"
+    half = soft_overlong_penalty(1000, 200, at_max=0.5)
+    assert half([""], [""], completion_ids=[[0] * 900]) == [pytest.approx(-0.25)]

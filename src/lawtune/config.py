@@ -512,7 +512,23 @@ class GrpoConfig(OptimizationSection):
     length_budget: PositiveInt | None = None
     """Completion tokens past which the length penalty applies; None = no length penalty."""
     length_penalty: PositiveFloat = 1.0
-    """Reward lost per further length_budget tokens (with length_budget)."""
+    """Reward lost per further length_budget tokens (linear form, with length_budget); with the soft_overlong form,
+    the reward at max_completion_length (DAPO's -1, its default 1)."""
+    length_penalty_form: Literal["linear", "soft_overlong"] = "linear"
+    """The length penalty's shape: linear = length_penalty lost per length_budget tokens past length_budget;
+    soft_overlong = DAPO's soft overlong punishment, 0 up to max_completion_length - overlong_cache tokens, then
+    linear down to -length_penalty at max_completion_length (needs overlong_cache, not length_budget)."""
+    overlong_cache: PositiveInt | None = None
+    """The soft_overlong form's ramp: the last tokens of max_completion_length over which the penalty falls from 0
+    to -length_penalty (DAPO's L_cache: 4,096 of 20,480 in its paper); less than max_completion_length."""
+    mask_truncated: bool = False
+    """Overlong filtering: completions cut at max_completion_length (no end token) are left out of the loss (TRL's
+    mask_truncated_completions). False = TRL's default: a cut completion gets no answer, no reward, and so teaches
+    shorter reasoning; DAPO's recipe turns filtering on, beside its soft overlong penalty (the soft_overlong form)."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """Where the probability ratio is taken (TRL's importance_sampling_level): token = GRPO's per-token ratios (TRL's
+    default); sequence = GSPO, one ratio per completion (the mean of its token log-ratios). GSPO's paper pairs it
+    with loss_type grpo; with dapo, bnpo or dr_grpo each completion weighs by its length (TRL warns)."""
     rollout: Literal["engine", "trl"] = "engine"
     """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
     rollout_func); trl = TRL's own generation (transformers' generate)."""
@@ -522,8 +538,20 @@ class GrpoConfig(OptimizationSection):
     """Token budget of the held-out reasoning evaluation; None = max_completion_length."""
 
     def problems(self) -> Iterator[str]:
-        if self.length_budget is None and self.length_penalty != 1.0:
-            yield "grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)"
+        if self.length_penalty_form == "linear":
+            if self.length_budget is None and self.length_penalty != 1.0:
+                yield "grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)"
+            if self.overlong_cache is not None:
+                yield "grpo.overlong_cache: set without grpo.length_penalty_form=soft_overlong (the form it shapes)"
+        elif self.overlong_cache is None:
+            yield "grpo.overlong_cache: grpo.length_penalty_form=soft_overlong needs it (the tokens of its ramp)"
+        else:
+            if self.overlong_cache >= self.max_completion_length:
+                yield (f"grpo.overlong_cache: {self.overlong_cache} must be less than grpo.max_completion_length "
+                       f"({self.max_completion_length})")
+            if self.length_budget is not None:
+                yield ("grpo.length_budget: not read by grpo.length_penalty_form=soft_overlong (its penalty starts at "
+                       "max_completion_length - overlong_cache)")
 
 
 class SuiteRun(Section):

@@ -104,13 +104,14 @@ class EngineRollout:
         self.engines = engines  # the held-out evaluation's holder: one engine with the rows of both, closed at the end
         self.max_len = cfg.data.max_length  # prompts longer than max_length - max_completion_length were dropped
 
-    def sampling(self, n: int):
-        """How a group of ``n`` completions is sampled."""
+    def sampling(self, n: int, end_ids=()):
+        """How a group of ``n`` completions is sampled; ``end_ids``: the tokens that end a completion besides the
+        tokenizer's end token."""
         from ..generation.engine import SamplingParams
 
         g = self.cfg.grpo
         return SamplingParams(max_new_tokens=g.max_completion_length, temperature=g.temperature, top_p=g.top_p,
-                              seed=g.seed, n=n)
+                              seed=g.seed, n=n, stop_token_ids=tuple(end_ids))
 
     def __call__(self, prompts: list[str], trainer) -> dict:
         groups: list[tuple[str, int]] = []
@@ -124,7 +125,12 @@ class EngineRollout:
         # One engine for the run: its slots hold a whole step's completions, its rows the longest prompt allowed.
         engine = self.engines.get(model, len(prompts), self.max_len)
         step = trainer.state.global_step
-        requests = [(x, self.sampling(n), f"{self.ids_by_prompt.get(p, p)}@{step}") for x, (p, n) in zip(ids, groups)]
+        # TRL calls a completion truncated (completions/clipped_ratio, grpo.mask_truncated) when its last token is
+        # none of its eos_token_ids (the tokenizer's and the generation config's): the engine ends a sample at the
+        # same tokens and keeps the one that ended it.
+        end_ids = [t for t in trainer.eos_token_ids if t != self.tokenizer.eos_token_id]
+        requests = [(x, self.sampling(n, end_ids), f"{self.ids_by_prompt.get(p, p)}@{step}")
+                    for x, (p, n) in zip(ids, groups)]
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
@@ -198,7 +204,10 @@ def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
     g = cfg.grpo
     funcs = [R.exact_set, R.option_f1, R.answer_format]
     weights = [1.0, g.reward_f1_weight, g.reward_format_weight]
-    if g.length_budget:
+    if g.length_penalty_form == "soft_overlong" and g.overlong_cache:
+        funcs.append(R.soft_overlong_penalty(g.max_completion_length, g.overlong_cache, g.length_penalty))
+        weights.append(1.0)
+    elif g.length_budget:
         funcs.append(R.length_penalty(g.length_budget, g.length_penalty))
         weights.append(1.0)
     return funcs, weights
@@ -244,6 +253,8 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
             epsilon_high=g.epsilon_high,
             loss_type=g.loss_type,
             scale_rewards=g.scale_rewards,
+            mask_truncated_completions=g.mask_truncated,
+            importance_sampling_level=g.importance_sampling_level,
             reward_weights=reward_weights,
             log_completions=False,
             # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.

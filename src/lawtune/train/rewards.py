@@ -63,13 +63,29 @@ def answer_format(prompts, completions, **_) -> list[float]:
     return out
 
 
+def _sizes(completions, completion_ids) -> list[int]:
+    """Completion lengths: tokens of TRL's ``completion_ids`` (the end token included), else characters."""
+    return [len(ids) for ids in completion_ids] if completion_ids is not None else [len(_text(c)) for c in completions]
+
+
 def length_penalty(budget: int, per_budget: float = 1.0):
     """A reward that is 0 up to ``budget`` completion tokens and falls by ``per_budget`` for every further
     ``budget`` tokens (counted from TRL's ``completion_ids``, else characters)."""
 
     def penalty(prompts, completions, completion_ids=None, **_) -> list[float]:
-        sizes = [len(ids) for ids in completion_ids] if completion_ids is not None else [len(_text(c)) for c in completions]
-        return [-per_budget * max(0, n - budget) / budget for n in sizes]
+        return [-per_budget * max(0, n - budget) / budget for n in _sizes(completions, completion_ids)]
 
     penalty.__name__ = f"length_penalty_{budget}"
+    return penalty
+
+
+def soft_overlong_penalty(max_length: int, cache: int, at_max: float = 1.0):
+    """DAPO's soft overlong punishment, the other form of the length penalty: 0 up to ``max_length - cache``
+    completion tokens, then linear down to ``-at_max`` at ``max_length`` (and no lower past it)."""
+
+    def penalty(prompts, completions, completion_ids=None, **_) -> list[float]:
+        start = max_length - cache
+        return [-at_max * min(1.0, max(0, n - start) / cache) for n in _sizes(completions, completion_ids)]
+
+    penalty.__name__ = f"length_penalty_soft_overlong_{cache}"
     return penalty
