@@ -101,10 +101,10 @@ def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
     ], run_cls=GrpoRun)
 
     class Forced(EngineRollout):
-        def sampling(self, n):
+        def sampling(self, n, end_ids=()):
             import dataclasses
 
-            return dataclasses.replace(super().sampling(n), ignore_eos=True)
+            return dataclasses.replace(super().sampling(n, end_ids), ignore_eos=True)
 
     run = setup(cfg, overwrite=True)
     clock = StepClock()

@@ -226,7 +226,6 @@ def tiny_config(tiny_model_dir, tmp_path):
 def answering_model_dir(tiny_tokenizer, tmp_path_factory):
     """A tiny model rigged to answer: its layers add nothing, so it is a bigram table, and the table is set
     so that after the prompt it writes "答案：A" (direct) or "依据民法典</think>\\n\\n答案：A" (reasoning)."""
-    import torch
 
     from lawtune.infer import record_from_fields
     from lawtune.prompts import render_prompt
@@ -239,16 +238,23 @@ def answering_model_dir(tiny_tokenizer, tmp_path_factory):
     think_end = ids(render_prompt(record, tok, "chat", think=True))[-1]
     answer = ids("答案：A") + [tok.eos_token_id]
     chains = [[direct_end, *answer], [think_end, *ids(REASONING), *ids("</think>"), direct_end]]
+    links = [link for chain in chains for link in zip(chain, chain[1:])]
+    return save_bigram_model(model, tok, links, tmp_path_factory.mktemp("answering"))
+
+
+def save_bigram_model(model, tok, links: list[tuple[int, int]], directory: Path) -> Path:
+    """``model`` made a bigram table (its layers add nothing) whose token ``cur`` is followed by each ``nxt`` of the
+    ``(cur, nxt)`` links (several: equal odds), saved with ``tok`` in ``directory``."""
+    import torch
+
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
         emb, head = model.model.embed_tokens.weight, model.lm_head.weight
         head.zero_()
-        for chain in chains:
-            for cur, nxt in zip(chain, chain[1:]):
-                head[nxt] += 20 * emb[cur] / emb[cur].norm()
-    directory = tmp_path_factory.mktemp("answering")
+        for cur, nxt in links:
+            head[nxt] += 20 * emb[cur] / emb[cur].norm()
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
@@ -259,7 +265,6 @@ def voting_model_dir(tiny_tokenizer, tmp_path_factory):
     """A tiny bigram model (as ``answering_model_dir``) that in direct mode writes "答案：" and then A, B or 无 (which
     reads as no answer) with equal odds: sampled K times, its questions get split votes, ties and unreadable
     samples."""
-    import torch
 
     from lawtune.infer import record_from_fields
     from lawtune.prompts import render_prompt
@@ -273,18 +278,7 @@ def voting_model_dir(tiny_tokenizer, tmp_path_factory):
     for last in (ids("A"), ids("B"), ids("无")):
         assert len(last) == 1, "each branch is one token of the tiny tokenizer"
         links += [(prefix[-1], last[0]), (last[0], tok.eos_token_id)]
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-        head.zero_()
-        for cur, nxt in links:
-            head[nxt] += 20 * emb[cur] / emb[cur].norm()
-    directory = tmp_path_factory.mktemp("voting")
-    model.save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
+    return save_bigram_model(model, tok, links, tmp_path_factory.mktemp("voting"))
 
 
 @pytest.fixture
