@@ -4,7 +4,7 @@
     python bench/generation.py [--requests 512,2048]   # full size, one GPU (see bench/README.md)
     python bench/generation.py --smoke                  # tiny model on the CPU, seconds (tests/test_bench.py)
 
-1. Mixed lengths: N reasoning prompts (JEC-QA-shaped, bench/jecqa_synth.py) whose budgets are drawn like R1
+1. Mixed lengths (with ``--sampled`` also sampled at temperature 0.6, top-p 0.95): N reasoning prompts (JEC-QA-shaped, bench/jecqa_synth.py) whose budgets are drawn like R1
    traces (lognormal, median 900, p95 2,048, clipped to 100-2,048); every request runs to its budget (random
    weights never end on their own; the end token is ignored). Useful tokens = the budgets' sum.
    - ``static``: today's static batches before the engine (``static_decoder.greedy_decode``, CUDA graphs, batches of
@@ -15,14 +15,17 @@
 2. One stream through the code path of ``ask`` (``infer.generate_events``, reasoning mode), beside one row
    without streaming through the static decoder and the engine, and one row streamed from the engine's
    background loop (serve's threads without HTTP).
-3. ``serve`` with ``--clients`` concurrent streaming clients on loopback, and one client alone: aggregate
-   tokens/s and time to first token. The clients run in a process of their own.
+3. ``serve`` at its default rows and row length (``--serve-slots``) with each ``--clients`` count of concurrent
+   streaming clients on loopback (a comma list), and one client alone: aggregate tokens/s, tokens/s a client,
+   requests answered, first-token p50 and p99. The clients run in a process of their own.
 4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
    completions (temperature 0.6, top-p 0.95, one prefill per question), budgets drawn as in 1, completions/s;
    beside it plain ``generate`` sampling ``--samples`` sequences per prompt on ``--distill-plain`` completions.
 
 The model is DeepSeek-R1-Distill-Qwen-1.5B's architecture with random weights in bf16 and the real tokenizer
-(as in eval_throughput.py). Prints one JSON line per measurement, then a summary line with the ratios.
+(as in eval_throughput.py); with ``--adapter`` it carries a LoRA adapter of rank 16 on the seven projections (random,
+non-zero), saved and loaded back the way ``eval --adapter`` loads one (``PeftModel.from_pretrained``), folded into
+the weights as ``adapter.fold`` does (``--adapter unfolded``: not). Prints one JSON line per measurement, then a summary line with the ratios.
 """
 
 from __future__ import annotations
@@ -62,6 +65,25 @@ def workload(tokenizer, n: int, seed: int, smoke: bool):
     return prompts, budgets
 
 
+def with_adapter(model, fold: bool):
+    """``model`` with a LoRA adapter of rank 16 on the seven projections, non-zero, saved and loaded back as
+    ``eval --adapter`` loads one (``fold``: folded into the weights, ``adapter.fold``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
+    torch.manual_seed(1)
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    with tempfile.TemporaryDirectory() as tmp:
+        lora.save_pretrained(tmp)
+        loaded = PeftModel.from_pretrained(lora.unload(), tmp).eval()
+    if fold:
+        loaded.merge_adapter()
+    return loaded
+
+
 def left_padded(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Input ids and attention mask of prompts padded on the left."""
     width = max(map(len, prompts))
@@ -94,16 +116,20 @@ def run_static(model, tokenizer, prompts, budgets, batch: int, device) -> dict:
             "raw_tokens_per_s": round(raw / seconds, 1), "occupancy": round(useful / raw, 3)}
 
 
-def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: bool = False) -> dict:
+def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: bool = False,
+               sampled: bool = False) -> dict:
     """``GenerationEngine.generate`` (all known up front: largest budget first), or with ``fifo`` the requests
-    submitted one by one in their order, as a server receives them."""
+    submitted one by one in their order, as a server receives them; ``sampled``: temperature 0.6, top-p 0.95."""
     from lawtune.generation.engine import GenerationEngine, SamplingParams
 
     engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots,
                               max_len=max(map(len, prompts)) + max(budgets))
     engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])  # graph capture
     engine.steps = engine.busy_rows = engine.row_steps = 0
-    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True), str(i))
+    sampling = {"temperature": 0.6, "top_p": 0.95} if sampled else {}
+    if sampled:  # the sampling graphs too
+        engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True, **sampling), None)])
+    requests = [(p, SamplingParams(max_new_tokens=b, ignore_eos=True, **sampling), str(i))
                 for i, (p, b) in enumerate(zip(prompts, budgets))]
 
     def fifo_run():
@@ -251,6 +277,9 @@ def client_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
                 "messages": [{"role": "user", "content": QUESTION + f"\n（第{i}题）"}]}
         start, first, usage = time.perf_counter(), None, None
         with httpx.stream("POST", url, json=body, timeout=600) as resp:
+            if resp.status_code != 200:
+                out.append({"ttft": None, "tokens": 0, "status": resp.status_code})
+                return
             for line in resp.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
@@ -259,7 +288,7 @@ def client_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
                 if first is None and (delta.get("reasoning_content") or delta.get("content")):
                     first = time.perf_counter() - start
                 usage = item.get("usage") or usage
-        out.append({"ttft": first, "tokens": usage["completion_tokens"] if usage else 0})
+            out.append({"ttft": first, "tokens": usage["completion_tokens"] if usage else 0})
 
     out: list = []
     threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
@@ -273,9 +302,11 @@ def client_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
     seconds = time.perf_counter() - start
     ttft = sorted(o["ttft"] for o in out if o["ttft"] is not None)
     tokens_total = sum(o["tokens"] for o in out)
-    return {"clients": n, "seconds": round(seconds, 2), "tokens": tokens_total,
-            "tokens_per_s": round(tokens_total / seconds, 1),
+    return {"clients": n, "answered": sum(o["tokens"] > 0 for o in out), "seconds": round(seconds, 2),
+            "tokens": tokens_total, "tokens_per_s": round(tokens_total / seconds, 1),
+            "tokens_per_s_a_client": round(tokens_total / seconds / n, 1),
             "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
+            "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3) if ttft else None,
             "ttft_max_s": round(ttft[-1], 3) if ttft else None}
 
 
@@ -289,23 +320,26 @@ def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_serve(model, tokenizer, clients: int, tokens: int, slots: int) -> dict:
+def run_serve(model, tokenizer, clients: list[int], tokens: int, slots: int | None) -> dict:
+    """One server (``serve``'s defaults, or ``slots`` rows), one client alone, then each count of clients at once."""
     from lawtune.config import GenerationConfig, ServeConfig
     from lawtune.infer import LoadedModel
     from lawtune.serve import make_server, serving
 
     engine = LoadedModel(model, tokenizer, "chat", GenerationConfig())
-    server = make_server(engine, ServeConfig(port=0, slots=slots, max_len=4096, max_queue=4 * clients))
+    cfg = ServeConfig(port=0, **({"slots": slots} if slots else {}))
+    server = make_server(engine, cfg)
     with serving(server) as base:
         url = f"{base}/v1/chat/completions"
         remote_wave(url, 2, tokens)  # warm-up
         alone = remote_wave(url, 1, tokens)
-        many = remote_wave(url, clients, tokens)
+        waves = [remote_wave(url, n, tokens) for n in clients]
         sequential = None
-        if clients <= 8:  # the same requests one after another (the CPU target compares these)
-            sequential = remote_wave(url, clients, tokens, sequential=True)["tokens_per_s"]
-    return {"one_client": alone, "concurrent": many, "sequential_tokens_per_s": sequential,
-            "aggregate_vs_one": round(many["tokens_per_s"] / alone["tokens_per_s"], 2)}
+        if clients[0] <= 8:  # the same requests one after another (the CPU target compares these)
+            sequential = remote_wave(url, clients[0], tokens, sequential=True)["tokens_per_s"]
+    return {"slots": cfg.slots, "max_len": cfg.max_len, "one_client": alone, "concurrent": waves[0], "waves": waves,
+            "sequential_tokens_per_s": sequential,
+            "aggregate_vs_one": round(waves[0]["tokens_per_s"] / alone["tokens_per_s"], 2)}
 
 
 def main(argv=None) -> int:
@@ -318,26 +352,34 @@ def main(argv=None) -> int:
     p.add_argument("--static-batch", type=int, default=256)
     p.add_argument("--plain-n", type=int, default=64, help="requests of the plain-generate baseline (0 = skip)")
     p.add_argument("--stream-tokens", type=int, default=1024)
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--clients", default="32", help="concurrent serve clients (comma list, e.g. 32,128,256)")
+    p.add_argument("--serve-slots", type=int, help="serve's rows (default: serve's own default)")
+    p.add_argument("--adapter", nargs="?", const="folded", choices=["folded", "unfolded"],
+                   help="the model with a LoRA adapter (r 16, seven projections), loaded as eval --adapter loads it: "
+                   "folded into the weights (adapter.fold, the default) or not")
     p.add_argument("--serve-tokens", type=int, default=512)
     p.add_argument("--distill", type=int, default=0, help="questions of the distill workload (0 = skip it)")
     p.add_argument("--samples", type=int, default=4, help="completions per question in the distill workload")
     p.add_argument("--distill-plain", type=int, default=256, help="completions of its plain-generate baseline")
+    p.add_argument("--sampled", action="store_true",
+                   help="the mixed workload sampled too (temperature 0.6, top-p 0.95), beside greedy")
     p.add_argument("--skip", default="", help="parts to leave out: mixed,lpt,fifo,static,stream,serve,plain (comma list; lpt = the largest-budget-first run)")
     p.add_argument("--client-of", help=argparse.SUPPRESS)  # the client process of the serve measurement
     p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client_of:
-        print(json.dumps(client_wave(args.client_of, args.clients, args.serve_tokens, args.sequential)))
+        print(json.dumps(client_wave(args.client_of, int(args.clients), args.serve_tokens, args.sequential)))
         return 0
     if args.smoke:
         args.requests, args.slots, args.static_batch, args.plain_n = "12", 4, 4, 4
         args.distill, args.samples, args.distill_plain = 6, 2, 4
-        args.stream_tokens, args.clients, args.serve_tokens = 24, 4, 12
+        args.stream_tokens, args.clients, args.serve_tokens, args.serve_slots = 24, "4", 12, 4
     skip = set(filter(None, args.skip.split(",")))
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.smoke or args.cpu) else "cpu")
     emit(env_info(device))
     (model, tokenizer), build_s = timed(device, lambda: build(args, device))
+    if args.adapter:
+        model = with_adapter(model, fold=args.adapter == "folded")
     emit({"bench": "setup", "model_build_s": round(build_s, 1), "parameters": sum(p.numel() for p in model.parameters())})
     summary: dict = {"bench": "summary", "device": env_info(device)["device"]}
     plain_work = None
@@ -352,6 +394,15 @@ def main(argv=None) -> int:
                            **run_engine(model, tokenizer, prompts, budgets, args.slots, device)})
             free_cache(device)
             summary[f"mixed{n}_engine_useful_tokens_per_s"] = engine["useful_tokens_per_s"]
+        if args.sampled:
+            sampled = emit({"bench": f"mixed{n}_engine_sampled", **base, "slots": args.slots, "temperature": 0.6,
+                            "top_p": 0.95, **run_engine(model, tokenizer, prompts, budgets, args.slots, device,
+                                                        sampled=True)})
+            free_cache(device)
+            summary[f"mixed{n}_engine_sampled_useful_tokens_per_s"] = sampled["useful_tokens_per_s"]
+            if engine:
+                summary[f"mixed{n}_sampled_vs_greedy"] = round(sampled["useful_tokens_per_s"]
+                                                               / engine["useful_tokens_per_s"], 3)
         if "fifo" not in skip:
             fifo = emit({"bench": f"mixed{n}_engine_fifo", **base, "slots": args.slots,
                          **run_engine(model, tokenizer, prompts, budgets, args.slots, device, fifo=True)})
@@ -384,8 +435,8 @@ def main(argv=None) -> int:
         summary["ask_stream_tokens_per_s"] = stream["tokens_per_s"]
         summary["ask_stream_vs_one_row_static"] = round(stream["tokens_per_s"] / one_row["static_tokens_per_s"], 2)
     if "serve" not in skip:
-        serve = emit({"bench": "serve", **run_serve(model, tokenizer, args.clients, args.serve_tokens,
-                                                     slots=max(args.clients, 1))})
+        serve = emit({"bench": "serve", **run_serve(model, tokenizer, [int(n) for n in args.clients.split(",")],
+                                                     args.serve_tokens, args.serve_slots)})
         summary["serve_aggregate_vs_one_client"] = serve["aggregate_vs_one"]
         summary["serve_one_client_tokens_per_s"] = serve["one_client"]["tokens_per_s"]
         if serve["sequential_tokens_per_s"]:

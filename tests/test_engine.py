@@ -236,8 +236,9 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer).to("cuda").eval()
     prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     outputs = []
-    for use_graph in (False, True):
-        engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600, use_graph=use_graph)
+    for use_graph in (False, True):  # the graphs alone (the fused step has a test of its own)
+        engine = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600, use_graph=use_graph,
+                                  compile_step=False, attention_kernel=False)
         for temperature in (0.0, 0.9):
             done = engine.generate([(p, SamplingParams(max_new_tokens=b, temperature=temperature, seed=1), str(i))
                                     for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
@@ -251,7 +252,8 @@ def test_on_a_gpu_the_replayed_steps_give_what_eager_steps_give(tiny_tokenizer):
         assert not use_graph or {key[2] for key in engine.runner.graphs} == {256, 512}
     assert outputs[:4] == outputs[4:]
     assert outputs[1][: len(outputs[0][2])] == outputs[0][2]  # greedy: alone as in the batch
-    ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600)
+    ready = GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600, compile_step=False,
+                             attention_kernel=False)
     assert ready.capture_graphs() == 18  # rows 1, 2, 3 x columns 256, 512, 600, greedy and sampling, before any request
     done = ready.generate([(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
                            for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
@@ -400,3 +402,97 @@ def test_a_forced_answer_continues_the_row_as_a_second_prefill_of_the_closed_tra
     again = tight.generate([(p, params, None) for p in prompts])  # forced rows preempted and recomputed too
     assert tight.scheduler.preemptions > 0
     assert [r.samples[0].tokens for r in again] == [r.samples[0].tokens for r in done]
+
+
+def _sampler_cases(device):
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 48, 613  # a prime: no top-p below lands on a boundary of a flat distribution
+    yield "random", torch.randn(rows, vocab, generator=generator) * 3
+    yield "flat", torch.zeros(rows, vocab)  # every token tied: the nucleus is most of the vocabulary
+    yield "peaked", torch.randn(rows, vocab, generator=generator) * 12
+    yield "bfloat16 ties", (torch.randn(rows, vocab, generator=generator) * 2).bfloat16().float()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU")])])
+def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
+    from lawtune.generation.engine.sampler import nucleus, sorted_choice, uniform_noise
+
+    for name, logits in _sampler_cases(device):
+        logits = logits.to(device)
+        rows, vocab = logits.shape
+        seed, step = torch.arange(rows, device=device), torch.full((rows,), 3, device=device)
+        tokens = torch.arange(vocab, device=device)[None, :]
+        for top_p, top_k in [(0.95, 0), (0.5, 0), (1.0, 0), (0.0, 0), (0.95, 5), (1.0, 40), (0.3, 1)]:
+            p = torch.full((rows,), top_p, device=device)
+            k = torch.full((rows,), top_k, dtype=torch.long, device=device)
+            for temperature in (0.6, 1.0):
+                scaled = logits / temperature
+                keep = nucleus(scaled.softmax(-1), p, k)
+                u = uniform_noise(seed[:, None], step[:, None], tokens)
+                ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
+                assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature)
+        if name == "flat":  # ties keep the lowest ids, as many as top-p's mass allows
+            keep = nucleus(logits.softmax(-1), torch.full((rows,), 0.5, device=device),
+                           torch.zeros(rows, dtype=torch.long, device=device))
+            assert keep[0].nonzero()[:, 0].tolist() == list(range(307))  # the mass before token 307 is past 0.5
+
+
+def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
+    """The fused step's path (each layer on its own view of the cache), here uncompiled on the CPU: the same tokens as
+    the whole decoder's forward, greedy and sampled."""
+    from lawtune.generation.engine import runner, sampler
+
+    model, tok, prompts = tiny
+    monkeypatch.setattr(runner, "compiled", lambda name, fn: fn)
+    monkeypatch.setattr(sampler, "compiled", lambda name, fn: fn)
+    outputs = []
+    for layered in (False, True):
+        with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=layered,
+                              attention_kernel=False) as engine:
+            assert engine.runner.compile_step is layered
+            for temperature in (0.0, 0.9):
+                done = engine.generate([(p, SamplingParams(max_new_tokens=b, temperature=temperature, seed=1), str(i))
+                                        for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
+                outputs.append([r.samples[0].tokens for r in done])
+    assert outputs[:2] == outputs[2:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_a_gpu_the_decoding_kernel_equals_masked_sdpa(dtype):
+    from lawtune.generation.engine import decode_attention as da
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, columns = 7, 12, 2, 128, 3000
+    query = torch.randn(rows, 1, heads, dim, device="cuda", dtype=dtype).transpose(1, 2)[:, :, 0]  # strided
+    keys = torch.randn(rows + 2, kv_heads, columns, dim, device="cuda", dtype=dtype)
+    values = torch.randn_like(keys)
+    lengths = torch.tensor([1, 2, 255, 256, 257, 1500, 3000], device="cuda")
+    ref = da.reference_attention(query, keys, values, lengths, dim ** -0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows in (1, 256):  # each tuning the engine uses
+        out = da.decode_attention(query, keys, values, lengths, dim ** -0.5, *da.tuning(rows))
+        assert (out.float() - ref.float()).abs().max() < tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused step runs on a GPU")
+def test_on_a_gpu_the_fused_step_gives_the_plain_steps_tokens(tiny_tokenizer):
+    """float32: the compiled layers and the length-aware kernel give the plain graphs' greedy and seeded tokens, in a
+    batch whose rows differ in length and past one window of columns."""
+    from lawtune.demo import build_tiny_model
+
+    model = build_tiny_model(tiny_tokenizer).to("cuda").eval()
+    prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    outputs = []
+    for options in (dict(compile_step=False, attention_kernel=False), dict(compile_step=True, attention_kernel=True)):
+        with GenerationEngine(model, tiny_tokenizer.eos_token_id, slots=3, max_len=600, **options) as engine:
+            assert engine.runner.compile_step == engine.runner.attention_kernel == options["compile_step"]
+            for temperature in (0.0, 0.9):
+                done = engine.generate([(p, SamplingParams(max_new_tokens=b + 280, temperature=temperature, seed=1,
+                                                           ignore_eos=True), str(i))
+                                        for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
+                outputs.append([r.samples[0].tokens for r in done])
+    assert outputs[:2] == outputs[2:]

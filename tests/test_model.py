@@ -125,3 +125,26 @@ def test_merge_names_the_missing_folder(tiny_model_dir, tmp_path, capsys):
     assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "gone"),
                  "--output", str(tmp_path / "o")]) == 2
     assert "gone: adapter directory does not exist" in capsys.readouterr().err
+
+
+def test_a_folded_adapter_gives_the_unfolded_adapters_logits_without_its_modules(adapter_dir, tiny_model_dir):
+    """adapter.fold: the LoRA update folded into the base weights at load (float32: the same logits), so no step runs
+    the adapter's own matrices; the adapter still changes the output."""
+    import torch
+
+    from lawtune.config import ModelConfig
+    from lawtune.model import load_for_inference
+
+    mcfg = ModelConfig(path=str(tiny_model_dir), dtype="float32")
+    ids = torch.tensor([[3, 9, 27, 81, 50]])
+    logits = {}
+    for fold in (False, True):
+        model, _ = load_for_inference(mcfg, str(adapter_dir), force=True, fold=fold)
+        lora = [m for m in model.modules() if hasattr(m, "merged") and hasattr(m, "lora_A")]
+        assert lora and all(m.merged is fold for m in lora)
+        with torch.no_grad():
+            logits[fold] = model(ids).logits
+    base, _ = load_for_inference(mcfg)
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, logits[True], atol=1e-3)
+    assert torch.allclose(logits[True], logits[False], atol=1e-5)

@@ -99,7 +99,8 @@ def local_sampler(cfg: DistillRun):
     from .generation.engine import SamplingParams
     from .infer import load_model
 
-    loaded = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    loaded = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force,
+                      cfg.adapter.fold)
     tokenizer, g, d = loaded.tokenizer, cfg.generation, cfg.distill
     budget = g.max_new_tokens or DEFAULT_BUDGET
 

@@ -392,7 +392,8 @@ def eval_file(cfg: EvalRun) -> dict:
     prompt_format = resolve_prompt_format(cfg.model.path, adapter, cfg.adapter.prompt_format)
     check_native(prompt_format, records, data)
     quiet_loading()
-    model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force)
+    model, tokenizer = load_for_inference(cfg.model, adapter, force=cfg.adapter.force,
+                                          fold=cfg.adapter.fold)
     report = score_file(model, tokenizer, records, skipped, overlap, cfg, prompt_format)
     write_report(report, output)
     return report

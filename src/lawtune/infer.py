@@ -208,11 +208,11 @@ class LoadedModel:
 
 
 def load_model(mcfg: ModelConfig, gcfg: GenerationConfig | None = None, adapter: str | None = None,
-                prompt_format: str | None = None, force: bool = False) -> LoadedModel:
+                prompt_format: str | None = None, force: bool = False, fold: bool = False) -> LoadedModel:
     fmt = resolve_prompt_format(mcfg.path, adapter, prompt_format)
     quiet_loading()
     try:
-        model, tokenizer = load_for_inference(mcfg, adapter, force=force)
+        model, tokenizer = load_for_inference(mcfg, adapter, force=force, fold=fold)
     except RuntimeError as exc:  # peft's size mismatch for a shape check_adapter does not cover
         raise ModelError(f"{adapter}: adapter does not fit the base model {mcfg.path} "
                          f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None

@@ -298,9 +298,10 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
 
 
 def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: torch.device | None = None,
-                       force: bool = False):
-    """(model, tokenizer) ready for generation: base once, plus the adapter when given. An adapter whose recorded
-    base differs from this model is refused unless ``force``."""
+                       force: bool = False, fold: bool = False):
+    """(model, tokenizer) ready for generation: base once, plus the adapter when given (``fold``: folded into the
+    base weights, see ``adapter.fold``). An adapter whose recorded base differs from this model is refused unless
+    ``force``."""
     if not mcfg.path:
         raise ModelError("model.path: no base model given (pass --model DIR or model.path=DIR)")
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else mcfg.path
@@ -315,6 +316,8 @@ def load_for_inference(mcfg: ModelConfig, adapter: str | None = None, device: to
         else:
             check_adapter_base(adapter, model, mcfg.path)
         model = PeftModel.from_pretrained(model, adapter)
+        if fold:
+            model.merge_adapter()
     model.eval()
     return model, tokenizer
 

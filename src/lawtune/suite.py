@@ -85,7 +85,8 @@ def run_suite(cfg: EvalRun) -> dict:
         check_native(fmt, files[(rc.eval.data, rc.eval.format, rc.eval.type)][0], f"{suite_file}: run {run.name}: "
                      f"{rc.eval.data}")
     quiet_loading()
-    model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force)
+    model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force,
+                                          fold=cfg.adapter.fold)
     reports = {}
     for (run, rc), fmt in zip(runs, formats):
         records, skipped, overlap = files[(rc.eval.data, rc.eval.format, rc.eval.type)]

@@ -39,7 +39,8 @@ def run_ask(cfg: AskRun, stdin=None, out=None) -> int:
         record = record_from_fields(a.question, parse_options_arg(a.option), where="--question")
     elif a.question:
         record = record_from_text(a.question, where="--question")
-    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force,
+                      cfg.adapter.fold)
     try:
         return _ask_all(engine, record, a.mode, a.samples, out, stdin)
     finally:

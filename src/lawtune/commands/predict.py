@@ -51,7 +51,8 @@ def _answer_all(cfg: PredictRun, records: list, todo: list, out_path: Path, summ
     """Answer ``todo`` batch by batch, appending each batch's lines; SIGTERM drops the batch being generated, never
     one being written."""
     pcfg = cfg.predict
-    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+    engine = load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force,
+                      cfg.adapter.fold)
     bar = progress(total=len(records), initial=len(records) - len(todo), desc=f"predict ({pcfg.mode})", unit="q",
                    disable=not show_progress)
     try:

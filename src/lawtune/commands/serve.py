@@ -23,7 +23,8 @@ def run_serve(cfg: ServeRun, say=print) -> int:
     api_key = cfg.serve.api_key.get_secret_value() if cfg.serve.api_key else os.environ.get("LAWTUNE_API_KEY") or None
 
     def load():
-        return load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force)
+        return load_model(cfg.model, cfg.generation, cfg.adapter.path, cfg.adapter.prompt_format, cfg.adapter.force,
+                      cfg.adapter.fold)
 
     def ready() -> None:
         say(f"serving model id {MODEL_ID!r} on {url}/ (API: {url}/v1); SIGTERM or Ctrl-C stops", flush=True)

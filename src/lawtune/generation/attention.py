@@ -32,6 +32,12 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    lengths, tuning = kwargs.pop("decode_lengths", None), kwargs.pop("decode_tuning", ())
+    if lengths is not None and query.shape[2] == 1:  # the engine's decoding step with its kernel (see there)
+        from .engine.decode_attention import decode_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return decode_attention(query[:, :, 0], key, value, lengths, scale, *tuning)[:, None], None
     groups = getattr(module, "num_key_value_groups", 1)
     if (groups > 1 and query.shape[2] == 1 and attention_mask is not None and attention_mask.dim() == 4
             and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1 and kwargs.get("position_bias") is None

@@ -76,3 +76,23 @@ class SlotCache(Cache):
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
         return self.max_len, 0
+
+
+class LayerSlots(Cache):
+    """One layer's keys and values of a ``SlotCache`` for a decoding step run layer by layer: what the compiled layer
+    sees holds tensors only (no layer index, no row or column counts), so one compilation serves every layer and every
+    width (the rows come from the new keys' shape, the columns from the step's mask)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, write_at: torch.Tensor,
+                 mask: torch.Tensor):
+        super().__init__(layers=[])
+        self.keys, self.values, self.rows, self.write_at, self.mask = keys, values, rows, write_at, mask
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        a, columns = key_states.shape[0], self.mask.shape[-1]
+        self.keys[self.rows[:a], :, self.write_at[:a]] = key_states[:, :, 0]
+        self.values[self.rows[:a], :, self.write_at[:a]] = value_states[:, :, 0]
+        return self.keys[:a, :, :columns], self.values[:a, :, :columns]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0

@@ -37,11 +37,14 @@ log = logging.getLogger("lawtune")
 
 class GenerationEngine:
     """Continuous batching over ``slots`` rows of ``max_len`` tokens for one model (see the module docstring).
-    ``max_tokens``: the cache columns the rows may hold together (default all; less preempts)."""
+    ``max_tokens``: the cache columns the rows may hold together (default all; less preempts). ``compile_step``,
+    ``attention_kernel``: the fused step and the length-aware attention (None = where they run: a GPU)."""
 
     def __init__(self, model, eos_token_id: int, slots: int = 64, max_len: int = 4096, use_graph: bool | None = None,
-                 max_prefill_tokens: int = 32768, top_logprobs: int = 0, max_tokens: int | None = None):
-        self.runner: ModelRunner | None = ModelRunner(model, eos_token_id, slots, max_len, use_graph, top_logprobs)
+                 max_prefill_tokens: int = 32768, top_logprobs: int = 0, max_tokens: int | None = None,
+                 compile_step: bool | None = None, attention_kernel: bool | None = None):
+        self.runner: ModelRunner | None = ModelRunner(model, eos_token_id, slots, max_len, use_graph, top_logprobs,
+                                                      compile_step, attention_kernel)
         self.scheduler = Scheduler(slots, max_len, max_tokens, max_prefill_tokens)
         self.slots, self.max_len, self.eos, self.top = slots, max_len, eos_token_id, top_logprobs
         self.use_graph = self.runner.use_graph

@@ -17,6 +17,13 @@ stale data that nothing reads.
 * **Live weights.** The runner holds the model itself, never a copy: captured graphs point at its parameters,
   which optimizer steps update in place, so generation after a training step uses the new LoRA weights.
 
+* **Fused and length-aware (issue 30).** On a GPU the step runs the decoder layer by layer through one compiled
+  layer function (``torch.compile``, dynamic shapes: one compilation serves all layers and widths, seconds instead
+  of the minutes a whole-model compile takes; the model's modules stay as they are) and compiles the sampler; the
+  element-wise work of a layer (norms, rotary embedding, activations, residuals) fuses into a few kernels inside
+  the recorded graph. Attention reads each row's own length with ``decode_attention``'s kernel instead of the
+  widest row's window. ``compile_step`` and ``attention_kernel`` switch them (bench/generation.py measures both).
+
 On a CPU (or ``use_graph=False``) the same step runs eagerly: that is what the tests check against ``generate``.
 Limits: sdpa-family attention and full attention in every layer (``engine_supported``).
 """
@@ -29,7 +36,9 @@ from typing import Any
 import torch
 
 from ..attention import FAST_ATTENTION, attention_implementation
-from .cache import SlotCache
+from . import decode_attention
+from .cache import LayerSlots, SlotCache
+from .compiled import compiled
 from .sampler import choose_tokens
 from .sequence import MAX_STOP_TOKENS, Sequence
 
@@ -56,6 +65,21 @@ def cache_keyword(model) -> str:
     """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache`` (the old name still warns)."""
     params = inspect.signature(base_model(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def layer_forward(layer, hidden: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, embeddings,
+                  cache: LayerSlots, extra: dict, cache_kw: str) -> torch.Tensor:
+    """One decoder layer of a decoding step (what ``torch.compile`` compiles once for every layer); ``extra``: the
+    attention kernel's lengths and tuning."""
+    out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=embeddings, use_cache=True,
+                **{cache_kw: cache}, **extra)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layered(decoder) -> bool:
+    """Whether the decoder can run layer by layer here (a Llama/Qwen-style model: embeddings, rotary embedding,
+    layers, final norm)."""
+    return all(hasattr(decoder, name) for name in ("embed_tokens", "rotary_emb", "layers", "norm"))
 
 
 def power_of_two(n: int) -> int:
@@ -136,7 +160,7 @@ class ModelRunner:
     """The model's forward passes on the slot cache, and the decoding step's graphs (see the module docstring)."""
 
     def __init__(self, model, eos_token_id: int, slots: int, max_len: int, use_graph: bool | None,
-                 top_logprobs: int) -> None:
+                 top_logprobs: int, compile_step: bool | None = None, attention_kernel: bool | None = None) -> None:
         self.model = model
         base = base_model(model)
         config = base.config
@@ -152,6 +176,11 @@ class ModelRunner:
         self.cache = SlotCache(config.num_hidden_layers, slots, max_len, getattr(config, "num_key_value_heads", heads),
                                head_dim, dtype, self.device)
         self.rows = DeviceRows(slots, max_len, top_logprobs, self.device)
+        # The fused step and the length-aware attention (module docstring): on by default where graphs run.
+        gpu = self.use_graph and self.device.type == "cuda"
+        self.compile_step = (gpu if compile_step is None else compile_step) and layered(self.decoder)
+        kernel_ok = decode_attention.available() and decode_attention.supports(head_dim, max_len)
+        self.attention_kernel = kernel_ok if attention_kernel is None else attention_kernel and kernel_ok
         # By (sampling, rows, columns, top): a step that keeps the likeliest tokens is a graph of its own, recorded when
         # first needed (capture_graphs records the others), so steps that need none never pay for them.
         self.graphs: dict[tuple[bool, int, int, bool], torch.cuda.CUDAGraph] = {}
@@ -264,18 +293,25 @@ class ModelRunner:
         t, r = self.rows, slice(0, rows)
         write_at = self.cache.write_at[r]
         t.visible[r].scatter_(1, write_at[:, None], True)
-        self.cache.active, self.cache.columns = rows, columns
-        try:
-            hidden = self.decoder(input_ids=t.token[r, None],
-                                  attention_mask={"full_attention": t.visible[r, None, None, :columns]},
-                                  position_ids=write_at[:, None], use_cache=True,
-                                  **{self.cache_kw: self.cache}).last_hidden_state
-        finally:
-            self.cache.active, self.cache.columns = self.slots, self.max_len
+        mask = t.visible[r, None, None, :columns]
+        extra = {}
+        if self.attention_kernel:  # a running row sees its columns up to the one it writes; any other row one column
+            extra = {"decode_lengths": torch.where(t.alive[r], write_at + 1, 1).clamp(max=columns),
+                     "decode_tuning": decode_attention.tuning(rows)}
+        if self.compile_step:
+            hidden = self.layered_step(t.token[r, None], mask, write_at[:, None], extra)
+        else:
+            self.cache.active, self.cache.columns = rows, columns
+            try:
+                hidden = self.decoder(input_ids=t.token[r, None], attention_mask={"full_attention": mask},
+                                      position_ids=write_at[:, None], use_cache=True,
+                                      **{self.cache_kw: self.cache}, **extra).last_hidden_state
+            finally:
+                self.cache.active, self.cache.columns = self.slots, self.max_len
         logits = self.head(hidden[:, -1]).float()
         step_no = t.step_no[r]
         token, logprob = choose_tokens(logits, t.temperature[r], t.top_p[r], t.top_k[r], t.seed[r], step_no,
-                                       step_no < t.min_tokens[r], self.eos, sampling)
+                                       step_no < t.min_tokens[r], self.eos, sampling, fused=self.compile_step)
         column = step_no.clamp(max=self.max_len - 1)[:, None]  # an ended row's writes land past its end
         t.out_tokens[r].scatter_(1, column, token[:, None])
         t.out_logprobs[r].scatter_(1, column, logprob[:, None])
@@ -291,6 +327,17 @@ class ModelRunner:
         t.token[r].copy_(token)
         # A free row's column stops at the end; a running row never gets there (its budget fits in the slot).
         write_at.add_(1).clamp_(max=self.max_len - 1)
+
+    def layered_step(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, extra: dict) -> torch.Tensor:
+        """The decoder's forward of one token a row, layer by layer through the compiled ``layer_forward``."""
+        decoder, cache = self.decoder, self.cache
+        step = compiled("layer_forward", layer_forward)
+        hidden = decoder.embed_tokens(ids)
+        embeddings = decoder.rotary_emb(hidden, positions)
+        for layer, keys, values in zip(decoder.layers, cache.keys, cache.values):
+            view = LayerSlots(keys, values, cache.rows, cache.write_at, mask)
+            hidden = step(layer, hidden, mask, positions, embeddings, view, extra, self.cache_kw)
+        return decoder.norm(hidden)
 
     def width(self, needed: int) -> int:
         """Rows a step runs when row ``needed - 1`` is the highest in use: a power of two (few graphs)."""
