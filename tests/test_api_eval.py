@@ -225,6 +225,7 @@ def test_choice_mode_is_refused_in_one_line_where_the_server_gives_no_prompt_log
         with pytest.raises(UsageError, match="^eval.api_url: .*no log-probabilities of the prompt"):
             over_api(url, tiny_model_dir, questions, tmp_path / "r.json", "choice")
         assert calls[0][1]["echo"] is True and calls[0][1]["max_tokens"] == 0 and calls[0][1]["logprobs"] == 0
+    assert not (tmp_path / "r.questions.jsonl").exists()  # nothing was scored: no file to resume
 
 
 def test_a_chat_only_server_reasons_and_is_read_after_the_think_block(questions, tmp_path):
@@ -286,3 +287,14 @@ def test_a_suite_of_a_served_model_writes_the_reports_and_page_the_local_suite_d
         for key in ("accuracy", "lawbench_score", "samples", "avg@2", "maj@2", "prompt_format"):
             assert api["summary"].get(key) == local["summary"].get(key), (name, key)
     assert "lawtune at http" in (tmp_path / "api.html").read_text(encoding="utf-8")
+
+
+def test_a_suite_of_a_served_model_refuses_a_local_model_in_one_line(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("api_url: http://x/v1\napi_model: m\nmodel: ./m\nruns:\n  - {name: a, data: x.json}\n",
+                     encoding="utf-8")
+    assert main(["eval", "--suite", str(suite), "--tokenizer", "t"]) == 2
+    assert "model: a suite with api_url scores the served model" in capsys.readouterr().err
+    suite.write_text("api_url: http://x/v1\nruns:\n  - {name: a, data: x.json}\n", encoding="utf-8")
+    assert main(["eval", "--suite", str(suite), "--tokenizer", "t"]) == 2
+    assert "s.yaml: eval.api_model: give both api_url and api_model" in capsys.readouterr().err

@@ -261,12 +261,16 @@ def score_api_file(client: ApiClient, tokenizer, records, skipped, overlap, cfg:
     if done:
         log.info("%s: %d of %d questions were scored before; asking the other %d", side, len(done), len(records),
                  len(records) - len(done))
-    if not side.is_file():
-        side.parent.mkdir(parents=True, exist_ok=True)
-        append_lines(side, [{"settings": settings}])
+
+    def scored(rows: list[dict]) -> None:
+        if not side.is_file():  # written with the first answers: a run that got none leaves no file
+            side.parent.mkdir(parents=True, exist_ok=True)
+            append_lines(side, [{"settings": settings}])
+        append_lines(side, rows)
+
     served = ServedModel(client, tokenizer, prompt_format, e.mode, chat=e.api_chat)
     samples, summary = score_records(served.answer, records, e, cfg.generation, e.api_concurrency * CHUNK_PER_REQUEST,
-                                     done=done, on_scored=lambda rows: append_lines(side, rows))
+                                     done=done, on_scored=scored)
     describe_file(summary, records, skipped, overlap, cfg, prompt_format)
     summary.update({"model": client.model, "api_url": client.url, "api_chat": e.api_chat,
                     "resumed_questions": len(done), "retried_requests": client.retried})

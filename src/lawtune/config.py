@@ -334,7 +334,8 @@ class EvalFileConfig(EvalConfig):
         if self.samples > 1 and self.mode == "choice":
             yield "eval.samples: choice mode scores every answer set, nothing is sampled (use direct)"
         if bool(self.api_url) != bool(self.api_model):  # the server and the model name it serves
-            yield f"eval.{'api_url' if self.api_model else 'api_model'}: give both --api-url and --api-model, or neither"
+            yield (f"eval.{'api_url' if self.api_model else 'api_model'}: give both api_url and api_model (--api-url, "
+                   f"--api-model), or neither")
         for key in ("tokenizer", "api_key", "api_chat"):
             if getattr(self, key) and not self.api_url and not self.suite:
                 yield f"eval.{key}: only with eval.api_url (a served model); a local model brings its own"

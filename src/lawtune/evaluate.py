@@ -281,29 +281,18 @@ def score_records(answer: Answerer, records: list[Record], ecfg: EvalConfig, gcf
     k_samples = getattr(ecfg, "samples", 1)
     # K samples of a question share one prefill; sample j comes from (seed, the question's id, j) alone
     sampled = replace_config(gcfg, do_sample=True) if k_samples > 1 else gcfg
-    for k in range(0, len(order), chunk):
-        idx = order[k: k + chunk]
-        rows = answer([shown[i][0] for i in idx], sampled, k_samples)
-        for n, i in enumerate(idx):
-            record, new_to_old = records[i], shown[i][1]
-            gold = record.answer or []
-            drawn = []
-            for row in rows[n * k_samples: (n + 1) * k_samples]:
-                pred = row["pred"]
-                if pred is not None and new_to_old:
-                    pred = sorted(new_to_old[p] for p in pred)
-                drawn.append({"pred": pred or [], "valid": pred is not None,
-                              "correct": pred is not None and set(pred) == set(gold), "forced": row["forced"],
-                              "generated_tokens": row["generated_tokens"], "output": row["output"]})
-            samples[i] = {"id": record.id, "type": record.type, "gold": gold, **(drawn[0] if k_samples == 1 else
-                                                                                   vote(drawn))}
-            if new_to_old:
-                samples[i]["shown_letters"] = new_to_old
-        if on_scored is not None:
-            on_scored([samples[i] for i in idx])
-        bar.update(len(idx))
-        bar.set_postfix(q_s=f"{(k + len(idx)) / max(time.time() - start, 1e-9):.1f}")
-    bar.close()
+    try:
+        for k in range(0, len(order), chunk):
+            idx = order[k: k + chunk]
+            rows = answer([shown[i][0] for i in idx], sampled, k_samples)
+            for n, i in enumerate(idx):
+                samples[i] = _scored(records[i], shown[i][1], rows[n * k_samples: (n + 1) * k_samples])
+            if on_scored is not None:
+                on_scored([samples[i] for i in idx])
+            bar.update(len(idx))
+            bar.set_postfix(q_s=f"{(k + len(idx)) / max(time.time() - start, 1e-9):.1f}")
+    finally:
+        bar.close()  # also on an error: its message starts a line of its own
     elapsed = time.time() - start
     summary = summarize(samples)
     if k_samples > 1:
@@ -322,6 +311,23 @@ def score_records(answer: Answerer, records: list[Record], ecfg: EvalConfig, gcf
     summary["mode"] = ecfg.mode
     summary["do_sample"] = sampled_decoding(ecfg, gcfg)
     return samples, summary
+
+
+def _scored(record: Record, new_to_old: dict[str, str] | None, rows: list[dict]) -> dict:
+    """A question's sample in the report: its row scored (its K rows voted into one), letters mapped back."""
+    gold = record.answer or []
+    drawn = []
+    for row in rows:
+        pred = row["pred"]
+        if pred is not None and new_to_old:
+            pred = sorted(new_to_old[p] for p in pred)
+        drawn.append({"pred": pred or [], "valid": pred is not None,
+                      "correct": pred is not None and set(pred) == set(gold), "forced": row["forced"],
+                      "generated_tokens": row["generated_tokens"], "output": row["output"]})
+    sample = {"id": record.id, "type": record.type, "gold": gold, **(drawn[0] if len(drawn) == 1 else vote(drawn))}
+    if new_to_old:
+        sample["shown_letters"] = new_to_old
+    return sample
 
 
 def sampled_decoding(ecfg: EvalConfig, gcfg: GenerationConfig) -> bool:

@@ -125,6 +125,9 @@ def served_config(cfg: EvalRun, suite: Suite, folder: Path) -> EvalRun:
     """The command's config for a suite of a served model: the suite's api_url, api_model and tokenizer (a folder
     beside the suite file where one is there), else the command's."""
     suite_file = cfg.eval.suite
+    if suite.model or suite.adapter:
+        key = "model" if suite.model else "adapter"
+        raise ConfigError(f"{suite_file}: {key}: the served model (api_url) is scored; leave {key} out of the suite")
     e = cfg.eval
     try:
         cfg = replace_config(cfg, eval=replace_config(e, api_url=suite.api_url or e.api_url,
@@ -132,8 +135,6 @@ def served_config(cfg: EvalRun, suite: Suite, folder: Path) -> EvalRun:
                                                       tokenizer=_local(folder, suite.tokenizer) or e.tokenizer))
     except ConfigError as exc:
         raise ConfigError(f"{suite_file}: {exc}") from None
-    if not cfg.eval.api_model:
-        raise ConfigError(f"{suite_file}: api_model: the name the server serves (in the suite, or --api-model)")
     if not cfg.eval.tokenizer and not cfg.eval.api_chat:
         raise ConfigError(f"{suite_file}: tokenizer: the served model's tokenizer (in the suite, or --tokenizer)")
     return cfg
