@@ -2,9 +2,7 @@
 same model does in process; retries, resuming, the settings it refuses."""
 
 import json
-import threading
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from lawtune.infer import load_model
 from lawtune.model import load_for_inference
 from lawtune.serve import make_server, serving
 
-from conftest import REASONING, synthetic_records, write_jsonl
+from conftest import REASONING, stub, synthetic_records, write_jsonl
 
 
 @contextmanager
@@ -58,8 +56,8 @@ def in_process(model_dir, data, out, mode, max_new_tokens=None, **eval_settings)
 def over_api(url, model_dir, data, out, mode, max_new_tokens=None, **eval_settings):
     return eval_api_file(EvalRun(generation=GenerationConfig(max_new_tokens=max_new_tokens),
                              eval=EvalFileConfig(mode=mode, data=str(data), output=str(out), api_url=url,
-                                                 api_model="lawtune", tokenizer=str(model_dir), api_concurrency=3,
-                                                 **eval_settings)))
+                                                 api_model="lawtune", tokenizer=str(model_dir),
+                                                 **{"api_concurrency": 3, **eval_settings})))
 
 
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
@@ -122,38 +120,7 @@ def test_choice_mode_scores_the_answer_sets_by_the_prompt_log_probabilities(rand
     assert [row["score"] for row in rows] == pytest.approx(best, abs=1e-3)
 
 
-# ----------------------------------------------------------------------------- a stub server
-
-
-@contextmanager
-def stub(answer):
-    """A server whose every POST is answered by ``answer(path, body, calls)`` -> (status, JSON, headers)."""
-    calls = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            calls.append((self.path, body, self.headers.get("Authorization")))
-            status, payload, headers = answer(self.path, body, calls)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", calls
-    finally:
-        server.shutdown()
-        server.server_close()
+# ----------------------------------------------------------------------------- against a stub server
 
 
 def completion(text="答案：A", finish="stop"):
@@ -298,3 +265,36 @@ def test_a_suite_of_a_served_model_refuses_a_local_model_in_one_line(tmp_path, c
     suite.write_text("api_url: http://x/v1\nruns:\n  - {name: a, data: x.json}\n", encoding="utf-8")
     assert main(["eval", "--suite", str(suite), "--tokenizer", "t"]) == 2
     assert "s.yaml: eval.api_model: give both api_url and api_model" in capsys.readouterr().err
+
+
+def test_sampled_answers_come_from_the_question_whatever_is_asked_beside_it(random_server, tiny_model_dir,
+                                                                            questions, tmp_path):
+    """--samples K: n = K samples a question, seeded by (generation.seed, its id): two requests at a time or five give
+    the same report; the K samples are drawn (they differ) and voted."""
+    two = over_api(random_server, tiny_model_dir, questions, tmp_path / "two.json", "direct", 6, samples=3,
+                   api_concurrency=2)
+    five = over_api(random_server, tiny_model_dir, questions, tmp_path / "five.json", "direct", 6, samples=3,
+                    api_concurrency=5)
+    assert [s["sampled"] for s in two["samples"]] == [s["sampled"] for s in five["samples"]]
+    assert all(len(s["sampled"]) == 3 for s in two["samples"]) and "maj@3" in two["summary"]
+    assert any(len({x["output"] for x in s["sampled"]}) > 1 for s in two["samples"])
+
+
+def test_choice_mode_asks_for_one_token_where_the_server_refuses_none(tiny_model_dir, tmp_path):
+    """A server that will not score a prompt without generating (max_tokens 0: 400) is asked with max_tokens 1."""
+    data = write_jsonl(tmp_path / "q.json", synthetic_records(2, seed=6))
+
+    def answer(path, body, calls):
+        if body["max_tokens"] == 0:
+            return 400, {"error": "max_tokens must be at least 1"}, {}
+        # every answer set's end token at -1, except the last one's (ABCD): it wins
+        last = len(body["prompt"]) - 1
+        return 200, {"choices": [{"index": i, "text": "", "finish_reason": "length", "logprobs": {
+            "token_logprobs": [None] + [0.0] * (len(p) - 2) + [0.0 if i == last else -1.0]}}
+            for i, p in enumerate(body["prompt"])]}, {}
+
+    with stub(answer) as (url, calls):
+        report = over_api(url, tiny_model_dir, data, tmp_path / "r.json", "choice")
+    asked = [c[1]["max_tokens"] for c in calls]  # 0 refused (by each question asked before the first refusal), then 1
+    assert asked[0] == 0 and asked.count(1) == 2 and asked[asked.index(1):] == [1, 1]
+    assert all(s["pred"] == ["A", "B", "C", "D"] for s in report["samples"])

@@ -11,7 +11,7 @@ maj@K with ``--samples``, the same report and page):
   from its text (a server returns text, not token ids: where the model wrote a token sequence its tokenizer would
   not, the forced answer may differ from the in-process one, as it does on transformers' generate).
 * choice: every answer set of a question scored by the prompt's log-probabilities (``echo`` with ``logprobs`` and
-  ``max_tokens`` 0); a server that returns none is refused in one line.
+  ``max_tokens`` 0, or 1 where the server refuses 0 with a 400); a server that returns none is refused in one line.
 * ``--api-chat``: ``/v1/chat/completions`` for a chat-only server (it renders its own template): reasoning mode
   only, the answer read after ``</think>`` or from ``content`` beside ``reasoning_content``.
 
@@ -35,7 +35,7 @@ from .data import Record, sha256_file
 from .errors import UsageError
 from .evaluate import candidate_answers, describe_file, load_eval_file, score_records, write_report
 from .generation import default_budget, split_budget
-from .generation.api_client import ApiClient, choices_of
+from .generation.api_client import ApiClient, ApiError, choices_of
 from .prompts import answer_text, chat_user_text, check_native, render_prompt
 from .rundir import resolve_prompt_format
 from .scoring import extract_answer
@@ -66,6 +66,7 @@ class ServedModel:
 
     def __init__(self, client: ApiClient, tokenizer, prompt_format: str, mode: str, chat: bool = False):
         self.client, self.tokenizer, self.prompt_format, self.mode = client, tokenizer, prompt_format, mode
+        self.echo_tokens = 0  # choice mode's max_tokens: 1 once the server refused 0
         self.ask = self._chat if chat else {"direct": self._direct, "reasoning": self._reasoning,
                                             "choice": self._choice}[mode]
 
@@ -133,9 +134,16 @@ class ServedModel:
         prompt = self._ids(render_prompt(record, self.tokenizer, self.prompt_format, think=False))
         cands = candidate_answers("".join(record.options))
         tails = [self._ids(answer_text(c)) + [self.tokenizer.eos_token_id] for c in cands]
-        body = {"prompt": [prompt + t for t in tails], "max_tokens": 0, "echo": True, "logprobs": 0,
+        body = {"prompt": [prompt + t for t in tails], "max_tokens": self.echo_tokens, "echo": True, "logprobs": 0,
                 "temperature": 0.0}
-        choices, _ = self._complete(body, len(cands))
+        try:
+            choices, _ = self._complete(body, len(cands))
+        except ApiError as exc:
+            if exc.status != 400 or body["max_tokens"]:
+                raise
+            # a server that generates at least one token: the prompt's log-probabilities come all the same
+            self.echo_tokens = 1
+            choices, _ = self._complete({**body, "max_tokens": 1}, len(cands))
         scores = []
         for tail, choice in zip(tails, choices):
             values = (choice.get("logprobs") or {}).get("token_logprobs") or []
@@ -272,7 +280,7 @@ def score_api_file(client: ApiClient, tokenizer, records, skipped, overlap, cfg:
     samples, summary = score_records(served.answer, records, e, cfg.generation, e.api_concurrency * CHUNK_PER_REQUEST,
                                      done=done, on_scored=scored)
     describe_file(summary, records, skipped, overlap, cfg, prompt_format)
-    summary.update({"model": client.model, "api_url": client.url, "api_chat": e.api_chat,
+    summary.update({"model": client.model, "api_url": client.url, "api_chat": e.api_chat, "tokenizer": e.tokenizer,
                     "resumed_questions": len(done), "retried_requests": client.retried})
     return {"summary": summary, "samples": samples}
 

@@ -28,6 +28,14 @@ R = TypeVar("R")
 KEY_ENV = "OPENAI_API_KEY"
 
 
+class ApiError(UsageError):
+    """The server answered a request with an error that retries do not cure (``status``: its HTTP status)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def retryable(status: int) -> bool:
     """Answers worth asking again: rate limits and the server's own failures (overloaded, restarting)."""
     return status == 429 or status >= 500
@@ -90,7 +98,7 @@ class ApiClient:
             if resp.status_code != 200:
                 hint = f" (check the API key: --api-key or {KEY_ENV})" if resp.status_code in (401, 403) else ""
                 text = " ".join(resp.text[:300].split())
-                raise UsageError(f"{self.key}: {url} answered {resp.status_code}{hint}: {text}")
+                raise ApiError(f"{self.key}: {url} answered {resp.status_code}{hint}: {text}", resp.status_code)
             try:
                 answer = resp.json()
             except ValueError:
