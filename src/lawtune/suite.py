@@ -87,13 +87,18 @@ def run_suite(cfg: EvalRun) -> dict:
                 files[key] = load_eval_file(rc.eval.data, rc.eval, adapter)
             except DataError as exc:
                 raise DataError([f"{suite_file}: run {run.name}: {p}" for p in exc.problems]) from None
-    formats = [resolve_prompt_format(cfg.eval.tokenizer or "" if cfg.eval.api_url else model_cfg.path, adapter,
-                                     run.prompt_format or cfg.adapter.prompt_format) for run, _ in runs]
+    # a served model's format: the one given, else a merged model's (its folder given as the tokenizer), else chat
+    model_dir = (cfg.eval.tokenizer or "") if cfg.eval.api_url else model_cfg.path
+    formats = [resolve_prompt_format(model_dir, adapter, run.prompt_format or cfg.adapter.prompt_format)
+               for run, _ in runs]
     for (run, rc), fmt in zip(runs, formats):
         check_native(fmt, files[(rc.eval.data, rc.eval.format, rc.eval.type)][0], f"{suite_file}: run {run.name}: "
                      f"{rc.eval.data}")
     reports = {}
-    report_of = lambda run: page.with_name(f"{page.stem}.{run.name}.json")  # noqa: E731
+
+    def report_of(run: SuiteRun) -> Path:
+        return page.with_name(f"{page.stem}.{run.name}.json")
+
     if cfg.eval.api_url and cfg.eval.api_model:
         tokenizer = api_tokenizer(cfg)
         with api_client(cfg, cfg.eval.api_url, cfg.eval.api_model) as client:
