@@ -8,6 +8,9 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -352,3 +355,34 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 def foreign_adapter_dir(tiny_tokenizer, tmp_path_factory):
     """An adapter trained on a model with another hidden size (32 instead of 64)."""
     return make_adapter(build_tiny_model(tiny_tokenizer, hidden_size=32), tmp_path_factory.mktemp("foreign"))
+
+
+@contextmanager
+def stub(answer):
+    """A server whose every POST is answered by ``answer(path, body, calls)`` -> (status, JSON, headers)."""
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append((self.path, body, self.headers.get("Authorization")))
+            status, payload, headers = answer(self.path, body, calls)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", calls
+    finally:
+        server.shutdown()
+        server.server_close()

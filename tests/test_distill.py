@@ -10,7 +10,7 @@ from lawtune import distill
 from lawtune.cli import main
 from lawtune.data import load_records
 
-from conftest import REASONING, synthetic_records, write_jsonl
+from conftest import REASONING, stub, synthetic_records, write_jsonl
 
 
 def _wrong(gold: str) -> str:
@@ -271,3 +271,23 @@ def test_sigterm_while_a_batch_is_written_keeps_it_whole_exits_143_and_a_rerun_e
     monkeypatch.setattr(distill, "_append", real_append)
     assert main(args(parts)) == 0
     assert parts.read_bytes() == whole.read_bytes() and rejected.read_bytes() == distill.side_files(whole)[0].read_bytes()
+
+
+def test_the_teacher_is_asked_again_after_a_503_with_the_key_from_the_environment(tmp_path, monkeypatch):
+    """distill's teacher goes through eval --api-url's client: its retries and its key."""
+    rows = synthetic_records(3, seed=5)
+    data, out = write_jsonl(tmp_path / "train.json", rows), tmp_path / "traces.jsonl"
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+
+    def answer(path, body, calls):
+        if len(calls) == 1:
+            return 503, {"error": "warming up"}, {"Retry-After": "0"}
+        gold = next("".join(r["answer"]) for r in rows if r["statement"] in body["messages"][-1]["content"])
+        message = {"role": "assistant", "reasoning_content": "分析。", "content": f"答案：{gold}"}
+        return 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}, {}
+
+    with stub(answer) as (url, calls):
+        assert main(["distill", "--teacher-url", url, "--teacher-model", "r1", "--data", str(data), "--output",
+                     str(out), "--samples", "1"]) == 0
+    assert len(calls) == 4 and {auth for _, _, auth in calls} == {"Bearer sk-env"}
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3

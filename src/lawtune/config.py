@@ -56,6 +56,7 @@ class NamesPath:
 
 
 MODEL_DIR = NamesPath("model directory does not exist", hub=True)
+TOKENIZER_DIR = NamesPath("tokenizer directory does not exist", hub=True)
 ADAPTER_DIR = NamesPath("adapter directory does not exist")
 DATA_FILE = NamesPath("file not found")
 OUTPUT = NamesPath(None)
@@ -307,12 +308,46 @@ class EvalFileConfig(EvalConfig):
     samples: PositiveInt = 1
     """K sampled answers per question (generation.temperature and top_p, the model card's 0.6 and 0.95): the report
     gets avg@K, maj@K and pass@K; 1 = one answer, greedy unless generation.do_sample."""
+    api_url: str | None = None
+    """Score a served model instead of a local one: the API root of an OpenAI-compatible server (e.g.
+    http://host:8000/v1: `lawtune serve`, vLLM). Prompts are rendered here with eval.tokenizer exactly as in-process
+    eval renders them and sent as token ids to /v1/completions; choice mode reads the prompts' log-probabilities
+    (echo with logprobs). Scoring, report and page are eval's; a rerun skips the questions scored before
+    (<report>.questions.jsonl)."""
+    api_model: str | None = None
+    """The model name the server serves (needed with api_url)."""
+    tokenizer: Annotated[str | None, TOKENIZER_DIR] = None
+    """The served model's tokenizer (a local folder or hub id; its chat template renders the prompts): needed with
+    api_url, except with api_chat."""
+    api_key: SecretStr | None = None
+    """Bearer token of the server; None = OPENAI_API_KEY from the environment, else none. Never printed."""
+    api_chat: bool = False
+    """Ask /v1/chat/completions (a chat-only server renders the question with its own template): reasoning mode
+    only, answers read after </think> or from content beside reasoning_content; a cut-off trace cannot be forced."""
+    api_concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Requests to the server in flight at once."""
+    api_timeout_s: PositiveFloat = 600.0
+    """Seconds one request may take."""
+    api_retries: Annotated[int, Field(ge=0, le=20)] = 5
+    """Times a request answered 429 or 5xx (or not reached) is sent again, after 1, 2, 4 … s (at most 30; the
+    server's Retry-After where given)."""
 
     def problems(self) -> Iterator[str]:
         if self.suite and self.data:
             yield "eval.data: a suite names its own files (its runs' data); give --suite or --data"
         if self.samples > 1 and self.mode == "choice":
             yield "eval.samples: choice mode scores every answer set, nothing is sampled (use direct)"
+        if bool(self.api_url) != bool(self.api_model):  # the server and the model name it serves
+            yield (f"eval.{'api_url' if self.api_model else 'api_model'}: give both api_url and api_model (--api-url, "
+                   f"--api-model), or neither")
+        for key in ("tokenizer", "api_key", "api_chat"):
+            if getattr(self, key) and not self.api_url and not self.suite:
+                yield f"eval.{key}: only with eval.api_url (a served model); a local model brings its own"
+        if self.api_chat and self.mode != "reasoning":
+            yield (f"eval.api_chat: {self.mode} mode needs the prompt rendered here (direct: its empty think block; "
+                   f"choice: the prompt's log-probabilities); a chat server renders its own: use --mode reasoning")
+        if self.api_url and not self.api_chat and not self.tokenizer and not self.suite:
+            yield "eval.tokenizer: needed with eval.api_url (the served model's tokenizer folder: prompts are rendered here)"
 
 
 class PredictConfig(Section):
@@ -405,6 +440,9 @@ class DistillConfig(Section):
     """Sample the questions of the rejected file again."""
     timeout_s: PositiveFloat = 600.0
     """Seconds one request to the teacher may take."""
+    api_key: SecretStr | None = None
+    """Bearer token of the teacher's endpoint; None = OPENAI_API_KEY from the environment, else none. Never
+    printed."""
 
     def problems(self) -> Iterator[str]:
         if bool(self.teacher_url) != bool(self.teacher_model):  # the endpoint and the model name it serves
@@ -586,10 +624,20 @@ class Suite(Section):
     """The base model; None = --model."""
     adapter: str | None = None
     """The adapter; None = --adapter."""
+    api_url: str | None = None
+    """A served model instead (as eval.api_url; None = --api-url)."""
+    api_model: str | None = None
+    """The name it is served under (as eval.api_model)."""
+    tokenizer: str | None = None
+    """Its tokenizer (as eval.tokenizer)."""
     runs: Annotated[list[SuiteRun], Field(min_length=1)]
     """The runs, scored in this order with the model loaded once."""
 
     def problems(self) -> Iterator[str]:
+        if self.api_url and (self.model or self.adapter):
+            yield f"{'model' if self.model else 'adapter'}: a suite with api_url scores the served model (give one)"
+        if self.api_model and not self.api_url:
+            yield "api_model: only with api_url"
         names = [run.name for run in self.runs]
         yield from (f"runs: the name {name!r} is used twice" for name in names if names.count(name) > 1)
 
@@ -661,9 +709,23 @@ class InferenceRun(Run):
 
 
 class EvalRun(InferenceRun, title="eval"):
-    """score a model (and adapter) on a JEC-QA, AGIEval or LawBench file"""
+    """score a model (and adapter), or a served one (--api-url), on a JEC-QA, AGIEval or LawBench file"""
 
     eval: EvalFileConfig = EvalFileConfig()
+
+    def problems(self) -> Iterator[str]:
+        if not self.eval.api_url:
+            return
+        # a served model: the settings of a local one would be silently ignored
+        local = [(f"model.{k}", v, ModelConfig.model_fields[k].default) for k, v in self.model]
+        local += [(f"adapter.{k}", getattr(self.adapter, k), AdapterConfig.model_fields[k].default)
+                  for k in ("path", "force", "fold")]
+        local += [(f"generation.{k}", getattr(self.generation, k), GenerationConfig.model_fields[k].default)
+                  for k in ("engine", "static_cache", "cuda_graphs", "top_k")]
+        for key, value, default in local:
+            if value != default:
+                yield (f"{key}: not read with eval.api_url (the server runs its model; "
+                       + ("top_k is no OpenAI field)" if key.endswith("top_k") else "leave it out)"))
 
 
 class PredictRun(InferenceRun, title="predict"):

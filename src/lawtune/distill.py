@@ -38,7 +38,6 @@ from .progress import progress
 from .prompts import chat_user_text, check_native, render_prompt
 from .scoring import extract_answer
 from .stats import percentile
-from .think import answer_part
 from .think import split as split_reasoning
 
 log = logging.getLogger("lawtune")
@@ -48,6 +47,8 @@ DEFAULT_BUDGET = 4096
 REJECTED_SUFFIX = ".rejected.jsonl"
 REPORT_SUFFIX = ".report.json"
 REASONS = ("kept", "wrong", "unclosed", "empty_reasoning", "no_answer")
+# Requests to the teacher in flight at once.
+TEACHER_CONCURRENCY = 16
 
 
 @dataclass
@@ -128,51 +129,33 @@ def local_sampler(cfg: DistillRun):
 
 
 def teacher_sampler(cfg: DistillRun):
-    """Samples from an OpenAI-compatible endpoint: ``n`` choices per question, reading ``reasoning_content``
-    (vLLM's reasoning parser, `lawtune serve`) or the ``<think>…</think>`` text of ``content``. A choice that did
-    not finish on its own (``finish_reason`` other than ``stop``) counts as not closed."""
-    import httpx
+    """Samples from an OpenAI-compatible endpoint (the client `eval --api-url` uses: concurrent requests, retries on
+    429 and 5xx): ``n`` choices per question, reading ``reasoning_content`` (vLLM's reasoning parser, `lawtune
+    serve`) or the ``<think>…</think>`` text of ``content``. A choice that did not finish on its own
+    (``finish_reason`` other than ``stop``) counts as not closed."""
+    from .generation.api_client import ApiClient, chat_reply
 
     d, g = cfg.distill, cfg.generation
-    assert d.teacher_url, "called only with a distill.teacher_url"
-    url = d.teacher_url.rstrip("/") + "/chat/completions"
+    assert d.teacher_url and d.teacher_model, "called only with a distill.teacher_url"
     budget = g.max_new_tokens or DEFAULT_BUDGET
+    client = ApiClient(d.teacher_url, d.teacher_model, "distill.teacher_url",
+                       api_key=d.api_key.get_secret_value() if d.api_key else None, timeout_s=d.timeout_s,
+                       concurrency=TEACHER_CONCURRENCY)
 
-    def one(client, record: Record) -> list[Completion]:
-        body = {"model": d.teacher_model, "messages": [{"role": "user", "content": chat_user_text(record)}],
-                "n": d.samples, "temperature": g.temperature, "top_p": g.top_p, "max_tokens": budget,
-                "seed": g.seed, "mode": "reasoning"}  # mode: lawtune serve's field; other servers ignore it
-        try:
-            resp = client.post(url, json=body, timeout=d.timeout_s)
-        except httpx.HTTPError as exc:
-            raise UsageError(f"distill.teacher_url: {url} cannot be reached ({type(exc).__name__}: {exc})") from None
-        if resp.status_code != 200:
-            raise UsageError(f"distill.teacher_url: {url} answered {resp.status_code}: {resp.text[:200]}")
-        try:
-            choices = resp.json()["choices"]
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"distill.teacher_url: {url} did not answer a chat completion: {resp.text[:200]}") from None
+    def one(record: Record) -> list[Completion]:
+        body = {"messages": [{"role": "user", "content": chat_user_text(record)}], "n": d.samples,
+                "temperature": g.temperature, "top_p": g.top_p, "max_tokens": budget, "seed": g.seed,
+                "mode": "reasoning"}  # mode: lawtune serve's field; other servers ignore it
         out = []
-        for choice in choices:
-            message = choice.get("message") or {}
-            finished = choice.get("finish_reason") == "stop"
-            content = message.get("content") or ""
-            if message.get("reasoning_content") is not None:
-                think, rest = message["reasoning_content"].strip(), answer_part(content)
-                closed = finished and bool(content.strip())
-            else:
-                think, rest = split_think(content)
-                closed = finished and think is not None
-            out.append(Completion(think or "", rest, closed, None))
+        for choice in client.post("/chat/completions", body)["choices"]:
+            think, rest, finished = chat_reply(choice)
+            out.append(Completion(think or "", rest, finished and think is not None, None))
         return out
 
     def sample(records: list[Record]) -> list[list[Completion]]:
-        from concurrent.futures import ThreadPoolExecutor
+        return client.map(one, records)
 
-        with httpx.Client() as client, ThreadPoolExecutor(max_workers=min(16, len(records))) as pool:
-            return list(pool.map(lambda r: one(client, r), records))
-
-    return sample, None, lambda: None
+    return sample, None, client.close
 
 
 # ----------------------------------------------------------------------------- the command

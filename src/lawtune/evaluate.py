@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -249,38 +250,49 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 
 def _evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
                       prompt_format: str, show_progress: bool, engines: EngineHolder) -> tuple[list[dict], dict]:
+    def answer(batch: list[Record], sampled: GenerationConfig, n: int) -> list[dict]:
+        return answer_batch(ecfg.mode, model, tokenizer, batch, prompt_format, sampled, slots=ecfg.batch_size,
+                            engines=engines, n=n)
+
+    chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
+    return score_records(answer, records, ecfg, gcfg, chunk, show_progress)
+
+
+# What answers questions for ``score_records``: (records, generation settings, n) -> rows as ``answer_batch`` returns
+# them (a model in this process, or a served one: api_eval.py).
+Answerer = Callable[[list[Record], GenerationConfig, int], list[dict]]
+
+
+def score_records(answer: Answerer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig, chunk: int,
+                  show_progress: bool = True, done: dict[str, dict] | None = None,
+                  on_scored: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:
+    """Every record answered (``chunk`` at a time) and scored; returns (per-question samples, summary). ``done``: the
+    samples of questions scored by an earlier run, by id (not asked again); ``on_scored`` gets each chunk's samples
+    once they are scored."""
+    done = done or {}
     shown = [shuffle_options(r, ecfg.seed) if ecfg.shuffle_options else (r, None) for r in records]
     # Sorting by length keeps padding (and wasted compute) low inside each batch.
-    order = sorted(range(len(records)), key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
-    samples: list[dict] = [{} for _ in records]  # each filled in below: order holds every index
-    bar = progress(total=len(records), desc=f"eval ({ecfg.mode})", unit="q", disable=not show_progress)
+    order = sorted((i for i, r in enumerate(records) if r.id not in done),
+                   key=lambda i: len(records[i].statement) + sum(map(len, records[i].options.values())))
+    samples: list[dict] = [done.get(r.id, {}) for r in records]  # the rest filled in below: order holds them
+    bar = progress(total=len(records), initial=len(records) - len(order), desc=f"eval ({ecfg.mode})", unit="q",
+                   disable=not show_progress)
     start = time.time()
-    chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)
     k_samples = getattr(ecfg, "samples", 1)
     # K samples of a question share one prefill; sample j comes from (seed, the question's id, j) alone
     sampled = replace_config(gcfg, do_sample=True) if k_samples > 1 else gcfg
-    for k in range(0, len(order), chunk):
-        idx = order[k: k + chunk]
-        rows = answer_batch(ecfg.mode, model, tokenizer, [shown[i][0] for i in idx], prompt_format, sampled,
-                            slots=ecfg.batch_size, engines=engines, n=k_samples)
-        for n, i in enumerate(idx):
-            record, new_to_old = records[i], shown[i][1]
-            gold = record.answer or []
-            drawn = []
-            for row in rows[n * k_samples: (n + 1) * k_samples]:
-                pred = row["pred"]
-                if pred is not None and new_to_old:
-                    pred = sorted(new_to_old[p] for p in pred)
-                drawn.append({"pred": pred or [], "valid": pred is not None,
-                              "correct": pred is not None and set(pred) == set(gold), "forced": row["forced"],
-                              "generated_tokens": row["generated_tokens"], "output": row["output"]})
-            samples[i] = {"id": record.id, "type": record.type, "gold": gold, **(drawn[0] if k_samples == 1 else
-                                                                                   vote(drawn))}
-            if new_to_old:
-                samples[i]["shown_letters"] = new_to_old
-        bar.update(len(idx))
-        bar.set_postfix(q_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
-    bar.close()
+    try:
+        for k in range(0, len(order), chunk):
+            idx = order[k: k + chunk]
+            rows = answer([shown[i][0] for i in idx], sampled, k_samples)
+            for n, i in enumerate(idx):
+                samples[i] = _scored(records[i], shown[i][1], rows[n * k_samples: (n + 1) * k_samples])
+            if on_scored is not None:
+                on_scored([samples[i] for i in idx])
+            bar.update(len(idx))
+            bar.set_postfix(q_s=f"{(k + len(idx)) / max(time.time() - start, 1e-9):.1f}")
+    finally:
+        bar.close()  # also on an error: its message starts a line of its own
     elapsed = time.time() - start
     summary = summarize(samples)
     if k_samples > 1:
@@ -293,11 +305,29 @@ def _evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig,
         # the output names the letters as shown (re-lettered with --shuffle-options)
         summary.update(lawbench_summary([{"output": s["output"], "gold": shown[i][0].answer}
                                          for i, (s, r) in enumerate(zip(samples, records)) if r.format == "lawbench"]))
-    summary["questions_per_s"] = round(len(records) / max(elapsed, 1e-9), 2)
+    # the questions answered by this run (a resumed one skips those scored before)
+    summary["questions_per_s"] = round(len(order) / max(elapsed, 1e-9), 2)
     summary["seconds"] = round(elapsed, 2)
     summary["mode"] = ecfg.mode
     summary["do_sample"] = sampled_decoding(ecfg, gcfg)
     return samples, summary
+
+
+def _scored(record: Record, new_to_old: dict[str, str] | None, rows: list[dict]) -> dict:
+    """A question's sample in the report: its row scored (its K rows voted into one), letters mapped back."""
+    gold = record.answer or []
+    drawn = []
+    for row in rows:
+        pred = row["pred"]
+        if pred is not None and new_to_old:
+            pred = sorted(new_to_old[p] for p in pred)
+        drawn.append({"pred": pred or [], "valid": pred is not None,
+                      "correct": pred is not None and set(pred) == set(gold), "forced": row["forced"],
+                      "generated_tokens": row["generated_tokens"], "output": row["output"]})
+    sample = {"id": record.id, "type": record.type, "gold": gold, **(drawn[0] if len(drawn) == 1 else vote(drawn))}
+    if new_to_old:
+        sample["shown_letters"] = new_to_old
+    return sample
 
 
 def sampled_decoding(ecfg: EvalConfig, gcfg: GenerationConfig) -> bool:
@@ -362,14 +392,19 @@ def load_eval_file(data: str, ecfg, adapter: str | None) -> tuple:
 
 def score_file(model, tokenizer, records, skipped, overlap, cfg: EvalRun, prompt_format: str) -> dict:
     """The report of one file: its summary and every question."""
+    samples, summary = evaluate_records(model, tokenizer, records, cfg.eval, cfg.generation, prompt_format)
+    describe_file(summary, records, skipped, overlap, cfg, prompt_format)
+    return {"summary": summary, "samples": samples}
+
+
+def describe_file(summary: dict, records: list[Record], skipped, overlap, cfg: EvalRun, prompt_format: str) -> None:
+    """What a report's summary says of the file, the model and the settings, beside the numbers."""
     ecfg, data = cfg.eval, cfg.eval.data
-    samples, summary = evaluate_records(model, tokenizer, records, ecfg, cfg.generation, prompt_format)
     # the format the file was read as: a model card's model-index names it as the dataset's type
     summary.update({"format": records[0].format if records else ecfg.format})
     summary.update({"model": cfg.model.path, "adapter": cfg.adapter.path, "data": str(data),
                     "data_sha256": sha256_file(data), "prompt_format": prompt_format,
                     "shuffle_options": ecfg.shuffle_options, "skipped": skipped, "train_overlap": overlap})
-    return {"summary": summary, "samples": samples}
 
 
 def write_report(report: dict, output: Path) -> None:
@@ -378,7 +413,8 @@ def write_report(report: dict, output: Path) -> None:
 
 
 def eval_file(cfg: EvalRun) -> dict:
-    """Load the model once, score ``eval.data``, write the report (one JSON file) and return it."""
+    """Load the model once, score ``eval.data``, write the report (one JSON file) and return it (a served model,
+    ``eval.api_url``: ``api_eval.eval_api_file``)."""
     from .model import load_for_inference, quiet_loading
 
     ecfg, data, adapter = cfg.eval, cfg.eval.data, cfg.adapter.path

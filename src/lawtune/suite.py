@@ -1,6 +1,7 @@
 """`lawtune eval --suite suite.yaml --output page.html`: one model on several benchmarks and modes, one page.
 
-The suite YAML names the model (and adapter) and its runs::
+The suite YAML names the model (and adapter), or a served one (``api_url``, ``api_model``, ``tokenizer``: as
+``--api-url``, ``--api-model``, ``--tokenizer``), and its runs::
 
     model: ./DeepSeek-R1-Distill-Qwen-1.5B      # optional: else --model
     adapter: outputs/run/final_model            # optional: else --adapter
@@ -23,7 +24,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .config import ConfigError, EvalRun, SuiteRun, load_suite
+from .api_eval import api_client, api_tokenizer, score_api_file
+from .config import ConfigError, EvalRun, Suite, SuiteRun, load_suite
 from .config import replace as replace_config
 from .data import DataError
 from .errors import UsageError
@@ -57,7 +59,8 @@ def _local(folder: Path, path: str | None) -> str | None:
 
 
 def run_suite(cfg: EvalRun) -> dict:
-    """Score every run of the suite with one loaded model; write each report and the page."""
+    """Score every run of the suite with one loaded model (or the served one: ``api_url``); write each report and the
+    page."""
     from .model import load_for_inference, quiet_loading
 
     suite_file = cfg.eval.suite or ""
@@ -65,11 +68,16 @@ def run_suite(cfg: EvalRun) -> dict:
     page = Path(cfg.eval.output if cfg.eval.output != "report.json" else "suite.html")
     if page.is_dir():
         raise UsageError(f"eval.output: {page} is a directory; give the page's file (e.g. {page / 'suite.html'})")
-    adapter = _local(folder, suite.adapter) or cfg.adapter.path
-    model_cfg = with_adapter_base(replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path), adapter)
-    cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
-    if not model_cfg.path:
-        raise ConfigError(f"{suite_file}: no model (give model: in the suite or --model)")
+    if suite.api_url or cfg.eval.api_url:
+        cfg = served_config(cfg, suite, folder)
+        adapter, model_cfg = None, cfg.model
+    else:
+        adapter = _local(folder, suite.adapter) or cfg.adapter.path
+        model_cfg = with_adapter_base(replace_config(cfg.model, path=_local(folder, suite.model) or cfg.model.path),
+                                      adapter)
+        cfg = replace_config(cfg, model=model_cfg, adapter=replace_config(cfg.adapter, path=adapter))
+        if not model_cfg.path:
+            raise ConfigError(f"{suite_file}: no model (give model: in the suite or --model)")
     runs = [(run, run_config(cfg, run, folder)) for run in suite.runs]
     files: dict[tuple, tuple] = {}  # every file checked first, each once
     for run, rc in runs:
@@ -79,24 +87,62 @@ def run_suite(cfg: EvalRun) -> dict:
                 files[key] = load_eval_file(rc.eval.data, rc.eval, adapter)
             except DataError as exc:
                 raise DataError([f"{suite_file}: run {run.name}: {p}" for p in exc.problems]) from None
-    formats = [resolve_prompt_format(model_cfg.path, adapter, run.prompt_format or cfg.adapter.prompt_format)
+    # a served model's format: the one given, else a merged model's (its folder given as the tokenizer), else chat
+    model_dir = (cfg.eval.tokenizer or "") if cfg.eval.api_url else model_cfg.path
+    formats = [resolve_prompt_format(model_dir, adapter, run.prompt_format or cfg.adapter.prompt_format)
                for run, _ in runs]
     for (run, rc), fmt in zip(runs, formats):
         check_native(fmt, files[(rc.eval.data, rc.eval.format, rc.eval.type)][0], f"{suite_file}: run {run.name}: "
                      f"{rc.eval.data}")
-    quiet_loading()
-    model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force,
-                                          fold=cfg.adapter.fold)
     reports = {}
-    for (run, rc), fmt in zip(runs, formats):
-        records, skipped, overlap = files[(rc.eval.data, rc.eval.format, rc.eval.type)]
-        report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
-        report["summary"]["run"] = run.name
-        write_report(report, page.with_name(f"{page.stem}.{run.name}.json"))
-        reports[run.name] = report
+
+    def report_of(run: SuiteRun) -> Path:
+        return page.with_name(f"{page.stem}.{run.name}.json")
+
+    if cfg.eval.api_url and cfg.eval.api_model:
+        tokenizer = api_tokenizer(cfg)
+        with api_client(cfg, cfg.eval.api_url, cfg.eval.api_model) as client:
+            for (run, rc), fmt in zip(runs, formats):
+                records, skipped, overlap = files[(rc.eval.data, rc.eval.format, rc.eval.type)]
+                report = score_api_file(client, tokenizer, records, skipped, overlap, rc, fmt, report_of(run))
+                reports[run.name] = _written(report, run, report_of(run))
+        title = f"{cfg.eval.api_model} at {cfg.eval.api_url}"
+    else:
+        quiet_loading()
+        model, tokenizer = load_for_inference(model_cfg, adapter, force=cfg.adapter.force, fold=cfg.adapter.fold)
+        for (run, rc), fmt in zip(runs, formats):
+            records, skipped, overlap = files[(rc.eval.data, rc.eval.format, rc.eval.type)]
+            report = score_file(model, tokenizer, records, skipped, overlap, rc, fmt)
+            reports[run.name] = _written(report, run, report_of(run))
+        title = model_cfg.path
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(render_page(reports, model_cfg.path, adapter), encoding="utf-8")
+    page.write_text(render_page(reports, title, adapter), encoding="utf-8")
     return {"runs": {name: r["summary"] for name, r in reports.items()}, "page": str(page)}
+
+
+def _written(report: dict, run: SuiteRun, path: Path) -> dict:
+    report["summary"]["run"] = run.name
+    write_report(report, path)
+    return report
+
+
+def served_config(cfg: EvalRun, suite: Suite, folder: Path) -> EvalRun:
+    """The command's config for a suite of a served model: the suite's api_url, api_model and tokenizer (a folder
+    beside the suite file where one is there), else the command's."""
+    suite_file = cfg.eval.suite
+    if suite.model or suite.adapter:
+        key = "model" if suite.model else "adapter"
+        raise ConfigError(f"{suite_file}: {key}: the served model (api_url) is scored; leave {key} out of the suite")
+    e = cfg.eval
+    try:
+        cfg = replace_config(cfg, eval=replace_config(e, api_url=suite.api_url or e.api_url,
+                                                      api_model=suite.api_model or e.api_model,
+                                                      tokenizer=_local(folder, suite.tokenizer) or e.tokenizer))
+    except ConfigError as exc:
+        raise ConfigError(f"{suite_file}: {exc}") from None
+    if not cfg.eval.tokenizer and not cfg.eval.api_chat:
+        raise ConfigError(f"{suite_file}: tokenizer: the served model's tokenizer (in the suite, or --tokenizer)")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- the page

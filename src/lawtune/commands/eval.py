@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..api_eval import eval_api_file
 from ..config import EvalRun
 from ..evaluate import eval_file
 from ..suite import run_suite
@@ -26,7 +27,7 @@ def run_eval(cfg: EvalRun) -> int:
             print(f"{name}: {s['mode']} {headline(s)} ({s['data']})")
         print(f"page -> {report['page']}")
         return 0
-    s = eval_file(cfg)["summary"]
+    s = (eval_api_file(cfg) if cfg.eval.api_url else eval_file(cfg))["summary"]
     print(f"{s['mode']}: {headline(s)} (single {s['single']['accuracy']:.4f}, multi {s['multi']['accuracy']:.4f}), "
           f"invalid {s['invalid']}, forced {s['forced']}, {s['questions_per_s']} questions/s -> {cfg.eval.output}")
     return 0
