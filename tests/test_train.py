@@ -377,8 +377,8 @@ def test_sigterm_saves_the_step_exits_143_and_resume_reaches_the_uninterrupted_a
 
 VARIANTS = {
     "dora": ["lora.use_dora=true"],
-    "rslora": ["lora.use_rslora=true", "lora.r=4"],
-    "pissa": ["lora.init=pissa"],
+    "pissa": ["lora.init=pissa", "lora.r=4"],
+    # rsLoRA's conversion scales alpha by sqrt(2), not 2
     "olora": ["lora.init=olora", "lora.use_rslora=true"],
     "modules_to_save": ["lora.modules_to_save=[lm_head]", "train.sparse_logits=true"],
 }
@@ -414,8 +414,8 @@ def test_a_lora_variant_trains_and_its_final_model_loads_and_merges_exactly_on_t
     if variant == "dora":
         assert config["use_dora"] and any("lora_magnitude_vector" in k for k in _adapter(final))
         assert any("lora_magnitude_vector" in n for n in changed)
-    if variant in ("rslora", "olora"):
-        assert config["use_rslora"]
+    if variant == "olora":
+        assert config["use_rslora"] and config["lora_alpha"] == pytest.approx(cfg.lora.alpha * 2**0.5)
     if variant in ("pissa", "olora"):
         # saved as a plain LoRA of the original base: twice the rank, the starting adapters subtracted
         assert config["init_lora_weights"] is True and config["r"] == 2 * cfg.lora.r
@@ -435,3 +435,12 @@ def test_a_lora_variant_trains_and_its_final_model_loads_and_merges_exactly_on_t
                                            "merge": {"output": str(merged_dir)}}), say=lambda _: None)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     torch.testing.assert_close(_logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+
+    # eval's and serve's generation (the engine) through the adapter's layers writes what the merged model writes
+    from lawtune.config import GenerationConfig
+    from lawtune.generation import generate
+
+    merged_model, tokenizer = load_for_inference(ModelConfig(path=str(merged_dir), dtype="float32"))
+    prompts = ["甲乙丙丁", "以下说法"]
+    assert ([g.text for g in generate(loaded, tokenizer, prompts, 8, GenerationConfig())]
+            == [g.text for g in generate(merged_model, tokenizer, prompts, 8, GenerationConfig())])
