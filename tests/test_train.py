@@ -424,6 +424,10 @@ def test_a_lora_variant_trains_and_its_final_model_loads_and_merges_exactly_on_t
         assert config["modules_to_save"] == ["lm_head"] and "base_model.model.lm_head.weight" in _adapter(final)
         assert any("lm_head" in n for n in changed)  # trained though sparse logits compute it at answer positions
 
+    card = (final / "README.md").read_text(encoding="utf-8")
+    assert {"dora": "; DoRA", "pissa": "; pissa init (saved converted", "olora": "; rsLoRA; olora init",
+            "modules_to_save": "; trained in full: lm_head"}[variant] in card
+
     base = ModelConfig(path=cfg.model.path, dtype="float32")
     loaded, _ = load_for_inference(base, str(final))  # eval's and serve's loader, with the adapter/base check
     torch.testing.assert_close(_logits(loaded, ids), trained, rtol=1e-4, atol=1e-4)
