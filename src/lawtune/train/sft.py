@@ -19,7 +19,7 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..card import refresh_cards, write_card
-from ..config import MUTATING_INITS, TrainRun
+from ..config import MUTATING_INITS, ConfigError, TrainRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer
@@ -179,6 +179,10 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm:
         counter=counter,
     )
     held_out.trainer = trainer
+    if cfg.lora.init in MUTATING_INITS and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # the conversion at save time reads the whole adapter in one process
+        raise ConfigError(f"lora.init: {cfg.lora.init} adapters are converted to a plain LoRA when saved, which "
+                          f"lawtune does under DDP or on one GPU, not FSDP or DeepSpeed; use init default or gaussian")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     log.info("model %s on %s (%s): %s trainable LoRA parameters of %s (%.2f%%)", cfg.model.path, device,
