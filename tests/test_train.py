@@ -380,7 +380,7 @@ VARIANTS = {
     "pissa": ["lora.init=pissa", "lora.r=4"],
     # rsLoRA's conversion scales alpha by sqrt(2), not 2
     "olora": ["lora.init=olora", "lora.use_rslora=true"],
-    "modules_to_save": ["lora.modules_to_save=[lm_head]", "train.sparse_logits=true"],
+    "modules_to_save": ["lora.modules_to_save=[lm_head,embed_tokens]", "train.sparse_logits=true"],
 }
 
 
@@ -421,12 +421,14 @@ def test_a_lora_variant_trains_and_its_final_model_loads_and_merges_exactly_on_t
         assert config["init_lora_weights"] is True and config["r"] == 2 * cfg.lora.r
         assert (tmp_path / "run" / "initial_adapter" / "adapter_config.json").is_file()
     if variant == "modules_to_save":
-        assert config["modules_to_save"] == ["lm_head"] and "base_model.model.lm_head.weight" in _adapter(final)
-        assert any("lm_head" in n for n in changed)  # trained though sparse logits compute it at answer positions
+        assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
+        assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(_adapter(final))
+        # both trained, the head though sparse logits compute it at the answer positions alone
+        assert any("lm_head" in n for n in changed) and any("embed_tokens" in n for n in changed)
 
     card = (final / "README.md").read_text(encoding="utf-8")
     assert {"dora": "; DoRA", "pissa": "; pissa init (saved converted", "olora": "; rsLoRA; olora init",
-            "modules_to_save": "; trained in full: lm_head"}[variant] in card
+            "modules_to_save": "; trained in full: lm_head, embed_tokens"}[variant] in card
 
     base = ModelConfig(path=cfg.model.path, dtype="float32")
     loaded, _ = load_for_inference(base, str(final))  # eval's and serve's loader, with the adapter/base check
