@@ -104,7 +104,6 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
     """
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    initial = initial_adapter(cfg, dest.parent)
     if trainer is not None:
         if trainer.is_world_process_zero() and tmp.exists():
             shutil.rmtree(tmp)
@@ -114,11 +113,14 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
             trainer.accelerator.wait_for_everyone()
             return dest
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        # only the main process wrote the starting adapters (and only it converts)
+        initial = initial_adapter(cfg, dest.parent)
         if initial is not None:
             save_converted(trainer.model, tmp, initial)
     else:
         if tmp.exists():
             shutil.rmtree(tmp)
+        initial = initial_adapter(cfg, dest.parent)
         if initial is not None:
             save_converted(model, tmp, initial)
         else:
