@@ -87,7 +87,7 @@ def _crash_in_step_three(cfg):
     return parts
 
 
-@pytest.mark.parametrize("init", ["default", pytest.param("pissa", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("init", ["default", "pissa"])
 def test_resume_after_interruption_reaches_the_same_adapter(init, tiny_config, tmp_path):
     """pissa too: the resumed session takes the start out of the base again, and converts against the first
     session's starting adapters."""
