@@ -5,6 +5,7 @@
     python bench/train_throughput.py --smoke          # tiny model on the CPU, seconds (tests/test_bench.py)
     python bench/train_throughput.py --recipes lawtune --variant nocompile=train.compile=false
     python bench/train_throughput.py --lora-variants  # LoRA, DoRA and rsLoRA side by side (lawtune's default)
+    python bench/train_throughput.py --lora-variants lora,dora  # some of them (LoRA first: the others' reference)
 
 The model is DeepSeek-R1-Distill-Qwen-1.5B's architecture (config.json of the model directory) with
 random weights, saved once so that every recipe loads it the way it would load the real checkpoint.
@@ -284,7 +285,11 @@ def recipe_plan(opts) -> list[tuple[str, dict]]:
         items = [o for o in items if not o.startswith("env:") and o not in ("profile", "cprofile")]
         plan.append((name, {"overrides": items, "env": env, "profile": profile, "cprofile": cprofile}))
     if opts.lora_variants:
-        plan += [(name, {"overrides": overrides, "lora_variant": True}) for name, overrides in LORA_VARIANTS]
+        wanted = [v for v in opts.lora_variants.split(",") if v]
+        unknown = sorted(set(wanted) - set(dict(LORA_VARIANTS)))
+        if unknown:
+            raise SystemExit(f"unknown LoRA variant {', '.join(unknown)}; known: {', '.join(dict(LORA_VARIANTS))}")
+        plan += [(name, {"overrides": overrides}) for name, overrides in LORA_VARIANTS if name in wanted]
     return plan
 
 
@@ -379,8 +384,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", help="directory with config.json and the tokenizer (default .bench_assets/ or ../shared/)")
     p.add_argument("--recipes", default=None, help=f"comma list of {', '.join(RECIPES)} (default: all; none with "
                                                    f"--lora-variants)")
-    p.add_argument("--lora-variants", action="store_true",
-                   help="also run lawtune's default config as plain LoRA, DoRA and rsLoRA, each with its ratio to LoRA")
+    p.add_argument("--lora-variants", nargs="?", const=",".join(n for n, _ in LORA_VARIANTS), default=None,
+                   metavar="lora,dora,rslora",
+                   help="also run lawtune's default config as plain LoRA, DoRA and rsLoRA (or the ones listed), each "
+                        "with its ratio to LoRA")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="lawtune's default config with overrides (repeatable); an item env:VAR=VALUE sets an "
                         "environment variable, the item profile prints where the GPU time goes, cprofile where the CPU time goes")
