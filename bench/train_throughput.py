@@ -4,6 +4,8 @@
     python bench/train_throughput.py                  # full size, one GPU (see bench/README.md)
     python bench/train_throughput.py --smoke          # tiny model on the CPU, seconds (tests/test_bench.py)
     python bench/train_throughput.py --recipes lawtune --variant nocompile=train.compile=false
+    python bench/train_throughput.py --lora-variants  # LoRA, DoRA and rsLoRA side by side (lawtune's default)
+    python bench/train_throughput.py --lora-variants lora,dora  # some of them (LoRA first: the others' reference)
 
 The model is DeepSeek-R1-Distill-Qwen-1.5B's architecture (config.json of the model directory) with
 random weights, saved once so that every recipe loads it the way it would load the real checkpoint.
@@ -19,7 +21,9 @@ memory is its own):
 * ``lawtune``: the real ``lawtune.train.setup`` / ``fit`` with configs/deepseek-r1-distill-qwen-1.5b_lora.yaml;
   ``lawtune8``: the same at the original recipe's batch (~8 sequences per optimizer step);
 * ``low_memory``: configs/low_memory.yaml on examples of exactly 2048 tokens (its peak memory is the point);
-* ``--variant NAME=key=value,key=value``: lawtune's default config with overrides.
+* ``--variant NAME=key=value,key=value``: lawtune's default config with overrides;
+* ``--lora-variants``: lawtune's default config as ``lora`` (plain LoRA), ``dora`` (lora.use_dora) and
+  ``rslora`` (lora.use_rslora), each with its ratio to ``lora`` (only these, unless --recipes names more).
 
 Each runs warm-up optimizer steps (compilation, autotuning) and then a fixed number of timed steps.
 Prints one JSON line per recipe: real (non-padding) tokens/s, peak reserved GiB, MFU (4 x 1.54e9 x
@@ -48,6 +52,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 FLOPS_PER_TOKEN = 4 * 1.54e9  # forward + input gradients through the frozen 1.5B matrices
 PEAK_FLOPS = 790e12  # bf16 dense matrix products measured on an H100
 RECIPES = ["baseline", "trl", "trl_nogc", "lawtune", "lawtune8", "low_memory"]
+# --lora-variants: lawtune's default config with each LoRA variant (name, overrides); the first is the reference.
+LORA_VARIANTS = [("lora", []), ("dora", ["lora.use_dora=true"]), ("rslora", ["lora.use_rslora=true"])]
 MARK = "@@BENCH "
 
 
@@ -252,7 +258,9 @@ def run_lawtune(opts, work: Path, device, meter: Meter, config: Path, overrides:
                        "packing": t.packing, "batch_tokens": t.batch_tokens, "per_device_batch_size": t.per_device_batch_size,
                        "gradient_accumulation_steps": t.gradient_accumulation_steps, "sparse_logits": t.sparse_logits,
                        "liger": t.liger, "compile": t.compile, "optim": t.optim,
-                       "gradient_checkpointing": t.gradient_checkpointing}}
+                       "gradient_checkpointing": t.gradient_checkpointing,
+                       "lora": {"r": cfg.lora.r, "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora,
+                                "init": cfg.lora.init}}}
 
 
 def _has(module: str) -> bool:
@@ -263,7 +271,8 @@ def _has(module: str) -> bool:
 
 def recipe_plan(opts) -> list[tuple[str, dict]]:
     plan = []
-    for name in [r for r in opts.recipes.split(",") if r]:
+    recipes = opts.recipes if opts.recipes is not None else "" if opts.lora_variants else ",".join(RECIPES)
+    for name in [r for r in recipes.split(",") if r]:
         if name not in RECIPES:
             raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
         plan.append((name, {}))
@@ -275,6 +284,12 @@ def recipe_plan(opts) -> list[tuple[str, dict]]:
         cprofile = "cprofile" in items
         items = [o for o in items if not o.startswith("env:") and o not in ("profile", "cprofile")]
         plan.append((name, {"overrides": items, "env": env, "profile": profile, "cprofile": cprofile}))
+    if opts.lora_variants:
+        wanted = [v for v in opts.lora_variants.split(",") if v]
+        unknown = sorted(set(wanted) - set(dict(LORA_VARIANTS)))
+        if unknown:
+            raise SystemExit(f"unknown LoRA variant {', '.join(unknown)}; known: {', '.join(dict(LORA_VARIANTS))}")
+        plan += [(name, {"overrides": overrides}) for name, overrides in LORA_VARIANTS if name in wanted]
     return plan
 
 
@@ -367,7 +382,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model, few steps, CPU, in one process")
     p.add_argument("--model-dir", help="directory with config.json and the tokenizer (default .bench_assets/ or ../shared/)")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
+    p.add_argument("--recipes", default=None, help=f"comma list of {', '.join(RECIPES)} (default: all; none with "
+                                                   f"--lora-variants)")
+    p.add_argument("--lora-variants", nargs="?", const=",".join(n for n, _ in LORA_VARIANTS), default=None,
+                   metavar="lora,dora,rslora",
+                   help="also run lawtune's default config as plain LoRA, DoRA and rsLoRA (or the ones listed), each "
+                        "with its ratio to LoRA")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=key=value,...",
                    help="lawtune's default config with overrides (repeatable); an item env:VAR=VALUE sets an "
                         "environment variable, the item profile prints where the GPU time goes, cprofile where the CPU time goes")
@@ -456,6 +476,12 @@ def _with_ratio(row: dict, results: dict) -> dict:
     base = results.get("baseline", {}).get("tokens_per_s")
     if base and row.get("tokens_per_s"):
         row["ratio_to_baseline"] = round(row["tokens_per_s"] / base, 2)
+    lora = results.get(LORA_VARIANTS[0][0], {})
+    if row.get("recipe") in dict(LORA_VARIANTS) and row["recipe"] != LORA_VARIANTS[0][0] and row.get("tokens_per_s") \
+            and lora.get("tokens_per_s"):
+        row["ratio_to_lora"] = round(row["tokens_per_s"] / lora["tokens_per_s"], 2)
+        if row.get("peak_reserved_gib") and lora.get("peak_reserved_gib"):
+            row["memory_ratio_to_lora"] = round(row["peak_reserved_gib"] / lora["peak_reserved_gib"], 2)
     return row
 
 

@@ -31,7 +31,9 @@ def test_eval_bench_smoke():
 
 
 def test_train_bench_smoke():
-    rows = {r.get("recipe", r.get("bench")): r for r in _run("train_throughput.py")}
+    # every recipe, and --lora-variants' rows (which alone would leave the recipes out) in the same process
+    rows = {r.get("recipe", r.get("bench")): r for r in _run(
+        "train_throughput.py", "--lora-variants", "--recipes", "baseline,trl,trl_nogc,lawtune,lawtune8,low_memory")}
     for name in ("baseline", "trl", "lawtune", "lawtune8", "low_memory"):
         assert rows[name]["tokens_per_s"] > 0, rows[name]
         assert rows[name]["tokens"] > 0 and 0 < rows[name]["mfu"] < 1
@@ -39,6 +41,11 @@ def test_train_bench_smoke():
     assert rows["lawtune"]["config"]["sparse_logits"] and rows["lawtune"]["config"]["packing"]
     assert rows["low_memory"]["config"]["gradient_checkpointing"]
     assert "ratio_to_baseline" in rows["lawtune"]
+    # LoRA, DoRA and rsLoRA on lawtune's default config, compared with LoRA
+    assert all(rows[name]["tokens_per_s"] > 0 for name in ("lora", "dora", "rslora"))
+    assert [rows[name]["config"]["lora"]["use_dora"] for name in ("lora", "dora", "rslora")] == [False, True, False]
+    assert rows["rslora"]["config"]["lora"]["use_rslora"] and not rows["lora"]["config"]["lora"]["use_rslora"]
+    assert rows["dora"]["ratio_to_lora"] > 0 and "ratio_to_lora" not in rows["lora"]
 
 
 def test_multi_gpu_bench_smoke():

@@ -81,6 +81,8 @@ def test_overrides_dotted_shorthand_and_scientific_floats(tmp_path):
     ("train.learning_rate=fast", "train.learning_rate"),
     ("eval.mode=vote", "eval.mode"),
     ("lora.dropout=1.5", "lora.dropout"),
+    ("lora.init=loftq", "lora.init"),
+    ("lora.use_dora=maybe", "lora.use_dora"),
     ("nosection=1", "nosection"),
 ])
 def test_invalid_values_name_their_key(override, key):
@@ -93,3 +95,39 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     bad.write_text("# x\ntrain:\n  max_steps: [1,\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"bad\.yaml:\d+"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["lora.init=pissa", "lora.use_dora=true"], "lora.init: pissa with lora.use_dora"),
+    (["lora.init=olora", "lora.modules_to_save=[lm_head]"], "lora.init: olora with lora.modules_to_save"),
+    (["lora.modules_to_save=[q_proj]"], "lora.modules_to_save: q_proj also in lora.target_modules"),
+    (["lora.init=pissa", "model.quantization=4bit"], "lora.init: pissa rewrites the base weights"),
+])
+def test_lora_variants_that_cannot_be_saved_as_a_lora_of_the_original_base_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_grpo_refuses_pissa_where_its_kl_reference_is_the_base():
+    with pytest.raises(ConfigError, match="grpo.beta > 0 uses the base"):
+        load_config(None, ["lora.init=olora", "grpo.beta=0.04"], run_cls=GrpoRun)
+    assert load_config(None, ["lora.init=olora"], run_cls=GrpoRun).lora.init == "olora"  # beta 0: no reference
+
+
+def test_lora_variants_reach_peft(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lawtune.config import LoraSection
+    from lawtune.model import ModelError, lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_config = lora_config(model, LoraSection(use_dora=True, use_rslora=True, init="gaussian",
+                                                 modules_to_save=["lm_head"]))
+    assert (peft_config.use_dora, peft_config.use_rslora, peft_config.init_lora_weights) == (True, True, "gaussian")
+    assert peft_config.modules_to_save == ["lm_head"]
+    assert lora_config(model, LoraSection()).init_lora_weights is True and not lora_config(model, LoraSection()).use_dora
+    with pytest.raises(ModelError, match="lora.modules_to_save: score not found"):
+        lora_config(model, LoraSection(modules_to_save=["score"]))
+    model.config.tie_word_embeddings = True
+    with pytest.raises(ModelError, match="lora.modules_to_save: lm_head: this model ties"):
+        lora_config(model, LoraSection(modules_to_save=["lm_head"]))

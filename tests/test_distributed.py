@@ -220,3 +220,28 @@ def test_sigterm_on_one_rank_stops_both_at_one_step_and_resume_ends_as_the_unint
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+
+
+def test_two_processes_save_a_pissa_run_converted_to_a_lora_of_the_original_base(tiny_model_dir, tmp_path):
+    """lora.init=pissa under DDP: rank 0 keeps the starting adapters and converts final_model against them. The
+    converted adapter on the original base computes what the last checkpoint (unconverted: peft takes the start
+    out of the base again when it loads it) computes."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    launch_one_node(ddp_demo_config(tmp_path / "ddp.yaml", tiny_model_dir, out), "lora.init=pissa", "lora.r=4")
+    config = json.loads((out / "final_model" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["init_lora_weights"] is True and config["r"] == 8
+    assert json.loads((out / "checkpoint-4" / "adapter_config.json").read_text(encoding="utf-8"))["init_lora_weights"] == "pissa"
+    ids = torch.tensor([list(range(5, 40))])
+    logits = []
+    for adapter in ("final_model", "checkpoint-4"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / adapter).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, logits[0], atol=1e-3)

@@ -406,3 +406,35 @@ def test_completions_end_where_trl_ends_them_and_count_as_not_cut(rollout, tiny_
     for row in steps:
         assert row["completions/max_length"] == 1 and row["completions/clipped_ratio"] == 0.0, row
         assert row["grad_norm"] > 0, row
+
+
+@pytest.mark.parametrize("variant", [["lora.use_dora=true", "lora.use_rslora=true"], ["lora.init=pissa"],
+                                     ["lora.modules_to_save=[lm_head]"]], ids=["dora", "pissa", "modules_to_save"])
+def test_a_fresh_lora_variant_trains_under_grpo_and_its_final_model_loads_exactly_on_the_original_base(
+        variant, tiny_model_dir, tmp_path, monkeypatch):
+    from lawtune.config import ModelConfig
+    from lawtune.model import load_for_inference
+    from lawtune.train import grpo as grpo_module
+    from lawtune.train.grpo import fit, setup
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    out = tmp_path / "run"
+    run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.rollout=engine",
+                             *variant))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    fit(run)
+    changed = [n for n, p in run.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert changed
+    config = json.loads((out / "final_model" / "adapter_config.json").read_text(encoding="utf-8"))
+    if "lora.use_dora=true" in variant:
+        assert config["use_dora"] and config["use_rslora"] and any("magnitude" in n for n in changed)
+    if "lora.init=pissa" in variant:
+        assert config["init_lora_weights"] is True and config["r"] == 2 * run.cfg.lora.r  # converted
+    if "lora.modules_to_save=[lm_head]" in variant:
+        assert config["modules_to_save"] == ["lm_head"] and any("lm_head" in n for n in changed)
+
+    ids = torch.tensor([list(range(5, 40))])
+    run.model.eval()
+    loaded, _ = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"), str(out / "final_model"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

@@ -148,3 +148,28 @@ def test_a_folded_adapter_gives_the_unfolded_adapters_logits_without_its_modules
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, logits[True], atol=1e-3)
     assert torch.allclose(logits[True], logits[False], atol=1e-5)
+
+
+def test_an_adapter_whose_module_trained_in_full_does_not_fit_the_base_is_refused(tiny_model_dir, tmp_path):
+    """lora.modules_to_save: the saved lm_head replaces the base's, so its shape is checked too (the LoRA matrices of
+    an adapter for a model with a larger vocabulary fit this one)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lawtune.model import ModelError, check_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    other.resize_token_embeddings(other.config.vocab_size + 8)
+    for model, name in ((base, "fits"), (other, "larger")):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(
+            tmp_path / name)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    check_adapter(tmp_path / "fits", fresh)
+    vocab = fresh.config.vocab_size
+    with pytest.raises(ModelError, match=rf"its lm_head.weight is \[{vocab + 8}, 64\], the base model's \[{vocab}, 64\]"):
+        check_adapter(tmp_path / "larger", fresh)
+    config = json.loads((tmp_path / "fits" / "adapter_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "fits" / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["score"]}))
+    with pytest.raises(ModelError, match="adapter targets score, which the base model does not have"):
+        check_adapter(tmp_path / "fits", fresh)

@@ -75,6 +75,22 @@ def test_a_run_file_written_before_data_format_was_recorded_still_resumes(tmp_pa
         prepare_run_dir(out, _demo_run("lora.r=4"), resume=True, overwrite=False)
 
 
+@pytest.mark.parametrize("override,key", [("lora.use_dora=true", "lora.use_dora"),
+                                          ("lora.use_rslora=true", "lora.use_rslora"),
+                                          ("lora.init=pissa", "lora.init"),
+                                          ("lora.modules_to_save=[lm_head]", "lora.modules_to_save")])
+def test_the_lora_variants_decide_the_weights_and_a_run_from_before_them_still_resumes(override, key, tmp_path):
+    old = json.loads(OLD_RUN.read_text(encoding="utf-8"))
+    assert key not in old and key in run_fingerprint(_demo_run())
+    assert run_fingerprint(_demo_run(override))[key] != run_fingerprint(_demo_run())[key]
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(OLD_RUN, out / RUN_FILE)
+    prepare_run_dir(out, _demo_run(), resume=True, overwrite=False)  # plain LoRA: the run it was
+    with pytest.raises(ConfigError, match=f"another {key}"):
+        prepare_run_dir(out, _demo_run(override), resume=True, overwrite=False)
+
+
 GENERIC = "以下说法错误的是："
 
 

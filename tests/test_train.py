@@ -87,10 +87,13 @@ def _crash_in_step_three(cfg):
     return parts
 
 
-def test_resume_after_interruption_reaches_the_same_adapter(tiny_config, tmp_path):
-    straight = train(tiny_config(f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4"))
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_resume_after_interruption_reaches_the_same_adapter(init, tiny_config, tmp_path):
+    """pissa too: the resumed session takes the start out of the base again, and converts against the first
+    session's starting adapters."""
+    straight = train(tiny_config(f"train.output_dir={tmp_path / 'a'}", "train.max_steps=4", f"lora.init={init}"))
 
-    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4")
+    cfg = tiny_config(f"train.output_dir={tmp_path / 'b'}", "train.max_steps=4", f"lora.init={init}")
     _crash_in_step_three(cfg)
     assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "final_model").exists()
     resumed = train(cfg, resume=True)
@@ -368,3 +371,82 @@ def test_sigterm_saves_the_step_exits_143_and_resume_reaches_the_uninterrupted_a
     evals = lambda run: [(r["step"], r["eval_accuracy"]) for r in _metrics(run) if "eval_accuracy" in r]  # noqa: E731
     assert evals(out) == evals(tmp_path / "straight") and [s for s, _ in evals(out)] == [2, 4]
     assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- LoRA variants (lora.use_dora ...)
+
+VARIANTS = {
+    "dora": ["lora.use_dora=true"],
+    "pissa": ["lora.init=pissa", "lora.r=4"],
+    # rsLoRA's conversion scales alpha by sqrt(2), not 2
+    "olora": ["lora.init=olora", "lora.use_rslora=true"],
+    "modules_to_save": ["lora.modules_to_save=[lm_head,embed_tokens]", "train.sparse_logits=true"],
+}
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_lora_variant_trains_and_its_final_model_loads_and_merges_exactly_on_the_original_base(
+        variant, tiny_config, tmp_path):
+    """What `train` saved, loaded by eval's loader on the original base and merged by `lawtune merge`, computes
+    the logits of the model as trained (for pissa and olora: whose base weights were changed while training)."""
+    from transformers import AutoModelForCausalLM
+
+    from lawtune.config import MergeRun, ModelConfig
+    from lawtune.merge import merge_adapter
+    from lawtune.model import load_for_inference
+
+    cfg = tiny_config("train.max_steps=2", "train.save_steps=10", *VARIANTS[variant])
+    parts = setup(cfg)
+    before = {n: p.detach().clone() for n, p in parts.model.named_parameters() if p.requires_grad}
+    fit(parts)
+    ids = torch.tensor([list(range(5, 40))])
+    trained = _logits(parts.model, ids)
+    final = tmp_path / "run" / "final_model"
+    config = json.loads((final / "adapter_config.json").read_text(encoding="utf-8"))
+    changed = [n for n, p in parts.model.named_parameters() if n in before and not torch.equal(p, before[n])]
+
+    if variant == "dora":
+        assert config["use_dora"] and any("lora_magnitude_vector" in k for k in _adapter(final))
+        assert any("lora_magnitude_vector" in n for n in changed)
+    if variant == "olora":
+        assert config["use_rslora"] and config["lora_alpha"] == pytest.approx(cfg.lora.alpha * 2**0.5)
+    if variant in ("pissa", "olora"):
+        # saved as a plain LoRA of the original base: twice the rank, the starting adapters subtracted
+        assert config["init_lora_weights"] is True and config["r"] == 2 * cfg.lora.r
+        assert (tmp_path / "run" / "initial_adapter" / "adapter_config.json").is_file()
+    if variant == "modules_to_save":
+        assert sorted(config["modules_to_save"]) == ["embed_tokens", "lm_head"]
+        assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(_adapter(final))
+        # both trained, the head though sparse logits compute it at the answer positions alone
+        assert any("lm_head" in n for n in changed) and any("embed_tokens" in n for n in changed)
+
+    card = (final / "README.md").read_text(encoding="utf-8")
+    assert {"dora": "; DoRA", "pissa": "; pissa init (saved converted", "olora": "; rsLoRA; olora init",
+            "modules_to_save": "; trained in full: lm_head, embed_tokens"}[variant] in card
+
+    base = ModelConfig(path=cfg.model.path, dtype="float32")
+    loaded, _ = load_for_inference(base, str(final))  # eval's and serve's loader, with the adapter/base check
+    torch.testing.assert_close(_logits(loaded, ids), trained, rtol=1e-4, atol=1e-4)
+    untouched, _ = load_for_inference(base)
+    assert not torch.allclose(_logits(untouched, ids), trained, atol=1e-3)  # the adapter matters
+
+    merged_dir = tmp_path / "merged"
+    merge_adapter(MergeRun.model_validate({"model": {"path": cfg.model.path}, "adapter": {"path": str(final)},
+                                           "merge": {"output": str(merged_dir)}}), say=lambda _: None)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    torch.testing.assert_close(_logits(merged, ids), trained, rtol=1e-4, atol=1e-4)
+
+    # eval's and serve's generation (the engine) through the adapter's layers writes what the merged model writes
+    from lawtune.config import GenerationConfig
+    from lawtune.generation import generate
+
+    merged_model, tokenizer = load_for_inference(ModelConfig(path=str(merged_dir), dtype="float32"))
+    prompts = ["甲乙丙丁", "以下说法"]
+    assert ([g.text for g in generate(loaded, tokenizer, prompts, 8, GenerationConfig())]
+            == [g.text for g in generate(merged_model, tokenizer, prompts, 8, GenerationConfig())])

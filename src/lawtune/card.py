@@ -20,7 +20,7 @@ import yaml
 
 from . import __version__
 from .compare import load_report
-from .config import MODEL_DIR, WORKING_DIR, looks_like_hub_id, read_from
+from .config import MODEL_DIR, MUTATING_INITS, WORKING_DIR, looks_like_hub_id, read_from
 from .data import DataError, load_records, sha256_file
 from .errors import UsageError
 from .rundir import CONFIG_FILE, FINAL_STEPS, MANIFEST_FILE, merge_info, training_overlap
@@ -192,6 +192,18 @@ def _eval_results(reports: list[tuple[Path, dict]]):
     return results
 
 
+def lora_variant(lora: dict) -> str:
+    """The LoRA variant of a run's lora section, as the card's LoRA row ends ('' for plain LoRA)."""
+    parts = [name for key, name in (("use_dora", "DoRA"), ("use_rslora", "rsLoRA")) if lora.get(key)]
+    init = lora.get("init") or "default"
+    if init != "default":
+        parts.append(f"{init} init" + (" (saved converted to a LoRA of the original base)"
+                                       if init in MUTATING_INITS else ""))
+    if lora.get("modules_to_save"):
+        parts.append(f"trained in full: {', '.join(lora['modules_to_save'])}")
+    return "; " + "; ".join(parts) if parts else ""
+
+
 def _training_section(src: _Source, base: str | None) -> list[str]:
     cfg, manifest = src.config, src.manifest
     if not cfg and not manifest:
@@ -202,7 +214,7 @@ def _training_section(src: _Source, base: str | None) -> list[str]:
               "train": "LoRA supervised fine-tuning (`lawtune train`)"}.get(src.command or "", "unknown")
     rows = [("method", method), ("base model", f"`{base}`" if base else "–"),
             ("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
-                     f"modules {', '.join(lora.get('target_modules') or [])}"),
+                     f"modules {', '.join(lora.get('target_modules') or [])}" + lora_variant(lora)),
             ("quantization", model.get("quantization", "none")),
             ("prompt format", data.get("prompt_format")), ("max length", data.get("max_length"))]
     keys = ["learning_rate", "lr_scheduler_type", "warmup_steps", "max_steps", "per_device_batch_size",

@@ -75,6 +75,9 @@ INFER_MODES: tuple[str, ...] = get_args(InferMode)
 MAX_VOTE_SAMPLES = 64
 VoteSamples = Annotated[int, Field(ge=1, le=MAX_VOTE_SAMPLES)]
 M = TypeVar("M", bound=BaseModel)
+# How LoRA adapters start (peft's init_lora_weights): pissa and olora take their start out of the base weights.
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+MUTATING_INITS = ("pissa", "olora")
 
 
 class Section(BaseModel):
@@ -116,11 +119,35 @@ class LoraSection(Section):
     r: Annotated[PositiveInt, WEIGHTS] = 16
     """LoRA rank (the original recipe's 16)."""
     alpha: Annotated[PositiveInt, WEIGHTS] = 16
-    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    """LoRA scaling numerator; the update is scaled by alpha / r (with lora.use_rslora by alpha / sqrt(r), so a
+    higher rank no longer shrinks the update: keep alpha, raise r)."""
     dropout: Annotated[float, Field(ge=0, lt=1), WEIGHTS] = 0.0
     """Dropout on the LoRA input."""
     target_modules: Annotated[list[str], Field(min_length=1), WEIGHTS] = Field(default_factory=PROJECTIONS.copy)
     """Module names that get adapters: all seven attention and MLP projections by default."""
+    use_rslora: Annotated[bool, WEIGHTS] = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r (rank-stabilised; better at high ranks)."""
+    use_dora: Annotated[bool, WEIGHTS] = False
+    """DoRA: learn each adapted weight's column norms (magnitude) apart from its LoRA direction update. Slower per
+    step than plain LoRA; merges into the base like LoRA."""
+    init: Annotated[LoraInit, WEIGHTS] = "default"
+    """How the adapters start: default (A random, B zero: the model starts as the base), gaussian (A from a
+    normal), pissa (A, B from the top singular vectors of each weight, taken out of the base) or olora (from a
+    QR decomposition, likewise). pissa and olora change the base weights while training; the saved adapter is
+    converted to a plain LoRA of the original base (twice the rank), so eval, merge and serve use that base."""
+    modules_to_save: Annotated[list[str], WEIGHTS] = Field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens), beside the LoRA ones."""
+
+    def problems(self) -> Iterator[str]:
+        if self.init in MUTATING_INITS and self.use_dora:
+            yield (f"lora.init: {self.init} with lora.use_dora cannot be saved as a LoRA of the original base "
+                   f"(peft converts the LoRA matrices only); use one of them")
+        if self.init in MUTATING_INITS and self.modules_to_save:
+            yield (f"lora.init: {self.init} with lora.modules_to_save cannot be saved as a LoRA of the original base "
+                   f"(peft's conversion keeps the LoRA matrices only); use one of them")
+        overlap = sorted(set(self.modules_to_save) & set(self.target_modules))
+        if overlap:
+            yield f"lora.modules_to_save: {', '.join(overlap)} also in lora.target_modules (train it one way)"
 
 
 class DataConfig(Section):
@@ -661,6 +688,11 @@ class TrainingRun(Run):
     lora: LoraSection = LoraSection()
     data: DataConfig = DataConfig()
 
+    def lora_problems(self) -> Iterator[str]:
+        if self.lora.init in MUTATING_INITS and self.model.quantization == "4bit":
+            yield (f"lora.init: {self.lora.init} rewrites the base weights, which a 4-bit base (model.quantization) "
+                   f"cannot hold exactly; use init default or gaussian")
+
 
 class TrainRun(TrainingRun, title="train"):
     """LoRA SFT from a YAML config"""
@@ -670,6 +702,7 @@ class TrainRun(TrainingRun, title="train"):
     generation: GenerationConfig = GenerationConfig()
 
     def problems(self) -> Iterator[str]:
+        yield from self.lora_problems()
         tokens, longest = self.train.batch_tokens, self.data.max_length
         if tokens is not None and tokens < longest:
             yield f"train.batch_tokens: {tokens} cannot hold an example of data.max_length={longest} tokens"
@@ -691,6 +724,10 @@ class GrpoRun(TrainingRun, title="grpo"):
             yield "data.mix: grpo samples its own completions; answer-only mixing is for `lawtune train`"
         if g.adapter and self.lora != LoraSection():
             yield "lora: grpo.adapter is continued with its own LoRA; lora shapes a fresh one (give one)"
+        yield from self.lora_problems()
+        if self.lora.init in MUTATING_INITS and g.beta > 0:
+            yield (f"lora.init: {self.lora.init} takes the adapter's start out of the base weights, and grpo.beta > 0 "
+                   f"uses the base (adapter off) as its reference; use init default or gaussian, or grpo.beta=0")
         if self.data.max_length <= g.max_completion_length:
             yield (f"data.max_length: {self.data.max_length} leaves no room for a prompt beside "
                    f"grpo.max_completion_length={g.max_completion_length}")

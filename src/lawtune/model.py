@@ -145,11 +145,24 @@ def lora_config(model, lcfg: LoraSection):
     from peft import LoraConfig
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in lcfg.target_modules if m not in present]
-    if missing:
-        raise ModelError(f"lora.target_modules: {', '.join(missing)} not found in the model")
+    for key, names in (("target_modules", lcfg.target_modules), ("modules_to_save", lcfg.modules_to_save)):
+        missing = [m for m in names if m not in present]
+        if missing:
+            raise ModelError(f"lora.{key}: {', '.join(missing)} not found in the model")
+    if getattr(model.config, "tie_word_embeddings", False):
+        # A trained copy of one of two tied matrices unties them in the adapter only: merge would save one of them.
+        tied = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                if module is model.get_input_embeddings() or module is model.get_output_embeddings()}
+        both = sorted(tied & set(lcfg.modules_to_save))
+        if both:
+            raise ModelError(f"lora.modules_to_save: {', '.join(both)}: this model ties its input and output "
+                             f"embeddings (tie_word_embeddings), and a trained copy of one would part from the other; "
+                             f"leave it out")
     return LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                      target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(lcfg.target_modules), bias="none", task_type="CAUSAL_LM",
+                      use_rslora=lcfg.use_rslora, use_dora=lcfg.use_dora,
+                      init_lora_weights=True if lcfg.init == "default" else lcfg.init,
+                      modules_to_save=list(lcfg.modules_to_save) or None)
 
 
 def add_lora(model, lcfg: LoraSection, quantized: bool = False, peft_class=None):
@@ -274,7 +287,7 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
     if isinstance(targets, str):
         targets = [targets]
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
+    missing = [t for t in [*targets, *(adapter_config.get("modules_to_save") or [])] if t not in present]
     if missing:
         raise ModelError(f"{adapter_dir}: adapter targets {', '.join(missing)}, which the base model does not have")
     weights = Path(adapter_dir) / "adapter_model.safetensors"
@@ -284,6 +297,14 @@ def check_adapter(adapter_dir: str | Path, model) -> None:
         base_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         with safe_open(str(weights), framework="pt") as fh:
             for key in fh.keys():
+                if "lora_" not in key:
+                    # a module trained in full (lora.modules_to_save) replaces the base's: the same shape or none
+                    base_key = key.replace("base_model.model.", "")
+                    shape, saved = base_shapes.get(base_key), tuple(fh.get_slice(key).get_shape())
+                    if shape is not None and shape != saved:
+                        raise ModelError(f"{adapter_dir}: adapter was trained for another base model (its "
+                                         f"{base_key} is {list(saved)}, the base model's {list(shape)})")
+                    continue
                 if "lora_A" not in key:
                     continue
                 # lora_A of a Linear(in, out) is (r, in): its input size must match the base layer.

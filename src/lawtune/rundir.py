@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import yaml
 
 from .config import (
     MODEL_DIR,
+    MUTATING_INITS,
     WORKING_DIR,
     DecidesWeights,
     GrpoRun,
@@ -39,6 +41,9 @@ log = logging.getLogger("lawtune")
 CONFIG_FILE = "lawtune_config.yaml"
 MANIFEST_FILE = "data_manifest.json"
 MERGE_INFO = "lawtune_merge.json"
+# The adapters of a run with lora.init pissa or olora as they started (before any step): what the saved adapters are
+# converted against, to a plain LoRA of the original base.
+INITIAL_ADAPTER = "initial_adapter"
 
 
 # A manifest's ``train_statements_key`` says which key its ``train_statements_sha256`` are hashes of: the statement
@@ -108,10 +113,18 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
             trainer.accelerator.wait_for_everyone()
             return dest
         (tmp / "training_args.bin").unlink(missing_ok=True)
+        # only the main process wrote the starting adapters (and only it converts)
+        initial = initial_adapter(cfg, dest.parent)
+        if initial is not None:
+            save_converted(trainer.model, tmp, initial)
     else:
         if tmp.exists():
             shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
+        initial = initial_adapter(cfg, dest.parent)
+        if initial is not None:
+            save_converted(model, tmp, initial)
+        else:
+            model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     give_weights_default_mode(tmp)
     save_config(cfg, tmp / CONFIG_FILE)
@@ -130,6 +143,46 @@ def save_model_dir(model, tokenizer, cfg, manifest: dict, dest: Path, trainer=No
     if trainer is not None:
         trainer.accelerator.wait_for_everyone()
     return dest
+
+
+def initial_adapter(cfg, out: Path) -> Path | None:
+    """Where a run whose LoRA starts from the base weights (lora.init pissa or olora) keeps its adapters as they
+    started; None for any other run."""
+    lora = getattr(cfg, "lora", None)
+    if lora is None or lora.init not in MUTATING_INITS:
+        return None
+    path = Path(out) / INITIAL_ADAPTER
+    if not (path / "adapter_config.json").is_file():
+        raise UsageError(f"{path}: missing (lora.init={lora.init} saves its adapters converted against it); "
+                         f"start the run again with --overwrite")
+    return path
+
+
+def save_converted(model, dest: Path, initial: Path) -> None:
+    """Save a lora.init pissa or olora adapter as a plain LoRA of the original base (peft's conversion: the trained
+    adapters beside the starting ones negated, twice the rank), which loads and merges on that base exactly."""
+    with warnings.catch_warnings():
+        # peft loads the starting adapters beside the trained ones to convert, and warns that pissa/olora do not mix
+        # with other adapters: the warning the conversion answers
+        warnings.filterwarnings("ignore", message=".*changes the base weights", category=UserWarning)
+        model.save_pretrained(dest, path_initial_model_for_weight_conversion=str(initial))
+
+
+def save_initial_adapter(model, out: Path, resume: bool) -> None:
+    """Keep the adapters of a lora.init pissa or olora run as they start, for ``save_model_dir`` to convert the
+    trained ones against (peft's path_initial_model_for_weight_conversion). Saved as peft documents it: with
+    init_lora_weights True, so that loading it does not take the start out of the base again. A resumed run keeps
+    the one its first session saved."""
+    path = Path(out) / INITIAL_ADAPTER
+    if resume and (path / "adapter_config.json").is_file():
+        return
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True
+    try:
+        model.save_pretrained(path)
+    finally:
+        config.init_lora_weights = init
+    give_weights_default_mode(path)
 
 
 def _run_config(directory: str | Path | None) -> dict:
@@ -229,7 +282,7 @@ def resolve_output_dir(cfg) -> Path:
 
 RUN_FILE = "lawtune_run.json"
 # What training writes into its output folder (a fresh run with --overwrite removes these, nothing else).
-RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs", "data", RUN_FILE)
+RUN_OUTPUTS = ("final_model", "best_model", "metrics.jsonl", "curves.png", "runs", "data", INITIAL_ADAPTER, RUN_FILE)
 
 
 def run_fingerprint(cfg) -> dict:

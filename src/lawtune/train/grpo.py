@@ -23,7 +23,7 @@ import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..card import refresh_cards, write_card
-from ..config import ConfigError, EvalConfig, GenerationConfig, GrpoRun
+from ..config import MUTATING_INITS, ConfigError, EvalConfig, GenerationConfig, GrpoRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
 from ..model import (
@@ -44,6 +44,7 @@ from ..rundir import (
     STATEMENT_KEY_VERSION,
     adapter_prompt_format,
     resume_checkpoint,
+    save_initial_adapter,
     save_model_dir,
 )
 from . import rewards as R
@@ -346,6 +347,8 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         rollout_func=rollout,
     )
     held_out.trainer = trainer
+    if cfg.lora.init in MUTATING_INITS and peft_config is not None and is_main_process():
+        save_initial_adapter(trainer.model, out, resume)  # TRL has just made the fresh LoRA
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainable, total = count_parameters(trainer.model)

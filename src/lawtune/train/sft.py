@@ -19,13 +19,13 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..card import refresh_cards, write_card
-from ..config import TrainRun
+from ..config import MUTATING_INITS, ConfigError, TrainRun
 from ..config import replace as replace_config
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer
 from ..preempt import Sigterm
 from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_example
-from ..rundir import FINAL_STEPS, resume_checkpoint, save_model_dir
+from ..rundir import FINAL_STEPS, resume_checkpoint, save_initial_adapter, save_model_dir
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .collate import CountingCollator, PlannedBatches, make_collator, plan_batches
 from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
@@ -141,6 +141,8 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm:
     if cfg.train.liger:
         apply_liger(model, device, fused_cross_entropy=not cfg.train.sparse_logits)
     model = add_lora(model, cfg.lora, quantized=cfg.model.quantization == "4bit", peft_class=LoraForTraining)
+    if cfg.lora.init in MUTATING_INITS and is_main_process():
+        save_initial_adapter(model, out, resume)
     trainable, total = count_parameters(model)
     if cfg.train.gradient_checkpointing:
         model.enable_input_require_grads()
@@ -177,6 +179,10 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm:
         counter=counter,
     )
     held_out.trainer = trainer
+    if cfg.lora.init in MUTATING_INITS and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        # the conversion at save time reads the whole adapter in one process
+        raise ConfigError(f"lora.init: {cfg.lora.init} adapters are converted to a plain LoRA when saved, which "
+                          f"lawtune does under DDP or on one GPU, not FSDP or DeepSpeed; use init default or gaussian")
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     log.info("model %s on %s (%s): %s trainable LoRA parameters of %s (%.2f%%)", cfg.model.path, device,
