@@ -44,8 +44,8 @@ def workload_lengths(rows: int, smoke: bool) -> list[int]:
 
 
 def bench_attention(model, device, rows: int, smoke: bool, repeats: int) -> dict:
+    from lawtune.generation import decode_attention as da
     from lawtune.generation.attention import gqa_sdpa_attention
-    from lawtune.generation.engine import decode_attention as da
     from lawtune.generation.engine.runner import power_of_two
 
     config = model.config
@@ -86,7 +86,7 @@ def bench_attention(model, device, rows: int, smoke: bool, repeats: int) -> dict
 def sweep_attention(model, device, rows: int, length: int | None, repeats: int) -> dict:
     """The kernel's tuning (chunk, block, warps, stages) on ``rows`` rows of the workload's lengths (or all of
     ``length``): µs a layer of each setting, fastest first."""
-    from lawtune.generation.engine import decode_attention as da
+    from lawtune.generation import decode_attention as da
 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -28,15 +28,15 @@ def _normal(name: str) -> str:
 
 
 def undeclared(root: Path) -> list[str]:
-    """Modules imported under ``root`` that no requirement of lawtune provides (extras: liger_kernel only)."""
+    """Modules imported under ``root`` that no requirement of lawtune provides (extras: the gpu extra's only)."""
     declared = {_normal(re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0]): req for req in metadata.requires("lawtune") or []}
     distributions = metadata.packages_distributions()
     missing = []
     for module, where in sorted(_imported_top_level_modules(root).items()):
         dists = [_normal(d) for d in distributions.get(module, [module])]
         requirement = next((declared[d] for d in dists if d in declared), None)
-        # an optional extra's module may be imported only where its feature is asked for: liger-kernel (gpu)
-        if requirement is None or ("extra ==" in requirement and module != "liger_kernel"):
+        # an optional extra's module may be imported only where its feature is asked for: the gpu extra's
+        if requirement is None or ("extra ==" in requirement and module not in ("liger_kernel", "triton")):
             missing.append(f"{module} (imported in {', '.join(sorted(where))})")
     return missing
 

@@ -462,7 +462,7 @@ def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_on_a_gpu_the_decoding_kernel_equals_masked_sdpa(dtype):
-    from lawtune.generation.engine import decode_attention as da
+    from lawtune.generation import decode_attention as da
 
     torch.manual_seed(0)
     rows, heads, kv_heads, dim, columns = 7, 12, 2, 128, 3000

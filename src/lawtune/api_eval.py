@@ -68,8 +68,8 @@ class ServedModel:
     def __init__(self, client: ApiClient, tokenizer, prompt_format: str, mode: str, chat: bool = False):
         self.client, self.tokenizer, self.prompt_format, self.mode = client, tokenizer, prompt_format, mode
         self.echo_tokens = 0  # choice mode's max_tokens: 1 once the server refused 0
-        self.ask = self._chat if chat else {"direct": self._direct, "reasoning": self._reasoning,
-                                            "choice": self._choice}[mode]
+        self.ask = self.chat if chat else {"direct": self.direct, "reasoning": self.reasoning,
+                                            "choice": self.choice}[mode]
 
     def answer(self, records: list[Record], gcfg: GenerationConfig, n: int) -> list[dict]:
         """``n`` rows per record, record by record, ``client.concurrency`` questions at once."""
@@ -77,10 +77,10 @@ class ServedModel:
 
     # ------------------------------------------------------------------ helpers
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _complete(self, body: dict[str, Any], want: int) -> tuple[list[dict], dict]:
+    def complete(self, body: dict[str, Any], want: int) -> tuple[list[dict], dict]:
         answer = self.client.post("/completions", body)
         choices = choices_of(answer)
         if len(choices) != want:
@@ -88,7 +88,7 @@ class ServedModel:
                              f"{want} asked")
         return choices, answer
 
-    def _tokens(self, choice: dict, answer: dict, n: int) -> int:
+    def completion_tokens(self, choice: dict, answer: dict, n: int) -> int:
         """Tokens a choice generated: the server's count where the answer holds one choice, else its text's."""
         usage = answer.get("usage") or {}
         if n == 1 and isinstance(usage.get("completion_tokens"), int):
@@ -98,53 +98,53 @@ class ServedModel:
             text = (choice.get("message") or {}).get("content") or ""
         if self.tokenizer is None:
             return round(usage.get("completion_tokens", 0) / max(n, 1))
-        return len(self._ids(text)) + int(choice.get("finish_reason") == "stop")
+        return len(self.token_ids(text)) + int(choice.get("finish_reason") == "stop")
 
     # ------------------------------------------------------------------ modes
 
-    def _direct(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
-        prompt = self._ids(render_prompt(record, self.tokenizer, self.prompt_format, think=False))
+    def direct(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
+        prompt = self.token_ids(render_prompt(record, self.tokenizer, self.prompt_format, think=False))
         body = {"prompt": prompt, "max_tokens": default_budget("direct", gcfg.max_new_tokens),
                 **sampling_fields(gcfg, n, record.id)}
-        choices, answer = self._complete(body, n)
+        choices, answer = self.complete(body, n)
         letters = "".join(record.options)
         return [{"output": c.get("text") or "", "pred": extract_answer(c.get("text") or "", letters),
-                 "generated_tokens": self._tokens(c, answer, n), "forced": False} for c in choices]
+                 "generated_tokens": self.completion_tokens(c, answer, n), "forced": False} for c in choices]
 
-    def _reasoning(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
-        prompt = self._ids(render_prompt(record, self.tokenizer, self.prompt_format, think=True))
+    def reasoning(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
+        prompt = self.token_ids(render_prompt(record, self.tokenizer, self.prompt_format, think=True))
         think, reserve = split_budget(default_budget("reasoning", gcfg.max_new_tokens))
-        choices, answer = self._complete({"prompt": prompt, "max_tokens": think,
+        choices, answer = self.complete({"prompt": prompt, "max_tokens": think,
                                           **sampling_fields(gcfg, n, record.id)}, n)
         rows = []
         for j, choice in enumerate(choices):
-            output, tokens = choice.get("text") or "", self._tokens(choice, answer, n)
+            output, tokens = choice.get("text") or "", self.completion_tokens(choice, answer, n)
             forced = choice.get("finish_reason") != "stop"
             if forced and reserve:  # cut off by the thinking budget: closed here, then asked for its answer
                 closing = closing_text(output, self.prompt_format)
-                body = {"prompt": prompt + self._ids(output) + self._ids(closing), "max_tokens": reserve,
+                body = {"prompt": prompt + self.token_ids(output) + self.token_ids(closing), "max_tokens": reserve,
                         **sampling_fields(gcfg, 1, record.id, j + 1)}
-                [more], more_answer = self._complete(body, 1)
+                [more], more_answer = self.complete(body, 1)
                 output += closing + (more.get("text") or "")
-                tokens += self._tokens(more, more_answer, 1)
+                tokens += self.completion_tokens(more, more_answer, 1)
             rows.append({"output": output, "pred": extract_answer(answer_part(output), "".join(record.options)),
                          "generated_tokens": tokens, "forced": forced})
         return rows
 
-    def _choice(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
-        prompt = self._ids(render_prompt(record, self.tokenizer, self.prompt_format, think=False))
+    def choice(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
+        prompt = self.token_ids(render_prompt(record, self.tokenizer, self.prompt_format, think=False))
         cands = candidate_answers("".join(record.options))
-        tails = [self._ids(answer_text(c)) + [self.tokenizer.eos_token_id] for c in cands]
+        tails = [self.token_ids(answer_text(c)) + [self.tokenizer.eos_token_id] for c in cands]
         body = {"prompt": [prompt + t for t in tails], "max_tokens": self.echo_tokens, "echo": True, "logprobs": 0,
                 "temperature": 0.0}
         try:
-            choices, _ = self._complete(body, len(cands))
+            choices, _ = self.complete(body, len(cands))
         except ApiError as exc:
             if exc.status != 400 or body["max_tokens"]:
                 raise
             # a server that generates at least one token: the prompt's log-probabilities come all the same
             self.echo_tokens = 1
-            choices, _ = self._complete({**body, "max_tokens": 1}, len(cands))
+            choices, _ = self.complete({**body, "max_tokens": 1}, len(cands))
         scores = []
         for tail, choice in zip(tails, choices):
             values = (choice.get("logprobs") or {}).get("token_logprobs") or []
@@ -158,7 +158,7 @@ class ServedModel:
         return [{"output": answer_text(best), "pred": list(best), "generated_tokens": 0, "forced": False,
                  "score": round(value, 4)}] * n  # scoring is deterministic: n samples are one
 
-    def _chat(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
+    def chat(self, record: Record, gcfg: GenerationConfig, n: int) -> list[dict]:
         body = {"messages": [{"role": "user", "content": chat_user_text(record)}],
                 "max_tokens": default_budget("reasoning", gcfg.max_new_tokens), **sampling_fields(gcfg, n, record.id)}
         answer = self.client.post("/chat/completions", body)
@@ -169,7 +169,7 @@ class ServedModel:
             # a reasoning parser split the turn: join it as the model wrote it, so the answer is read after </think>
             output = content if thought is None else thought + CLOSE_LINES["chat"] + content
             rows.append({"output": output, "pred": extract_answer(answer_part(output), "".join(record.options)),
-                         "generated_tokens": self._tokens(choice, answer, n),
+                         "generated_tokens": self.completion_tokens(choice, answer, n),
                          "forced": choice.get("finish_reason") != "stop"})
         if len(rows) != n:
             raise UsageError(f"{self.client.key}: {self.client.url}/chat/completions answered {len(rows)} choices for "

@@ -65,7 +65,7 @@ class ApiClient:
     def close(self) -> None:
         self.http.close()
 
-    def _wait(self, attempt: int, resp: httpx.Response | None) -> float:
+    def retry_wait(self, attempt: int, resp: httpx.Response | None) -> float:
         after = resp.headers.get("Retry-After") if resp is not None else None
         if after is not None:
             try:
@@ -89,11 +89,11 @@ class ApiClient:
                 if last:
                     raise UsageError(f"{self.key}: {url} cannot be reached ({type(exc).__name__}: {exc})") from None
                 self.retried += 1
-                time.sleep(self._wait(attempt, None))
+                time.sleep(self.retry_wait(attempt, None))
                 continue
             if retryable(resp.status_code) and not last:
                 self.retried += 1
-                time.sleep(self._wait(attempt, resp))
+                time.sleep(self.retry_wait(attempt, resp))
                 continue
             if resp.status_code != 200:
                 hint = f" (check the API key: --api-key or {KEY_ENV})" if resp.status_code in (401, 403) else ""

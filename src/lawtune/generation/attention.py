@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import attn_implementation, is_module_compiled, set_attn_implementation
+from .decode_attention import decode_attention
 
 FAST_ATTENTION = "lawtune_sdpa"
 _registered = False
@@ -34,8 +35,6 @@ def gqa_sdpa_attention(module, query, key, value, attention_mask, dropout: float
 
     lengths, tuning = kwargs.pop("decode_lengths", None), kwargs.pop("decode_tuning", ())
     if lengths is not None and query.shape[2] == 1:  # the engine's decoding step with its kernel (see there)
-        from .engine.decode_attention import decode_attention
-
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return decode_attention(query[:, :, 0], key, value, lengths, scale, *tuning)[:, None], None
     groups = getattr(module, "num_key_value_groups", 1)

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
+from .. import decode_attention
 from ..attention import FAST_ATTENTION, attention_implementation
-from . import decode_attention
 from .cache import LayerSlots, SlotCache
 from .compiled import compiled
 from .sampler import choose_tokens
