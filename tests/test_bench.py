@@ -154,3 +154,13 @@ def test_grpo_bench_smoke(tmp_path):
         assert r["steps_timed"] == 2 and r["completions_per_step"] == 4
     assert {r["completion_tokens"] for r in rows if r["bench"] == "grpo_ratio"} == {8, 12}
     assert json.loads(out.read_text(encoding="utf-8")) == rows
+
+
+def test_decode_step_bench_smoke():
+    rows = _run("decode_step.py")
+    attention = next(r for r in rows if r["bench"] == "attention")
+    assert attention["rows"] == 8 and attention["sdpa_window_us"] > 0 and attention["window"] >= attention["max_length"]
+    steps = [r for r in rows if r["bench"] == "step"]
+    assert [(r["rows"], r["variant"]) for r in steps] == [(1, "eager+sdpa"), (4, "eager+sdpa")]
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in steps)
+    assert [r["variant"] for r in rows if r["bench"] == "profile"] == ["eager+sdpa"]
