@@ -160,7 +160,7 @@ def test_a_resumed_run_writes_what_one_run_writes(answering_model_dir, gold_a_qu
     data, _ = gold_a_questions
     whole = tmp_path / "whole.jsonl"
     assert _distill_local(answering_model_dir, data, whole, "generation.temperature=1.0") == 0
-    real_append, calls = distill._append, []
+    real_append, calls = distill.append_jsonl, []
 
     def crash_after_the_first_batch(path, rows):
         calls.append(path)
@@ -169,9 +169,9 @@ def test_a_resumed_run_writes_what_one_run_writes(answering_model_dir, gold_a_qu
         real_append(path, rows)
 
     parts = tmp_path / "parts.jsonl"
-    monkeypatch.setattr(distill, "_append", crash_after_the_first_batch)
+    monkeypatch.setattr(distill, "append_jsonl", crash_after_the_first_batch)
     assert _distill_local(answering_model_dir, data, parts, "generation.temperature=1.0") == 130
-    monkeypatch.setattr(distill, "_append", real_append)
+    monkeypatch.setattr(distill, "append_jsonl", real_append)
     assert len(parts.read_text(encoding="utf-8").splitlines()) < len(whole.read_text(encoding="utf-8").splitlines())
     assert _distill_local(answering_model_dir, data, parts, "generation.temperature=1.0") == 0
     assert parts.read_text(encoding="utf-8") == whole.read_text(encoding="utf-8")
@@ -246,7 +246,7 @@ def test_sigterm_while_a_batch_is_written_keeps_it_whole_exits_143_and_a_rerun_e
                         "--output", str(out), "--batch-size", "5"]
     whole = tmp_path / "whole.jsonl"
     assert main(args(whole)) == 0
-    real_append, calls = distill._append, []
+    real_append, calls = distill.append_jsonl, []
 
     def term_while_writing(path, lines):
         calls.append(path)
@@ -255,7 +255,7 @@ def test_sigterm_while_a_batch_is_written_keeps_it_whole_exits_143_and_a_rerun_e
             os.kill(os.getpid(), signal.SIGTERM)
         real_append(path, lines)
 
-    monkeypatch.setattr(distill, "_append", term_while_writing)
+    monkeypatch.setattr(distill, "append_jsonl", term_while_writing)
     parts = tmp_path / "parts.jsonl"
     capsys.readouterr()
     assert main(args(parts)) == 143
@@ -268,7 +268,7 @@ def test_sigterm_while_a_batch_is_written_keeps_it_whole_exits_143_and_a_rerun_e
     assert written == {r["id"] for r in rows[:10]}
     report = json.loads(distill.side_files(parts)[1].read_text(encoding="utf-8"))
     assert report["summary"]["questions_kept"] == len(parts.read_text(encoding="utf-8").splitlines())
-    monkeypatch.setattr(distill, "_append", real_append)
+    monkeypatch.setattr(distill, "append_jsonl", real_append)
     assert main(args(parts)) == 0
     assert parts.read_bytes() == whole.read_bytes() and rejected.read_bytes() == distill.side_files(whole)[0].read_bytes()
 

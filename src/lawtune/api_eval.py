@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from .evaluate import candidate_answers, describe_file, load_eval_file, score_re
 from .generation import default_budget, split_budget
 from .generation.api_client import ApiClient, ApiError, choices_of
 from .prompts import answer_text, chat_user_text, check_native, render_prompt
-from .rundir import resolve_prompt_format
+from .rundir import append_jsonl, resolve_prompt_format
 from .scoring import extract_answer
 from .think import CLOSE_LINES, answer_part, closing_text
 
@@ -227,14 +226,6 @@ def read_scored(path: Path, settings: dict) -> dict[str, dict]:
     return {str(row["id"]): row for row in rows[1:]}
 
 
-def append_lines(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())  # a crash loses at most the chunk being asked
-
-
 # ----------------------------------------------------------------------------- the command
 
 
@@ -274,8 +265,8 @@ def score_api_file(client: ApiClient, tokenizer, records, skipped, overlap, cfg:
     def scored(rows: list[dict]) -> None:
         if not side.is_file():  # written with the first answers: a run that got none leaves no file
             side.parent.mkdir(parents=True, exist_ok=True)
-            append_lines(side, [{"settings": settings}])
-        append_lines(side, rows)
+            append_jsonl(side, [{"settings": settings}])
+        append_jsonl(side, rows)
 
     served = ServedModel(client, tokenizer, prompt_format, e.mode, chat=e.api_chat)
     samples, summary = score_records(served.answer, records, e, cfg.generation, e.api_concurrency * CHUNK_PER_REQUEST,

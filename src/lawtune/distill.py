@@ -36,6 +36,7 @@ from .infer import done_ids
 from .preempt import Preempted, Sigterm
 from .progress import progress
 from .prompts import chat_user_text, check_native, render_prompt
+from .rundir import append_jsonl
 from .scoring import extract_answer
 from .stats import percentile
 from .think import split as split_reasoning
@@ -166,14 +167,6 @@ def _base_id(record_id: str) -> str:
     return record_id.split("#", 1)[0]
 
 
-def _append(path: Path, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())  # a crash loses at most the batch being sampled
-
-
 def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     """`lawtune distill`: traces for every question of ``distill.data`` not yet in the output or rejected file."""
     d = cfg.distill
@@ -227,8 +220,8 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                                     rejected.append({"id": record.id, "type": record.type, "gold": record.answer,
                                                      "sampled": [a for _, a in verdicts],
                                                      "reasons": [r for r, _ in verdicts]})
-                            _append(out, traces)
-                            _append(rejected_path, rejected)
+                            append_jsonl(out, traces)
+                            append_jsonl(rejected_path, rejected)
                             batch_kept = {_base_id(t["id"]) for t in traces}
                             kept_ids |= batch_kept
                             rejected_ids |= {r.id for r in batch} - batch_kept

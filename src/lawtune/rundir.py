@@ -399,3 +399,13 @@ def resume_checkpoint(out: Path, resume: bool) -> str | None:
     else:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out)
     return str(checkpoint) if checkpoint else None
+
+
+def append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rows appended to a JSON Lines file and synced to disk: a crash loses at most the rows being written (the
+    resumable outputs of distill and of eval on a served model)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
