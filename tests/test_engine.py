@@ -458,6 +458,28 @@ def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
     assert outputs[:2] == outputs[2:]
 
 
+def test_a_step_whose_compilation_fails_runs_uncompiled_and_says_so(tiny, monkeypatch, caplog):
+    from lawtune.generation.engine import runner
+
+    model, tok, prompts = tiny
+
+    def broken(name, fn):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor: NYI for this GPU")
+        return fail
+
+    params = [(p, SamplingParams(max_new_tokens=b, temperature=0.9, seed=1), str(i))
+              for i, (p, b) in enumerate(zip(prompts, BUDGETS))]
+    with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=False) as engine:
+        expected = [r.samples[0].tokens for r in engine.generate(params)]
+    monkeypatch.setattr(runner, "compiled", broken)
+    with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=True) as engine:
+        assert [r.samples[0].tokens for r in engine.generate(params)] == expected
+        assert engine.runner.compile_step is False
+    assert [r.message for r in caplog.records].count(
+        "generation engine: compiling the decoding step failed (inductor: NYI for this GPU); it runs uncompiled") == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernel runs on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

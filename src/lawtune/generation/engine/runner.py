@@ -31,6 +31,7 @@ Limits: sdpa-family attention and full attention in every layer (``engine_suppor
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ from .cache import LayerSlots, SlotCache
 from .compiled import compiled
 from .sampler import choose_tokens
 from .sequence import MAX_STOP_TOKENS, Sequence
+
+log = logging.getLogger("lawtune")
 
 # The narrowest window of cache columns a decoding step attends (see "Only the columns in use").
 MIN_COLUMNS = 256
@@ -178,7 +181,8 @@ class ModelRunner:
         self.rows = DeviceRows(slots, max_len, top_logprobs, self.device)
         # The fused step and the length-aware attention (module docstring): on by default where graphs run.
         gpu = self.use_graph and self.device.type == "cuda"
-        self.compile_step = (gpu if compile_step is None else compile_step) and layered(self.decoder)
+        self.compile_step = (gpu and decode_attention.available() if compile_step is None else compile_step) \
+            and layered(self.decoder)
         kernel_ok = decode_attention.available() and decode_attention.supports(head_dim, max_len)
         self.attention_kernel = kernel_ok if attention_kernel is None else attention_kernel and kernel_ok
         # By (sampling, rows, columns, top): a step that keeps the likeliest tokens is a graph of its own, recorded when
@@ -350,7 +354,7 @@ class ModelRunner:
     def run_step(self, sampling: bool, rows: int, columns: int, top: bool = False) -> None:
         key = (sampling, rows, columns, top)
         if not self.use_graph:
-            self.decode_step(sampling, rows, columns, top)
+            self.first_run(sampling, rows, columns, top)
         elif key in self.graphs:
             self.graphs[key].replay()
         elif key in self.warm:  # warmed up once: record the step (recording does not run it), then replay
@@ -365,9 +369,23 @@ class ModelRunner:
             side = self.side = self.side or torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self.decode_step(sampling, rows, columns, top)
+                self.first_run(sampling, rows, columns, top)
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.warm.add(key)
+
+    def first_run(self, sampling: bool, rows: int, columns: int, top: bool) -> None:
+        """A step run eagerly, where the fused step's parts compile. A compilation that fails (a GPU or a torch build
+        inductor cannot serve) leaves the step uncompiled from then on, logged once, and runs it again: what the
+        failed run wrote before it failed (the visibility mask, the cache columns) is written again the same way."""
+        try:
+            self.decode_step(sampling, rows, columns, top)
+        except Exception as exc:  # noqa: BLE001 - any failure of the compiler; the uncompiled step re-raises others
+            if not self.compile_step:
+                raise
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            log.warning("generation engine: compiling the decoding step failed (%s); it runs uncompiled", reason)
+            self.compile_step = False
+            self.decode_step(sampling, rows, columns, top)
 
     def capture_graphs(self) -> int:
         """Record every step graph (each width of rows and of columns, greedy and sampling), on free rows only,
