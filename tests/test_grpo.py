@@ -445,10 +445,10 @@ def test_a_fresh_lora_variant_trains_under_grpo_and_its_final_model_loads_exactl
 def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_and_skips_a_step_with_none(
         tiny_model_dir, tmp_path, monkeypatch):
     """Two groups a step, grpo.max_resample=1. A rigged reward decides once per question whether its completions
-    score alike (all 0) or differ (1, 0): step 1's questions differ; step 2's own questions are alike, so one further
-    question is drawn, and differs; step 3's are all alike, the extra one too, so the step is skipped. The counts
-    logged match the groups the reward saw; the loss sees only completions of differing groups; step 3 leaves the
-    adapter as step 2 left it (AdamW's momentum would otherwise move it)."""
+    score alike (all 0) or differ (1, 0): in step 1 one of the step's questions differs, the other not, so one further
+    question is drawn, and differs; step 2's questions are all alike, the extra one too, so the step is skipped. The
+    counts logged match the groups the reward saw; the loss sees only completions of differing groups; step 2 leaves
+    the adapter as step 1 left it (AdamW's momentum would otherwise move it)."""
     from lawtune.train import grpo as grpo_module
     from lawtune.train.grpo import fit, setup
 
@@ -459,14 +459,15 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_an
         step = trainer_state.global_step
         first_call = not calls or calls[-1][0] != step
         calls.append((step, list(dict.fromkeys(id))))
-        for qid in id:
-            verdict.setdefault(qid, step == 0 or (step == 1 and not first_call))
+        for k, qid in enumerate(calls[-1][1]):
+            verdict.setdefault(qid, step == 0 and (k == 0 or not first_call))
         return [float(verdict[qid] and i % 2 == 0) for i, qid in enumerate(id)]
 
     monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([rigged], [1.0]))
     out = tmp_path / "run"
-    run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=3", "grpo.eval_steps=0", "grpo.save_steps=2",
-                             "grpo.dynamic_sampling=true", "grpo.max_resample=1"))
+    run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.save_steps=1",
+                             "grpo.dynamic_sampling=true", "grpo.max_resample=1", "grpo.max_completion_length=2",
+                             "grpo.eval_max_new_tokens=2"))
     trained = []
     compute_loss = run.trainer.compute_loss
 
@@ -478,8 +479,8 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_an
     fit(run)
 
     steps = _step_rows(out)
-    assert len(steps) == 3 and len(trained) == 3
-    for row, step, batch in zip(steps, range(3), trained):
+    assert len(steps) == 2 and len(trained) == 2
+    for row, step, batch in zip(steps, range(2), trained):
         seen = [q for s, qs in calls if s == step for q in qs]
         differ = sum(verdict[q] for q in seen)
         assert (row["groups/sampled"], row["groups/kept"], row["groups/resampled"]) == (
@@ -487,12 +488,11 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_an
         in_loss = batch["completion_mask"].sum(dim=1) > 0
         assert len(in_loss) == 4 and int(in_loss.sum()) == 2 * row["groups/kept"]
         assert bool((batch["advantages"][in_loss] != 0).all()), batch
-    assert [(r["groups/sampled"], r["groups/kept"], r["groups/resampled"]) for r in steps] == [(2, 2, 0), (3, 1, 1),
-                                                                                               (3, 0, 1)]
-    assert steps[2]["grad_norm"] == 0 and steps[1]["grad_norm"] > 0
-    assert_same = load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    assert [(r["groups/sampled"], r["groups/kept"], r["groups/resampled"]) for r in steps] == [(3, 2, 1), (3, 0, 1)]
+    assert steps[0]["grad_norm"] > 0 and steps[1]["grad_norm"] == 0
+    step1 = load_file(str(out / "checkpoint-1" / "adapter_model.safetensors"))
     final = load_file(str(out / "final_model" / "adapter_model.safetensors"))
-    assert assert_same.keys() == final.keys() and all(torch.equal(assert_same[k], final[k]) for k in final)
+    assert step1.keys() == final.keys() and all(torch.equal(step1[k], final[k]) for k in final)
 
 
 def test_dynamic_sampling_draws_further_questions_reproducibly_and_not_twice_in_a_step():

@@ -98,9 +98,16 @@ def _trainer_class():
         def generate_and_score_hook(self, inputs):
             if self.dynamic is None or not self.model.training:
                 return super().generate_and_score_hook(inputs)
-            return self.dynamic_batch(inputs)
+            return self.dynamic_batch(inputs, self.dynamic)
 
-        def dynamic_batch(self, inputs: list[dict]) -> dict:
+        def scored(self, inputs: list[dict]) -> tuple[dict, torch.Tensor]:
+            """TRL's scored batch of ``inputs`` and, per group, whether its rewards differ."""
+            self.informative = None
+            batch = super().generate_and_score_hook(inputs)
+            assert self.informative is not None  # calculate_rewards_hook ran, in training mode
+            return batch, self.informative.cpu()
+
+        def dynamic_batch(self, inputs: list[dict], dynamic: DynamicSampling) -> dict:
             """The step's generation batch with dynamic sampling: its own groups sampled and scored, then groups of
             further questions in place of those whose rewards are all equal, until the step's number of groups
             differ or max_resample extra groups were sampled. The batch keeps its size (TRL splits it into the
@@ -108,27 +115,27 @@ def _trainer_class():
             masked out of the loss (as grpo.mask_truncated masks a cut one)."""
             size = self.num_generations
             wanted = len(inputs) // size
-            cap = wanted if self.dynamic.max_resample is None else self.dynamic.max_resample
+            cap = wanted if dynamic.max_resample is None else dynamic.max_resample
             step = self.state.global_step
-            parts = [super().generate_and_score_hook(inputs)]
-            informative = [self.informative]
+            batch, differ = self.scored(inputs)
+            parts, informative = [batch], [differ]
             used = {row["id"] for row in inputs}
             resampled = 0
-            while sum(int(m.sum()) for m in informative) < wanted and resampled < cap:
-                need = min(wanted - sum(int(m.sum()) for m in informative), cap - resampled)
-                picks = self.dynamic.draw(self.train_dataset, used, step, resampled, need)
+            while (have := sum(int(m.sum()) for m in informative)) < wanted and resampled < cap:
+                picks = dynamic.draw(self.train_dataset, used, step, resampled, min(wanted - have, cap - resampled))
                 if not picks:
                     break
-                rows = [self.train_dataset[i] for i in picks]
-                used.update(row["id"] for row in rows)
-                self.group_tags = [f"+{resampled + k}" for k in range(len(rows))]
+                drawn = [self.train_dataset[i] for i in picks]
+                used.update(row["id"] for row in drawn)
+                self.group_tags = [f"+{resampled + k}" for k in range(len(drawn))]
                 try:
-                    parts.append(super().generate_and_score_hook([dict(row) for row in rows for _ in range(size)]))
+                    batch, differ = self.scored([dict(row) for row in drawn for _ in range(size)])
                 finally:
                     self.group_tags = None
-                informative.append(self.informative)
-                resampled += len(rows)
-            groups = torch.cat([m.cpu() for m in informative])
+                parts.append(batch)
+                informative.append(differ)
+                resampled += len(drawn)
+            groups = torch.cat(informative)
             kept = groups.nonzero().flatten()[:wanted]
             filler = (~groups).nonzero().flatten()[: wanted - len(kept)]
             batch = concat_batches(parts, grpo_tokenizer(self).pad_token_id)
