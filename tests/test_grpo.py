@@ -2,6 +2,7 @@
 writes, resumes, continues an SFT adapter, and refuses settings it does not read."""
 
 import json
+import os
 import random
 
 import pytest
@@ -21,6 +22,8 @@ TOPICS = sorted(TOPIC_ANSWERS)
 # a third of its completions. The other half it answers right. Held-out accuracy starts near 50%.
 WEAK = TOPICS[1::2]
 RIGHT_SHARE = 0.35
+# Script mode of the seed sweep (not run in CI): LAWTUNE_GRPO_SWEEP=1 LAWTUNE_SFT_SEED=N pytest -m slow -s -k sweep.
+SFT_SEED, SWEEP = "LAWTUNE_SFT_SEED", "LAWTUNE_GRPO_SWEEP"
 
 
 def _with_think(rows: list, prefix: str) -> list:
@@ -59,7 +62,8 @@ def sft_run(tmp_path_factory):
         "data.eval_max_samples=16", f"train.output_dir={tmp / 'sft'}", "train.max_steps=150", "train.save_steps=1000",
         "train.logging_steps=50", "train.eval_steps=0", "train.warmup_steps=0", "train.learning_rate=1e-2",
         "train.optim=adamw_torch", "train.report_to=[none]", "train.per_device_batch_size=8",
-        "train.gradient_accumulation_steps=1", "eval.batch_size=16", "train.seed=0",
+        "train.gradient_accumulation_steps=1", "eval.batch_size=16",
+        f"train.seed={os.environ.get(SFT_SEED, '0')}",
     ])
     train(cfg)
     return {"base": base, "adapter": tmp / "sft" / "final_model", "tmp": tmp, **files}
@@ -101,6 +105,29 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
                                 "grpo.rollout=trl", "grpo.learning_rate=1e-3"), reward_funcs=[random01])
     assert control.start_eval_accuracy == start
     assert control.final_eval_accuracy - start < 0.05, control.eval_history
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(SWEEP), reason=f"script mode: {SWEEP}=1 {SFT_SEED}=N (two 60-step runs)")
+def test_dynamic_sampling_sweep_row(sft_run, capsys):
+    """One SFT seed's row of the dynamic-sampling comparison: the learning test's run (60 optimizer steps) without and
+    with grpo.dynamic_sampling (max_resample unset: up to 8 extra groups a step), printed as one JSON line with the
+    held-out gain and the completions sampled. Gains are not compared here: the claim is over seeds (a median)."""
+    from lawtune.train.grpo import grpo
+
+    row: dict = {"sft_seed": int(os.environ.get(SFT_SEED, "0"))}
+    for name, extra in (("plain", []), ("dynamic", ["grpo.dynamic_sampling=true"])):
+        out = sft_run["tmp"] / f"sweep-{name}"
+        r = grpo(_grpo_config(sft_run, out, "grpo.max_steps=60", "grpo.eval_steps=0", "grpo.rollout=trl",
+                              "grpo.learning_rate=1e-3", *extra))
+        steps = _step_rows(out)
+        groups = sum(s.get("groups/sampled", 8) for s in steps)
+        row[name] = {"start": r.start_eval_accuracy, "final": r.final_eval_accuracy,
+                     "gain": round(r.final_eval_accuracy - r.start_eval_accuracy, 4), "completions": int(groups) * 8,
+                     "skipped_steps": sum(s.get("groups/kept", 1) == 0 for s in steps),
+                     "frac_reward_zero_std": round(sum(s["frac_reward_zero_std"] for s in steps) / len(steps), 3)}
+    with capsys.disabled():
+        print("\nSWEEP " + json.dumps(row))
 
 
 @pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps

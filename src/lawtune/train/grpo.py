@@ -197,7 +197,7 @@ def concat_batches(parts: list[dict], pad_id: int) -> dict:
         tensors = [p[key] for p in parts]
         if first.ndim > 1:
             width = max(t.size(1) for t in tensors)
-            value = pad_id if key.endswith("_ids") and key != "image_position_ids" else 1 if key == "tool_mask" else 0
+            value = pad_id if key in ("prompt_ids", "completion_ids") else 1 if key == "tool_mask" else 0
             tensors = [F.pad(t, (width - t.size(1), 0) if key in LEFT_PADDED else (0, width - t.size(1)), value=value)
                        for t in tensors]
         out[key] = torch.cat(tensors)
@@ -212,7 +212,7 @@ class SkipEmptySteps(TrainerCallback):
     def __init__(self) -> None:
         self.trainer: Any = None
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer is not None and self.trainer.skip_update:
             for p in self.trainer.model.parameters():
                 p.grad = None
