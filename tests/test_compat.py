@@ -282,10 +282,11 @@ def test_grpo_trainer_with_hooks():
     _check_private_method("trl", GRPOTrainer, "_tokenize_prompts", ["self", "prompts"])
     _check_private_method("trl", GRPOTrainer, "_calculate_rewards",
                           ["self", "inputs", "prompts", "completions", "completion_ids_list"])
+    _check_private_method("trl", GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"])
     _check_private_method("transformers", GRPOTrainer, "_save", ["self", "output_dir", "state_dict"])
     hooked = compat.grpo_trainer_with_hooks()
     assert issubclass(hooked, GRPOTrainer)
-    for name in ("tokenize_prompts_hook", "calculate_rewards_hook", "save_hook"):
+    for name in ("tokenize_prompts_hook", "calculate_rewards_hook", "generate_and_score_hook", "save_hook"):
         assert not hasattr(GRPOTrainer, name), f"trl {trl.__version__}: GRPOTrainer.{name} exists; rename the hook"
 
 

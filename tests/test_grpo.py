@@ -2,6 +2,7 @@
 writes, resumes, continues an SFT adapter, and refuses settings it does not read."""
 
 import json
+import os
 import random
 
 import pytest
@@ -21,6 +22,8 @@ TOPICS = sorted(TOPIC_ANSWERS)
 # a third of its completions. The other half it answers right. Held-out accuracy starts near 50%.
 WEAK = TOPICS[1::2]
 RIGHT_SHARE = 0.35
+# Script mode of the seed sweep (not run in CI): LAWTUNE_GRPO_SWEEP=1 LAWTUNE_SFT_SEED=N pytest -m slow -s -k sweep.
+SFT_SEED, SWEEP = "LAWTUNE_SFT_SEED", "LAWTUNE_GRPO_SWEEP"
 
 
 def _with_think(rows: list, prefix: str) -> list:
@@ -59,7 +62,8 @@ def sft_run(tmp_path_factory):
         "data.eval_max_samples=16", f"train.output_dir={tmp / 'sft'}", "train.max_steps=150", "train.save_steps=1000",
         "train.logging_steps=50", "train.eval_steps=0", "train.warmup_steps=0", "train.learning_rate=1e-2",
         "train.optim=adamw_torch", "train.report_to=[none]", "train.per_device_batch_size=8",
-        "train.gradient_accumulation_steps=1", "eval.batch_size=16", "train.seed=0",
+        "train.gradient_accumulation_steps=1", "eval.batch_size=16",
+        f"train.seed={os.environ.get(SFT_SEED, '0')}",
     ])
     train(cfg)
     return {"base": base, "adapter": tmp / "sft" / "final_model", "tmp": tmp, **files}
@@ -101,6 +105,29 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
                                 "grpo.rollout=trl", "grpo.learning_rate=1e-3"), reward_funcs=[random01])
     assert control.start_eval_accuracy == start
     assert control.final_eval_accuracy - start < 0.05, control.eval_history
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get(SWEEP), reason=f"script mode: {SWEEP}=1 {SFT_SEED}=N (two 60-step runs)")
+def test_dynamic_sampling_sweep_row(sft_run, capsys):
+    """One SFT seed's row of the dynamic-sampling comparison: the learning test's run (60 optimizer steps) without and
+    with grpo.dynamic_sampling (max_resample unset: up to 8 extra groups a step), printed as one JSON line with the
+    held-out gain and the completions sampled. Gains are not compared here: the claim is over seeds (a median)."""
+    from lawtune.train.grpo import grpo
+
+    row: dict = {"sft_seed": int(os.environ.get(SFT_SEED, "0"))}
+    for name, extra in (("plain", []), ("dynamic", ["grpo.dynamic_sampling=true"])):
+        out = sft_run["tmp"] / f"sweep-{name}"
+        r = grpo(_grpo_config(sft_run, out, "grpo.max_steps=60", "grpo.eval_steps=0", "grpo.rollout=trl",
+                              "grpo.learning_rate=1e-3", *extra))
+        steps = _step_rows(out)
+        groups = sum(s.get("groups/sampled", 8) for s in steps)
+        row[name] = {"start": r.start_eval_accuracy, "final": r.final_eval_accuracy,
+                     "gain": round(r.final_eval_accuracy - r.start_eval_accuracy, 4), "completions": int(groups) * 8,
+                     "skipped_steps": sum(s.get("groups/kept", 1) == 0 for s in steps),
+                     "frac_reward_zero_std": round(sum(s["frac_reward_zero_std"] for s in steps) / len(steps), 3)}
+    with capsys.disabled():
+        print("\nSWEEP " + json.dumps(row))
 
 
 @pytest.mark.slow  # the `sft_run` fixture trains 150 SFT steps
@@ -201,7 +228,9 @@ def test_a_grpo_yaml_with_a_section_it_does_not_read_or_contradictory_settings_i
                                (["grpo.length_penalty_form=quadratic"], "grpo.length_penalty_form:"),
                                (["grpo.importance_sampling_level=batch"], "grpo.importance_sampling_level:"),
                                (["grpo.per_device_batch_size=5"], "grpo.per_device_batch_size:"),
-                               (["grpo.rollout=vllm"], "grpo.rollout:")):
+                               (["grpo.rollout=vllm"], "grpo.rollout:"),
+                               (["grpo.max_resample=2"], "grpo.max_resample: set without grpo.dynamic_sampling"),
+                               (["grpo.dynamic_sampling=true", "grpo.max_resample=-1"], "grpo.max_resample")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, overrides, run_cls=GrpoRun)
 
@@ -438,3 +467,87 @@ def test_a_fresh_lora_variant_trains_under_grpo_and_its_final_model_loads_exactl
     loaded, _ = load_for_inference(ModelConfig(path=str(tiny_model_dir), dtype="float32"), str(out / "final_model"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_and_skips_a_step_with_none(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """Two groups a step, grpo.max_resample=1. A rigged reward decides once per question whether its completions
+    score alike (all 0) or differ (1, 0): in step 1 one of the step's questions differs, the other not, so one further
+    question is drawn, and differs; step 2's questions are all alike, the extra one too, so the step is skipped. The
+    counts logged match the groups the reward saw; the loss sees only completions of differing groups; step 2 leaves
+    the adapter as step 1 left it (AdamW's momentum would otherwise move it)."""
+    from lawtune.train import grpo as grpo_module
+    from lawtune.train.grpo import fit, setup
+
+    verdict: dict[str, bool] = {}  # question -> its rewards differ
+    calls: list[tuple[int, list[str]]] = []  # (step, the questions of one scoring call)
+
+    def rigged(prompts, completions, id, trainer_state, **_):  # noqa: A002 (TRL passes the dataset's columns)
+        step = trainer_state.global_step
+        first_call = not calls or calls[-1][0] != step
+        calls.append((step, list(dict.fromkeys(id))))
+        for k, qid in enumerate(calls[-1][1]):
+            verdict.setdefault(qid, step == 0 and (k == 0 or not first_call))
+        return [float(verdict[qid] and i % 2 == 0) for i, qid in enumerate(id)]
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([rigged], [1.0]))
+    out = tmp_path / "run"
+    run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.save_steps=1",
+                             "grpo.dynamic_sampling=true", "grpo.max_resample=1", "grpo.max_completion_length=2",
+                             "grpo.eval_max_new_tokens=2"))
+    trained = []
+    compute_loss = run.trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        trained.append({k: inputs[k].detach().clone() for k in ("advantages", "completion_mask")})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(run.trainer, "compute_loss", recording)
+    fit(run)
+
+    steps = _step_rows(out)
+    assert len(steps) == 2 and len(trained) == 2
+    for row, step, batch in zip(steps, range(2), trained):
+        seen = [q for s, qs in calls if s == step for q in qs]
+        differ = sum(verdict[q] for q in seen)
+        assert (row["groups/sampled"], row["groups/kept"], row["groups/resampled"]) == (
+            len(seen), min(2, differ), len(seen) - 2), (step, row, calls)
+        in_loss = batch["completion_mask"].sum(dim=1) > 0
+        assert len(in_loss) == 4 and int(in_loss.sum()) == 2 * row["groups/kept"]
+        assert bool((batch["advantages"][in_loss] != 0).all()), batch
+    assert [(r["groups/sampled"], r["groups/kept"], r["groups/resampled"]) for r in steps] == [(3, 2, 1), (3, 0, 1)]
+    assert steps[0]["grad_norm"] > 0 and steps[1]["grad_norm"] == 0
+    step1 = load_file(str(out / "checkpoint-1" / "adapter_model.safetensors"))
+    final = load_file(str(out / "final_model" / "adapter_model.safetensors"))
+    assert step1.keys() == final.keys() and all(torch.equal(step1[k], final[k]) for k in final)
+
+
+def test_dynamic_sampling_draws_further_questions_reproducibly_and_not_twice_in_a_step():
+    from datasets import Dataset
+
+    from lawtune.train.grpo import DynamicSampling
+
+    data = Dataset.from_list([{"id": f"q{i}"} for i in range(10)])
+    draw = DynamicSampling(max_resample=None, seed=7).draw
+    first = draw(data, {"q0", "q1"}, 3, 0, 4)
+    assert first == draw(data, {"q0", "q1"}, 3, 0, 4) and len(set(first)) == 4
+    assert not {0, 1} & set(first)
+    assert {tuple(draw(data, set(), step, 0, 4)) for step in range(5)} != {tuple(first)}  # the step seeds it
+    assert sorted(draw(data, {f"q{i}" for i in range(8)}, 3, 0, 4)) == [8, 9]  # fewer left than asked
+    assert len(draw(data, {f"q{i}" for i in range(10)}, 3, 0, 4)) == 4  # all used: any again
+
+
+def test_scored_batches_join_with_prompts_padded_left_and_completions_right():
+    from lawtune.train.grpo import concat_batches
+
+    a = {"prompt_ids": torch.tensor([[5, 6]]), "prompt_mask": torch.tensor([[1, 1]]),
+         "completion_ids": torch.tensor([[7]]), "completion_mask": torch.tensor([[1]]),
+         "advantages": torch.tensor([0.5]), "num_items_in_batch": torch.tensor(1)}
+    b = {"prompt_ids": torch.tensor([[4, 5, 6]]), "prompt_mask": torch.tensor([[1, 1, 1]]),
+         "completion_ids": torch.tensor([[7, 8]]), "completion_mask": torch.tensor([[1, 1]]),
+         "advantages": torch.tensor([-0.5]), "num_items_in_batch": torch.tensor(2)}
+    joined = concat_batches([a, b], pad_id=0)
+    assert joined["prompt_ids"].tolist() == [[0, 5, 6], [4, 5, 6]] and joined["prompt_mask"].tolist() == [[0, 1, 1],
+                                                                                                           [1, 1, 1]]
+    assert joined["completion_ids"].tolist() == [[7, 0], [7, 8]]
+    assert joined["completion_mask"].tolist() == [[1, 0], [1, 1]] and joined["advantages"].tolist() == [0.5, -0.5]

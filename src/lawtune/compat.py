@@ -134,6 +134,9 @@ def grpo_trainer_with_hooks():
     * ``_tokenize_prompts(prompts)`` -> ``tokenize_prompts_hook``: (prompt ids, images, multimodal fields);
     * ``_calculate_rewards(inputs, prompts, completions, completion_ids_list)`` -> ``calculate_rewards_hook``:
       the (completions, reward functions) tensor;
+    * ``_generate_and_score_completions(inputs)`` -> ``generate_and_score_hook``: a generation batch's rows (dataset
+      rows, each question repeated once per completion) sampled, scored and turned into the padded tensors of the
+      loss (its dict: prompt/completion ids and masks, advantages, num_items_in_batch, ...);
     * ``_save(output_dir, state_dict)`` (transformers' Trainer) -> ``save_hook``: writes the weights of a save.
     TRL offers no public hooks for these steps."""
     from trl import GRPOTrainer
@@ -150,6 +153,12 @@ def grpo_trainer_with_hooks():
 
         def calculate_rewards_hook(self, inputs, prompts, completions, completion_ids_list):
             return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+        def _generate_and_score_completions(self, inputs):
+            return self.generate_and_score_hook(inputs)
+
+        def generate_and_score_hook(self, inputs):
+            return super()._generate_and_score_completions(inputs)
 
         def _save(self, output_dir: str | None = None, state_dict=None):
             return self.save_hook(output_dir, state_dict)

@@ -598,6 +598,15 @@ class GrpoConfig(OptimizationSection):
     """Where the probability ratio is taken (TRL's importance_sampling_level): token = GRPO's per-token ratios (TRL's
     default); sequence = GSPO, one ratio per completion (the mean of its token log-ratios). GSPO's paper pairs it
     with loss_type grpo; with dapo, bnpo or dr_grpo each completion weighs by its length (TRL warns)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: each optimizer step trains on its configured number of groups (questions) whose
+    rewards differ. A group whose completions all score the same has zero advantage and teaches nothing (TRL's
+    frac_reward_zero_std), so further questions are drawn and sampled in its place, up to max_resample extra groups;
+    a step then trains on the informative groups it has, and one with none skips its update. False = TRL's behaviour
+    (TRL has no dynamic sampling). One process only."""
+    max_resample: NonNegativeInt | None = None
+    """Extra groups dynamic_sampling may sample per optimizer step; None = as many as the step's own groups (a step
+    then costs at most twice its rollouts). Needs dynamic_sampling."""
     rollout: Literal["engine", "trl"] = "engine"
     """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
     rollout_func); trl = TRL's own generation (transformers' generate)."""
@@ -607,6 +616,8 @@ class GrpoConfig(OptimizationSection):
     """Token budget of the held-out reasoning evaluation; None = max_completion_length."""
 
     def problems(self) -> Iterator[str]:
+        if self.max_resample is not None and not self.dynamic_sampling:
+            yield "grpo.max_resample: set without grpo.dynamic_sampling=true (the sampling it caps)"
         if self.length_penalty_form == "linear":
             if self.length_budget is None and self.length_penalty != 1.0:
                 yield "grpo.length_penalty: set without grpo.length_budget (the tokens it applies past)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -20,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+import torch.nn.functional as F
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..card import refresh_cards, write_card
 from ..config import MUTATING_INITS, ConfigError, EvalConfig, GenerationConfig, GrpoRun
 from ..config import replace as replace_config
-from ..dist import is_main_process
+from ..dist import is_main_process, world_size
 from ..model import (
     ModelError,
     base_fingerprint,
@@ -61,8 +63,17 @@ def _trainer_class():
 
     # The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
     class LawtuneGRPOTrainer(grpo_trainer_with_hooks()):  # type: ignore[misc]
-        """TRL's GRPOTrainer with lawtune's prompts and group metrics (its private steps reach these hooks through
-        compat.py)."""
+        """TRL's GRPOTrainer with lawtune's prompts, group metrics and dynamic sampling (its private steps reach
+        these hooks through compat.py).
+
+        ``dynamic``: grpo.dynamic_sampling's settings, None = off (TRL's behaviour)."""
+
+        def __init__(self, *args, dynamic: DynamicSampling | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.dynamic = dynamic
+            self.group_tags: list[str] | None = None  # per group of a rollout call: what its sampling seed adds
+            self.informative: torch.Tensor | None = None  # per group of the last scored batch: its rewards differ
+            self.skip_update = False  # the coming optimizer step has no informative group
 
         def tokenize_prompts_hook(self, prompts: list):
             # lawtune's prompts are rendered text whose special tokens (the BOS among them) are written out: TRL
@@ -71,6 +82,11 @@ def _trainer_class():
 
         def calculate_rewards_hook(self, inputs, prompts, completions, completion_ids_list):
             rewards = super().calculate_rewards_hook(inputs, prompts, completions, completion_ids_list)
+            if self.model.training:
+                # TRL's test of a group that teaches nothing (frac_reward_zero_std): its weighted rewards' std is 0.
+                total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+                spread = total.view(-1, self.num_generations).std(dim=1)
+                self.informative = ~torch.isclose(spread, torch.zeros_like(spread))
             if "exact_set" in self.reward_func_names:
                 mode = "train" if self.model.training else "eval"
                 exact = rewards[:, self.reward_func_names.index("exact_set")].view(-1, self.num_generations)
@@ -78,6 +94,65 @@ def _trainer_class():
                 grpo_log_metric(self, mode, "groups/any_exact", (exact > 0.5).any(dim=1).float().mean().item())
                 grpo_log_metric(self, mode, "groups/all_exact", (exact > 0.5).all(dim=1).float().mean().item())
             return rewards
+
+        def generate_and_score_hook(self, inputs):
+            if self.dynamic is None or not self.model.training:
+                return super().generate_and_score_hook(inputs)
+            return self.dynamic_batch(inputs, self.dynamic)
+
+        def scored(self, inputs: list[dict]) -> tuple[dict, torch.Tensor]:
+            """TRL's scored batch of ``inputs`` and, per group, whether its rewards differ."""
+            self.informative = None
+            batch = super().generate_and_score_hook(inputs)
+            assert self.informative is not None  # calculate_rewards_hook ran, in training mode
+            return batch, self.informative.cpu()
+
+        def dynamic_batch(self, inputs: list[dict], dynamic: DynamicSampling) -> dict:
+            """The step's generation batch with dynamic sampling: its own groups sampled and scored, then groups of
+            further questions in place of those whose rewards are all equal, until the step's number of groups
+            differ or max_resample extra groups were sampled. The batch keeps its size (TRL splits it into the
+            step's micro-batches): what is missing is filled with groups that teach nothing, their completions
+            masked out of the loss (as grpo.mask_truncated masks a cut one)."""
+            size = self.num_generations
+            wanted = len(inputs) // size
+            cap = wanted if dynamic.max_resample is None else dynamic.max_resample
+            step = self.state.global_step
+            batch, differ = self.scored(inputs)
+            parts, informative = [batch], [differ]
+            used = {row["id"] for row in inputs}
+            resampled = 0
+            while (have := sum(int(m.sum()) for m in informative)) < wanted and resampled < cap:
+                picks = dynamic.draw(self.train_dataset, used, step, resampled, min(wanted - have, cap - resampled))
+                if not picks:
+                    break
+                drawn = [self.train_dataset[i] for i in picks]
+                used.update(row["id"] for row in drawn)
+                self.group_tags = [f"+{resampled + k}" for k in range(len(drawn))]
+                try:
+                    batch, differ = self.scored([dict(row) for row in drawn for _ in range(size)])
+                finally:
+                    self.group_tags = None
+                parts.append(batch)
+                informative.append(differ)
+                resampled += len(drawn)
+            groups = torch.cat(informative)
+            kept = groups.nonzero().flatten()[:wanted]
+            filler = (~groups).nonzero().flatten()[: wanted - len(kept)]
+            batch = concat_batches(parts, grpo_tokenizer(self).pad_token_id)
+            rows = (torch.cat([kept, filler]).unsqueeze(1) * size + torch.arange(size)).flatten()
+            batch = {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in batch.items()}
+            dropped = torch.arange(len(rows)) >= len(kept) * size
+            batch["completion_mask"][dropped.to(batch["completion_mask"].device)] = 0
+            mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
+            batch["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+            grpo_log_metric(self, "train", "groups/sampled", wanted + resampled)
+            grpo_log_metric(self, "train", "groups/kept", len(kept))
+            grpo_log_metric(self, "train", "groups/resampled", resampled)
+            self.skip_update = len(kept) == 0
+            if self.skip_update:
+                log.warning("step %d: no group's rewards differ in %d sampled (%d extra, grpo.max_resample); the step "
+                            "is skipped", step + 1, wanted + resampled, resampled)
+            return batch
 
         def save_hook(self, output_dir: str | None = None, state_dict=None):
             super().save_hook(output_dir, state_dict)
@@ -90,6 +165,58 @@ def _trainer_class():
                 shutil.rmtree(ref)
 
     return LawtuneGRPOTrainer
+
+
+@dataclass
+class DynamicSampling:
+    """grpo.dynamic_sampling's settings and its draw of further questions."""
+
+    max_resample: int | None
+    seed: int
+
+    def draw(self, dataset, used: set, step: int, index: int, n: int) -> list[int]:
+        """Up to ``n`` rows of ``dataset`` whose question is not yet in the step (any, once all are), chosen by
+        (seed, step, index of the first extra group): a rerun or a resumed run draws the same."""
+        pool = [i for i, qid in enumerate(dataset["id"]) if qid not in used] or list(range(len(dataset)))
+        return random.Random(f"{self.seed}\x1f{step}\x1f{index}").sample(pool, min(n, len(pool)))
+
+
+# Tensors of TRL's scored batch padded on the left (the prompts); the rest of its [rows, tokens] ones on the right.
+LEFT_PADDED = ("prompt_ids", "prompt_mask")
+
+
+def concat_batches(parts: list[dict], pad_id: int) -> dict:
+    """Scored generation batches (TRL's dicts) as one: [rows] tensors concatenated, [rows, tokens] ones padded to the
+    widest first (ids with the pad token, masks and log-probabilities with 0, a tool mask with 1); scalars (the
+    token count of the loss) from the first, to be recounted."""
+    out = {}
+    for key, first in parts[0].items():
+        if not isinstance(first, torch.Tensor) or first.ndim == 0:
+            out[key] = first
+            continue
+        tensors = [p[key] for p in parts]
+        if first.ndim > 1:
+            width = max(t.size(1) for t in tensors)
+            value = pad_id if key in ("prompt_ids", "completion_ids") else 1 if key == "tool_mask" else 0
+            tensors = [F.pad(t, (width - t.size(1), 0) if key in LEFT_PADDED else (0, width - t.size(1)), value=value)
+                       for t in tensors]
+        out[key] = torch.cat(tensors)
+    return out
+
+
+class SkipEmptySteps(TrainerCallback):
+    """A step that dynamic sampling left without an informative group changes nothing: its (zero) gradients are
+    dropped before the optimizer step, which then leaves those parameters and their moments as they were (AdamW's
+    momentum and weight decay would otherwise still move them)."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer is not None and self.trainer.skip_update:
+            for p in self.trainer.model.parameters():
+                p.grad = None
+            self.trainer.skip_update = False
 
 
 class EngineRollout:
@@ -130,8 +257,10 @@ class EngineRollout:
         # none of its eos_token_ids (the tokenizer's and the generation config's): the engine ends a sample at the
         # same tokens and keeps the one that ended it.
         end_ids = [t for t in trainer.eos_token_ids if t != self.tokenizer.eos_token_id]
-        requests = [(x, self.sampling(n, end_ids), f"{self.ids_by_prompt.get(p, p)}@{step}")
-                    for x, (p, n) in zip(ids, groups)]
+        # A group dynamic sampling adds is seeded by its index too: a question drawn again is sampled anew.
+        tags = trainer.group_tags or [""] * len(groups)
+        requests = [(x, self.sampling(n, end_ids), f"{self.ids_by_prompt.get(p, p)}@{step}{tag}")
+                    for x, (p, n), tag in zip(ids, groups, tags, strict=True)]
         was_training = model.training
         model.eval()  # no dropout while sampling
         try:
@@ -336,17 +465,28 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
             log.warning("grpo.rollout: the engine cannot run this model (model.attn_implementation=%s); "
                         "sampling with TRL's generation", cfg.model.attn_implementation)
     stop = StopOnSigterm(sigterm or Sigterm())
+    callbacks: list = [stop, metrics, held_out, GcPauses()]
+    dynamic = None
+    if cfg.grpo.dynamic_sampling:
+        if world_size() > 1:
+            raise ConfigError(f"grpo.dynamic_sampling: runs on one process only ({world_size()} launched)")
+        dynamic = DynamicSampling(cfg.grpo.max_resample, cfg.grpo.seed)
+        callbacks.append(SkipEmptySteps())
     trainer = _trainer_class()(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_arguments(cfg, out, dtype, device, weights),
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[stop, metrics, held_out, GcPauses()],
+        callbacks=callbacks,
         peft_config=peft_config,
         rollout_func=rollout,
+        dynamic=dynamic,
     )
     held_out.trainer = trainer
+    for callback in callbacks:
+        if isinstance(callback, SkipEmptySteps):
+            callback.trainer = trainer
     if cfg.lora.init in MUTATING_INITS and peft_config is not None and is_main_process():
         save_initial_adapter(trainer.model, out, resume)  # TRL has just made the fresh LoRA
     trainer.remove_callback(ProgressCallback)
