@@ -122,8 +122,9 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
     submitted one by one in their order, as a server receives them; ``sampled``: temperature 0.6, top-p 0.95."""
     from lawtune.generation.engine import GenerationEngine, SamplingParams
 
-    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots,
-                              max_len=max(map(len, prompts)) + max(budgets))
+    max_len = max(map(len, prompts)) + max(budgets)
+    slots = slots or budget_slots(model, len(prompts), max_len)
+    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=max_len)
     engine.generate([(prompts[0], SamplingParams(max_new_tokens=8, ignore_eos=True), None)])  # graph capture
     engine.steps = engine.busy_rows = engine.row_steps = 0
     sampling = {"temperature": 0.6, "top_p": 0.95} if sampled else {}
@@ -140,10 +141,30 @@ def run_engine(model, tokenizer, prompts, budgets, slots: int, device, fifo: boo
     done, seconds = timed(device, fifo_run if fifo else lambda: engine.generate(requests))
     useful = sum(len(r.samples[0].tokens) for r in done)
     assert useful == sum(budgets), (useful, sum(budgets))
-    row = {"seconds": round(seconds, 2), "useful_tokens_per_s": round(useful / seconds, 1),
-           "raw_tokens_per_s": round(engine.row_steps / seconds, 1),
-           "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), "steps": engine.steps}
+    row = {"slots": slots, "kv_cache_gib": round(engine.cache_gib, 2), "seconds": round(seconds, 2),
+           "useful_tokens_per_s": round(useful / seconds, 1), "raw_tokens_per_s": round(engine.row_steps / seconds, 1),
+           "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), "steps": engine.steps,
+           **peak_memory(device)}
+    engine.close()
     return row
+
+
+def budget_slots(model, wanted: int, max_len: int) -> int:
+    """The rows ``eval`` and ``distill`` get at their defaults: as many as generation.kv_cache holds, at most
+    ``wanted`` (rows of ``max_len`` rounded up as the engine holder rounds them)."""
+    from lawtune.config import GenerationConfig
+    from lawtune.generation.engine import budget_rows
+
+    return min(wanted, budget_rows(model, -(-max_len // 256) * 256, GenerationConfig().kv_cache))
+
+
+def peak_memory(device) -> dict:
+    """The device's peak allocated memory since the last reset (then reset), in GiB."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"peak_gib": round(peak, 2)}
 
 
 def free_cache(device) -> None:
@@ -172,7 +193,9 @@ def run_plain(model, tokenizer, prompts, budgets, device) -> dict:
 def run_distill_engine(model, tokenizer, prompts, budgets, samples: int, slots: int, device) -> dict:
     from lawtune.generation.engine import GenerationEngine, SamplingParams
 
-    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=max(map(len, prompts)) + max(budgets))
+    max_len = max(map(len, prompts)) + max(budgets)
+    slots = slots or budget_slots(model, len(prompts) * samples, max_len)
+    engine = GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=max_len)
     warm = SamplingParams(max_new_tokens=8, temperature=0.6, top_p=0.95, n=samples, ignore_eos=True)
     engine.generate([(prompts[0], warm, None)])  # graph capture
     engine.steps = engine.busy_rows = engine.row_steps = 0
@@ -182,9 +205,12 @@ def run_distill_engine(model, tokenizer, prompts, budgets, samples: int, slots: 
     completions = sum(len(r.samples) for r in done)
     tokens = sum(len(s.tokens) for r in done for s in r.samples)
     assert tokens == samples * sum(budgets)
-    return {"completions": completions, "seconds": round(seconds, 2), "completions_per_s": round(completions / seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1),
-            "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3)}
+    row = {"slots": slots, "kv_cache_gib": round(engine.cache_gib, 2), "completions": completions,
+           "seconds": round(seconds, 2), "completions_per_s": round(completions / seconds, 2),
+           "tokens_per_s": round(tokens / seconds, 1),
+           "occupancy": round(engine.busy_rows / max(engine.steps * slots, 1), 3), **peak_memory(device)}
+    engine.close()
+    return row
 
 
 def run_distill_plain(model, tokenizer, prompts, budgets, samples: int, device) -> dict:
@@ -337,7 +363,10 @@ def run_serve(model, tokenizer, clients: list[int], tokens: int, slots: int | No
         sequential = None
         if clients[0] <= 8:  # the same requests one after another (the CPU target compares these)
             sequential = remote_wave(url, clients[0], tokens, sequential=True)["tokens_per_s"]
-    return {"slots": cfg.slots, "max_len": cfg.max_len, "one_client": alone, "concurrent": waves[0], "waves": waves,
+        generator = server.state.loaded.generator
+        rows = {"slots": generator.slots, "max_len": generator.max_len,
+                "kv_cache_gib": round(generator.cache_gib, 2)} if generator else {"slots": 1, "max_len": cfg.max_len}
+    return {**rows, "one_client": alone, "concurrent": waves[0], "waves": waves,
             "sequential_tokens_per_s": sequential,
             "aggregate_vs_one": round(waves[0]["tokens_per_s"] / alone["tokens_per_s"], 2)}
 
@@ -348,7 +377,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="run on the CPU (with --model-dir or the demo-sized model)")
     p.add_argument("--model-dir", help="directory with config.json and the tokenizer (default .bench_assets/ or ../shared/)")
     p.add_argument("--requests", default="512", help="mixed-length workload sizes (comma list)")
-    p.add_argument("--slots", type=int, default=256)
+    p.add_argument("--slots", type=int, default=0,
+                   help="engine rows (default 0: as many as generation.kv_cache's default holds, as eval and distill get)")
     p.add_argument("--static-batch", type=int, default=256)
     p.add_argument("--plain-n", type=int, default=64, help="requests of the plain-generate baseline (0 = skip)")
     p.add_argument("--stream-tokens", type=int, default=1024)
@@ -390,12 +420,12 @@ def main(argv=None) -> int:
                 "max_budget": max(budgets)}
         engine = fifo = None
         if "lpt" not in skip:
-            engine = emit({"bench": f"mixed{n}_engine", **base, "slots": args.slots,
+            engine = emit({"bench": f"mixed{n}_engine", **base,
                            **run_engine(model, tokenizer, prompts, budgets, args.slots, device)})
             free_cache(device)
             summary[f"mixed{n}_engine_useful_tokens_per_s"] = engine["useful_tokens_per_s"]
         if args.sampled:
-            sampled = emit({"bench": f"mixed{n}_engine_sampled", **base, "slots": args.slots, "temperature": 0.6,
+            sampled = emit({"bench": f"mixed{n}_engine_sampled", **base, "temperature": 0.6,
                             "top_p": 0.95, **run_engine(model, tokenizer, prompts, budgets, args.slots, device,
                                                         sampled=True)})
             free_cache(device)
@@ -404,7 +434,7 @@ def main(argv=None) -> int:
                 summary[f"mixed{n}_sampled_vs_greedy"] = round(sampled["useful_tokens_per_s"]
                                                                / engine["useful_tokens_per_s"], 3)
         if "fifo" not in skip:
-            fifo = emit({"bench": f"mixed{n}_engine_fifo", **base, "slots": args.slots,
+            fifo = emit({"bench": f"mixed{n}_engine_fifo", **base,
                          **run_engine(model, tokenizer, prompts, budgets, args.slots, device, fifo=True)})
             free_cache(device)
             summary[f"mixed{n}_engine_fifo_useful_tokens_per_s"] = fifo["useful_tokens_per_s"]
@@ -420,7 +450,7 @@ def main(argv=None) -> int:
     if args.distill:
         prompts, budgets = workload(tokenizer, args.distill, seed=17, smoke=args.smoke)
         engine_row = emit({"bench": "distill_engine", "questions": args.distill, "samples": args.samples,
-                           "slots": args.slots, **run_distill_engine(model, tokenizer, prompts, budgets, args.samples,
+                           **run_distill_engine(model, tokenizer, prompts, budgets, args.samples,
                                                                      args.slots, device)})
         free_cache(device)
         k = max(1, args.distill_plain // args.samples)

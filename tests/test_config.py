@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lawtune.config import ConfigError, GrpoRun, TrainRun, load_config, validate
+from lawtune.config import ConfigError, EvalRun, GrpoRun, ServeRun, TrainRun, load_config, validate
 from lawtune.rundir import resolve_output_dir
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -88,6 +88,22 @@ def test_overrides_dotted_shorthand_and_scientific_floats(tmp_path):
 def test_invalid_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("value,ok", [("70%", True), ("40GiB", True), ("0.5GiB", True), ("70", False),
+                                      ("0%", False), ("100%", False), ("40GB", False)])
+def test_the_kv_budget_is_gib_or_a_share(value, ok):
+    if ok:
+        assert load_config(None, [f"generation.kv_cache={value}"], run_cls=EvalRun).generation.kv_cache == value
+    else:
+        with pytest.raises(ConfigError, match=r"generation\.kv_cache"):
+            load_config(None, [f"generation.kv_cache={value}"], run_cls=EvalRun)
+
+
+def test_serve_refuses_a_kv_budget_beside_given_rows():
+    assert load_config(None, ["serve.slots=8"], run_cls=ServeRun).serve.slots == 8
+    with pytest.raises(ConfigError, match=r"generation\.kv_cache: not read with serve\.slots"):
+        load_config(None, ["serve.slots=8", "generation.kv_cache=4GiB"], run_cls=ServeRun)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

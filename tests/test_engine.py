@@ -4,6 +4,7 @@ log-probabilities, streaming, and live weights. CPU, eager steps (CUDA graphs ar
 import pytest
 import torch
 
+from lawtune.errors import UsageError
 from lawtune.generation.engine import EngineHolder, GenerationEngine, SamplingParams, choose_tokens, engine_supported
 
 TEXTS = ["甲与乙订立买卖合同", "合同", "物权问题：甲与乙的物权纠纷，涉及房屋。下列哪些规则适用？", "丙", "法院认为当事人",
@@ -518,3 +519,22 @@ def test_on_a_gpu_the_fused_step_gives_the_plain_steps_tokens(tiny_tokenizer):
                                         for i, (p, b) in enumerate(zip(prompts, BUDGETS))])
                 outputs.append([r.samples[0].tokens for r in done])
     assert outputs[:2] == outputs[2:]
+
+
+def test_a_kv_budget_in_gib_caps_the_rows_and_the_cache_stays_within_it(tiny):
+    """generation.kv_cache: the rows are what the budget holds at the row length, never more than asked."""
+    model, tok, prompts = tiny
+    with EngineHolder(tok.eos_token_id, kv_cache="0.001GiB") as holder:
+        engine = holder.get(model, 64, 200)  # rows of 256 tokens
+        budget = 0.001 * 2**30
+        row = engine.cache_gib * 2**30 / engine.slots
+        assert 1 <= engine.slots < 64 and engine.cache_gib * 2**30 <= budget < (engine.slots + 1) * row
+        assert holder.get(model, 2, 200) is engine  # fewer rows reuse it
+        done = engine.generate([(prompts[i % len(prompts)], SamplingParams(max_new_tokens=4), f"q{i}")
+                                for i in range(engine.slots + 3)])  # more requests than rows wait for one
+        assert len(done) == engine.slots + 3 and all(r.samples[0].tokens for r in done)
+    with EngineHolder(tok.eos_token_id, kv_cache="100GiB") as holder:
+        assert holder.get(model, 3, 200).slots == 3  # a budget caps; it never adds rows
+    with EngineHolder(tok.eos_token_id, kv_cache="0.000001GiB") as holder:
+        with pytest.raises(UsageError, match=r"generation\.kv_cache: .* holds 0 rows of 256 tokens"):
+            holder.get(model, 4, 200)

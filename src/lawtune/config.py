@@ -295,6 +295,11 @@ class GenerationConfig(Section):
     every token, for generations of 32 tokens or more (direct mode's 8 tokens measured faster without it)."""
     cuda_graphs: bool = True
     """On a GPU the engine replays each decoding step from a CUDA graph; false = every step eagerly."""
+    kv_cache: Annotated[str, Field(pattern=r"^([1-9][0-9]?(\.[0-9]+)?%|[0-9]+(\.[0-9]+)?GiB)$")] = "70%"
+    """The engine's KV cache budget: "40GiB", or a share of the GPU's free memory once the model is loaded ("70%",
+    like vLLM's gpu_memory_utilization but of what is free). It caps the questions decoded at once to the rows it
+    holds at the call's row length (prompt + token budget); the rest wait for a free row. On a CPU a share is of the
+    available RAM."""
 
 
 class DistillGeneration(GenerationConfig):
@@ -309,7 +314,8 @@ class EvalConfig(Section):
     """direct = empty think block then read the letters; reasoning = think first; choice = score answers.
     During training, reasoning is evaluated as direct (thousands of tokens a question)."""
     batch_size: PositiveInt = 64
-    """Questions per generation / scoring batch (on an 80 GB GPU 256-512 is fastest; see bench/README.md)."""
+    """Questions per scoring batch (choice mode's forward batch). Generating modes hand the engine 8 batches at once
+    and decode as many of them at once as generation.kv_cache holds."""
     shuffle_options: bool = False
     """Re-letter options with a fixed seed (answers mapped back) to expose letter bias."""
     seed: int = 0
@@ -417,12 +423,12 @@ class ServeConfig(Section):
     max_prompt_tokens: PositiveInt | None = None
     """Longest prompt a request may send, in tokens; None = the model's context. A prompt longer than this, or one
     that leaves no room in the context for the request's token budget, is refused at once (400)."""
-    slots: PositiveInt = 32
-    """Requests generated at once (rows of the engine's KV cache); more wait for a free row."""
+    slots: PositiveInt | None = None
+    """Requests generated at once (rows of the engine's KV cache); more wait for a free row. None = as many as
+    generation.kv_cache holds at max_len, at most 256 (the 1.5B model in bf16: 28 layers x 2 x 2 heads x 128 x 2 bytes
+    = 28 KiB a token, 224 MiB a row of 8,192)."""
     max_len: PositiveInt = 8192
-    """Tokens of one request, prompt and answer together (the engine's row length; at most the model's context).
-    The cache takes slots x max_len tokens: 32 x 8,192 is 7 GiB for the 1.5B model in bf16 (28 layers x 2 x 2 heads
-    x 128 x 2 bytes a token; arithmetic)."""
+    """Tokens of one request, prompt and answer together (the engine's row length; at most the model's context)."""
     api_key: SecretStr | None = None
     """Bearer token every /v1 route requires (compared in constant time); None = LAWTUNE_API_KEY from the
     environment, else none (then the server warns when it listens beyond loopback). Never printed."""
@@ -769,7 +775,7 @@ class EvalRun(InferenceRun, title="eval"):
         local += [(f"adapter.{k}", getattr(self.adapter, k), AdapterConfig.model_fields[k].default)
                   for k in ("path", "force", "fold")]
         local += [(f"generation.{k}", getattr(self.generation, k), GenerationConfig.model_fields[k].default)
-                  for k in ("engine", "static_cache", "cuda_graphs", "top_k")]
+                  for k in ("engine", "static_cache", "cuda_graphs", "kv_cache", "top_k")]
         for key, value, default in local:
             if value != default:
                 yield (f"{key}: not read with eval.api_url (the server runs its model; "
@@ -792,6 +798,10 @@ class ServeRun(InferenceRun, title="serve"):
     """OpenAI-compatible HTTP API and a question page at /"""
 
     serve: ServeConfig = ServeConfig()
+
+    def problems(self) -> Iterator[str]:
+        if self.serve.slots is not None and self.generation.kv_cache != GenerationConfig.model_fields["kv_cache"].default:
+            yield "generation.kv_cache: not read with serve.slots (the rows are given); leave one out"
 
 
 class DistillRun(InferenceRun, title="distill"):

@@ -251,7 +251,9 @@ def evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, 
 def _evaluate_records(model, tokenizer, records: list[Record], ecfg: EvalConfig, gcfg: GenerationConfig,
                       prompt_format: str, show_progress: bool, engines: EngineHolder) -> tuple[list[dict], dict]:
     def answer(batch: list[Record], sampled: GenerationConfig, n: int) -> list[dict]:
-        return answer_batch(ecfg.mode, model, tokenizer, batch, prompt_format, sampled, slots=ecfg.batch_size,
+        # generating modes decode the whole chunk at once where generation.kv_cache holds it (else as many as it holds)
+        slots = ecfg.batch_size if ecfg.mode == "choice" else None
+        return answer_batch(ecfg.mode, model, tokenizer, batch, prompt_format, sampled, slots=slots,
                             engines=engines, n=n)
 
     chunk = ecfg.batch_size * (1 if ecfg.mode == "choice" else GENERATE_CHUNK)

@@ -27,7 +27,9 @@ def run_serve(cfg: ServeRun, say=print) -> int:
                       cfg.adapter.fold)
 
     def ready() -> None:
-        say(f"serving model id {MODEL_ID!r} on {url}/ (API: {url}/v1); SIGTERM or Ctrl-C stops", flush=True)
+        engine = server.state.loaded.generator if server.state.loaded is not None else None
+        rows = f"; {engine.slots} rows of {engine.max_len} tokens, KV cache {engine.cache_gib:.1f} GiB" if engine else ""
+        say(f"serving model id {MODEL_ID!r} on {url}/ (API: {url}/v1){rows}; SIGTERM or Ctrl-C stops", flush=True)
 
     try:
         server = make_server(load, cfg.serve, api_key, on_ready=ready)

@@ -111,7 +111,7 @@ def generated(tokenizer, tokens: list[int], logprobs: list[float] | None = None)
 @torch.inference_mode()
 def engine_holder(tokenizer, gcfg) -> EngineHolder:
     """An engine holder for a command or trainer that generates with ``gcfg`` (its owner closes it)."""
-    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False)
+    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False, kv_cache=gcfg.kv_cache)
 
 
 @contextlib.contextmanager
@@ -152,7 +152,7 @@ def engine_requests(model, tokenizer, prompts: list[str], params: SamplingParams
     rows = len(prompts) * params.n
     slots = max(min(slots or rows, rows), params.n)
     with holding(engines, tokenizer, gcfg) as holder:
-        engine = holder.get(model, slots, max(map(len, ids)) + params.row_tokens)
+        engine = holder.get(model, slots, max(map(len, ids)) + params.row_tokens, least=params.n)
         return engine.generate([(x, params, k) for x, k in zip(ids, keys or prompts)])
 
 

@@ -16,7 +16,7 @@ import uvicorn
 
 from ..config import ServeConfig
 from ..generation import uses_engine
-from ..generation.engine import GenerationEngine
+from ..generation.engine import GenerationEngine, budget_rows
 from ..infer import LoadedModel
 from .app import make_app
 from .protocol import MAX_TOP_LOGPROBS
@@ -98,15 +98,22 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# The most rows serve decodes at once by default (serve.slots): its step graphs for every power of two up to it are
+# recorded before the first request.
+MAX_ROWS = 256
+
+
 def with_engine(loaded: LoadedModel, cfg: ServeConfig) -> LoadedModel:
-    """The model with a background engine of ``cfg.slots`` rows, its step graphs recorded before the first request;
+    """The model with a background engine of ``cfg.slots`` rows (None: what generation.kv_cache holds, at most
+    ``MAX_ROWS``), its step graphs recorded before the first request;
     a model the engine cannot run is served by transformers' generate, one request at a time."""
     if not uses_engine(loaded.model, loaded.gcfg):
         return loaded
     context = getattr(loaded.model.config, "max_position_embeddings", None) or cfg.max_len
-    generator = GenerationEngine(loaded.model, loaded.tokenizer.eos_token_id, slots=cfg.slots,
-                                 max_len=min(cfg.max_len, context), top_logprobs=MAX_TOP_LOGPROBS,
-                                 use_graph=None if loaded.gcfg.cuda_graphs else False)
+    max_len = min(cfg.max_len, context)
+    slots = cfg.slots or min(MAX_ROWS, budget_rows(loaded.model, max_len, loaded.gcfg.kv_cache))
+    generator = GenerationEngine(loaded.model, loaded.tokenizer.eos_token_id, slots=slots, max_len=max_len,
+                                 top_logprobs=MAX_TOP_LOGPROBS, use_graph=None if loaded.gcfg.cuda_graphs else False)
     generator.capture_graphs()
     generator.start()
     return dataclasses.replace(loaded, generator=generator)

@@ -18,7 +18,7 @@ closes it, which gives the cache, the graphs and the model reference back.
 """
 
 from .cache import SlotCache
-from .loop import EngineHolder, GenerationEngine
+from .loop import EngineHolder, GenerationEngine, budget_rows
 from .readback import CHECK_EVERY, LOOK_LAG, Look, ReadBack
 from .runner import MIN_COLUMNS, DeviceRows, ModelRunner, base_model, cache_keyword, engine_supported
 from .sampler import choose_tokens, uniform_noise
@@ -28,5 +28,5 @@ from .sequence import MAX_STOP_TOKENS, Request, Sample, SamplingParams, Sequence
 __all__ = [
     "ADMIT_FRACTION", "ADMIT_WAIT", "CHECK_EVERY", "LOOK_LAG", "MAX_STOP_TOKENS", "MIN_COLUMNS", "DeviceRows", "EngineHolder",
     "GenerationEngine", "Look", "ModelRunner", "ReadBack", "Request", "Sample", "SamplingParams", "Scheduler", "Sequence",
-    "SlotCache", "base_model", "cache_keyword", "choose_tokens", "engine_supported", "sample_seed", "uniform_noise",
+    "SlotCache", "base_model", "budget_rows", "cache_keyword", "choose_tokens", "engine_supported", "sample_seed", "uniform_noise",
 ]

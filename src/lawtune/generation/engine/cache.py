@@ -7,8 +7,55 @@ tensors. A row's column is a position of its sequence (prompt and generation); e
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers.cache_utils import Cache
+
+from ...errors import UsageError
+
+
+def cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The cache's dtype for a model whose embedding weight is ``weight`` (a quantised model's cache is bf16)."""
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+
+
+def token_bytes(config, dtype: torch.dtype) -> int:
+    """Bytes one position takes in the cache of a model of ``config``: a key and a value of every layer."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return config.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
+def budget_bytes(spec: str, device: torch.device, held: int = 0) -> int | None:
+    """The KV cache budget of ``generation.kv_cache`` in bytes: ``"40GiB"``, or ``"70%"`` of the free memory (the
+    GPU's; on a CPU the available RAM), counting the ``held`` bytes of the cache it would replace as free. None (no
+    cap) where the free memory cannot be read."""
+    if spec.endswith("GiB"):
+        return int(float(spec[:-3]) * 2**30)
+    if device.type == "cuda":
+        # torch's allocator keeps freed blocks (a training step's activations) reserved: free for the cache too
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    else:
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # not every system names these (macOS has no SC_AVPHYS_PAGES)
+            return None
+    return int((free + held) * float(spec[:-1]) / 100)
+
+
+def rows_within(budget: int | None, max_len: int, per_token: int, least: int = 1) -> int:
+    """Rows of ``max_len`` positions the budget holds (no cap for None); an error where it holds fewer than
+    ``least`` (the samples of one request share a prefill, so they run at once)."""
+    if budget is None:
+        return 1 << 62
+    fits = budget // (max_len * per_token)
+    if fits < least:
+        raise UsageError(f"generation.kv_cache: {budget / 2**30:.2f} GiB holds {fits} rows of {max_len} tokens "
+                         f"({per_token * max_len / 2**20:.0f} MiB a row), {least} needed; give more (e.g. "
+                         f"generation.kv_cache=90%) or a shorter token budget")
+    return fits
 
 
 class SlotCache(Cache):

@@ -27,8 +27,9 @@ import torch
 
 from ...compat import clear_cublas_workspaces
 from ..attention import eager_stance, fast_attention
+from .cache import budget_bytes, cache_dtype, rows_within, token_bytes
 from .readback import ReadBack
-from .runner import ModelRunner
+from .runner import ModelRunner, base_model
 from .scheduler import Scheduler
 from .sequence import Request, SamplingParams, Sequence
 
@@ -59,6 +60,12 @@ class GenerationEngine:
     @property
     def model(self):
         return self.runner.model if self.runner is not None else None
+
+    @property
+    def cache_gib(self) -> float:
+        """The KV cache's size in GiB (0 once closed)."""
+        cache = self.runner.cache if self.runner is not None else None
+        return sum(t.nbytes for t in (*cache.keys, *cache.values)) / 2**30 if cache is not None else 0.0
 
     @property
     def running(self) -> dict[int, Sequence]:
@@ -296,24 +303,39 @@ class EngineHolder:
     at least the rows and the row length a call needs, the one it holds while that one is large enough (a call
     needing fewer rows reuses it: a step runs only the rows in use), else a larger one (the old one closed first, its
     memory given back); ``close`` closes it. Row lengths are rounded up to a multiple of 256, so that nearby lengths
-    share one engine."""
+    share one engine. ``kv_cache`` (``generation.kv_cache``) caps the rows to what its budget holds at the row
+    length; the requests beyond them wait for a free row."""
 
-    def __init__(self, eos_token_id: int, use_graph: bool | None = None, top_logprobs: int = 0) -> None:
-        self.eos, self.use_graph, self.top = eos_token_id, use_graph, top_logprobs
+    def __init__(self, eos_token_id: int, use_graph: bool | None = None, top_logprobs: int = 0,
+                 kv_cache: str | None = None) -> None:
+        self.eos, self.use_graph, self.top, self.kv_cache = eos_token_id, use_graph, top_logprobs, kv_cache
         self.engine: GenerationEngine | None = None
 
-    def get(self, model, slots: int, max_len: int) -> GenerationEngine:
+    def get(self, model, slots: int, max_len: int, least: int = 1) -> GenerationEngine:
+        """An engine with ``slots`` rows of ``max_len`` tokens, or as many rows as the KV budget holds (at least
+        ``least``)."""
         max_len = -(-max_len // 256) * 256
         old = self.engine
+        slots = min(slots, self.room(model, max_len, least))
         if old is not None and old.model is model and old.fits(slots, max_len):
             return old
         if old is not None:
             if old.model is model:  # never smaller than before: calls alternating between two sizes keep one engine
                 slots, max_len = max(slots, old.slots), max(max_len, old.max_len)
+                slots = min(slots, self.room(model, max_len, least))
             self.close()
         self.engine = GenerationEngine(model, self.eos, slots=slots, max_len=max_len, use_graph=self.use_graph,
                                        top_logprobs=self.top)
         return self.engine
+
+    def room(self, model, max_len: int, least: int) -> int:
+        """Rows of ``max_len`` tokens the KV budget holds for ``model`` (no cap without a budget)."""
+        if self.kv_cache is None:
+            return 1 << 62
+        old = self.engine
+        # a share is of the memory free without this holder's cache, which a larger engine would replace
+        held = old.slots * old.max_len if old is not None and old.runner is not None else 0
+        return budget_rows(model, max_len, self.kv_cache, least, held)
 
     def close(self) -> None:
         """Close the engine held, if any (the holder stays usable: a later ``get`` makes a new one)."""
@@ -326,3 +348,12 @@ class EngineHolder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def budget_rows(model, max_len: int, kv_cache: str, least: int = 1, held_tokens: int = 0) -> int:
+    """Rows of ``max_len`` tokens a KV budget (``generation.kv_cache``) holds for ``model``, the ``held_tokens`` of a
+    cache it would replace counted as free; an error below ``least``."""
+    base = base_model(model)
+    weight = base.get_input_embeddings().weight
+    per_token = token_bytes(base.config, cache_dtype(weight))
+    return rows_within(budget_bytes(kv_cache, weight.device, held_tokens * per_token), max_len, per_token, least)

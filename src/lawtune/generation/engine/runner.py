@@ -38,7 +38,7 @@ import torch
 
 from .. import decode_attention
 from ..attention import FAST_ATTENTION, attention_implementation
-from .cache import LayerSlots, SlotCache
+from .cache import LayerSlots, SlotCache, cache_dtype
 from .compiled import compiled
 from .sampler import choose_tokens
 from .sequence import MAX_STOP_TOKENS, Sequence
@@ -175,7 +175,7 @@ class ModelRunner:
         self.slots, self.max_len, self.eos, self.top = slots, max_len, eos_token_id, top_logprobs
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+        dtype = cache_dtype(weight)
         self.cache = SlotCache(config.num_hidden_layers, slots, max_len, getattr(config, "num_key_value_heads", heads),
                                head_dim, dtype, self.device)
         self.rows = DeviceRows(slots, max_len, top_logprobs, self.device)
@@ -183,7 +183,8 @@ class ModelRunner:
         gpu = self.use_graph and self.device.type == "cuda"
         self.compile_step = (gpu and decode_attention.available() if compile_step is None else compile_step) \
             and layered(self.decoder)
-        kernel_ok = decode_attention.available() and decode_attention.supports(head_dim, max_len)
+        kernel_ok = (self.device.type == "cuda" and decode_attention.available()
+                     and decode_attention.supports(head_dim, max_len))
         self.attention_kernel = kernel_ok if attention_kernel is None else attention_kernel and kernel_ok
         # By (sampling, rows, columns, top): a step that keeps the likeliest tokens is a graph of its own, recorded when
         # first needed (capture_graphs records the others), so steps that need none never pay for them.
