@@ -12,6 +12,10 @@
    variants (``compile_step`` and ``attention_kernel`` off and on): tokens/s, and the seconds the first request
    took (compilation and graph capture).
 3. ``profile``: the kernels of one eager one-row step, each variant: count and GPU time.
+4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
+   (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked), each way: greedy, sampled with the
+   bisection (compiled, as the fused step runs it) and with the GPU's many-way search; µs a step, and whether the
+   two searches keep the same tokens.
 
 Prints one JSON line per measurement (bench/eval_throughput.py's format).
 """
@@ -155,6 +159,42 @@ def profile_step(model, tokenizer, device, options: dict) -> dict:
     return {"kernels": len(events), "gpu_us": round(busy, 1)}
 
 
+def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
+    from lawtune.generation.engine import nucleus_search, sampler
+    from lawtune.generation.engine.compiled import compiled
+
+    out = []
+    generator = torch.Generator(device=device).manual_seed(0)
+    temperature = torch.full((rows,), 0.6, device=device)
+    top_p, top_k = torch.full((rows,), 0.95, device=device), torch.zeros(rows, dtype=torch.long, device=device)
+    seed, step = torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device)
+    ban = torch.zeros(rows, dtype=torch.bool, device=device)
+    ways = {"bisect": compiled("nucleus_threshold", sampler.nucleus_threshold) if device.type == "cuda"
+            else sampler.nucleus_threshold}
+    if nucleus_search.available(device):
+        ways["search"] = sampler.searched_threshold
+    for shape, scale in (("flat", 0.02), ("peaked", 8.0)):
+        logits = torch.randn(rows, vocab, device=device, generator=generator) * scale
+        row: dict = {"bench": "sampler", "rows": rows, "vocab": vocab, "logits": shape}
+        _, seconds = timed(device, lambda logits=logits: [sampler.choose_tokens(
+            logits, temperature, top_p, top_k, seed, step, ban, 0, sampling=False) for _ in range(repeats)])
+        row["greedy_us"] = round(seconds / repeats * 1e6, 1)
+        keeps = {}
+        for name, threshold in ways.items():
+            def pick(threshold=threshold, logits=logits):
+                scaled = logits / temperature[:, None]
+                keep = sampler.nucleus(scaled.softmax(-1), top_p, top_k, threshold)
+                return sampler.gumbel_pick(scaled, keep, seed, step), keep
+            keeps[name] = pick()[1]
+            _, seconds = timed(device, lambda pick=pick: [pick() for _ in range(repeats)])
+            row[f"sampled_{name}_us"] = round(seconds / repeats * 1e6, 1)
+        if len(keeps) == 2:
+            row["same_kept_tokens"] = bool(torch.equal(keeps["bisect"], keeps["search"]))
+            row["search_vs_bisect"] = round(row["sampled_bisect_us"] / row["sampled_search_us"], 2)
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks that everything runs")
@@ -162,7 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="1,16,64,256", help="rows of the step measurement (comma list)")
     p.add_argument("--tokens", type=int, default=256, help="tokens a row in the step measurement")
     p.add_argument("--variants", default=",".join(VARIANTS), help="step variants (comma list of " + ", ".join(VARIANTS) + ")")
-    p.add_argument("--skip", default="", help="parts to leave out: attention,step,profile")
+    p.add_argument("--skip", default="", help="parts to leave out: attention,step,profile,sampler")
+    p.add_argument("--sampler-rows", default="256,512", help="rows of the sampler measurement (comma list)")
     p.add_argument("--sweep", action="store_true", help="the kernel's tuning sweep (256 rows of the workload, one row "
                    "of 1,000 and of 4,000 columns)")
     args = p.parse_args(argv)
@@ -188,6 +229,10 @@ def main(argv=None) -> int:
                                                                       VARIANTS[name])})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    if "sampler" not in skip:
+        for rows in (int(r) for r in ("4" if args.smoke else args.sampler_rows).split(",")):
+            for row in bench_sampler(device, rows, model.config.vocab_size, 2 if args.smoke else 20):
+                emit(row)
     if "profile" not in skip:
         for name in variants:
             emit({"bench": "profile", "variant": name, **profile_step(model, tokenizer, device, VARIANTS[name])})

@@ -417,7 +417,8 @@ def _sampler_cases(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
-    from lawtune.generation.engine.sampler import nucleus, sorted_choice, uniform_noise
+    from lawtune.generation.engine import nucleus_search
+    from lawtune.generation.engine.sampler import nucleus, searched_threshold, sorted_choice, uniform_noise
 
     for name, logits in _sampler_cases(device):
         logits = logits.to(device)
@@ -430,6 +431,8 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
             for temperature in (0.6, 1.0):
                 scaled = logits / temperature
                 keep = nucleus(scaled.softmax(-1), p, k)
+                if nucleus_search.available(logits.device):  # the GPU's many-way search: the bisection's set
+                    assert torch.equal(nucleus(scaled.softmax(-1), p, k, searched_threshold), keep), (name, top_p)
                 u = uniform_noise(seed[:, None], step[:, None], tokens)
                 ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
                 assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature)
