@@ -13,9 +13,9 @@
    took (compilation and graph capture).
 3. ``profile``: the kernels of one eager one-row step, each variant: count and GPU time.
 4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
-   (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked), each way: greedy, sampled with the
-   bisection (compiled, as the fused step runs it) and with the GPU's many-way search; µs a step, and whether the
-   two searches keep the same tokens.
+   (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked): the step's choice greedy and sampled
+   (as the fused step runs it), then the kept set alone with the bisection (compiled) and with the GPU's many-way
+   search; µs each, and how many tokens the two searches keep differently.
 
 Prints one JSON line per measurement (bench/eval_throughput.py's format).
 """
@@ -169,28 +169,29 @@ def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
     top_p, top_k = torch.full((rows,), 0.95, device=device), torch.zeros(rows, dtype=torch.long, device=device)
     seed, step = torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device)
     ban = torch.zeros(rows, dtype=torch.bool, device=device)
-    ways = {"bisect": compiled("nucleus_threshold", sampler.nucleus_threshold) if device.type == "cuda"
-            else sampler.nucleus_threshold}
+    fused = device.type == "cuda"
+    ways = {"bisect": compiled("nucleus_threshold", sampler.nucleus_threshold) if fused else sampler.nucleus_threshold}
     if nucleus_search.available(device):
         ways["search"] = sampler.searched_threshold
     for shape, scale in (("flat", 0.02), ("peaked", 8.0)):
         logits = torch.randn(rows, vocab, device=device, generator=generator) * scale
+        probs = (logits / 0.6).softmax(-1)
         row: dict = {"bench": "sampler", "rows": rows, "vocab": vocab, "logits": shape}
-        _, seconds = timed(device, lambda logits=logits: [sampler.choose_tokens(
-            logits, temperature, top_p, top_k, seed, step, ban, 0, sampling=False) for _ in range(repeats)])
-        row["greedy_us"] = round(seconds / repeats * 1e6, 1)
+        for name, sampling in (("greedy", False), ("sampled", True)):  # the step's whole choice, as it runs
+            def choose(sampling=sampling, logits=logits):
+                return sampler.choose_tokens(logits, temperature, top_p, top_k, seed, step, ban, 0, sampling, fused)
+            choose()
+            _, seconds = timed(device, lambda choose=choose: [choose() for _ in range(repeats)])
+            row[f"{name}_us"] = round(seconds / repeats * 1e6, 1)
         keeps = {}
-        for name, threshold in ways.items():
-            def pick(threshold=threshold, logits=logits):
-                scaled = logits / temperature[:, None]
-                keep = sampler.nucleus(scaled.softmax(-1), top_p, top_k, threshold)
-                return sampler.gumbel_pick(scaled, keep, seed, step), keep
-            keeps[name] = pick()[1]
-            _, seconds = timed(device, lambda pick=pick: [pick() for _ in range(repeats)])
-            row[f"sampled_{name}_us"] = round(seconds / repeats * 1e6, 1)
+        for name, threshold in ways.items():  # the kept set alone, each search
+            keeps[name] = sampler.nucleus(probs, top_p, top_k, threshold)
+            _, seconds = timed(device, lambda threshold=threshold, probs=probs: [
+                sampler.nucleus(probs, top_p, top_k, threshold) for _ in range(repeats)])
+            row[f"nucleus_{name}_us"] = round(seconds / repeats * 1e6, 1)
         if len(keeps) == 2:
-            row["same_kept_tokens"] = bool(torch.equal(keeps["bisect"], keeps["search"]))
-            row["search_vs_bisect"] = round(row["sampled_bisect_us"] / row["sampled_search_us"], 2)
+            row["kept_tokens_differ"] = int((keeps["bisect"] != keeps["search"]).sum())
+            row["search_vs_bisect"] = round(row["nucleus_bisect_us"] / row["nucleus_search_us"], 2)
         out.append(row)
     return out
 

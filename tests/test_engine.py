@@ -418,8 +418,12 @@ def _sampler_cases(device):
     not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
     from lawtune.generation.engine import nucleus_search
-    from lawtune.generation.engine.sampler import nucleus, searched_threshold, sorted_choice, uniform_noise
+    from lawtune.generation.engine import sampler as s
 
+    nucleus, sorted_choice, uniform_noise = s.nucleus, s.sorted_choice, s.uniform_noise
+    searches = [s.nucleus_threshold]  # the bisection, and on a GPU the many-way search
+    if nucleus_search.available(torch.device(device)):
+        searches.append(s.searched_threshold)
     for name, logits in _sampler_cases(device):
         logits = logits.to(device)
         rows, vocab = logits.shape
@@ -430,12 +434,12 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
             k = torch.full((rows,), top_k, dtype=torch.long, device=device)
             for temperature in (0.6, 1.0):
                 scaled = logits / temperature
-                keep = nucleus(scaled.softmax(-1), p, k)
-                if nucleus_search.available(logits.device):  # the GPU's many-way search: the bisection's set
-                    assert torch.equal(nucleus(scaled.softmax(-1), p, k, searched_threshold), keep), (name, top_p)
                 u = uniform_noise(seed[:, None], step[:, None], tokens)
-                ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
-                assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature)
+                for threshold in searches:
+                    keep = nucleus(scaled.softmax(-1), p, k, threshold)
+                    ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
+                    assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature,
+                                                                                        threshold.__name__)
         if name == "flat":  # ties keep the lowest ids, as many as top-p's mass allows
             keep = nucleus(logits.softmax(-1), torch.full((rows,), 0.5, device=device),
                            torch.zeros(rows, dtype=torch.long, device=device))

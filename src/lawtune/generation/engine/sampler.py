@@ -78,7 +78,7 @@ def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Ten
     bits = probs.view(torch.int32)
     # top-p 1 keeps every token (a sum of all the probabilities may round above 1)
     whole = ((probs * (probs > 0)).sum(-1, keepdim=True) <= p) | (p >= 1)
-    keep_all = whole & ((probs > 0).sum(-1, keepdim=True) < k)
+    keep_all = whole & ((probs > 0).sum(-1, keepdim=True) <= k)
     threshold = torch.where(keep_all, 0, search(probs, top_p, k))
     above = bits > threshold
     mass, count = (probs * above).sum(-1, keepdim=True), above.sum(-1, keepdim=True)
