@@ -14,8 +14,7 @@
 3. ``profile``: the kernels of one eager one-row step, each variant: count and GPU time.
 4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
    (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked): the step's choice greedy and sampled
-   (as the fused step runs it), then the kept set alone with the bisection (compiled) and with the GPU's many-way
-   search; µs each, and how many tokens the two searches keep differently.
+   (as the fused step runs it), the kept set alone, and the bisection's threshold alone (compiled); µs each.
 
 Prints one JSON line per measurement (bench/eval_throughput.py's format).
 """
@@ -160,7 +159,7 @@ def profile_step(model, tokenizer, device, options: dict) -> dict:
 
 
 def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
-    from lawtune.generation.engine import nucleus_search, sampler
+    from lawtune.generation.engine import sampler
     from lawtune.generation.engine.compiled import compiled
 
     out = []
@@ -170,9 +169,7 @@ def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
     seed, step = torch.arange(rows, device=device), torch.zeros(rows, dtype=torch.long, device=device)
     ban = torch.zeros(rows, dtype=torch.bool, device=device)
     fused = device.type == "cuda"
-    ways = {"bisect": compiled("nucleus_threshold", sampler.nucleus_threshold) if fused else sampler.nucleus_threshold}
-    if nucleus_search.available(device):
-        ways["search"] = sampler.searched_threshold
+    threshold = compiled("nucleus_threshold", sampler.nucleus_threshold) if fused else sampler.nucleus_threshold
     for shape, scale in (("flat", 0.02), ("peaked", 8.0)):
         logits = torch.randn(rows, vocab, device=device, generator=generator) * scale
         probs = (logits / 0.6).softmax(-1)
@@ -183,15 +180,12 @@ def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
             choose()
             _, seconds = timed(device, lambda choose=choose: [choose() for _ in range(repeats)])
             row[f"{name}_us"] = round(seconds / repeats * 1e6, 1)
-        keeps = {}
-        for name, threshold in ways.items():  # the kept set alone, each search
-            keeps[name] = sampler.nucleus(probs, top_p, top_k, threshold)
-            _, seconds = timed(device, lambda threshold=threshold, probs=probs: [
-                sampler.nucleus(probs, top_p, top_k, threshold) for _ in range(repeats)])
-            row[f"nucleus_{name}_us"] = round(seconds / repeats * 1e6, 1)
-        if len(keeps) == 2:
-            row["kept_tokens_differ"] = int((keeps["bisect"] != keeps["search"]).sum())
-            row["search_vs_bisect"] = round(row["nucleus_bisect_us"] / row["nucleus_search_us"], 2)
+        sampler.nucleus(probs, top_p, top_k, threshold)  # the kept set alone (the bisection's threshold, compiled)
+        _, seconds = timed(device, lambda probs=probs: [sampler.nucleus(probs, top_p, top_k, threshold)
+                                                        for _ in range(repeats)])
+        row["nucleus_us"] = round(seconds / repeats * 1e6, 1)
+        _, seconds = timed(device, lambda probs=probs: [threshold(probs, top_p, top_k) for _ in range(repeats)])
+        row["threshold_us"] = round(seconds / repeats * 1e6, 1)
         out.append(row)
     return out
 

@@ -417,13 +417,8 @@ def _sampler_cases(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
-    from lawtune.generation.engine import nucleus_search
-    from lawtune.generation.engine import sampler as s
+    from lawtune.generation.engine.sampler import nucleus, sorted_choice, uniform_noise
 
-    nucleus, sorted_choice, uniform_noise = s.nucleus, s.sorted_choice, s.uniform_noise
-    searches = [s.nucleus_threshold]  # the bisection, and on a GPU the many-way search
-    if nucleus_search.available(torch.device(device)):
-        searches.append(s.searched_threshold)
     for name, logits in _sampler_cases(device):
         logits = logits.to(device)
         rows, vocab = logits.shape
@@ -435,11 +430,9 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
             for temperature in (0.6, 1.0):
                 scaled = logits / temperature
                 u = uniform_noise(seed[:, None], step[:, None], tokens)
-                for threshold in searches:
-                    keep = nucleus(scaled.softmax(-1), p, k, threshold)
-                    ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
-                    assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature,
-                                                                                        threshold.__name__)
+                keep = nucleus(scaled.softmax(-1), p, k)
+                ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
+                assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature)
         if name == "flat":  # ties keep the lowest ids, as many as top-p's mass allows
             keep = nucleus(logits.softmax(-1), torch.full((rows,), 0.5, device=device),
                            torch.zeros(rows, dtype=torch.long, device=device))

@@ -9,7 +9,6 @@ Its parts, each with the why of its own design in its docstring:
 * ``runner.py``: the model's forward passes (prefill, a forced answer's closing, the decoding step) and the CUDA
   graphs the step replays from (``ModelRunner``, ``DeviceRows``); which models the engine runs (``engine_supported``).
 * ``sampler.py``: the next token of every row, greedy or sampled, on the device (``choose_tokens``).
-* ``nucleus_search.py``: the sampler's top-p/top-k threshold on a GPU in 8 passes (a Triton kernel).
 * ``readback.py``: what the rows made, read back behind the GPU into the samples; a forced answer on its row.
 * ``loop.py``: ``GenerationEngine`` itself: submit, step (schedule, run, read back), stream, generate, the
   background thread, close; ``EngineHolder``, the engine of one owner, grown when a call needs more rows.

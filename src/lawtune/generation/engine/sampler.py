@@ -12,15 +12,13 @@ its ties) while the mass above it is at most top-p and fewer than top-k tokens l
 the value; 31 halvings pin it exactly. Ties at ``t`` are kept in token order as far as top-p's and top-k's counts
 allow. That is the same set, hence the same token for the same noise, as the full sort (``sorted_choice``, which
 the tests compare it with), up to float rounding of the mass in the last place; each halving is one pass over the
-probabilities, which a compiled step fuses into one kernel. On a GPU ``nucleus_search`` finds the same threshold in 8
-passes, testing 16 values a pass.
+probabilities, which a compiled step fuses into one kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import nucleus_search
 from .compiled import compiled
 
 MASK64 = (1 << 64) - 1
@@ -51,46 +49,31 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -
     return (_shift_right(x, 40).float() + 0.5) / float(1 << 24)
 
 
-def bisect(probs: torch.Tensor, top_p: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The smallest float32 bits (rows, 1) whose mass above is at most ``top_p`` with fewer than ``k`` tokens above
-    (the bisection of the module docstring; reductions only, which a compiled step fuses into one kernel a
-    halving). ``nucleus_search.search`` finds the same in fewer passes on a GPU."""
+def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor,
+                      top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest kept probability's float32 bits (rows, 1) and how many tokens of that value may be kept (the
+    bisection of the module docstring; reductions only, which a compiled step fuses into one kernel a halving)."""
+    vocab = probs.shape[-1]
+    k = torch.where(top_k > 0, top_k, vocab)[:, None]
     p = top_p[:, None]
     bits = probs.view(torch.int32)  # non-negative floats order as their bits do
     lo = torch.zeros_like(k)  # invariant: the value of lo's bits is not kept (as first of its ties), hi's is
     hi = bits.max(-1, keepdim=True).values.long()
+    # top-p 1 keeps every token (a sum of all the probabilities may round above 1), as does a top-k they all fit
+    whole = ((probs * (probs > 0)).sum(-1, keepdim=True) <= p) | (p >= 1)
+    keep_all = whole & ((probs > 0).sum(-1, keepdim=True) <= k)
     for _ in range(31):
         mid = (lo + hi) // 2
         above = bits > mid
         ok = ((probs * above).sum(-1, keepdim=True) <= p) & (above.sum(-1, keepdim=True) < k)
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
-    return hi
-
-
-def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                      search=bisect) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest kept probability's float32 bits (rows, 1) and how many tokens of that value may be kept, the
-    threshold found by ``search`` (``bisect``, or ``nucleus_search.search`` on a GPU)."""
-    vocab = probs.shape[-1]
-    k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    p = top_p[:, None]
-    bits = probs.view(torch.int32)
-    # top-p 1 keeps every token (a sum of all the probabilities may round above 1)
-    whole = ((probs * (probs > 0)).sum(-1, keepdim=True) <= p) | (p >= 1)
-    keep_all = whole & ((probs > 0).sum(-1, keepdim=True) <= k)
-    threshold = torch.where(keep_all, 0, search(probs, top_p, k))
+    threshold = torch.where(keep_all, 0, hi)
     above = bits > threshold
     mass, count = (probs * above).sum(-1, keepdim=True), above.sum(-1, keepdim=True)
     value = threshold.int().view(torch.float32)
     by_mass = torch.floor((p - mass) / value.clamp(min=1e-38)).clamp(max=vocab).long() + 1
     return threshold, torch.minimum(by_mass, k - count)
-
-
-def searched_threshold(probs: torch.Tensor, top_p: torch.Tensor,
-                       top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nucleus_threshold`` with the GPU's many-way search (``nucleus_search``)."""
-    return nucleus_threshold(probs, top_p, top_k, nucleus_search.search)
 
 
 def nucleus(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, threshold=nucleus_threshold) -> torch.Tensor:
@@ -142,14 +125,10 @@ def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     if not sampling:
         return greedy, logprobs.gather(1, greedy[:, None])[:, 0]
     scaled = logits / temperature.clamp(min=1e-6)[:, None]
-    if nucleus_search.available(scaled.device):
-        threshold = searched_threshold
-    else:
-        threshold = compiled("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
-    keep = nucleus(scaled.softmax(-1), top_p, top_k, threshold)
-    if fused:  # compiled apart from the cumulative count of ties (inductor fuses no scan with an argmax)
+    if fused:  # compiled in two parts around the cumulative count of ties (inductor fuses no scan with an argmax)
+        keep = nucleus(scaled.softmax(-1), top_p, top_k, compiled("nucleus_threshold", nucleus_threshold))
         sampled = compiled("gumbel_pick", gumbel_pick)(scaled, keep, seed, step)
     else:
-        sampled = gumbel_pick(scaled, keep, seed, step)
+        sampled = gumbel_pick(scaled, nucleus(scaled.softmax(-1), top_p, top_k), seed, step)
     token = torch.where(temperature > 0, sampled, greedy)
     return token, logprobs.gather(1, token[:, None])[:, 0]
