@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ddp_demo_config, launch_one_node, launcher_env
+from conftest import ddp_demo_config, distill_questions, launch_one_node, launcher_env
 
 ACCELERATE_DDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
 
@@ -245,3 +245,67 @@ def test_two_processes_save_a_pissa_run_converted_to_a_lora_of_the_original_base
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, logits[0], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- distill
+
+# README.md "Several GPUs": distill on the processes of one node (on GPUs, each rank's model on its own GPU).
+DISTILL_LAUNCHERS = {
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(ACCELERATE_DDP), "--num_processes", "2", "--main_process_port", str(_free_port())],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+}
+
+
+def _distill_args(model_dir) -> list[str]:
+    """distill of the 12 questions of ``distill_questions`` (q.json of the working directory) into traces.jsonl:
+    2 questions a batch, so two processes go through 3 rounds of 4 and one process through 6 batches of 2."""
+    return ["distill", "--model", str(model_dir), "--data", "q.json", "--output", "traces.jsonl", "--samples", "2",
+            "--batch-size", "2", "--max-new-tokens", "24", "model.dtype=float32", "generation.temperature=1.0"]
+
+
+def _distill_here(directory: Path, model_dir, *launcher: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``[launcher] -m lawtune distill`` in ``directory`` (its q.json written first)."""
+    directory.mkdir(exist_ok=True)
+    distill_questions(directory / "q.json")
+    return subprocess.run([*launcher, *(["-m", "lawtune"] if launcher[-1] != "-m" else []), *_distill_args(model_dir)],
+                          cwd=directory, capture_output=True, text=True, timeout=240, env=env or launcher_env())
+
+
+def _distilled(directory: Path) -> dict:
+    """What a distill run left in ``directory``: its two files, and its report without the wall times."""
+    report = json.loads((directory / "traces.report.json").read_text(encoding="utf-8"))
+    for block in ("this_run", "all_runs"):
+        for wall_time in ("seconds", "tokens_per_s"):
+            report[block].pop(wall_time)
+    return {"traces": (directory / "traces.jsonl").read_bytes(),
+            "rejected": (directory / "traces.rejected.jsonl").read_bytes(), "report": report}
+
+
+@pytest.fixture(scope="module")
+def one_process_distill(branching_model_dir, tmp_path_factory):
+    """The files of distill in one process (``lawtune distill`` itself, no launcher)."""
+    directory = tmp_path_factory.mktemp("distill_one")
+    proc = _distill_here(directory, branching_model_dir, sys.executable)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = _distilled(directory)
+    # the comparisons below are not between trivial files: some questions kept, some rejected, split samples
+    lines = lambda data: [json.loads(line) for line in data.decode().splitlines()]  # noqa: E731
+    rejected = lines(files["rejected"])
+    assert 0 < len(lines(files["traces"])) < 12 and rejected
+    assert any(r["gold"] in (["A"], ["B"]) for r in rejected)  # both samples wrong, where one in four tries is
+    return files
+
+
+@pytest.mark.parametrize("launcher", sorted(DISTILL_LAUNCHERS))
+def test_two_processes_distill_the_files_of_one_process(launcher, branching_model_dir, one_process_distill, tmp_path):
+    """The questions split across two ranks (gloo on CPU) give the traces, rejected file and report of one process,
+    byte for byte (the report less its wall times); rank 0 alone prints the summary."""
+    proc = _distill_here(tmp_path, branching_model_dir, *DISTILL_LAUNCHERS[launcher]())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("kept traces for") == 1, proc.stdout
+    got = _distilled(tmp_path)
+    for name in ("traces", "rejected", "report"):
+        assert got[name] == one_process_distill[name], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "traces.jsonl", "traces.rejected.jsonl",
+                                                          "traces.report.json"]
