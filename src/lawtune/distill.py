@@ -254,7 +254,12 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                         except Preempted:
                             part = None
                         # SIGTERM from here on is only recorded: the round is written whole, then every rank stops
-                        parts = gather_objects((part, sigterm.received))
+                        try:
+                            parts = gather_objects((part, sigterm.received))
+                        except RuntimeError:  # gloo's "Connection closed by peer": a rank was killed or crashed
+                            log.error("distill: another process of the job ended; the rounds written so far are "
+                                      "saved in %s, rerun the same command to go on", out)
+                            raise
                         if any(p is None for p, _ in parts):
                             raise Preempted()
                         sampled = [parts[i % world][0][i // world] for i in range(len(batch))]
@@ -360,8 +365,10 @@ def earlier_runs(report_path: Path, done: set[str]) -> dict:
     """The counts of the runs before this one, summed, from the report they left beside the traces (``done``: the
     ids the traces and rejected files hold; none = a fresh start, whatever report lies there)."""
     counts = new_counts()
-    if not done or not report_path.is_file():
+    if not done:
         return counts
+    if not report_path.is_file():  # the files of a run killed before it wrote any report (SIGKILL, out of memory)
+        return {**counts, "uncounted": len(done)}
     try:
         old = json.loads(report_path.read_text(encoding="utf-8"))
         block = old.get("all_runs") or old["this_run"]  # a report of a lawtune before all_runs: its one run
