@@ -93,7 +93,7 @@ def join_launched_job() -> None:
     collectives only move Python objects between CPUs; each rank's model goes on GPU ``local_rank()``."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _group_ready():
         return
-    if torch.cuda.is_available():
+    if local_rank() < torch.cuda.device_count():  # else the model's device choice says what is missing
         torch.cuda.set_device(local_rank())
     torch.distributed.init_process_group(backend="gloo", timeout=JOB_TIMEOUT)
 
