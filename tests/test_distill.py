@@ -329,3 +329,25 @@ def test_several_teacher_urls_take_the_questions_in_turn_and_a_failing_one_is_na
     # a YAML or key=value of one URL, as before several were taken
     cfg = load_config(None, ["distill.teacher_url=http://a:8000/v1", "distill.teacher_model=r1"], DistillRun)
     assert cfg.distill.teacher_url == ["http://a:8000/v1"]
+
+
+def test_sigterm_while_the_sampler_is_made_stops_before_the_first_batch(teacher, tmp_path, monkeypatch, capsys):
+    """Loading a model can take minutes: a SIGTERM then stops the run at once (exit 143, a report, nothing sampled)."""
+    import os
+    import signal
+
+    url, data, _ = teacher
+    made = []
+
+    def term_while_loading(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        made.append(cfg)  # not reached: the handler raised
+        raise AssertionError("SIGTERM did not stop the loading")
+
+    monkeypatch.setattr(distill, "teacher_sampler", term_while_loading)
+    out = tmp_path / "traces.jsonl"
+    assert main(["distill", "--teacher-url", url, "--teacher-model", "r1", "--data", str(data), "--output",
+                 str(out)]) == 143
+    assert not made and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "preempted: 0 of the 12 questions left were sampled")
+    assert json.loads(distill.side_files(out)[1].read_text(encoding="utf-8"))["this_run"]["questions_sampled"] == 0

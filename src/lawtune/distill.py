@@ -240,7 +240,13 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
     with Sigterm(what="stopping; every batch sampled so far is saved") as sigterm:
         try:
             if todo:
-                sample, tokenizer, close = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+                sampler = None
+                try:
+                    with sigterm.cutting():  # loading a model takes a while: SIGTERM cuts it short
+                        sampler = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+                except Preempted:
+                    pass  # this rank stops at the first round, and the others with it
+                sample, tokenizer, close = sampler or (None, None, lambda: None)
                 bar = progress(total=len(records), initial=skipped, desc="distill", unit="q",
                                disable=not show_progress or not main)
                 try:
@@ -250,6 +256,8 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                         mine = batch[me::world]
                         try:
                             with sigterm.cutting():  # SIGTERM drops this rank's share of the round at once
+                                if sample is None:
+                                    raise Preempted()
                                 part = sample(mine) if mine else []
                         except Preempted:
                             part = None

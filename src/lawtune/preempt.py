@@ -8,9 +8,9 @@ Two ways to stop, by what a command's unit of work costs:
   (``Sigterm``), and the training loop looks at it after each step (``train/callbacks.py``);
 * ``distill`` and ``predict`` write each finished batch at once, so the batch being generated is dropped: the
   handler raises ``Preempted`` at once (``Sigterm(interrupt=True)``), except while a batch is being written
-  (``holding``), which is completed first. A rerun skips what was written. ``distill`` on several processes is cut
-  short only while it samples (``cutting``); elsewhere (exchanging the round's samples, writing them) a SIGTERM is
-  recorded, and the ranks, which tell each other, all stop at the end of the round.
+  (``holding``), which is completed first. A rerun skips what was written. ``distill`` is cut short only while it
+  loads its model or samples (``cutting``); elsewhere (exchanging a round's samples between processes, writing
+  them) a SIGTERM is only recorded, and every process, told at the round's exchange, stops at the end of the round.
 
 The scheduler's kill follows after its grace period; README.md ("A job that survives preemption") says how to ask
 for one long enough.
