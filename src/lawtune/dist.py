@@ -108,6 +108,13 @@ def broadcast_object(obj):
     return box[0]
 
 
+def leave() -> None:
+    """End this process's part in the job's process group at once, without waiting for the other ranks: for an
+    error that ends the process (a process that exits with its gloo group alive can abort: see ``shutdown``)."""
+    if _group_ready():
+        torch.distributed.destroy_process_group()
+
+
 def shutdown() -> None:
     """End the job's process group once every rank is done. Left to the interpreter's exit, gloo's threads are
     torn down while running, and a rank can abort ('terminate called without an active exception'; seen in the
