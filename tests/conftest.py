@@ -245,6 +245,36 @@ def answering_model_dir(tiny_tokenizer, tmp_path_factory):
     return save_bigram_model(model, tok, links, tmp_path_factory.mktemp("answering"))
 
 
+@pytest.fixture(scope="session")
+def branching_model_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny bigram model (as ``answering_model_dir``) that in reasoning mode writes "依据民法典</think>", then
+    "答案：" and A or B with equal odds: which of a question's samples reach its gold answer depends on their seeds."""
+
+    from lawtune.infer import record_from_fields
+    from lawtune.prompts import render_prompt
+
+    tok = tiny_tokenizer
+    model = build_tiny_model(tok)
+    record = record_from_fields("题干", {"A": "甲", "B": "乙"})
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    direct_end = ids(render_prompt(record, tok, "chat", think=False))[-1]
+    think_end = ids(render_prompt(record, tok, "chat", think=True))[-1]
+    chain = [think_end, *ids(REASONING), *ids("</think>"), direct_end, *ids("答案：")]
+    links = list(zip(chain, chain[1:]))
+    for last in (ids("A"), ids("B")):
+        assert len(last) == 1, "each branch is one token of the tiny tokenizer"
+        links += [(chain[-1], last[0]), (last[0], tok.eos_token_id)]
+    return save_bigram_model(model, tok, links, tmp_path_factory.mktemp("branching"))
+
+
+def distill_questions(path: Path) -> Path:
+    """12 questions for ``branching_model_dir``: a third answered A, a third B, a third something it never writes."""
+    rows = synthetic_records(12, seed=2)
+    for i, row in enumerate(rows):
+        row["answer"] = [["A"], ["B"], row["answer"] if len(row["answer"]) > 1 else ["C", "D"]][i % 3]
+    return write_jsonl(path, rows)
+
+
 def save_bigram_model(model, tok, links: list[tuple[int, int]], directory: Path) -> Path:
     """``model`` made a bigram table (its layers add nothing) whose token ``cur`` is followed by each ``nxt`` of the
     ``(cur, nxt)`` links (several: equal odds), saved with ``tok`` in ``directory``."""

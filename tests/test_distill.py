@@ -291,3 +291,63 @@ def test_the_teacher_is_asked_again_after_a_503_with_the_key_from_the_environmen
                      str(out), "--samples", "1"]) == 0
     assert len(calls) == 4 and {auth for _, _, auth in calls} == {"Bearer sk-env"}
     assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_several_teacher_urls_take_the_questions_in_turn_and_a_failing_one_is_named(tmp_path, capsys):
+    """--teacher-url twice: question i goes to URL i mod 2 (across batches), the files are those of one URL; a URL
+    that answers 500 after the retries stops the run with an error naming it."""
+    from lawtune.config import DistillRun, load_config
+
+    rows = synthetic_records(7, seed=5)
+    data = write_jsonl(tmp_path / "train.json", rows)
+
+    def answer(path, body, calls):
+        gold = next("".join(r["answer"]) for r in rows if r["statement"] in body["messages"][-1]["content"])
+        message = {"role": "assistant", "reasoning_content": "分析。", "content": f"答案：{gold}"}
+        return 200, {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}, {}
+
+    def failing(path, body, calls):
+        return 500, {"error": "down"}, {"Retry-After": "0"}
+
+    def asked(calls) -> list[int]:
+        return sorted(next(i for i, r in enumerate(rows) if r["statement"] in body["messages"][-1]["content"])
+                      for _, body, _ in calls)
+
+    run = ["distill", "--teacher-model", "r1", "--data", str(data), "--samples", "1", "--batch-size", "3"]
+    with stub(answer) as (first, first_calls), stub(answer) as (second, second_calls):
+        assert main([*run, "--teacher-url", first, "--output", str(tmp_path / "one.jsonl")]) == 0
+        first_calls.clear()
+        assert main([*run, "--teacher-url", first, "--teacher-url", second, "--output", str(tmp_path / "two.jsonl")]) == 0
+        assert asked(first_calls) == [0, 2, 4, 6] and asked(second_calls) == [1, 3, 5]
+        assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+        with stub(failing) as (down, down_calls):
+            capsys.readouterr()
+            assert main([*run, "--teacher-url", first, "--teacher-url", down, "--output", str(tmp_path / "x.jsonl")]) == 2
+            assert capsys.readouterr().err.splitlines()[-1].startswith(
+                f"error: distill.teacher_url: {down}/chat/completions answered 500")
+            assert len(down_calls) == 6  # its one request, sent again 5 times
+    # a YAML or key=value of one URL, as before several were taken
+    cfg = load_config(None, ["distill.teacher_url=http://a:8000/v1", "distill.teacher_model=r1"], DistillRun)
+    assert cfg.distill.teacher_url == ["http://a:8000/v1"]
+
+
+def test_sigterm_while_the_sampler_is_made_stops_before_the_first_batch(teacher, tmp_path, monkeypatch, capsys):
+    """Loading a model can take minutes: a SIGTERM then stops the run at once (exit 143, a report, nothing sampled)."""
+    import os
+    import signal
+
+    url, data, _ = teacher
+    made = []
+
+    def term_while_loading(cfg):
+        os.kill(os.getpid(), signal.SIGTERM)
+        made.append(cfg)  # not reached: the handler raised
+        raise AssertionError("SIGTERM did not stop the loading")
+
+    monkeypatch.setattr(distill, "teacher_sampler", term_while_loading)
+    out = tmp_path / "traces.jsonl"
+    assert main(["distill", "--teacher-url", url, "--teacher-model", "r1", "--data", str(data), "--output",
+                 str(out)]) == 143
+    assert not made and capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "preempted: 0 of the 12 questions left were sampled")
+    assert json.loads(distill.side_files(out)[1].read_text(encoding="utf-8"))["this_run"]["questions_sampled"] == 0

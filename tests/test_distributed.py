@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ddp_demo_config, launch_one_node, launcher_env
+from conftest import ddp_demo_config, distill_questions, launch_one_node, launcher_env
 
 ACCELERATE_DDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
 
@@ -245,3 +245,180 @@ def test_two_processes_save_a_pissa_run_converted_to_a_lora_of_the_original_base
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         assert not torch.allclose(base(input_ids=ids).logits, logits[0], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- distill
+
+# README.md "Several GPUs": distill on the processes of one node (on GPUs, each rank's model on its own GPU).
+DISTILL_LAUNCHERS = {
+    "accelerate": lambda: [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
+                           str(ACCELERATE_DDP), "--num_processes", "2", "--main_process_port", str(_free_port())],
+    "torchrun": lambda: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+}
+
+
+def _distill_args(model_dir) -> list[str]:
+    """distill of the 12 questions of ``distill_questions`` (q.json of the working directory) into traces.jsonl:
+    2 questions a batch, so two processes go through 3 rounds of 4 and one process through 6 batches of 2."""
+    return ["distill", "--model", str(model_dir), "--data", "q.json", "--output", "traces.jsonl", "--samples", "2",
+            "--batch-size", "2", "--max-new-tokens", "24", "model.dtype=float32", "generation.temperature=1.0"]
+
+
+def _distill_here(directory: Path, model_dir, *command: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``command distill …`` (e.g. ``python -m lawtune``) in ``directory``, its q.json written first."""
+    directory.mkdir(exist_ok=True)
+    distill_questions(directory / "q.json")
+    return subprocess.run([*command, *_distill_args(model_dir)], cwd=directory, capture_output=True, text=True,
+                          timeout=240, env=env or launcher_env())
+
+
+def _distilled(directory: Path) -> dict:
+    """What a distill run left in ``directory``: its two files, and its report without the wall times."""
+    report = json.loads((directory / "traces.report.json").read_text(encoding="utf-8"))
+    for block in ("this_run", "all_runs"):
+        for wall_time in ("seconds", "tokens_per_s"):
+            report[block].pop(wall_time)
+    return {"traces": (directory / "traces.jsonl").read_bytes(),
+            "rejected": (directory / "traces.rejected.jsonl").read_bytes(), "report": report}
+
+
+@pytest.fixture(scope="module")
+def one_process_distill(branching_model_dir, tmp_path_factory):
+    """The files of distill in one process (``lawtune distill`` itself, no launcher)."""
+    directory = tmp_path_factory.mktemp("distill_one")
+    proc = _distill_here(directory, branching_model_dir, sys.executable, "-m", "lawtune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = _distilled(directory)
+    # the comparisons below are not between trivial files: some questions kept, some rejected, split samples
+    lines = lambda data: [json.loads(line) for line in data.decode().splitlines()]  # noqa: E731
+    rejected = lines(files["rejected"])
+    assert 0 < len(lines(files["traces"])) < 12 and rejected
+    assert any(r["gold"] in (["A"], ["B"]) for r in rejected)  # both samples wrong, where one in four tries is
+    return files
+
+
+@pytest.mark.parametrize("launcher", sorted(DISTILL_LAUNCHERS))
+def test_two_processes_distill_the_files_of_one_process(launcher, branching_model_dir, one_process_distill, tmp_path):
+    """The questions split across two ranks (gloo on CPU) give the traces, rejected file and report of one process,
+    byte for byte (the report less its wall times); rank 0 alone prints the summary."""
+    proc = _distill_here(tmp_path, branching_model_dir, *DISTILL_LAUNCHERS[launcher](), "-m", "lawtune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("kept traces for") == 1, proc.stdout
+    got = _distilled(tmp_path)
+    for name in ("traces", "rejected", "report"):
+        assert got[name] == one_process_distill[name], name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.json", "traces.jsonl", "traces.rejected.jsonl",
+                                                          "traces.report.json"]
+
+
+# `python <script> <lawtune command line>`: lawtune's command line in a process that sends itself $KILL_SIGNAL (default
+# SIGKILL: nothing of it runs on) as it starts sampling its $KILL_AT_BATCH-th batch, on rank $KILL_RANK only.
+KILLING_SCRIPT = """
+import os, signal, sys
+
+from lawtune import distill
+from lawtune.cli import main
+
+real_sampler = distill.local_sampler
+
+
+def local_sampler(cfg):
+    sample, tokenizer, close = real_sampler(cfg)
+    batches = []
+
+    def killing(records):
+        batches.append(records)
+        if len(batches) == int(os.environ["KILL_AT_BATCH"]) and os.environ["RANK"] == os.environ["KILL_RANK"]:
+            os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
+        return sample(records)
+
+    return killing, tokenizer, close
+
+
+distill.local_sampler = local_sampler
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed(directory: Path, model_dir, rank: int, signal: str = "SIGKILL") -> subprocess.CompletedProcess:
+    """distill on two processes (torchrun) in ``directory``, rank ``rank`` sent ``signal`` as it starts its second
+    batch."""
+    script = directory.parent / "killing.py"
+    script.write_text(KILLING_SCRIPT, encoding="utf-8")
+    env = {**launcher_env(), "KILL_AT_BATCH": "2", "KILL_RANK": str(rank), "KILL_SIGNAL": signal}
+    proc = _distill_here(directory, model_dir, *DISTILL_LAUNCHERS["torchrun"](), str(script), env=env)
+    # SIGKILL: the launcher reports that rank's death; SIGTERM: a rank's exit code 143 (the launcher may end the
+    # other rank itself once the first has exited)
+    died = (rf"rank\s*: {rank} \(local_rank: {rank}\)\n\s*exitcode\s*: -9 " if signal == "SIGKILL" else
+            r"exitcode\s*: 143 ")
+    assert proc.returncode != 0 and re.search(died, proc.stderr), proc.stderr[-3000:]
+    # the first round is in the files whole (rank 0 wrote it), nothing of the second
+    ids = lambda name: [json.loads(line)["id"] for line in (directory / name).read_text(encoding="utf-8").splitlines()]  # noqa: E731
+    first_round = [json.loads(line)["id"] for line in (directory / "q.json").read_text(encoding="utf-8").splitlines()][:4]
+    assert sorted(ids("traces.jsonl") + ids("traces.rejected.jsonl")) == sorted(first_round)
+    return proc
+
+
+def test_rank1_killed_mid_run_then_a_torn_line_and_a_rerun_on_one_process_end_as_the_uninterrupted_run(
+        branching_model_dir, one_process_distill, tmp_path):
+    """Rank 1 is killed as it starts its second batch: rank 0 says so, and its report counts the first round. The
+    traces file's last line is then cut in half (a crash while writing); a rerun on one process goes on from there
+    and ends with the files of the uninterrupted run."""
+    run = tmp_path / "run"
+    proc = _killed(run, branching_model_dir, 1)
+    assert "another process of the job ended; the rounds written so far are saved" in proc.stderr
+    assert one_process_distill["traces"].startswith((run / "traces.jsonl").read_bytes())
+    report = json.loads((run / "traces.report.json").read_text(encoding="utf-8"))
+    assert report["all_runs"]["questions_done"] == 4 and report["all_runs"]["uncounted"] == 0
+
+    traces = (run / "traces.jsonl").read_bytes()
+    last = traces.rstrip(b"\n").rfind(b"\n") + 1
+    assert traces[last:], "the first round kept a trace"
+    (run / "traces.jsonl").write_bytes(traces[: last + (len(traces) - last) // 2])  # its last line cut in half
+    proc = _distill_here(run, branching_model_dir, sys.executable, "-m", "lawtune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("skipped 3 already done; ")  # the question of the torn line is sampled again
+    got, want = _distilled(run), one_process_distill
+    assert got["traces"] == want["traces"] and got["rejected"] == want["rejected"]
+    assert got["report"]["by_group"] == want["report"]["by_group"]
+    # the report counts the torn question's samples twice: the killed run's and the rerun's
+    assert got["report"]["summary"]["completions_sampled"] == want["report"]["summary"]["completions_sampled"] + 2
+
+
+def test_rank0_killed_mid_run_then_a_rerun_on_two_processes_ends_as_the_uninterrupted_run(
+        branching_model_dir, one_process_distill, tmp_path):
+    """Rank 0 is killed as it starts its second batch (no report: the rerun's says so); a rerun on two processes
+    (accelerate) ends with the files of the uninterrupted run."""
+    run = tmp_path / "run"
+    _killed(run, branching_model_dir, 0)
+    assert not (run / "traces.report.json").exists()
+    proc = _distill_here(run, branching_model_dir, *DISTILL_LAUNCHERS["accelerate"](), "-m", "lawtune")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped 4 already done; ") == 1
+    got, want = _distilled(run), one_process_distill
+    assert got["traces"] == want["traces"] and got["rejected"] == want["rejected"]
+    assert got["report"]["summary"]["questions_kept"] == want["report"]["summary"]["questions_kept"]
+    assert got["report"]["by_group"] == want["report"]["by_group"]
+    assert got["report"]["all_runs"]["uncounted"] == 4 and "4 questions in the files" in got["report"]["note"]
+
+
+def test_sigterm_on_rank1_stops_both_ranks_after_the_round_with_exit_143(branching_model_dir, tmp_path):
+    """SIGTERM on rank 1 alone, as it starts its second batch: it drops its share of the round, tells rank 0 through
+    the round's exchange, and both stop (no rank left waiting for the other) with exit code 143; rank 0 says how to
+    go on, once, and its report counts the first round."""
+    run = tmp_path / "run"
+    proc = _killed(run, branching_model_dir, 1, "SIGTERM")
+    assert proc.stderr.count("SIGTERM: stopping; every batch sampled so far is saved") == 1
+    assert proc.stderr.count("preempted: 4 of the 12 questions left were sampled and saved in traces.jsonl") == 1
+    report = json.loads((run / "traces.report.json").read_text(encoding="utf-8"))
+    assert report["this_run"]["questions_sampled"] == 4 and report["all_runs"]["uncounted"] == 0
+
+
+def test_a_usage_error_on_two_processes_is_one_line_from_each_and_exit_code_2(branching_model_dir, tmp_path):
+    """An output that is a directory, found by rank 0 once the processes have joined: every rank says it in one
+    line and exits 2 (not the abort of a process that exits with its gloo group alive)."""
+    (tmp_path / "traces.jsonl").mkdir()
+    proc = _distill_here(tmp_path, branching_model_dir, *DISTILL_LAUNCHERS["torchrun"](), "-m", "lawtune")
+    assert proc.stderr.count("error: distill.output: traces.jsonl is a directory") == 2, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr and re.search(r"exitcode\s*: 2 ", proc.stderr)
+    assert not re.search(r"exitcode\s*: -", proc.stderr), proc.stderr[-3000:]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.types import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
 
 from .errors import UsageError
@@ -452,6 +452,11 @@ class MergeConfig(Section):
     """Saved dtype: bfloat16, float16 or float32; None = the base checkpoint's."""
 
 
+def _one_or_more(value: Any) -> Any:
+    """A single value where a list is expected (a YAML ``teacher_url: URL``, as before it took several): a list of it."""
+    return [value] if isinstance(value, str) else value
+
+
 class DistillConfig(Section):
     data: str = ""
     """JEC-QA file with answers (a training split) to sample reasoning for."""
@@ -464,9 +469,11 @@ class DistillConfig(Section):
     """Which kept completion a question gets: shortest, random (seeded), or all (one record each)."""
     batch_size: PositiveInt = 64
     """Questions sampled at once (their samples share the engine's rows)."""
-    teacher_url: str | None = None
-    """An OpenAI-compatible endpoint (e.g. http://host:8000/v1, a larger R1 or `lawtune serve`) to sample from
-    instead of the local model."""
+    teacher_url: Annotated[list[str], BeforeValidator(_one_or_more)] = Field(default_factory=list)
+    """OpenAI-compatible endpoints (e.g. http://host:8000/v1: a larger R1, vLLM, `lawtune serve`) to sample from
+    instead of the local model; the flag once per endpoint (in YAML one URL or a list). A question's request goes
+    to one of them, in turn (round robin); one that still fails after the client's retries stops the run with an
+    error naming it. All must serve teacher_model."""
     teacher_model: str | None = None
     """The model name the endpoint serves (needed with teacher_url)."""
     retry_rejected: bool = False
@@ -480,6 +487,8 @@ class DistillConfig(Section):
     def problems(self) -> Iterator[str]:
         if bool(self.teacher_url) != bool(self.teacher_model):  # the endpoint and the model name it serves
             yield f"distill.{'teacher_url' if self.teacher_model else 'teacher_model'}: give both or neither"
+        if any(not url.strip() for url in self.teacher_url):
+            yield "distill.teacher_url: an empty URL"
 
 
 class CheckConfig(Section):

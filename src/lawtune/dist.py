@@ -7,8 +7,12 @@ afterwards the process group does. Outside a distributed job there is one proces
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
+
+# How long a collective of ``join_launched_job``'s group waits for the slowest rank (distill: a batch of sampling).
+JOB_TIMEOUT = timedelta(hours=2)
 
 
 def _group_ready() -> bool:
@@ -76,6 +80,39 @@ def gather_objects(obj) -> list:
     out: list = [None] * world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+def local_rank() -> int:
+    """This process's rank on its node (the GPU it uses), from the launcher (0 outside a distributed job)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def join_launched_job() -> None:
+    """Join the job torchrun / accelerate launch started this process in (nothing in a single process, or when a
+    group exists already), for a command that does its own multi-process work (``distill``): a gloo group, as its
+    collectives only move Python objects between CPUs; each rank's model goes on GPU ``local_rank()``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _group_ready():
+        return
+    if local_rank() < torch.cuda.device_count():  # else the model's device choice says what is missing
+        torch.cuda.set_device(local_rank())
+    torch.distributed.init_process_group(backend="gloo", timeout=JOB_TIMEOUT)
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in a single process); every rank must call this at the same
+    point."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def leave() -> None:
+    """End this process's part in the job's process group at once, without waiting for the other ranks: for an
+    error that ends the process (a process that exits with its gloo group alive can abort: see ``shutdown``)."""
+    if _group_ready():
+        torch.distributed.destroy_process_group()
 
 
 def shutdown() -> None:

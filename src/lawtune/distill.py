@@ -26,11 +26,15 @@ import logging
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import DistillRun
 from .data import Record, load_records
+from .dist import broadcast_object, gather_objects, is_main_process, join_launched_job, local_rank, rank, world_size
 from .errors import UsageError
 from .infer import done_ids
 from .preempt import Preempted, Sigterm
@@ -48,7 +52,7 @@ DEFAULT_BUDGET = 4096
 REJECTED_SUFFIX = ".rejected.jsonl"
 REPORT_SUFFIX = ".report.json"
 REASONS = ("kept", "wrong", "unclosed", "empty_reasoning", "no_answer")
-# Requests to the teacher in flight at once.
+# Requests in flight at once to each teacher URL.
 TEACHER_CONCURRENCY = 16
 
 
@@ -130,20 +134,23 @@ def local_sampler(cfg: DistillRun):
 
 
 def teacher_sampler(cfg: DistillRun):
-    """Samples from an OpenAI-compatible endpoint (the client `eval --api-url` uses: concurrent requests, retries on
+    """Samples from OpenAI-compatible endpoints (the client `eval --api-url` uses: concurrent requests, retries on
     429 and 5xx): ``n`` choices per question, reading ``reasoning_content`` (vLLM's reasoning parser, `lawtune
     serve`) or the ``<think>…</think>`` text of ``content``. A choice that did not finish on its own
-    (``finish_reason`` other than ``stop``) counts as not closed."""
+    (``finish_reason`` other than ``stop``) counts as not closed. With several URLs the questions go to them in
+    turn, ``TEACHER_CONCURRENCY`` in flight at each; each rank of a multi-process run starts at another URL."""
     from .generation.api_client import ApiClient, chat_reply
 
     d, g = cfg.distill, cfg.generation
     assert d.teacher_url and d.teacher_model, "called only with a distill.teacher_url"
     budget = g.max_new_tokens or DEFAULT_BUDGET
-    client = ApiClient(d.teacher_url, d.teacher_model, "distill.teacher_url",
-                       api_key=d.api_key.get_secret_value() if d.api_key else None, timeout_s=d.timeout_s,
-                       concurrency=TEACHER_CONCURRENCY)
+    clients = [ApiClient(url, d.teacher_model, "distill.teacher_url",
+                         api_key=d.api_key.get_secret_value() if d.api_key else None, timeout_s=d.timeout_s,
+                         concurrency=TEACHER_CONCURRENCY) for url in d.teacher_url]
+    sent = [rank()]  # requests handed out so far (this rank's offset to start with): the next one's URL
 
-    def one(record: Record) -> list[Completion]:
+    def one(job: tuple[ApiClient, Record]) -> list[Completion]:
+        client, record = job
         body = {"messages": [{"role": "user", "content": chat_user_text(record)}], "n": d.samples,
                 "temperature": g.temperature, "top_p": g.top_p, "max_tokens": budget, "seed": g.seed,
                 "mode": "reasoning"}  # mode: lawtune serve's field; other servers ignore it
@@ -154,9 +161,19 @@ def teacher_sampler(cfg: DistillRun):
         return out
 
     def sample(records: list[Record]) -> list[list[Completion]]:
-        return client.map(one, records)
+        # the URL of each request is chosen here, in the records' order, not by whichever thread is free first
+        jobs = [(clients[(sent[0] + i) % len(clients)], r) for i, r in enumerate(records)]
+        sent[0] += len(records)
+        if len(jobs) <= 1:
+            return [one(job) for job in jobs]
+        with ThreadPoolExecutor(max_workers=min(TEACHER_CONCURRENCY * len(clients), len(jobs))) as pool:
+            return list(pool.map(one, jobs))
 
-    return sample, None, client.close
+    def close() -> None:
+        for client in clients:
+            client.close()
+
+    return sample, None, close
 
 
 # ----------------------------------------------------------------------------- the command
@@ -168,44 +185,93 @@ def _base_id(record_id: str) -> str:
 
 
 def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
-    """`lawtune distill`: traces for every question of ``distill.data`` not yet in the output or rejected file."""
+    """`lawtune distill`: traces for every question of ``distill.data`` not yet in the output or rejected file.
+
+    Launched as several processes (torchrun, accelerate launch), the questions left go in rounds of ``batch_size``
+    per rank: each rank samples every world-size-th question of the round with its own model (on the GPU of its
+    local rank) or its own teacher clients, and rank 0 writes the round in the questions' order. As a question's
+    samples depend on (seed, id, sample index) alone, the files are those one process writes. Only rank 0 reads
+    and writes the files; a rank stopped by SIGTERM drops the round, and every rank stops at its end."""
     d = cfg.distill
     if not d.data or not d.output:
         raise UsageError(f"distill.{'data' if not d.data else 'output'}: required (pass --data FILE --output FILE)")
     if not d.teacher_url and not cfg.model.path:
         raise UsageError("model.path: no model to sample from (pass --model DIR, or --teacher-url and --teacher-model)")
+    join_launched_job()
+    main, world, me = is_main_process(), world_size(), rank()
+    if world > 1 and not d.teacher_url and cfg.model.gpu is None and torch.cuda.is_available():
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"gpu": local_rank()})})
     out = Path(d.output)
-    if out.is_dir():
-        raise UsageError(f"distill.output: {out} is a directory; give a file (e.g. {out / 'traces.jsonl'})")
     rejected_path, report_path = side_files(out)
     loaded = load_records(d.data, require_answer=True)
     for reason, count in loaded.skipped.items():
-        log.warning("%s: skipped %d records (%s)", d.data, count, reason)
+        if main:
+            log.warning("%s: skipped %d records (%s)", d.data, count, reason)
     records = loaded.records
     check_native(cfg.adapter.prompt_format, records, d.data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kept_ids = {_base_id(i) for i in done_ids(out)}
-    rejected_ids = done_ids(rejected_path)
-    earlier = earlier_runs(report_path, kept_ids | rejected_ids)
-    if d.retry_rejected and rejected_ids:
-        _drop_lines(rejected_path, rejected_ids - kept_ids)
-        rejected_ids = set()
-    todo = [r for r in records if r.id not in kept_ids and r.id not in rejected_ids]
+    # What is left to sample: rank 0 reads the files (cutting off a torn last line), the others are told.
+    kept_ids: set[str] = set()
+    rejected_ids: set[str] = set()
+    earlier = new_counts()
+    problem: UsageError | None = None
+    if main:
+        try:
+            if out.is_dir():
+                raise UsageError(f"distill.output: {out} is a directory; give a file (e.g. {out / 'traces.jsonl'})")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            kept_ids = {_base_id(i) for i in done_ids(out)}
+            rejected_ids = done_ids(rejected_path)
+            earlier = earlier_runs(report_path, kept_ids | rejected_ids)
+            if d.retry_rejected and rejected_ids:
+                _drop_lines(rejected_path, rejected_ids - kept_ids)
+                rejected_ids = set()
+        except UsageError as exc:
+            problem = exc
+    todo_at = broadcast_object(str(problem) if problem else
+                               [i for i, r in enumerate(records) if r.id not in kept_ids and r.id not in rejected_ids])
+    if problem:
+        raise problem
+    if isinstance(todo_at, str):  # rank 0's error, which it reports
+        raise UsageError(todo_at)
+    todo = [records[i] for i in todo_at]
     run = new_counts()
     skipped = len(records) - len(todo)
     preempted = False
-    with Sigterm(interrupt=True, what="stopping; every batch sampled so far is saved") as sigterm:
+    with Sigterm(what="stopping; every batch sampled so far is saved") as sigterm:
         try:
             if todo:
-                sample, tokenizer, close = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
-                bar = progress(total=len(records), initial=skipped, desc="distill", unit="q",
-                               disable=not show_progress)
+                sampler = None
                 try:
-                    for k in range(0, len(todo), d.batch_size):
-                        batch = todo[k: k + d.batch_size]
+                    with sigterm.cutting():  # loading a model takes a while: SIGTERM cuts it short
+                        sampler = (teacher_sampler if d.teacher_url else local_sampler)(cfg)
+                except Preempted:
+                    pass  # this rank stops at the first round, and the others with it
+                sample, tokenizer, close = sampler or (None, None, lambda: None)
+                bar = progress(total=len(records), initial=skipped, desc="distill", unit="q",
+                               disable=not show_progress or not main)
+                try:
+                    for k in range(0, len(todo), d.batch_size * world):
+                        batch = todo[k: k + d.batch_size * world]
                         start = time.time()
-                        sampled = sample(batch)
-                        with sigterm.holding():  # a batch's lines and its counts go in whole
+                        mine = batch[me::world]
+                        try:
+                            with sigterm.cutting():  # SIGTERM drops this rank's share of the round at once
+                                if sample is None:
+                                    raise Preempted()
+                                part = sample(mine) if mine else []
+                        except Preempted:
+                            part = None
+                        # SIGTERM from here on is only recorded: the round is written whole, then every rank stops
+                        try:
+                            parts = gather_objects((part, sigterm.received))
+                        except RuntimeError:  # gloo's "Connection closed by peer": a rank was killed or crashed
+                            log.error("distill: another process of the job ended; the rounds written so far are "
+                                      "saved in %s, rerun the same command to go on", out)
+                            raise
+                        if any(p is None for p, _ in parts):
+                            raise Preempted()
+                        sampled = [parts[i % world][0][i // world] for i in range(len(batch))]
+                        if main:
                             counts = new_counts()  # added to the run's once the batch is in the files
                             counts["seconds"] = time.time() - start
                             traces, rejected = [], []
@@ -227,9 +293,11 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
                             rejected_ids |= {r.id for r in batch} - batch_kept
                             counts["rejected"], counts["questions"] = len(rejected), len(batch)
                             run = _summed(run, counts)
-                        bar.update(len(batch))
-                        bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
-                                        completions=f"{run['kept_completions']}/{run['completions']}")
+                            bar.update(len(batch))
+                            bar.set_postfix(kept=f"{run['questions'] - run['rejected']}/{run['questions']}",
+                                            completions=f"{run['kept_completions']}/{run['completions']}")
+                        if any(stop for _, stop in parts):
+                            raise Preempted()
                 finally:
                     bar.close()  # also when stopped: the message that follows starts a line of its own
                     close()  # the model's engine: its cache and graphs
@@ -237,14 +305,17 @@ def distill(cfg: DistillRun, show_progress: bool = True) -> dict:
             preempted = True
         finally:  # also when the run is stopped: the report counts what the two files hold
             sigterm.disarm()  # what is left is writing the report: it completes, whatever comes
-            report = build_report(records, kept_ids, rejected_ids, (out, rejected_path), run, earlier, d.samples,
-                                  skipped)
-            tmp = report_path.with_name(report_path.name + ".tmp")
-            tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-            os.replace(tmp, report_path)
+            if main:
+                report = build_report(records, kept_ids, rejected_ids, (out, rejected_path), run, earlier, d.samples,
+                                      skipped)
+                tmp = report_path.with_name(report_path.name + ".tmp")
+                tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
+                os.replace(tmp, report_path)
     if preempted:
         raise Preempted(f"preempted: {run['questions']} of the {len(todo)} questions left were sampled and saved in "
-                        f"{out} and {rejected_path.name}; rerun the same command to go on")
+                        f"{out} and {rejected_path.name}; rerun the same command to go on" if main else "")
+    if not main:
+        return {}
     return {**report["summary"], "skipped_done": skipped, "report_file": str(report_path)}
 
 
@@ -302,8 +373,10 @@ def earlier_runs(report_path: Path, done: set[str]) -> dict:
     """The counts of the runs before this one, summed, from the report they left beside the traces (``done``: the
     ids the traces and rejected files hold; none = a fresh start, whatever report lies there)."""
     counts = new_counts()
-    if not done or not report_path.is_file():
+    if not done:
         return counts
+    if not report_path.is_file():  # the files of a run killed before it wrote any report (SIGKILL, out of memory)
+        return {**counts, "uncounted": len(done)}
     try:
         old = json.loads(report_path.read_text(encoding="utf-8"))
         block = old.get("all_runs") or old["this_run"]  # a report of a lawtune before all_runs: its one run

@@ -8,7 +8,9 @@ Two ways to stop, by what a command's unit of work costs:
   (``Sigterm``), and the training loop looks at it after each step (``train/callbacks.py``);
 * ``distill`` and ``predict`` write each finished batch at once, so the batch being generated is dropped: the
   handler raises ``Preempted`` at once (``Sigterm(interrupt=True)``), except while a batch is being written
-  (``holding``), which is completed first. A rerun skips what was written.
+  (``holding``), which is completed first. A rerun skips what was written. ``distill`` is cut short only while it
+  loads its model or samples (``cutting``); elsewhere (exchanging a round's samples between processes, writing
+  them) a SIGTERM is only recorded, and every process, told at the round's exchange, stops at the end of the round.
 
 The scheduler's kill follows after its grace period; README.md ("A job that survives preemption") says how to ask
 for one long enough.
@@ -75,6 +77,18 @@ class Sigterm:
     def disarm(self) -> None:
         """From here on SIGTERM is only recorded: what is left is short and must complete."""
         self.interrupt = False
+
+    @contextmanager
+    def cutting(self) -> Iterator[None]:
+        """A block that SIGTERM ends at once with ``Preempted`` (raised on entry where one came before), for a
+        handler made without ``interrupt``: outside such blocks a SIGTERM is only recorded (``received``)."""
+        if self.received:
+            raise Preempted()
+        self.interrupt = True
+        try:
+            yield
+        finally:
+            self.interrupt = False
 
     @contextmanager
     def holding(self) -> Iterator[None]:
