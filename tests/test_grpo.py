@@ -551,3 +551,127 @@ def test_scored_batches_join_with_prompts_padded_left_and_completions_right():
                                                                                                            [1, 1, 1]]
     assert joined["completion_ids"].tolist() == [[7, 0], [7, 8]]
     assert joined["completion_mask"].tolist() == [[1, 0], [1, 1]] and joined["advantages"].tolist() == [0.5, -0.5]
+
+
+# ----------------------------------------------------------------------------- the packed training pass (grpo.packed)
+
+# A micro-batch of uneven rows: prompt lengths (left-padded), completion lengths (right-padded) and whether the
+# completion ends with the end token; the rows of full length without it are cut (TRL's "truncated").
+PROMPTS = [3, 9, 5, 7, 4, 6]
+COMPLETIONS = [2, 7, 7, 4, 7, 1]
+ENDED = [True, False, True, True, False, True]
+
+
+@pytest.fixture(scope="module")
+def packed_trainer(tiny_tokenizer, tmp_path_factory):
+    """lawtune's GRPO trainer on a tiny LoRA model (B matrices non-zero), built as setup builds it; the tests set
+    the loss settings TRL reads per call on it."""
+    from datasets import Dataset
+
+    from lawtune.train.grpo import _trainer_class, grpo_arguments
+
+    from conftest import lora_tiny_model
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", f"grpo.per_device_batch_size={len(PROMPTS)}",
+                             "grpo.num_generations=2", f"grpo.max_completion_length={max(COMPLETIONS)}",
+                             "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
+                      run_cls=GrpoRun)
+    args = grpo_arguments(cfg, tmp_path_factory.mktemp("packed"), torch.float32, torch.device("cpu"), [1.0])
+    trainer = _trainer_class()(model=lora_tiny_model(tiny_tokenizer), reward_funcs=[_random01], args=args,
+                               train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tiny_tokenizer)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it
+    return trainer
+
+
+def _micro_batch(trainer, mask_truncated: bool, beta: float) -> dict:
+    """The inputs TRL's compute_loss takes for the rows above: padded ids and masks, advantages, and old and
+    reference log-probabilities off the current ones (so ratios clip on both sides and the KL is not 0)."""
+    from trl import GRPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    tokenizer = trainer.processing_class
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, trainer.model.config.vocab_size
+    width, length = max(PROMPTS), max(COMPLETIONS)
+    prompt_ids = torch.full((len(PROMPTS), width), pad)
+    completion_ids = torch.full((len(PROMPTS), length), pad)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_mask = torch.zeros_like(completion_ids)
+    for row, (p, c, ended) in enumerate(zip(PROMPTS, COMPLETIONS, ENDED)):
+        prompt_ids[row, width - p:] = torch.randint(5, vocab, (p,), generator=g)
+        prompt_mask[row, width - p:] = 1
+        completion_ids[row, :c] = torch.randint(5, vocab, (c,), generator=g)
+        if ended:
+            completion_ids[row, c - 1] = eos
+        completion_mask[row, :c] = 1
+    if mask_truncated:  # what TRL's _generate_and_score_completions does with mask_truncated_completions
+        completion_mask = completion_mask * ~torch.tensor([not e for e in ENDED]).unsqueeze(1)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.randn(len(PROMPTS), generator=g),
+              "num_items_in_batch": completion_mask.sum() * 3}
+    with torch.no_grad():
+        current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1), length)
+    inputs["old_per_token_logps"] = current + 0.3 * torch.randn(current.shape, generator=g)
+    if beta:
+        inputs["ref_per_token_logps"] = current + 0.5 * torch.randn(current.shape, generator=g)
+    return inputs
+
+
+def _loss_and_grads(trainer, inputs, packed: bool):
+    trainer.packed = packed
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad()
+    return loss.detach(), grads
+
+
+def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer):
+    """Packed rows give TRL's padded log-probabilities and entropies, of the policy and of the reference (the
+    adapter off), and each sequence's equal those of the sequence run alone: no token attends across sequences."""
+    from trl import GRPOTrainer
+
+    from lawtune.train.grpo import packed_logps
+
+    trainer, inputs = packed_trainer, _micro_batch(packed_trainer, mask_truncated=False, beta=0.0)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    length = inputs["completion_ids"].size(1)
+    for disabled in (False, True):
+        with torch.no_grad(), (trainer.model.disable_adapter() if disabled else torch.enable_grad()):
+            trainer.packed = True
+            packed, packed_entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, length, batch_size=4, compute_entropy=True)
+            padded, padded_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, trainer.model, ids, mask, length, compute_entropy=True)
+            alone = [packed_logps(trainer.model, ids[r:r + 1], mask[r:r + 1], length, entropy=False)[0]
+                     for r in range(len(ids))]
+        assert packed.shape == padded.shape == (len(PROMPTS), length)
+        assert (packed[inputs["completion_mask"] == 0] == 0).all()
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed_entropy, padded_entropy, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+        assert packed.abs().sum() > 0
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mask_truncated", [False, True])
+@pytest.mark.parametrize("loss_type", GrpoRun.model_fields["grpo"].annotation.model_fields["loss_type"]
+                         .annotation.__args__)
+def test_the_packed_pass_has_trls_loss_and_lora_gradients(packed_trainer, loss_type, mask_truncated, level):
+    """TRL's own compute_loss on its padded rows is the reference (grpo.packed=false): the packed pass gives its
+    loss and LoRA gradients for every loss_type lawtune offers, overlong filtering on and off, token- and
+    sequence-level ratios, with clipping and a KL term."""
+    trainer = packed_trainer
+    trainer.loss_type, trainer.importance_sampling_level, trainer.beta = loss_type, level, 0.04
+    inputs = _micro_batch(trainer, mask_truncated, beta=trainer.beta)
+    padded_loss, padded_grads = _loss_and_grads(trainer, inputs, packed=False)
+    packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
+    assert padded_loss != 0 and sum(g.abs().sum() for g in padded_grads.values()) > 0
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-5)
+    assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)

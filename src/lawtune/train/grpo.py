@@ -52,6 +52,7 @@ from ..rundir import (
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
+from .kernels import install_packed_block_mask
 
 log = logging.getLogger("lawtune")
 
@@ -66,11 +67,14 @@ def _trainer_class():
         """TRL's GRPOTrainer with lawtune's prompts, group metrics and dynamic sampling (its private steps reach
         these hooks through compat.py).
 
-        ``dynamic``: grpo.dynamic_sampling's settings, None = off (TRL's behaviour)."""
+        ``dynamic``: grpo.dynamic_sampling's settings, None = off (TRL's behaviour). ``packed``: grpo.packed, the
+        forward passes of the loss and of the old and reference log-probabilities on packed rows (``packed_logps``);
+        False = TRL's padded rows."""
 
-        def __init__(self, *args, dynamic: DynamicSampling | None = None, **kwargs):
+        def __init__(self, *args, dynamic: DynamicSampling | None = None, packed: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
             self.dynamic = dynamic
+            self.packed = packed
             self.group_tags: list[str] | None = None  # per group of a rollout call: what its sampling seed adds
             self.informative: torch.Tensor | None = None  # per group of the last scored batch: its rewards differ
             self.skip_update = False  # the coming optimizer step has no informative group
@@ -154,6 +158,25 @@ def _trainer_class():
                             "is skipped", step + 1, wanted + resampled, resampled)
             return batch
 
+        def per_token_logps_hook(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                 compute_entropy=False, compute_aux_loss=False, **model_inputs):
+            # TRL's loss, clipping, KL and metrics stay as they are, on its padded [rows, completion] tensors: only
+            # the forward pass, where the time goes, is packed. Images and MoE routers keep TRL's padded pass.
+            if not self.packed or compute_aux_loss or any(v is not None for v in model_inputs.values()):
+                return super().per_token_logps_hook(model, input_ids, attention_mask, logits_to_keep,
+                                                    batch_size=batch_size, compute_entropy=compute_entropy,
+                                                    compute_aux_loss=compute_aux_loss, **model_inputs)
+            size = batch_size or input_ids.size(0)  # TRL's rows per forward pass: here, the rows of one packed row
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), size):
+                with self.accelerator.autocast():
+                    lp, ent = packed_logps(model, input_ids[start:start + size], attention_mask[start:start + size],
+                                           logits_to_keep, compute_entropy)
+                logps.append(lp)
+                if ent is not None:
+                    entropies.append(ent)
+            return torch.cat(logps), torch.cat(entropies) if entropies else None, None
+
         def save_hook(self, output_dir: str | None = None, state_dict=None):
             super().save_hook(output_dir, state_dict)
             # beta > 0 on a continued adapter: TRL keeps the starting adapter as "ref" beside it. It is rebuilt from
@@ -165,6 +188,42 @@ def _trainer_class():
                 shutil.rmtree(ref)
 
     return LawtuneGRPOTrainer
+
+
+def packed_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
+                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities (and entropies) of the completions of TRL's padded rows (prompt left-padded,
+    completion right-padded; ``attention_mask`` 1 at real tokens; the last ``logits_to_keep`` columns are the
+    completion), computed on one packed row: the rows' real tokens end to end, positions restarting at 0 at each,
+    so attention stays within a sequence (flex attention's document mask where install_packed_block_mask is on,
+    transformers' own packed-sequence mask otherwise). Returned as TRL returns them: [rows, logits_to_keep], 0 at
+    padding.
+
+    The head is TRL's fused one (``fused_lm_head=True``, added to the policy by GRPOTrainer): log-softmax at the
+    temperature of the rollouts, in tiles of tokens x vocabulary, with a backward that recomputes each tile, so no
+    [tokens x vocabulary] tensor exists; on a GPU only the completion positions reach it. A row whose completion is
+    masked out entirely (grpo.mask_truncated, dynamic sampling's filler) is left out of the forward."""
+    real = attention_mask.bool()
+    completion = torch.zeros_like(real)
+    completion[:, -logits_to_keep:] = real[:, -logits_to_keep:]
+    scored = completion.any(dim=1)
+    if not bool(scored.any()):
+        # Nothing to score: one row still goes through, so the loss stays connected to the weights (a zero loss
+        # whose backward runs, as on TRL's padded pass).
+        scored[0] = True
+    real = real & scored.unsqueeze(1)
+    ids = input_ids[real].unsqueeze(0)
+    positions = (real.cumsum(dim=1)[real] - 1).unsqueeze(0)
+    targets = completion[real]
+    out = model(input_ids=ids, position_ids=positions, labels=ids.masked_fill(~targets, -100), fused_lm_head=True)
+    where = completion[:, -logits_to_keep:]
+    # The head's outputs are for the labels shifted by one (token t from the hidden state at t - 1).
+    shifted = targets[1:]
+
+    def unpack(per_token: torch.Tensor) -> torch.Tensor:
+        return per_token.new_zeros(where.shape).masked_scatter(where, per_token[0][shifted])
+
+    return unpack(out.log_probs), unpack(out.entropy) if entropy else None
 
 
 @dataclass
@@ -482,7 +541,10 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         peft_config=peft_config,
         rollout_func=rollout,
         dynamic=dynamic,
+        packed=cfg.grpo.packed,
     )
+    if cfg.grpo.packed and cfg.model.attn_implementation == "flex_attention":
+        install_packed_block_mask(trainer.model)  # as `lawtune train` does for its packed rows
     held_out.trainer = trainer
     for callback in callbacks:
         if isinstance(callback, SkipEmptySteps):
