@@ -245,6 +245,20 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
     assert args.gradient_checkpointing is expected
 
 
+def test_the_cpu_runs_grpo_uncompiled_with_sdpa_and_says_so(caplog):
+    from lawtune.train.grpo import cpu_fallbacks
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.compile=true",
+                             "model.attn_implementation=flex_attention"], run_cls=GrpoRun)
+    assert cfg.grpo.packed  # the default
+    kept = cpu_fallbacks(cfg, torch.device("cuda"))
+    assert kept.grpo.compile and kept.model.attn_implementation == "flex_attention"
+    with caplog.at_level("WARNING", logger="lawtune"):
+        cpu = cpu_fallbacks(cfg, torch.device("cpu"))
+    assert not cpu.grpo.compile and cpu.model.attn_implementation == "sdpa" and cpu.grpo.packed
+    assert "grpo.compile: skipped on the CPU" in caplog.text
+
+
 @pytest.mark.parametrize("override, mask, level", [([], False, "token"),
                                                    (["grpo.mask_truncated=true", "grpo.importance_sampling_level=sequence"],
                                                     True, "sequence")])
@@ -675,3 +689,27 @@ def test_the_packed_pass_has_trls_loss_and_lora_gradients(packed_trainer, loss_t
     assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
     for name, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_packed_run_logs_what_a_padded_run_logs(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.packed on and off, a fresh LoRA with a KL term (its reference: the base, the adapter off): the same
+    metrics.jsonl keys, and the first step (same rollouts, same weights) logs the same loss, entropy and gradient."""
+    from lawtune.train import grpo as grpo_module
+    from lawtune.train.grpo import fit, setup
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_alternating], [1.0]))
+    steps = {}
+    for packed in (True, False):
+        out = tmp_path / f"packed-{packed}"
+        run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.beta=0.1",
+                                 f"grpo.packed={str(packed).lower()}"))
+        assert run.trainer.packed is packed
+        fit(run)
+        steps[packed] = _step_rows(out)
+        assert len(steps[packed]) == 2 and steps[packed][1]["kl"] > 0, steps[packed]
+    assert [set(row) for row in steps[True]] == [set(row) for row in steps[False]]
+    assert {"kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max",
+            "completions/mean_length", "rewards/_alternating/mean"} <= set(steps[True][0])
+    first, reference = steps[True][0], steps[False][0]
+    for key in ("loss", "entropy", "grad_norm", "kl", "reward", "completions/mean_length"):
+        assert first[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key

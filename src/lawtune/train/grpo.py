@@ -52,7 +52,7 @@ from ..rundir import (
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
-from .kernels import install_packed_block_mask
+from .kernels import compile_layers, install_packed_block_mask
 
 log = logging.getLogger("lawtune")
 
@@ -385,7 +385,13 @@ class GrpoResult:
 
 def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
     """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
-    return cfg if device.type != "cpu" else replace_config(cfg, model=cpu_model_fallbacks(cfg.model))
+    if device.type != "cpu":
+        return cfg
+    g = cfg.grpo
+    if g.compile:
+        log.warning("grpo.compile: skipped on the CPU")
+        g = replace_config(g, compile=False)
+    return replace_config(cfg, model=cpu_model_fallbacks(cfg.model), grpo=g)
 
 
 def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
@@ -545,6 +551,12 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     )
     if cfg.grpo.packed and cfg.model.attn_implementation == "flex_attention":
         install_packed_block_mask(trainer.model)  # as `lawtune train` does for its packed rows
+    elif cfg.grpo.packed and device.type == "cuda" and cfg.model.attn_implementation in ("sdpa", "eager"):
+        log.warning("grpo.packed: with model.attn_implementation=%s a packed row's sequences are kept apart by a "
+                    "dense [tokens x tokens] mask, attention computed across the whole row; flex_attention computes "
+                    "it within each sequence only (its document mask)", cfg.model.attn_implementation)
+    if cfg.grpo.compile:
+        compile_layers(trainer.model)
     held_out.trainer = trainer
     for callback in callbacks:
         if isinstance(callback, SkipEmptySteps):
