@@ -643,10 +643,15 @@ def _loss_and_grads(trainer, inputs, packed: bool):
     return loss.detach(), grads
 
 
-def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer):
-    """Packed rows give TRL's padded log-probabilities and entropies, of the policy and of the reference (the
-    adapter off), and each sequence's equal those of the sequence run alone: no token attends across sequences."""
+@pytest.mark.parametrize("weights", ["policy", "adapter off", "ref adapter"])
+def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer, weights):
+    """Packed rows give TRL's padded log-probabilities and entropies, of the policy and of either reference TRL
+    takes (a fresh LoRA's: the adapter off; a continued one's: its starting copy, the adapter "ref"), and each
+    sequence's equal those of the sequence run alone: no token attends across sequences."""
+    import contextlib
+
     from trl import GRPOTrainer
+    from trl.trainer.utils import use_adapter
 
     from lawtune.train.grpo import packed_logps
 
@@ -654,8 +659,19 @@ def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     length = inputs["completion_ids"].size(1)
-    for disabled in (False, True):
-        with torch.no_grad(), (trainer.model.disable_adapter() if disabled else torch.enable_grad()):
+    model = trainer.model
+    with torch.no_grad():
+        policy, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, mask, length)
+    if weights == "ref adapter":
+        model.add_adapter("ref", model.peft_config["default"])
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if ".ref." in name:
+                torch.nn.init.normal_(p, std=0.05)
+    using = {"policy": contextlib.nullcontext, "adapter off": model.disable_adapter,
+             "ref adapter": lambda: use_adapter(model, "ref")}[weights]
+    try:
+        with torch.no_grad(), using():
             trainer.packed = True
             packed, packed_entropy, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, mask, length, batch_size=4, compute_entropy=True)
@@ -663,12 +679,18 @@ def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone
                 trainer, trainer.model, ids, mask, length, compute_entropy=True)
             alone = [packed_logps(trainer.model, ids[r:r + 1], mask[r:r + 1], length, entropy=False)[0]
                      for r in range(len(ids))]
-        assert packed.shape == padded.shape == (len(PROMPTS), length)
-        assert (packed[inputs["completion_mask"] == 0] == 0).all()
-        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packed_entropy, padded_entropy, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
-        assert packed.abs().sum() > 0
+    finally:
+        if weights == "ref adapter":
+            model.delete_adapter("ref")
+            model.set_adapter("default")
+    assert packed.shape == padded.shape == (len(PROMPTS), length)
+    assert (packed[inputs["completion_mask"] == 0] == 0).all()
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_entropy, padded_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert packed.abs().sum() > 0
+    if weights != "policy":  # the reference's weights were the ones used
+        assert not torch.allclose(packed, policy, atol=1e-3)
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
