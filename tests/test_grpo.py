@@ -582,7 +582,7 @@ def packed_trainer(tiny_tokenizer, tmp_path_factory):
     the loss settings TRL reads per call on it."""
     from datasets import Dataset
 
-    from lawtune.train.grpo import _trainer_class, grpo_arguments
+    from lawtune.train.grpo import grpo_arguments, trainer_class
 
     from conftest import lora_tiny_model
 
@@ -591,7 +591,7 @@ def packed_trainer(tiny_tokenizer, tmp_path_factory):
                              "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
                       run_cls=GrpoRun)
     args = grpo_arguments(cfg, tmp_path_factory.mktemp("packed"), torch.float32, torch.device("cpu"), [1.0])
-    trainer = _trainer_class()(model=lora_tiny_model(tiny_tokenizer), reward_funcs=[_random01], args=args,
+    trainer = trainer_class()(model=lora_tiny_model(tiny_tokenizer), reward_funcs=[_random01], args=args,
                                train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tiny_tokenizer)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it

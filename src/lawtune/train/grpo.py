@@ -59,7 +59,9 @@ log = logging.getLogger("lawtune")
 # ----------------------------------------------------------------------------- TRL, where lawtune differs
 
 
-def _trainer_class():
+def trainer_class():
+    """lawtune's GRPO trainer class: TRL's GRPOTrainer with the hooks below (built at call time, as TRL is imported
+    only when a run starts)."""
     from ..compat import grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
 
     # The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
@@ -537,7 +539,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
             raise ConfigError(f"grpo.dynamic_sampling: runs on one process only ({world_size()} launched)")
         dynamic = DynamicSampling(cfg.grpo.max_resample, cfg.grpo.seed)
         callbacks.append(SkipEmptySteps())
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_arguments(cfg, out, dtype, device, weights),
