@@ -633,6 +633,17 @@ def _micro_batch(trainer, mask_truncated: bool, beta: float) -> dict:
     return inputs
 
 
+def test_rows_as_long_as_the_longest_sequence_hold_each_sequence_whole_and_apart():
+    from lawtune.train.grpo import pack_rows
+
+    lengths = [9, 3, 5, 7, 1, 6, 4, 9, 2]
+    rows, offsets, n = pack_rows(lengths, max(lengths))
+    cells = [(r, o + k) for r, o, length in zip(rows, offsets, lengths) for k in range(length)]
+    assert len(set(cells)) == sum(lengths) and all(0 <= c < max(lengths) for _, c in cells)
+    assert n == -(-sum(lengths) // max(lengths)) == len(set(rows))  # these lengths fit without a spare row
+    assert pack_rows(lengths, sum(lengths))[2] == 1
+
+
 def _loss_and_grads(trainer, inputs, packed: bool):
     trainer.packed = packed
     trainer.model.zero_grad()
@@ -643,11 +654,13 @@ def _loss_and_grads(trainer, inputs, packed: bool):
     return loss.detach(), grads
 
 
+@pytest.mark.parametrize("one_row", [True, False])
 @pytest.mark.parametrize("weights", ["policy", "adapter off", "ref adapter"])
-def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer, weights):
-    """Packed rows give TRL's padded log-probabilities and entropies, of the policy and of either reference TRL
-    takes (a fresh LoRA's: the adapter off; a continued one's: its starting copy, the adapter "ref"), and each
-    sequence's equal those of the sequence run alone: no token attends across sequences."""
+def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer, weights, one_row):
+    """Packed rows (a micro-batch in one row, as under flex attention, or rows as long as its longest sequence, as
+    under sdpa) give TRL's padded log-probabilities and entropies, of the policy and of either reference TRL takes (a
+    fresh LoRA's: the adapter off; a continued one's: its starting copy, the adapter "ref"), and each sequence's
+    equal those of the sequence run alone: no token attends across sequences."""
     import contextlib
 
     from trl import GRPOTrainer
@@ -672,14 +685,15 @@ def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone
              "ref adapter": lambda: use_adapter(model, "ref")}[weights]
     try:
         with torch.no_grad(), using():
-            trainer.packed = True
+            trainer.packed, trainer.one_row = True, one_row
             packed, packed_entropy, _ = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, mask, length, batch_size=4, compute_entropy=True)
             padded, padded_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
                 trainer, trainer.model, ids, mask, length, compute_entropy=True)
-            alone = [packed_logps(trainer.model, ids[r:r + 1], mask[r:r + 1], length, entropy=False)[0]
+            alone = [packed_logps(trainer.model, ids[r:r + 1], mask[r:r + 1], length, entropy=False, one_row=True)[0]
                      for r in range(len(ids))]
     finally:
+        trainer.one_row = None
         if weights == "ref adapter":
             model.delete_adapter("ref")
             model.set_adapter("default")
@@ -698,19 +712,24 @@ def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone
 @pytest.mark.parametrize("loss_type", GrpoRun.model_fields["grpo"].annotation.model_fields["loss_type"]
                          .annotation.__args__)
 def test_the_packed_pass_has_trls_loss_and_lora_gradients(packed_trainer, loss_type, mask_truncated, level):
-    """TRL's own compute_loss on its padded rows is the reference (grpo.packed=false): the packed pass gives its
-    loss and LoRA gradients for every loss_type lawtune offers, overlong filtering on and off, token- and
-    sequence-level ratios, with clipping and a KL term."""
+    """TRL's own compute_loss on its padded rows is the reference (grpo.packed=false): the packed pass, in either
+    layout, gives its loss and LoRA gradients for every loss_type lawtune offers, overlong filtering on and off,
+    token- and sequence-level ratios, with clipping and a KL term."""
     trainer = packed_trainer
     trainer.loss_type, trainer.importance_sampling_level, trainer.beta = loss_type, level, 0.04
     inputs = _micro_batch(trainer, mask_truncated, beta=trainer.beta)
     padded_loss, padded_grads = _loss_and_grads(trainer, inputs, packed=False)
-    packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
     assert padded_loss != 0 and sum(g.abs().sum() for g in padded_grads.values()) > 0
-    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-5)
-    assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
-    for name, grad in padded_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    for one_row in (True, False):
+        trainer.one_row = one_row
+        try:
+            packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
+        finally:
+            trainer.one_row = None
+        torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-5)
+        assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=f"{name} {one_row=}")
 
 
 def test_a_packed_run_logs_what_a_padded_run_logs(tiny_model_dir, tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ log = logging.getLogger("lawtune")
 def trainer_class():
     """lawtune's GRPO trainer class: TRL's GRPOTrainer with the hooks below (built at call time, as TRL is imported
     only when a run starts)."""
-    from ..compat import grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
+    from ..compat import attn_implementation, grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
 
     # The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
     class LawtuneGRPOTrainer(grpo_trainer_with_hooks()):  # type: ignore[misc]
@@ -77,6 +77,7 @@ def trainer_class():
             super().__init__(*args, **kwargs)
             self.dynamic = dynamic
             self.packed = packed
+            self.one_row: bool | None = None  # packed_logps's layout; None = by the attention (ONE_ROW_ATTENTION)
             self.group_tags: list[str] | None = None  # per group of a rollout call: what its sampling seed adds
             self.informative: torch.Tensor | None = None  # per group of the last scored batch: its rewards differ
             self.skip_update = False  # the coming optimizer step has no informative group
@@ -168,12 +169,15 @@ def trainer_class():
                 return super().per_token_logps_hook(model, input_ids, attention_mask, logits_to_keep,
                                                     batch_size=batch_size, compute_entropy=compute_entropy,
                                                     compute_aux_loss=compute_aux_loss, **model_inputs)
-            size = batch_size or input_ids.size(0)  # TRL's rows per forward pass: here, the rows of one packed row
+            size = batch_size or input_ids.size(0)  # TRL's sequences per forward pass, packed together
+            one_row = self.one_row
+            if one_row is None:
+                one_row = attn_implementation(self.accelerator.unwrap_model(model).config) in ONE_ROW_ATTENTION
             logps, entropies = [], []
             for start in range(0, input_ids.size(0), size):
                 with self.accelerator.autocast():
                     lp, ent = packed_logps(model, input_ids[start:start + size], attention_mask[start:start + size],
-                                           logits_to_keep, compute_entropy)
+                                           logits_to_keep, compute_entropy, one_row)
                 logps.append(lp)
                 if ent is not None:
                     entropies.append(ent)
@@ -192,38 +196,79 @@ def trainer_class():
     return LawtuneGRPOTrainer
 
 
-def packed_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                 entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+# Attention kernels that keep a packed row's sequences apart at the cost of each sequence alone (flex through
+# install_packed_block_mask's document mask, flash through its variable-length form): a micro-batch is one row. Any
+# other (sdpa, eager) attends over a whole row through a dense mask, so rows are then no longer than the longest
+# sequence.
+ONE_ROW_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def pack_rows(lengths: list[int], width: int) -> tuple[list[int], list[int], int]:
+    """First-fit decreasing: the (row, offset) of each sequence of these lengths in rows of ``width`` tokens, and the
+    number of rows."""
+    rows, offsets, used = [0] * len(lengths), [0] * len(lengths), list[int]()
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((k for k, u in enumerate(used) if u + lengths[i] <= width), len(used))
+        if row == len(used):
+            used.append(0)
+        rows[i], offsets[i] = row, used[row]
+        used[row] += lengths[i]
+    return rows, offsets, len(used)
+
+
+def packed_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, entropy: bool,
+                 one_row: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probabilities (and entropies) of the completions of TRL's padded rows (prompt left-padded,
     completion right-padded; ``attention_mask`` 1 at real tokens; the last ``logits_to_keep`` columns are the
-    completion), computed on one packed row: the rows' real tokens end to end, positions restarting at 0 at each,
+    completion), computed on packed rows: the sequences' real tokens end to end, positions restarting at 0 at each,
     so attention stays within a sequence (flex attention's document mask where install_packed_block_mask is on,
-    transformers' own packed-sequence mask otherwise). Returned as TRL returns them: [rows, logits_to_keep], 0 at
-    padding.
+    transformers' own packed-sequence mask otherwise). ``one_row``: all in one row; else rows as long as the longest
+    sequence (see ONE_ROW_ATTENTION), each ending in padding on positions of its own. Returned as TRL returns them:
+    [rows, logits_to_keep], 0 at padding.
 
     The head is TRL's fused one (``fused_lm_head=True``, added to the policy by GRPOTrainer): log-softmax at the
     temperature of the rollouts, in tiles of tokens x vocabulary, with a backward that recomputes each tile, so no
-    [tokens x vocabulary] tensor exists; on a GPU only the completion positions reach it. A row whose completion is
-    masked out entirely (grpo.mask_truncated, dynamic sampling's filler) is left out of the forward."""
+    [tokens x vocabulary] tensor exists; on a GPU only the completion positions reach it. A sequence whose
+    completion is masked out entirely (grpo.mask_truncated, dynamic sampling's filler) is left out."""
     real = attention_mask.bool()
     completion = torch.zeros_like(real)
     completion[:, -logits_to_keep:] = real[:, -logits_to_keep:]
     scored = completion.any(dim=1)
     if not bool(scored.any()):
-        # Nothing to score: one row still goes through, so the loss stays connected to the weights (a zero loss
-        # whose backward runs, as on TRL's padded pass).
+        # Nothing to score: one sequence still goes through, so the loss stays connected to the weights (a zero
+        # loss whose backward runs, as on TRL's padded pass).
         scored[0] = True
     real = real & scored.unsqueeze(1)
-    ids = input_ids[real].unsqueeze(0)
-    positions = (real.cumsum(dim=1)[real] - 1).unsqueeze(0)
+    lengths = real.sum(dim=1)
+    kept = scored.nonzero().flatten()
+    kept_lengths = lengths[kept].tolist()
+    width = sum(kept_lengths) if one_row else max(kept_lengths)
+    rows, offsets, n_rows = pack_rows(kept_lengths, width)
+    device = input_ids.device
+    start = torch.zeros(len(real), dtype=torch.long, device=device)  # each sequence's first cell in the rows
+    start[kept] = torch.tensor([r * width + o for r, o in zip(rows, offsets)], dtype=torch.long, device=device)
+    position = real.cumsum(dim=1)[real] - 1  # of each real token (row-major), restarting at each sequence
+    cell = start.repeat_interleave(lengths) + position
+    ids = input_ids.new_zeros(n_rows * width)  # padding cells: any token, never attended to nor scored
+    ids[cell] = input_ids[real]
     targets = completion[real]
-    out = model(input_ids=ids, position_ids=positions, labels=ids.masked_fill(~targets, -100), fused_lm_head=True)
+    labels = torch.full_like(ids, -100)
+    labels[cell[targets]] = input_ids[real][targets]
+    # Each row's tail of padding runs on positions of its own (a sequence of its own, never attended to).
+    column = torch.arange(width, device=device)
+    used = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(
+        0, torch.tensor(rows, device=device), torch.tensor(kept_lengths, device=device))
+    positions = (column - used.unsqueeze(1)).clamp(min=0).flatten()
+    positions[cell] = position
+    out = model(input_ids=ids.view(n_rows, width), position_ids=positions.view(n_rows, width),
+                labels=labels.view(n_rows, width), fused_lm_head=True)
     where = completion[:, -logits_to_keep:]
-    # The head's outputs are for the labels shifted by one (token t from the hidden state at t - 1).
-    shifted = targets[1:]
+    at = cell[targets]  # the cells of the completion tokens, in TRL's row-major order
 
     def unpack(per_token: torch.Tensor) -> torch.Tensor:
-        return per_token.new_zeros(where.shape).masked_scatter(where, per_token[0][shifted])
+        # The head's outputs are for the labels shifted by one (the token in cell c from the hidden state at c - 1).
+        shifted = F.pad(per_token, (1, 0)).flatten()
+        return per_token.new_zeros(where.shape).masked_scatter(where, shifted[at])
 
     return unpack(out.log_probs), unpack(out.entropy) if entropy else None
 
@@ -553,10 +598,10 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     )
     if cfg.grpo.packed and cfg.model.attn_implementation == "flex_attention":
         install_packed_block_mask(trainer.model)  # as `lawtune train` does for its packed rows
-    elif cfg.grpo.packed and device.type == "cuda" and cfg.model.attn_implementation in ("sdpa", "eager"):
-        log.warning("grpo.packed: with model.attn_implementation=%s a packed row's sequences are kept apart by a "
-                    "dense [tokens x tokens] mask, attention computed across the whole row; flex_attention computes "
-                    "it within each sequence only (its document mask)", cfg.model.attn_implementation)
+    elif cfg.grpo.packed and device.type == "cuda" and cfg.model.attn_implementation not in ONE_ROW_ATTENTION:
+        log.info("grpo.packed: model.attn_implementation=%s attends over a whole packed row (a dense mask), so rows "
+                 "are only as long as a micro-batch's longest sequence; flex_attention packs a micro-batch into one "
+                 "row and attends within each sequence (its document mask)", cfg.model.attn_implementation)
     if cfg.grpo.compile:
         compile_layers(trainer.model)
     held_out.trainer = trainer
