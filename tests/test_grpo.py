@@ -580,8 +580,7 @@ COMPLETIONS = [2, 7, 7, 4, 7, 1]
 ENDED = [True, False, True, True, False, True]
 
 
-@pytest.fixture(scope="module")
-def packed_trainer(tiny_tokenizer, tmp_path_factory):
+def _lawtune_trainer(tokenizer, out, device: str = "cpu", attn: str = "sdpa"):
     """lawtune's GRPO trainer on a tiny LoRA model (B matrices non-zero), built as setup builds it; the tests set
     the loss settings TRL reads per call on it."""
     from datasets import Dataset
@@ -594,12 +593,17 @@ def packed_trainer(tiny_tokenizer, tmp_path_factory):
                              "grpo.num_generations=2", f"grpo.max_completion_length={max(COMPLETIONS)}",
                              "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
                       run_cls=GrpoRun)
-    args = grpo_arguments(cfg, tmp_path_factory.mktemp("packed"), torch.float32, torch.device("cpu"), [1.0])
-    trainer = trainer_class()(model=lora_tiny_model(tiny_tokenizer), reward_funcs=[_random01], args=args,
-                               train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tiny_tokenizer)
+    args = grpo_arguments(cfg, out, torch.float32, torch.device(device), [1.0])
+    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[_random01], args=args,
+                              train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it
     return trainer
+
+
+@pytest.fixture(scope="module")
+def packed_trainer(tiny_tokenizer, tmp_path_factory):
+    return _lawtune_trainer(tiny_tokenizer, tmp_path_factory.mktemp("packed"))
 
 
 def _micro_batch(trainer, mask_truncated: bool, beta: float) -> dict:
@@ -627,13 +631,15 @@ def _micro_batch(trainer, mask_truncated: bool, beta: float) -> dict:
     inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
               "completion_mask": completion_mask, "advantages": torch.randn(len(PROMPTS), generator=g),
               "num_items_in_batch": completion_mask.sum() * 3}
+    inputs = {k: v.to(trainer.accelerator.device) for k, v in inputs.items()}
     with torch.no_grad():
         current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
-            trainer, trainer.model, torch.cat([prompt_ids, completion_ids], 1),
-            torch.cat([prompt_mask, completion_mask], 1), length)
-    inputs["old_per_token_logps"] = current + 0.3 * torch.randn(current.shape, generator=g)
+            trainer, trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), length)
+    g = torch.Generator(current.device).manual_seed(1)
+    inputs["old_per_token_logps"] = current + 0.3 * torch.randn(current.shape, generator=g, device=current.device)
     if beta:
-        inputs["ref_per_token_logps"] = current + 0.5 * torch.randn(current.shape, generator=g)
+        inputs["ref_per_token_logps"] = current + 0.5 * torch.randn(current.shape, generator=g, device=current.device)
     return inputs
 
 
@@ -734,6 +740,30 @@ def test_the_packed_pass_has_trls_loss_and_lora_gradients(packed_trainer, loss_t
         assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
         for name, grad in padded_grads.items():
             torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=f"{name} {one_row=}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains only on a GPU")
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_the_flex_packed_pass_has_trls_padded_sdpa_loss_and_gradients_on_gpu(tiny_tokenizer, tmp_path, loss_type):
+    """On a GPU, as the grpo yaml runs it: one packed row under flex attention's document mask (and TRL's fused
+    head on its Triton path, the completion positions only) against TRL's padded pass under sdpa."""
+    from lawtune.compat import set_attn_implementation
+    from lawtune.train.kernels import install_packed_block_mask
+
+    trainer = _lawtune_trainer(tiny_tokenizer, tmp_path, device="cuda", attn="flex_attention")
+    install_packed_block_mask(trainer.model)
+    trainer.loss_type, trainer.beta = loss_type, 0.04
+    config = trainer.model.config
+    set_attn_implementation(config, "sdpa")
+    inputs = _micro_batch(trainer, mask_truncated=False, beta=trainer.beta)
+    padded_loss, padded_grads = _loss_and_grads(trainer, inputs, packed=False)
+    set_attn_implementation(config, "flex_attention")
+    packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
+    assert padded_loss != 0
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_a_packed_run_logs_what_a_padded_run_logs(tiny_model_dir, tmp_path, monkeypatch):
