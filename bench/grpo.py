@@ -8,8 +8,9 @@ The model is the config's architecture with random weights (bf16 on a GPU); prom
 (bench/jecqa_synth.py) in lawtune's reasoning format; every completion is forced to its length (the end token
 ignored), so both sides generate and train on the same number of tokens. A step samples all its completions in one
 generation; lawtune then trains them 16 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
-with gradient checkpointing (TRL's default). Per side and length: seconds per step,
-rollout tokens/s (completion tokens / time in generation), training tokens/s (prompt + completion tokens / the
+with gradient checkpointing (TRL's default); lawtune's training pass on packed rows under flex attention (its grpo
+yaml), or with `--impls lawtune_padded,...` TRL's padded pass (grpo.packed=false, sdpa). Per side and length:
+seconds per step, rollout tokens/s (completion tokens / time in generation), training tokens/s (prompt + completion tokens / the
 rest of the step), peak reserved GPU memory.
 """
 
@@ -86,7 +87,7 @@ def summary(name: str, length: int, clock: StepClock, warmup: int, completions: 
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
-def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
+def run_lawtune(opts, work: Path, data: Path, length: int, overrides: list[str]) -> dict:
     from lawtune.config import GrpoRun, load_config
     from lawtune.train.grpo import EngineRollout, setup
 
@@ -97,7 +98,7 @@ def run_lawtune(opts, work: Path, data: Path, length: int) -> dict:
         f"grpo.per_device_batch_size={opts.micro}", f"grpo.gradient_accumulation_steps={completions // opts.micro}",
         f"grpo.max_completion_length={length}", f"grpo.max_steps={opts.warmup + opts.steps}", "grpo.save_steps=100000",
         "grpo.report_to=[none]", "grpo.rollout=engine", *(["model.dtype=float32"] if opts.smoke else []),
-        *opts.set,
+        *overrides,
     ], run_cls=GrpoRun)
 
     class Forced(EngineRollout):
@@ -179,7 +180,9 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=16, help="lawtune's completions per forward/backward (the grpo yaml's)")
     ap.add_argument("--trl-micro", type=int, default=8, help="TRL's (its default per_device_train_batch_size)")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides of lawtune's side (e.g. grpo.gradient_checkpointing=true)")
-    ap.add_argument("--impls", default="lawtune,trl")
+    ap.add_argument("--impls", default="lawtune,trl",
+                    help="sides to run: lawtune, lawtune_padded (lawtune with grpo.packed=false: TRL's padded "
+                         "training pass), trl")
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, tiny sizes (tests/test_bench.py)")
     opts = ap.parse_args()
@@ -203,16 +206,24 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                row = (run_lawtune if impl == "lawtune" else run_trl)(opts, work, data, length)
-                row["micro_batch"] = opts.micro if impl == "lawtune" else opts.trl_micro
-                row["overrides"] = opts.set if impl == "lawtune" else []
+                # lawtune's side as its grpo yaml runs it: packed rows under flex attention's document mask; the
+                # padded side as the tenth session measured it (sdpa). --set comes last, so it decides.
+                side = ["grpo.packed=false"] if impl == "lawtune_padded" else ["model.attn_implementation=flex_attention"]
+                overrides = side + opts.set
+                if impl == "trl":
+                    row = run_trl(opts, work, data, length)
+                else:
+                    row = run_lawtune(opts, work, data, length, overrides)
+                    row["impl"] = impl
+                row["micro_batch"] = opts.trl_micro if impl == "trl" else opts.micro
+                row["overrides"] = [] if impl == "trl" else overrides
                 row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.smoke else "cpu"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     by = {(r["impl"], r["completion_tokens"]): r for r in rows}
-    print(f"\n{'impl':8} {'tokens':>6} {'s/step':>8} {'rollout tok/s':>14} {'train tok/s':>12} {'peak GiB':>9}")
+    print(f"\n{'impl':14} {'tokens':>6} {'s/step':>8} {'rollout tok/s':>14} {'train tok/s':>12} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['impl']:8} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_tokens_per_s']!s:>14} "
+        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_tokens_per_s']!s:>14} "
               f"{r['train_tokens_per_s']:>12} {r['peak_reserved_gib']!s:>9}")
     for length in map(int, opts.lengths.split(",")):
         a, b = by.get(("lawtune", length)), by.get(("trl", length))

@@ -144,11 +144,14 @@ def test_generation_bench_smoke():
 
 
 def test_grpo_bench_smoke(tmp_path):
-    """Both sides run on the same forced lengths; the table's ratios come from them."""
+    """Every side runs on the same forced lengths (lawtune's packed and padded training passes too); the table's
+    ratios come from lawtune's and TRL's."""
     out = tmp_path / "grpo.json"
-    rows = _run("grpo.py", "--json", str(out))
+    rows = _run("grpo.py", "--json", str(out), "--impls", "lawtune,lawtune_padded,trl")
     runs = {(r["impl"], r["completion_tokens"]): r for r in rows if r["bench"] == "grpo"}
-    assert set(runs) == {(impl, n) for impl in ("lawtune", "trl") for n in (8, 12)}
+    assert set(runs) == {(impl, n) for impl in ("lawtune", "lawtune_padded", "trl") for n in (8, 12)}
+    assert runs[("lawtune_padded", 8)]["overrides"] == ["grpo.packed=false"]
+    assert "model.attn_implementation=flex_attention" in runs[("lawtune", 8)]["overrides"]
     for r in runs.values():
         assert r["s_per_step"] > 0 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
         assert r["steps_timed"] == 2 and r["completions_per_step"] == 4

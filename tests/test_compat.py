@@ -283,10 +283,14 @@ def test_grpo_trainer_with_hooks():
     _check_private_method("trl", GRPOTrainer, "_calculate_rewards",
                           ["self", "inputs", "prompts", "completions", "completion_ids_list"])
     _check_private_method("trl", GRPOTrainer, "_generate_and_score_completions", ["self", "inputs"])
+    _check_private_method("trl", GRPOTrainer, "_get_per_token_logps_and_entropies",
+                          ["self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size",
+                           "compute_entropy", "compute_aux_loss"])
     _check_private_method("transformers", GRPOTrainer, "_save", ["self", "output_dir", "state_dict"])
     hooked = compat.grpo_trainer_with_hooks()
     assert issubclass(hooked, GRPOTrainer)
-    for name in ("tokenize_prompts_hook", "calculate_rewards_hook", "generate_and_score_hook", "save_hook"):
+    for name in ("tokenize_prompts_hook", "calculate_rewards_hook", "generate_and_score_hook", "per_token_logps_hook",
+                 "save_hook"):
         assert not hasattr(GRPOTrainer, name), f"trl {trl.__version__}: GRPOTrainer.{name} exists; rename the hook"
 
 

@@ -2,6 +2,7 @@
 writes, resumes, continues an SFT adapter, and refuses settings it does not read."""
 
 import json
+import math
 import os
 import random
 
@@ -245,6 +246,20 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
     assert args.gradient_checkpointing is expected
 
 
+def test_the_cpu_runs_grpo_uncompiled_with_sdpa_and_says_so(caplog):
+    from lawtune.train.grpo import cpu_fallbacks
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.compile=true",
+                             "model.attn_implementation=flex_attention"], run_cls=GrpoRun)
+    assert cfg.grpo.packed  # the default
+    kept = cpu_fallbacks(cfg, torch.device("cuda"))
+    assert kept.grpo.compile and kept.model.attn_implementation == "flex_attention"
+    with caplog.at_level("WARNING", logger="lawtune"):
+        cpu = cpu_fallbacks(cfg, torch.device("cpu"))
+    assert not cpu.grpo.compile and cpu.model.attn_implementation == "sdpa" and cpu.grpo.packed
+    assert "grpo.compile: skipped on the CPU" in caplog.text
+
+
 @pytest.mark.parametrize("override, mask, level", [([], False, "token"),
                                                    (["grpo.mask_truncated=true", "grpo.importance_sampling_level=sequence"],
                                                     True, "sequence")])
@@ -434,7 +449,10 @@ def test_completions_end_where_trl_ends_them_and_count_as_not_cut(rollout, tiny_
     assert len(steps) == 2, steps
     for row in steps:
         assert row["completions/max_length"] == 1 and row["completions/clipped_ratio"] == 0.0, row
-        assert row["grad_norm"] > 0, row
+        # In the loss: TRL's entropy is its mean over the loss's tokens (0 over none), here that of two equally likely
+        # end tokens. (Their gradient is 0: a log-probability of ln 1/2 whatever the hidden state's one live
+        # direction; the padded pass's float noise once made it look positive.)
+        assert row["entropy"] == pytest.approx(math.log(2), abs=0.01), row
 
 
 @pytest.mark.parametrize("variant", [["lora.use_dora=true", "lora.use_rslora=true"], ["lora.init=pissa"],
@@ -551,3 +569,222 @@ def test_scored_batches_join_with_prompts_padded_left_and_completions_right():
                                                                                                            [1, 1, 1]]
     assert joined["completion_ids"].tolist() == [[7, 0], [7, 8]]
     assert joined["completion_mask"].tolist() == [[1, 0], [1, 1]] and joined["advantages"].tolist() == [0.5, -0.5]
+
+
+# ----------------------------------------------------------------------------- the packed training pass (grpo.packed)
+
+# A micro-batch of uneven rows: prompt lengths (left-padded), completion lengths (right-padded) and whether the
+# completion ends with the end token; the rows of full length without it are cut (TRL's "truncated").
+PROMPTS = [3, 9, 5, 7, 4, 6]
+COMPLETIONS = [2, 7, 7, 4, 7, 1]
+ENDED = [True, False, True, True, False, True]
+
+
+def _lawtune_trainer(tokenizer, out, device: str = "cpu", attn: str = "sdpa"):
+    """lawtune's GRPO trainer on a tiny LoRA model (B matrices non-zero), built as setup builds it; the tests set
+    the loss settings TRL reads per call on it."""
+    from datasets import Dataset
+
+    from lawtune.train.grpo import grpo_arguments, trainer_class
+
+    from conftest import lora_tiny_model
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", f"grpo.per_device_batch_size={len(PROMPTS)}",
+                             "grpo.num_generations=2", f"grpo.max_completion_length={max(COMPLETIONS)}",
+                             "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
+                      run_cls=GrpoRun)
+    args = grpo_arguments(cfg, out, torch.float32, torch.device(device), [1.0])
+    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[_random01], args=args,
+                              train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def packed_trainer(tiny_tokenizer, tmp_path_factory):
+    return _lawtune_trainer(tiny_tokenizer, tmp_path_factory.mktemp("packed"))
+
+
+def _micro_batch(trainer, mask_truncated: bool, beta: float) -> dict:
+    """The inputs TRL's compute_loss takes for the rows above: padded ids and masks, advantages, and old and
+    reference log-probabilities off the current ones (so ratios clip on both sides and the KL is not 0)."""
+    from trl import GRPOTrainer
+
+    g = torch.Generator().manual_seed(0)
+    tokenizer = trainer.processing_class
+    eos, pad, vocab = tokenizer.eos_token_id, tokenizer.pad_token_id, trainer.model.config.vocab_size
+    width, length = max(PROMPTS), max(COMPLETIONS)
+    prompt_ids = torch.full((len(PROMPTS), width), pad)
+    completion_ids = torch.full((len(PROMPTS), length), pad)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    completion_mask = torch.zeros_like(completion_ids)
+    for row, (p, c, ended) in enumerate(zip(PROMPTS, COMPLETIONS, ENDED)):
+        prompt_ids[row, width - p:] = torch.randint(5, vocab, (p,), generator=g)
+        prompt_mask[row, width - p:] = 1
+        completion_ids[row, :c] = torch.randint(5, vocab, (c,), generator=g)
+        if ended:
+            completion_ids[row, c - 1] = eos
+        completion_mask[row, :c] = 1
+    if mask_truncated:  # what TRL's _generate_and_score_completions does with mask_truncated_completions
+        completion_mask = completion_mask * ~torch.tensor([not e for e in ENDED]).unsqueeze(1)
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.randn(len(PROMPTS), generator=g),
+              "num_items_in_batch": completion_mask.sum() * 3}
+    inputs = {k: v.to(trainer.accelerator.device) for k, v in inputs.items()}
+    with torch.no_grad():
+        current, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), length)
+    g = torch.Generator(current.device).manual_seed(1)
+    inputs["old_per_token_logps"] = current + 0.3 * torch.randn(current.shape, generator=g, device=current.device)
+    if beta:
+        inputs["ref_per_token_logps"] = current + 0.5 * torch.randn(current.shape, generator=g, device=current.device)
+    return inputs
+
+
+def test_rows_as_long_as_the_longest_sequence_hold_each_sequence_whole_and_apart():
+    from lawtune.train.grpo import pack_rows
+
+    lengths = [9, 3, 5, 7, 1, 6, 4, 9, 2]
+    rows, offsets, n = pack_rows(lengths, max(lengths))
+    cells = [(r, o + k) for r, o, length in zip(rows, offsets, lengths) for k in range(length)]
+    assert len(set(cells)) == sum(lengths) and all(0 <= c < max(lengths) for _, c in cells)
+    assert n == -(-sum(lengths) // max(lengths)) == len(set(rows))  # these lengths fit without a spare row
+    assert pack_rows(lengths, sum(lengths))[2] == 1
+
+
+def _loss_and_grads(trainer, inputs, packed: bool):
+    trainer.packed = packed
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("one_row", [True, False])
+@pytest.mark.parametrize("weights", ["policy", "adapter off", "ref adapter"])
+def test_packed_log_probabilities_equal_trls_padded_ones_and_each_sequence_alone(packed_trainer, weights, one_row):
+    """Packed rows (a micro-batch in one row, as under flex attention, or rows as long as its longest sequence, as
+    under sdpa) give TRL's padded log-probabilities and entropies, of the policy and of either reference TRL takes (a
+    fresh LoRA's: the adapter off; a continued one's: its starting copy, the adapter "ref"), and each sequence's
+    equal those of the sequence run alone: no token attends across sequences."""
+    import contextlib
+
+    from trl import GRPOTrainer
+    from trl.trainer.utils import use_adapter
+
+    from lawtune.train.grpo import packed_logps
+
+    trainer, inputs = packed_trainer, _micro_batch(packed_trainer, mask_truncated=False, beta=0.0)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    length = inputs["completion_ids"].size(1)
+    model = trainer.model
+    with torch.no_grad():
+        policy, _, _ = GRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, mask, length)
+    if weights == "ref adapter":
+        model.add_adapter("ref", model.peft_config["default"])
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if ".ref." in name:
+                torch.nn.init.normal_(p, std=0.05)
+    using = {"policy": contextlib.nullcontext, "adapter off": model.disable_adapter,
+             "ref adapter": lambda: use_adapter(model, "ref")}[weights]
+    try:
+        with torch.no_grad(), using():
+            trainer.packed, trainer.one_row = True, one_row
+            packed, packed_entropy, _ = trainer._get_per_token_logps_and_entropies(
+                trainer.model, ids, mask, length, batch_size=4, compute_entropy=True)
+            padded, padded_entropy, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                trainer, trainer.model, ids, mask, length, compute_entropy=True)
+            alone = [packed_logps(trainer.model, ids[r:r + 1], mask[r:r + 1], length, entropy=False, one_row=True)[0]
+                     for r in range(len(ids))]
+    finally:
+        trainer.one_row = None
+        if weights == "ref adapter":
+            model.delete_adapter("ref")
+            model.set_adapter("default")
+    assert packed.shape == padded.shape == (len(PROMPTS), length)
+    assert (packed[inputs["completion_mask"] == 0] == 0).all()
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_entropy, padded_entropy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    assert packed.abs().sum() > 0
+    if weights != "policy":  # the reference's weights were the ones used
+        assert not torch.allclose(packed, policy, atol=1e-3)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mask_truncated", [False, True])
+@pytest.mark.parametrize("loss_type", GrpoRun.model_fields["grpo"].annotation.model_fields["loss_type"]
+                         .annotation.__args__)
+def test_the_packed_pass_has_trls_loss_and_lora_gradients(packed_trainer, loss_type, mask_truncated, level):
+    """TRL's own compute_loss on its padded rows is the reference (grpo.packed=false): the packed pass, in either
+    layout, gives its loss and LoRA gradients for every loss_type lawtune offers, overlong filtering on and off,
+    token- and sequence-level ratios, with clipping and a KL term."""
+    trainer = packed_trainer
+    trainer.loss_type, trainer.importance_sampling_level, trainer.beta = loss_type, level, 0.04
+    inputs = _micro_batch(trainer, mask_truncated, beta=trainer.beta)
+    padded_loss, padded_grads = _loss_and_grads(trainer, inputs, packed=False)
+    assert padded_loss != 0 and sum(g.abs().sum() for g in padded_grads.values()) > 0
+    for one_row in (True, False):
+        trainer.one_row = one_row
+        try:
+            packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
+        finally:
+            trainer.one_row = None
+        torch.testing.assert_close(packed_loss, padded_loss, atol=1e-6, rtol=1e-5)
+        assert packed_grads.keys() == padded_grads.keys() and any("lora_A" in n for n in packed_grads)
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=f"{name} {one_row=}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex attention trains only on a GPU")
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_the_flex_packed_pass_has_trls_padded_sdpa_loss_and_gradients_on_gpu(tiny_tokenizer, tmp_path, loss_type):
+    """On a GPU, as the grpo yaml runs it: one packed row under flex attention's document mask (and TRL's fused
+    head on its Triton path, the completion positions only) against TRL's padded pass under sdpa."""
+    from lawtune.compat import set_attn_implementation
+    from lawtune.train.kernels import install_packed_block_mask
+
+    trainer = _lawtune_trainer(tiny_tokenizer, tmp_path, device="cuda", attn="flex_attention")
+    install_packed_block_mask(trainer.model)
+    trainer.loss_type, trainer.beta = loss_type, 0.04
+    config = trainer.model.config
+    set_attn_implementation(config, "sdpa")
+    inputs = _micro_batch(trainer, mask_truncated=False, beta=trainer.beta)
+    padded_loss, padded_grads = _loss_and_grads(trainer, inputs, packed=False)
+    set_attn_implementation(config, "flex_attention")
+    packed_loss, packed_grads = _loss_and_grads(trainer, inputs, packed=True)
+    assert padded_loss != 0
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-4)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_a_packed_run_logs_what_a_padded_run_logs(tiny_model_dir, tmp_path, monkeypatch):
+    """grpo.packed on and off, a fresh LoRA with a KL term (its reference: the base, the adapter off): the same
+    metrics.jsonl keys, and the first step (same rollouts, same weights) logs the same loss, entropy and gradient."""
+    from lawtune.train import grpo as grpo_module
+    from lawtune.train.grpo import fit, setup
+
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_alternating], [1.0]))
+    steps = {}
+    for packed in (True, False):
+        out = tmp_path / f"packed-{packed}"
+        run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.beta=0.1",
+                                 f"grpo.packed={str(packed).lower()}"))
+        assert run.trainer.packed is packed
+        fit(run)
+        steps[packed] = _step_rows(out)
+        assert len(steps[packed]) == 2 and steps[packed][1]["kl"] > 0, steps[packed]
+    assert [set(row) for row in steps[True]] == [set(row) for row in steps[False]]
+    assert {"kl", "entropy", "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max",
+            "completions/mean_length", "rewards/_alternating/mean"} <= set(steps[True][0])
+    first, reference = steps[True][0], steps[False][0]
+    for key in ("loss", "entropy", "grad_norm", "kl", "reward", "completions/mean_length"):
+        assert first[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key

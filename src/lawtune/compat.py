@@ -137,6 +137,10 @@ def grpo_trainer_with_hooks():
     * ``_generate_and_score_completions(inputs)`` -> ``generate_and_score_hook``: a generation batch's rows (dataset
       rows, each question repeated once per completion) sampled, scored and turned into the padded tensors of the
       loss (its dict: prompt/completion ids and masks, advantages, num_items_in_batch, ...);
+    * ``_get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+      compute_entropy=False, compute_aux_loss=False, **model_inputs)`` -> ``per_token_logps_hook``: the
+      completions' per-token log-probabilities ([rows, logits_to_keep], 0 at padding), entropies (or None) and the
+      MoE aux loss (or None), of the loss and of the old and reference passes alike;
     * ``_save(output_dir, state_dict)`` (transformers' Trainer) -> ``save_hook``: writes the weights of a save.
     TRL offers no public hooks for these steps."""
     from trl import GRPOTrainer
@@ -159,6 +163,19 @@ def grpo_trainer_with_hooks():
 
         def generate_and_score_hook(self, inputs):
             return super()._generate_and_score_completions(inputs)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **model_inputs):
+            return self.per_token_logps_hook(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                                             compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss,
+                                             **model_inputs)
+
+        def per_token_logps_hook(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                 compute_entropy=False, compute_aux_loss=False, **model_inputs):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **model_inputs)
 
         def _save(self, output_dir: str | None = None, state_dict=None):
             return self.save_hook(output_dir, state_dict)

@@ -562,6 +562,13 @@ class GrpoConfig(OptimizationSection):
     the first and at the end."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass to save memory (TRL's GRPOConfig default)."""
+    packed: bool = True
+    """The training pass on packed rows: each micro-batch's prompts and completions end to end without padding,
+    positions restarting at each (flex attention's document mask with model.attn_implementation=flex_attention),
+    log-probabilities only at completion tokens; the same loss and metrics as TRL's. False = TRL's padded rows."""
+    compile: bool = False
+    """torch.compile each decoder layer for the training pass, as train.compile does (skipped on the CPU; the engine
+    samples with the layers uncompiled)."""
     adapter: Annotated[str | None, DecidesWeights(content="adapter_model.safetensors"), ADAPTER_DIR] = None
     """LoRA adapter to continue (e.g. outputs/RUN/final_model of `lawtune train`), loaded trainable; None = a fresh
     LoRA from the lora section."""

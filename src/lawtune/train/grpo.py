@@ -52,25 +52,32 @@ from ..rundir import (
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
+from .kernels import compile_layers, install_packed_block_mask
 
 log = logging.getLogger("lawtune")
 
 # ----------------------------------------------------------------------------- TRL, where lawtune differs
 
 
-def _trainer_class():
-    from ..compat import grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
+def trainer_class():
+    """lawtune's GRPO trainer class: TRL's GRPOTrainer with the hooks below (built at call time, as TRL is imported
+    only when a run starts)."""
+    from ..compat import attn_implementation, grpo_log_metric, grpo_tokenizer, grpo_trainer_with_hooks
 
     # The base is a class compat.py builds at run time; mypy cannot check a call as a base class (it becomes Any).
     class LawtuneGRPOTrainer(grpo_trainer_with_hooks()):  # type: ignore[misc]
         """TRL's GRPOTrainer with lawtune's prompts, group metrics and dynamic sampling (its private steps reach
         these hooks through compat.py).
 
-        ``dynamic``: grpo.dynamic_sampling's settings, None = off (TRL's behaviour)."""
+        ``dynamic``: grpo.dynamic_sampling's settings, None = off (TRL's behaviour). ``packed``: grpo.packed, the
+        forward passes of the loss and of the old and reference log-probabilities on packed rows (``packed_logps``);
+        False = TRL's padded rows."""
 
-        def __init__(self, *args, dynamic: DynamicSampling | None = None, **kwargs):
+        def __init__(self, *args, dynamic: DynamicSampling | None = None, packed: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
             self.dynamic = dynamic
+            self.packed = packed
+            self.one_row: bool | None = None  # packed_logps's layout; None = by the attention (ONE_ROW_ATTENTION)
             self.group_tags: list[str] | None = None  # per group of a rollout call: what its sampling seed adds
             self.informative: torch.Tensor | None = None  # per group of the last scored batch: its rewards differ
             self.skip_update = False  # the coming optimizer step has no informative group
@@ -154,6 +161,28 @@ def _trainer_class():
                             "is skipped", step + 1, wanted + resampled, resampled)
             return batch
 
+        def per_token_logps_hook(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                 compute_entropy=False, compute_aux_loss=False, **model_inputs):
+            # TRL's loss, clipping, KL and metrics stay as they are, on its padded [rows, completion] tensors: only
+            # the forward pass, where the time goes, is packed. Images and MoE routers keep TRL's padded pass.
+            if not self.packed or compute_aux_loss or any(v is not None for v in model_inputs.values()):
+                return super().per_token_logps_hook(model, input_ids, attention_mask, logits_to_keep,
+                                                    batch_size=batch_size, compute_entropy=compute_entropy,
+                                                    compute_aux_loss=compute_aux_loss, **model_inputs)
+            size = batch_size or input_ids.size(0)  # TRL's sequences per forward pass, packed together
+            one_row = self.one_row
+            if one_row is None:
+                one_row = attn_implementation(self.accelerator.unwrap_model(model).config) in ONE_ROW_ATTENTION
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), size):
+                with self.accelerator.autocast():
+                    lp, ent = packed_logps(model, input_ids[start:start + size], attention_mask[start:start + size],
+                                           logits_to_keep, compute_entropy, one_row)
+                logps.append(lp)
+                if ent is not None:
+                    entropies.append(ent)
+            return torch.cat(logps), torch.cat(entropies) if entropies else None, None
+
         def save_hook(self, output_dir: str | None = None, state_dict=None):
             super().save_hook(output_dir, state_dict)
             # beta > 0 on a continued adapter: TRL keeps the starting adapter as "ref" beside it. It is rebuilt from
@@ -165,6 +194,83 @@ def _trainer_class():
                 shutil.rmtree(ref)
 
     return LawtuneGRPOTrainer
+
+
+# Attention kernels that keep a packed row's sequences apart at the cost of each sequence alone (flex through
+# install_packed_block_mask's document mask, flash through its variable-length form): a micro-batch is one row. Any
+# other (sdpa, eager) attends over a whole row through a dense mask, so rows are then no longer than the longest
+# sequence.
+ONE_ROW_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def pack_rows(lengths: list[int], width: int) -> tuple[list[int], list[int], int]:
+    """First-fit decreasing: the (row, offset) of each sequence of these lengths in rows of ``width`` tokens, and the
+    number of rows."""
+    rows, offsets, used = [0] * len(lengths), [0] * len(lengths), list[int]()
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((k for k, u in enumerate(used) if u + lengths[i] <= width), len(used))
+        if row == len(used):
+            used.append(0)
+        rows[i], offsets[i] = row, used[row]
+        used[row] += lengths[i]
+    return rows, offsets, len(used)
+
+
+def packed_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, entropy: bool,
+                 one_row: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities (and entropies) of the completions of TRL's padded rows (prompt left-padded,
+    completion right-padded; ``attention_mask`` 1 at real tokens; the last ``logits_to_keep`` columns are the
+    completion), computed on packed rows: the sequences' real tokens end to end, positions restarting at 0 at each,
+    so attention stays within a sequence (flex attention's document mask where install_packed_block_mask is on,
+    transformers' own packed-sequence mask otherwise). ``one_row``: all in one row; else rows as long as the longest
+    sequence (see ONE_ROW_ATTENTION), each ending in padding on positions of its own. Returned as TRL returns them:
+    [rows, logits_to_keep], 0 at padding.
+
+    The head is TRL's fused one (``fused_lm_head=True``, added to the policy by GRPOTrainer): log-softmax at the
+    temperature of the rollouts, in tiles of tokens x vocabulary, with a backward that recomputes each tile, so no
+    [tokens x vocabulary] tensor exists; on a GPU only the completion positions reach it. A sequence whose
+    completion is masked out entirely (grpo.mask_truncated, dynamic sampling's filler) is left out."""
+    real = attention_mask.bool()
+    completion = torch.zeros_like(real)
+    completion[:, -logits_to_keep:] = real[:, -logits_to_keep:]
+    scored = completion.any(dim=1)
+    if not bool(scored.any()):
+        # Nothing to score: one sequence still goes through, so the loss stays connected to the weights (a zero
+        # loss whose backward runs, as on TRL's padded pass).
+        scored[0] = True
+    real = real & scored.unsqueeze(1)
+    lengths = real.sum(dim=1)
+    kept = scored.nonzero().flatten()
+    kept_lengths = lengths[kept].tolist()
+    width = sum(kept_lengths) if one_row else max(kept_lengths)
+    rows, offsets, n_rows = pack_rows(kept_lengths, width)
+    device = input_ids.device
+    start = torch.zeros(len(real), dtype=torch.long, device=device)  # each sequence's first cell in the rows
+    start[kept] = torch.tensor([r * width + o for r, o in zip(rows, offsets)], dtype=torch.long, device=device)
+    position = real.cumsum(dim=1)[real] - 1  # of each real token (row-major), restarting at each sequence
+    cell = start.repeat_interleave(lengths) + position
+    ids = input_ids.new_zeros(n_rows * width)  # padding cells: any token, never attended to nor scored
+    ids[cell] = input_ids[real]
+    targets = completion[real]
+    labels = torch.full_like(ids, -100)
+    labels[cell[targets]] = input_ids[real][targets]
+    # Each row's tail of padding runs on positions of its own (a sequence of its own, never attended to).
+    column = torch.arange(width, device=device)
+    used = torch.zeros(n_rows, dtype=torch.long, device=device).index_add_(
+        0, torch.tensor(rows, device=device), torch.tensor(kept_lengths, device=device))
+    positions = (column - used.unsqueeze(1)).clamp(min=0).flatten()
+    positions[cell] = position
+    out = model(input_ids=ids.view(n_rows, width), position_ids=positions.view(n_rows, width),
+                labels=labels.view(n_rows, width), fused_lm_head=True)
+    where = completion[:, -logits_to_keep:]
+    at = cell[targets]  # the cells of the completion tokens, in TRL's row-major order
+
+    def unpack(per_token: torch.Tensor) -> torch.Tensor:
+        # The head's outputs are for the labels shifted by one (the token in cell c from the hidden state at c - 1).
+        shifted = F.pad(per_token, (1, 0)).flatten()
+        return per_token.new_zeros(where.shape).masked_scatter(where, shifted[at])
+
+    return unpack(out.log_probs), unpack(out.entropy) if entropy else None
 
 
 @dataclass
@@ -326,7 +432,13 @@ class GrpoResult:
 
 def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
     """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
-    return cfg if device.type != "cpu" else replace_config(cfg, model=cpu_model_fallbacks(cfg.model))
+    if device.type != "cpu":
+        return cfg
+    g = cfg.grpo
+    if g.compile:
+        log.warning("grpo.compile: skipped on the CPU")
+        g = replace_config(g, compile=False)
+    return replace_config(cfg, model=cpu_model_fallbacks(cfg.model), grpo=g)
 
 
 def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
@@ -472,7 +584,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
             raise ConfigError(f"grpo.dynamic_sampling: runs on one process only ({world_size()} launched)")
         dynamic = DynamicSampling(cfg.grpo.max_resample, cfg.grpo.seed)
         callbacks.append(SkipEmptySteps())
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         model=model,
         reward_funcs=reward_funcs,
         args=grpo_arguments(cfg, out, dtype, device, weights),
@@ -482,7 +594,16 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         peft_config=peft_config,
         rollout_func=rollout,
         dynamic=dynamic,
+        packed=cfg.grpo.packed,
     )
+    if cfg.grpo.packed and cfg.model.attn_implementation == "flex_attention":
+        install_packed_block_mask(trainer.model)  # as `lawtune train` does for its packed rows
+    elif cfg.grpo.packed and device.type == "cuda" and cfg.model.attn_implementation not in ONE_ROW_ATTENTION:
+        log.info("grpo.packed: model.attn_implementation=%s attends over a whole packed row (a dense mask), so rows "
+                 "are only as long as a micro-batch's longest sequence; flex_attention packs a micro-batch into one "
+                 "row and attends within each sequence (its document mask)", cfg.model.attn_implementation)
+    if cfg.grpo.compile:
+        compile_layers(trainer.model)
     held_out.trainer = trainer
     for callback in callbacks:
         if isinstance(callback, SkipEmptySteps):
