@@ -188,7 +188,7 @@ def main(argv=None) -> int:
             each = [throughput(o / "metrics.jsonl", opts.warmup) for o in outs]
             row = {"bench": "multi_gpu", "run": name, "processes": copies,
                    "tokens_per_s": round(sum(r["tokens_per_s"] for r in each), 1),
-                   "each_tokens_per_s": [r["tokens_per_s"] for r in each]}
+                   "each_tokens_per_s": [r["tokens_per_s"] for r in each], "each_tokens": [r["tokens"] for r in each]}
         else:
             row = {"bench": "multi_gpu", "run": name, "processes": 1 if single else (2 if opts.smoke else opts.gpus),
                    **throughput(out / "metrics.jsonl", opts.warmup)}
