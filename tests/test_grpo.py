@@ -247,15 +247,15 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
 
 
 def test_the_cpu_runs_grpo_uncompiled_with_sdpa_and_says_so(caplog):
-    from lawtune.train.grpo import cpu_fallbacks
+    from lawtune.train.common import cpu_fallbacks
 
     cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.compile=true",
                              "model.attn_implementation=flex_attention"], run_cls=GrpoRun)
     assert cfg.grpo.packed  # the default
-    kept = cpu_fallbacks(cfg, torch.device("cuda"))
+    kept = cpu_fallbacks(cfg, "grpo", torch.device("cuda"))
     assert kept.grpo.compile and kept.model.attn_implementation == "flex_attention"
     with caplog.at_level("WARNING", logger="lawtune"):
-        cpu = cpu_fallbacks(cfg, torch.device("cpu"))
+        cpu = cpu_fallbacks(cfg, "grpo", torch.device("cpu"))
     assert not cpu.grpo.compile and cpu.model.attn_implementation == "sdpa" and cpu.grpo.packed
     assert "grpo.compile: skipped on the CPU" in caplog.text
 

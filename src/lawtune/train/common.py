@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from ..config import GrpoRun, ModelConfig, TrainRun
+from ..config import GrpoRun, TrainRun
 from ..config import replace as replace_config
 from ..data import drop_overlap, load_records, sha256_file, split_records, write_jsonl
 from ..dist import is_main_process
@@ -133,9 +133,14 @@ def shared_arguments(section, out: Path, dtype: torch.dtype, device: torch.devic
     )
 
 
-def cpu_model_fallbacks(model: ModelConfig) -> ModelConfig:
-    """The model settings a CPU cannot train with, replaced (and said): PyTorch's flex attention has no CPU
-    backward; half precision is many times slower than float32 there."""
+def cpu_fallbacks(cfg, section: str, device: torch.device):
+    """The GPU defaults of a training command (``section`` "train" or "grpo") replaced where they cannot run on a
+    CPU, and said: PyTorch's flex attention has no CPU backward; half precision is many times slower than float32
+    there; compiling every layer costs minutes for no gain. Returns the config that will run (saved with the
+    model)."""
+    if device.type != "cpu":
+        return cfg
+    model, own = cfg.model, getattr(cfg, section)
     if model.attn_implementation == "flex_attention":
         log.warning("model.attn_implementation: flex_attention cannot train on the CPU; using sdpa "
                     "(packed examples stay apart through their position ids)")
@@ -144,11 +149,14 @@ def cpu_model_fallbacks(model: ModelConfig) -> ModelConfig:
         # issue 15 reports fp16 16x slower than fp32 on a CPU for a tiny model (56 vs 918 tokens/s); not re-measured
         log.warning("model.dtype: %s is many times slower than float32 on a CPU; training in float32", model.dtype)
         model = replace_config(model, dtype="float32")
-    return model
+    if own.compile:
+        log.warning("%s.compile: skipped on the CPU", section)
+        own = replace_config(own, compile=False)
+    return replace_config(cfg, model=model, **{section: own})
 
 
-def start_run(cfg, section: str, fallbacks, resume: bool, overwrite: bool):
-    """The opening of a training command (``section`` "train" or "grpo"): its GPU, device, CPU ``fallbacks``,
+def start_run(cfg, section: str, resume: bool, overwrite: bool):
+    """The opening of a training command (``section`` "train" or "grpo"): its GPU, device, CPU fallbacks,
     dtype, the output folder prepared for this run, the seed. Returns (config as it will run,
     recording its output folder; output folder; device; dtype). ``resume`` of a run that has reached its max_steps
     raises ``RunFinished`` before anything is loaded or written."""
@@ -156,7 +164,7 @@ def start_run(cfg, section: str, fallbacks, resume: bool, overwrite: bool):
         torch.cuda.set_device(cfg.model.gpu)
     out = resolve_output_dir(cfg)
     device = resolve_device(cfg.model)
-    cfg = fallbacks(cfg, device)
+    cfg = cpu_fallbacks(cfg, section, device)
     dtype = resolve_dtype(cfg.model, device)
     prepare_run_dir(out, cfg, resume, overwrite, main=is_main_process())
     own = getattr(cfg, section)

@@ -26,7 +26,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 
 from ..card import refresh_cards, write_card
 from ..config import MUTATING_INITS, ConfigError, EvalConfig, GenerationConfig, GrpoRun
-from ..config import replace as replace_config
 from ..dist import is_main_process, world_size
 from ..model import (
     ModelError,
@@ -51,7 +50,7 @@ from ..rundir import (
 )
 from . import rewards as R
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
-from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
+from .common import prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
 from .kernels import compile_layers, install_packed_block_mask
 
 log = logging.getLogger("lawtune")
@@ -430,17 +429,6 @@ class GrpoResult:
     output_dir: str
 
 
-def cpu_fallbacks(cfg: GrpoRun, device: torch.device) -> GrpoRun:
-    """What cannot run on a CPU, replaced (and said); the result is what lawtune_config.yaml records."""
-    if device.type != "cpu":
-        return cfg
-    g = cfg.grpo
-    if g.compile:
-        log.warning("grpo.compile: skipped on the CPU")
-        g = replace_config(g, compile=False)
-    return replace_config(cfg, model=cpu_model_fallbacks(cfg.model), grpo=g)
-
-
 def reward_functions(cfg: GrpoRun) -> tuple[list, list[float]]:
     """The reward functions and their weights; every one is logged (rewards/<name>/mean and /std), weight 0 too."""
     g = cfg.grpo
@@ -519,7 +507,7 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
         raise ModelError("model.path: no base model given (pass --model DIR or model=DIR)")
     if not cfg.data.train:
         raise ConfigError("data.train: no training file given (pass --data FILE)")
-    cfg, out, device, dtype = start_run(cfg, "grpo", cpu_fallbacks, resume, overwrite)
+    cfg, out, device, dtype = start_run(cfg, "grpo", resume, overwrite)
 
     adapter = cfg.grpo.adapter
     trained_with = adapter_prompt_format(adapter) if adapter else None

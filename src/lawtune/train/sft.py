@@ -20,7 +20,6 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..card import refresh_cards, write_card
 from ..config import MUTATING_INITS, ConfigError, TrainRun
-from ..config import replace as replace_config
 from ..dist import is_main_process
 from ..model import add_lora, base_fingerprint, count_parameters, load_base_model, load_tokenizer
 from ..preempt import Sigterm
@@ -28,7 +27,7 @@ from ..prompts import CHAT_INSTRUCTION, PLAIN_TEMPLATE, encode_records, render_e
 from ..rundir import FINAL_STEPS, resume_checkpoint, save_initial_adapter, save_model_dir
 from .callbacks import GcPauses, HeldOutEvalCallback, MetricsCallback, StopOnSigterm
 from .collate import CountingCollator, PlannedBatches, make_collator, plan_batches
-from .common import cpu_model_fallbacks, prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
+from .common import prepare_data, shared_arguments, start_run, train_to_the_end, write_curves
 from .kernels import apply_liger, compile_layers, install_packed_block_mask
 from .loss import sparse_logits_loss
 from .trainer import LawtuneTrainer, LawtuneTrainingArguments, LoraForTraining
@@ -92,18 +91,6 @@ def training_arguments(cfg: TrainRun, out: Path, dtype: torch.dtype, device: tor
     )
 
 
-def cpu_fallbacks(cfg: TrainRun, device: torch.device) -> TrainRun:
-    """The GPU defaults must still run on a laptop: besides the model's fallbacks, compiling every layer costs
-    minutes there for no gain. Returns the config that will run (saved with the model)."""
-    if device.type != "cpu":
-        return cfg
-    train = cfg.train
-    if train.compile:
-        log.warning("train.compile: skipped on the CPU")
-        train = replace_config(train, compile=False)
-    return replace_config(cfg, model=cpu_model_fallbacks(cfg.model), train=train)
-
-
 def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm: Sigterm | None = None) -> SFTRun:
     """Everything before the loop: data, tokenizer, model with LoRA, Trainer.
 
@@ -111,7 +98,7 @@ def setup(cfg: TrainRun, resume: bool = False, overwrite: bool = False, sigterm:
     ``overwrite`` (``rundir.prepare_run_dir``); ``resume`` of a finished run raises ``RunFinished``. ``sigterm``:
     the SIGTERM handler the run stops on (``train`` installs one)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cfg, out, device, dtype = start_run(cfg, "train", cpu_fallbacks, resume, overwrite)
+    cfg, out, device, dtype = start_run(cfg, "train", resume, overwrite)
     if 2 * cfg.train.warmup_steps >= cfg.train.max_steps:
         log.warning("train.warmup_steps=%d is half or more of train.max_steps=%d: the learning rate stays low for "
                     "most of the run", cfg.train.warmup_steps, cfg.train.max_steps)
