@@ -295,6 +295,8 @@ def test_choice_mode_asks_for_one_token_where_the_server_refuses_none(tiny_model
 
     with stub(answer) as (url, calls):
         report = over_api(url, tiny_model_dir, data, tmp_path / "r.json", "choice")
-    asked = [c[1]["max_tokens"] for c in calls]  # 0 refused (by each question asked before the first refusal), then 1
-    assert asked[0] == 0 and asked.count(1) == 2 and asked[asked.index(1):] == [1, 1]
+    # 0 refused (by each question asked before the first refusal came back: requests run concurrently, so a second 0
+    # may come after the first 1), then 1 for each question.
+    asked = [c[1]["max_tokens"] for c in calls]
+    assert asked[0] == 0 and asked.count(1) == 2 and 1 <= asked.count(0) <= 2 and len(asked) <= 4
     assert all(s["pred"] == ["A", "B", "C", "D"] for s in report["samples"])
