@@ -15,7 +15,7 @@ from lawtune.cli import main
 from lawtune.config import ConfigError, GrpoRun, load_config
 from lawtune.demo import build_tiny_model, build_tokenizer
 
-from conftest import TOPIC_ANSWERS, synthetic_records, write_jsonl
+from conftest import TOPIC_ANSWERS, random01, synthetic_records, tiny_grpo_settings, write_jsonl
 
 TOPICS = sorted(TOPIC_ANSWERS)
 # Half the topics are taught with a wrong answer set most of the time (a weak teacher): after SFT the model writes
@@ -307,16 +307,11 @@ def test_sequence_level_ratios_train_and_log_as_token_level_ones(tiny_model_dir,
     assert {"entropy", "clip_ratio/region_mean", "rewards/_alternating/mean", "completions/mean_length"} <= keys["token"]
 
 
-def _random01(prompts, completions, **_):
-    """A seeded random 0/1 reward: completions of one group differ in it, so a tiny random model learns something."""
-    return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
-
-
 def _tiny_grpo(model_dir, out, *extra):
     from lawtune.demo import demo_data_path
 
     return ["grpo", "--model", str(model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
-            *_tiny_settings(*extra)]
+            *tiny_grpo_settings(*extra)]
 
 
 def _tiny_config(model_dir, out, *extra) -> GrpoRun:
@@ -324,15 +319,7 @@ def _tiny_config(model_dir, out, *extra) -> GrpoRun:
     from lawtune.demo import demo_data_path
 
     return load_config(None, [f"model.path={model_dir}", f"data.train={demo_data_path()}", f"grpo.output_dir={out}",
-                              *_tiny_settings(*extra)], run_cls=GrpoRun)
-
-
-def _tiny_settings(*extra) -> list[str]:
-    return ["model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
-            "grpo.num_generations=2", "grpo.per_device_batch_size=4", "grpo.gradient_accumulation_steps=1",
-            "grpo.max_completion_length=8", "grpo.eval_max_new_tokens=8", "grpo.eval_batch_size=4",
-            "grpo.max_steps=3", "grpo.save_steps=10", "grpo.eval_steps=2", "grpo.beta=0", "grpo.learning_rate=1e-2",
-            "grpo.gradient_checkpointing=false", "grpo.report_to=[none]", *extra]
+                              *tiny_grpo_settings(*extra)], run_cls=GrpoRun)
 
 
 @pytest.mark.slow  # three short GRPO sessions and a straight run
@@ -344,7 +331,7 @@ def test_sigterm_stops_grpo_with_a_checkpoint_and_the_resumed_run_ends_as_a_stra
 
     from conftest import assert_same_adapter, file_states, term_at_step
 
-    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([random01], [1.0]))
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main(_tiny_grpo(tiny_model_dir, straight)) == 0
     summary = capsys.readouterr().out.splitlines()[-1]
@@ -464,7 +451,7 @@ def test_a_fresh_lora_variant_trains_under_grpo_and_its_final_model_loads_exactl
     from lawtune.train import grpo as grpo_module
     from lawtune.train.grpo import fit, setup
 
-    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([random01], [1.0]))
     out = tmp_path / "run"
     run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.rollout=engine",
                              *variant))
@@ -594,7 +581,7 @@ def _lawtune_trainer(tokenizer, out, device: str = "cpu", attn: str = "sdpa"):
                              "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
                       run_cls=GrpoRun)
     args = grpo_arguments(cfg, out, torch.float32, torch.device(device), [1.0])
-    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[_random01], args=args,
+    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[random01], args=args,
                               train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it
