@@ -529,12 +529,12 @@ def test_grpo_on_two_nodes_samples_scores_and_trains_as_one_process(one_process_
     assert max((final[k] - step2[k]).abs().max().item() for k in final) > 5e-3
 
 
-def test_dynamic_sampling_on_two_processes_keeps_the_steps_groups_and_sigterm_on_one_rank_stops_both(
+def test_dynamic_sampling_on_two_processes_keeps_the_steps_groups_sigterm_on_one_rank_stops_both_and_resume_ends(
         tiny_model_dir, tmp_path):
     """grpo.dynamic_sampling on two processes (torchrun), a reward rigged so that rank 1's own groups of every step
     teach nothing: both ranks draw one extra question each (disjoint, none of the step's), and the step keeps its 4
     groups, dealt 2 to each rank (rank 1 trains one rank 0 sampled). SIGTERM on rank 1 alone as step 2 begins: both
-    end step 2, save it and exit 143."""
+    end step 2, save it and exit 143; --resume on two processes trains step 3 from that checkpoint."""
     from conftest import preempting_script, recorded
 
     record, out = tmp_path / "record", tmp_path / "run"
@@ -563,3 +563,16 @@ def test_dynamic_sampling_on_two_processes_keeps_the_steps_groups_and_sigterm_on
     trained = {r: [json.loads(line) for line in (record / f"trained{r}.jsonl").read_text().splitlines()]
                for r in (0, 1)}
     assert [t["in_loss"] for t in trained[0]] == [[True, True]] * 2 == [t["in_loss"] for t in trained[1]]
+
+    # --resume from the two-process checkpoint, as one node of accelerate launches it: step 3 alone, the held-out
+    # evaluation that step 2 skipped for the signal first
+    proc = subprocess.run([*DISTILL_LAUNCHERS["accelerate"](), str(preempting_script(tmp_path)),
+                           *_grpo_args(tiny_model_dir, out, 4, "grpo.dynamic_sampling=true", "grpo.save_steps=10"),
+                           "--resume"], capture_output=True, text=True, timeout=240,
+                          env=_grpo_env("rank0_teaches_first", record))
+    assert proc.returncode == 0 and proc.stdout.count("done: 3 steps") == 1, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["groups/kept"]) for r in rows if "reward" in r] == [(1, 4), (2, 4), (3, 4)]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 3]
+    assert sorted({c["step"] for c in recorded(record)[1]}) == [0, 1, 2]  # step 3 (global step 2) was sampled once more
+    assert (out / "final_model" / "adapter_model.safetensors").is_file()

@@ -527,6 +527,45 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_an
     assert step1.keys() == final.keys() and all(torch.equal(step1[k], final[k]) for k in final)
 
 
+def test_dynamic_sampling_deals_the_kept_groups_out_evenly_across_ranks_in_the_order_of_one_process():
+    """The verdicts of two scoring calls on two ranks (TRL's gathered order: rank 0's groups, then rank 1's): the
+    step's own 2 + 2 groups, of which rank 1's teach nothing, then one extra group a rank. The first 4 informative
+    groups in one process's order are kept, 2 to each rank: rank 1 trains rank 0's extra group and its own. One
+    process keeps its informative groups first and fills up with the others."""
+    from lawtune.train.grpo import deal_groups
+
+    verdicts = [torch.tensor([True, True, False, False]), torch.tensor([True, True])]
+    plan, kept = deal_groups(verdicts, ranks=2, wanted=4)
+    assert kept == 4 and plan == [[(0, 0, True), (0, 1, True)], [(0, 2, True), (1, 2, True)]]
+    plan, kept = deal_groups([torch.tensor([False, True, False])], ranks=1, wanted=3)
+    assert kept == 1 and plan == [[(0, 1, True), (0, 0, False), (0, 2, False)]]
+    plan, kept = deal_groups([torch.tensor([False, False]), torch.tensor([False, True])], ranks=2, wanted=2)
+    assert kept == 1 and plan == [[(1, 1, True)], [(0, 0, False)]]
+
+
+def test_a_rollout_of_prompts_that_are_not_whole_groups_is_refused():
+    """A group split between processes would have each rank draw its samples 0, 1, ...: the same "different"
+    completions twice. lawtune's config makes a rank's batch whole groups; the rollout checks that it got them."""
+    from types import SimpleNamespace
+
+    from lawtune.train.grpo import EngineRollout
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.num_generations=2"], run_cls=GrpoRun)
+    rollout = EngineRollout(cfg, tokenizer=None, ids_by_prompt={}, engines=None)
+    for prompts in (["a", "a", "b"], ["a", "b", "b", "c"]):
+        with pytest.raises(RuntimeError, match="not whole groups of grpo.num_generations=2"):
+            rollout(prompts, SimpleNamespace(num_generations=2))
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_grpo_under_fsdp_or_deepspeed_is_refused_in_one_line(variable, name, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for such a config
+    assert main(["grpo", "--model", "m", "--data", "d.json", "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"grpo runs under DDP only, not {name}" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_dynamic_sampling_draws_further_questions_reproducibly_and_not_twice_in_a_step():
     from datasets import Dataset
 

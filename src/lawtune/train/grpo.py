@@ -537,6 +537,11 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
             log_completions=False,
             # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.
             dataloader_pin_memory=False,
+            # Under DDP, as `train`: every LoRA weight takes part in each loss pass (the packed pass keeps one
+            # sequence where nothing is scored), so no search for unused ones after every backward; and a decoder's
+            # buffers (rotary tables) never change, so no broadcast before every forward.
+            ddp_find_unused_parameters=False,
+            ddp_broadcast_buffers=False,
         )
 
 
