@@ -179,7 +179,7 @@ def trainer_class():
             grpo_log_metric(self, "train", "groups/kept", kept)
             grpo_log_metric(self, "train", "groups/resampled", resampled)
             self.skip_update = kept == 0
-            if self.skip_update:
+            if self.skip_update and is_main_process():  # every rank skips it; one says so
                 log.warning("step %d: no group's rewards differ in %d sampled (%d extra, grpo.max_resample); the step "
                             "is skipped", step + 1, wanted + resampled, resampled)
             return batch
