@@ -543,13 +543,18 @@ def test_dynamic_sampling_deals_the_kept_groups_out_evenly_across_ranks_in_the_o
     assert kept == 1 and plan == [[(1, 1, True)], [(0, 0, False)]]
 
 
-def test_a_rollout_of_prompts_that_are_not_whole_groups_is_refused():
+def test_a_group_split_between_processes_is_refused_by_the_config_and_by_the_rollout():
     """A group split between processes would have each rank draw its samples 0, 1, ...: the same "different"
-    completions twice. lawtune's config makes a rank's batch whole groups; the rollout checks that it got them."""
+    completions twice. lawtune's config makes a rank's batch whole groups (TRL's sampler gives each rank a
+    consecutive share of the step's), whatever the number of processes; the rollout checks that it got them."""
     from types import SimpleNamespace
 
     from lawtune.train.grpo import EngineRollout
 
+    with pytest.raises(ConfigError, match=r"^grpo.per_device_batch_size: 3 x gradient_accumulation_steps 1 are not "
+                                          r"whole groups of num_generations=2$"):
+        load_config(None, ["model.path=m", "data.train=d.json", "grpo.num_generations=2",
+                           "grpo.per_device_batch_size=3", "grpo.gradient_accumulation_steps=1"], run_cls=GrpoRun)
     cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.num_generations=2"], run_cls=GrpoRun)
     rollout = EngineRollout(cfg, tokenizer=None, ids_by_prompt={}, engines=None)
     for prompts in (["a", "a", "b"], ["a", "b", "b", "c"]):
