@@ -105,6 +105,57 @@ def ddp_demo_config(path: Path, model_dir, output_dir) -> Path:
     return path
 
 
+def tiny_grpo_settings(*extra) -> list[str]:
+    """`lawtune grpo` settings for a few quick steps of the tiny model on the demo questions: 2 groups of 2
+    completions of at most 8 tokens a step, 3 steps, held-out accuracy on 4 questions at step 0, 2 and 3."""
+    return ["model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
+            "grpo.num_generations=2", "grpo.per_device_batch_size=4", "grpo.gradient_accumulation_steps=1",
+            "grpo.max_completion_length=8", "grpo.eval_max_new_tokens=8", "grpo.eval_batch_size=4",
+            "grpo.max_steps=3", "grpo.save_steps=10", "grpo.eval_steps=2", "grpo.beta=0", "grpo.learning_rate=1e-2",
+            "grpo.gradient_checkpointing=false", "grpo.report_to=[none]", *extra]
+
+
+def random01(prompts, completions, **_):
+    """A seeded random 0/1 reward: completions of one group differ in it, so a tiny random model learns something."""
+    return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
+
+
+# $GRPO_RECORD: the folder where the rewards below write, per process (rank<RANK>.jsonl), one line per scoring call.
+RECORD_ENV = "GRPO_RECORD"
+
+
+def _record(rewards: list[float], ids: list[str], trainer_state) -> list[float]:
+    folder = os.environ.get(RECORD_ENV)
+    if folder:
+        with open(Path(folder) / f"rank{os.environ.get('RANK', '0')}.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": trainer_state.global_step, "ids": ids, "rewards": rewards}) + "\n")
+    return rewards
+
+
+def recorded_random01(prompts, completions, id, trainer_state, **_):  # noqa: A002 (TRL passes the dataset's columns)
+    """``random01``, each scoring call's question ids and rewards recorded (``RECORD_ENV``)."""
+    return _record(random01(prompts, completions), id, trainer_state)
+
+
+_FIRST_CALLS: set[int] = set()
+
+
+def rank0_teaches_first(prompts, completions, id, trainer_state, **_):  # noqa: A002
+    """A rigged reward for dynamic sampling on two processes: the first scoring call of a step on rank 1 scores every
+    completion 0 (its groups teach nothing); every other group scores 1, 0, 1, 0, ... (they all teach). Recorded as
+    ``recorded_random01``."""
+    step = trainer_state.global_step
+    alike = os.environ.get("RANK", "0") == "1" and step not in _FIRST_CALLS
+    _FIRST_CALLS.add(step)
+    return _record([0.0 if alike else float(i % 2 == 0) for i in range(len(completions))], id, trainer_state)
+
+
+def recorded(folder: Path) -> dict[int, list[dict]]:
+    """What the recording rewards wrote in ``folder``: per rank, its scoring calls in order."""
+    return {int(p.stem[4:]): [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines()]
+            for p in sorted(folder.glob("rank*.jsonl"))}
+
+
 def launcher_env() -> dict:
     """The environment of a launched job: one thread a process (the tests' CPU is shared)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -133,17 +184,25 @@ def one_node_ddp_run(tiny_model_dir, tmp_path_factory):
 
 
 # `python <script> <lawtune command line>`: lawtune's command line in a process that sends itself SIGTERM as optimizer
-# step $TERM_AT_STEP begins (on rank $TERM_ON_RANK only, where set), through a callback that `train` (`grpo` with
-# $TERM_MODULE=grpo) adds to its Trainer. The signal comes at a known step, not after a wall-clock wait.
+# step $TERM_AT_STEP begins (on rank $TERM_ON_RANK only, where set; never where unset), through a callback that `train`
+# (`grpo` with $TERM_MODULE=grpo) adds to its Trainer. The signal comes at a known step, not after a wall-clock wait.
+# With $GRPO_REWARD, `grpo` scores with that function of this file instead of its rewards, and with $GRPO_RECORD set
+# each dynamic-sampling batch a rank trains is recorded there too (trained<RANK>.jsonl: per step, which of its groups
+# carry loss).
 PREEMPTING_SCRIPT = """
-import importlib, os, signal, sys
+import importlib, json, os, signal, sys
 
 from transformers import TrainerCallback
 
 from lawtune.cli import main
 
-step, rank = int(os.environ["TERM_AT_STEP"]), os.environ.get("TERM_ON_RANK")
+step, rank = int(os.environ.get("TERM_AT_STEP", "0")), os.environ.get("TERM_ON_RANK")
 module = importlib.import_module("lawtune.train." + os.environ.get("TERM_MODULE", "sft"))
+if os.environ.get("GRPO_REWARD"):
+    sys.path.insert(0, os.environ["LAWTUNE_TESTS"])
+    import conftest
+
+    module.reward_functions = lambda cfg: ([getattr(conftest, os.environ["GRPO_REWARD"])], [1.0])
 
 
 class TermAtStep(TrainerCallback):
@@ -152,12 +211,28 @@ class TermAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def recording(trainer):
+    dynamic_batch = trainer.dynamic_batch
+
+    def record(inputs, dynamic):
+        batch = dynamic_batch(inputs, dynamic)
+        in_loss = batch["completion_mask"].sum(dim=1).view(-1, trainer.num_generations) > 0
+        path = os.path.join(os.environ["GRPO_RECORD"], "trained" + os.environ.get("RANK", "0") + ".jsonl")
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"step": trainer.state.global_step, "in_loss": in_loss.any(dim=1).tolist()}) + "\\n")
+        return batch
+
+    trainer.dynamic_batch = record
+
+
 real_setup = module.setup
 
 
 def setup(*args, **kwargs):
     run = real_setup(*args, **kwargs)
     run.trainer.add_callback(TermAtStep())
+    if os.environ.get("GRPO_RECORD") and getattr(run.trainer, "dynamic", None) is not None:
+        recording(run.trainer)
     return run
 
 

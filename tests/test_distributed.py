@@ -83,10 +83,12 @@ def _end(proc: subprocess.Popen) -> None:
     psutil.wait_procs(workers, timeout=30)
 
 
-def _launch_two_nodes(launcher, config: Path, nodes: list[Path], logs: Path, timeout: float = 240) -> list[tuple]:
-    """``lawtune train config`` as node 0 and node 1 of one job: two launcher invocations, each in its node's working
-    directory, meeting at a port of 127.0.0.1 picked just before (tried once more if another process took it first).
-    Returns each node's (stdout, stderr); a node that fails or outlives ``timeout`` ends both, workers included."""
+def _launch_two_nodes(launcher, command: list[str], nodes: list[Path], logs: Path, timeout: float = 240,
+                      env: dict | None = None) -> list[tuple]:
+    """``command`` (what follows the launcher: ``-m lawtune train config``) as node 0 and node 1 of one job: two
+    launcher invocations, each in its node's working directory, meeting at a port of 127.0.0.1 picked just before
+    (tried once more if another process took it first). Returns each node's (stdout, stderr); a node that fails or
+    outlives ``timeout`` ends both, workers included."""
     logs.mkdir(exist_ok=True)
     for attempt in range(2):
         port = _free_port()
@@ -96,8 +98,8 @@ def _launch_two_nodes(launcher, config: Path, nodes: list[Path], logs: Path, tim
                 node.mkdir(exist_ok=True)
                 out = stack.enter_context(open(logs / f"node{rank}.out", "w"))
                 err = stack.enter_context(open(logs / f"node{rank}.err", "w"))
-                procs.append(subprocess.Popen([*launcher(rank, port), "-m", "lawtune", "train", str(config)], cwd=node,
-                                              stdout=out, stderr=err, env=launcher_env()))
+                procs.append(subprocess.Popen([*launcher(rank, port), *command], cwd=node, stdout=out, stderr=err,
+                                              env=env or launcher_env()))
                 stack.callback(_end, procs[-1])
             deadline = time.monotonic() + timeout
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
@@ -139,7 +141,8 @@ def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(l
     one_node_stdout = one_node_ddp_run[2].stdout
     config = ddp_demo_config(tmp_path / "ddp.yaml", tiny_model_dir, "run")
     nodes = [tmp_path / "node0", tmp_path / "node1"]
-    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS[launcher], config, nodes, tmp_path / "logs")
+    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS[launcher], ["-m", "lawtune", "train", str(config)],
+                                                nodes, tmp_path / "logs")
 
     # Node 1 wrote rank 1's random-number state and nothing else; the two nodes together, what the one node wrote.
     assert _files(nodes[1]) == ["run/checkpoint-2/rng_state_1.pth", "run/checkpoint-4/rng_state_1.pth"]
@@ -425,3 +428,151 @@ def test_a_usage_error_on_two_processes_is_one_line_and_exit_code_2(branching_mo
     assert proc.stderr.count("error: distill.output: traces.jsonl is a directory") in (1, 2), proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr and re.search(r"exitcode\s*: 2 ", proc.stderr)
     assert not re.search(r"exitcode\s*: -(?!15 )", proc.stderr), proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- grpo
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _grpo_args(model_dir, out, per_device: int, *extra: str) -> list[str]:
+    """`lawtune grpo` of ``tiny_grpo_settings`` (2 completions a group, 3 steps) with a checkpoint every 2 steps and
+    ``per_device`` prompts a process a step: 8 on one process is the global batch of 4 on each of two."""
+    from lawtune.demo import demo_data_path
+
+    from conftest import tiny_grpo_settings
+
+    return ["grpo", "--model", str(model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
+            *tiny_grpo_settings(f"grpo.per_device_batch_size={per_device}", "grpo.save_steps=2", *extra)]
+
+
+def _grpo_env(reward: str, record: Path, **more: str) -> dict:
+    """The environment of ``preempting_script`` running grpo with conftest's ``reward``, recording into ``record``."""
+    from conftest import RECORD_ENV
+
+    record.mkdir(parents=True, exist_ok=True)
+    return {**launcher_env(), "TERM_MODULE": "grpo", "GRPO_REWARD": reward, RECORD_ENV: str(record),
+            "LAWTUNE_TESTS": str(TESTS), **more}
+
+
+def _by_step(calls: list[dict]) -> dict[int, list[dict]]:
+    steps: dict[int, list[dict]] = {}
+    for call in calls:
+        steps.setdefault(call["step"], []).append(call)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def one_process_grpo(tiny_model_dir, tmp_path_factory):
+    """The grpo run of ``_grpo_args`` in one process (lawtune's main in this one), 8 prompts a step, scored by
+    ``recorded_random01``: its output folder and what the reward recorded."""
+    from lawtune.cli import main
+    from lawtune.train import grpo as grpo_module
+
+    from conftest import RECORD_ENV, recorded, recorded_random01
+
+    root = tmp_path_factory.mktemp("grpo_one")
+    (root / "record").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(grpo_module, "reward_functions", lambda cfg: ([recorded_random01], [1.0]))
+        patch.setenv(RECORD_ENV, str(root / "record"))
+        assert main(_grpo_args(tiny_model_dir, root / "run", 8)) == 0
+    return root / "run", recorded(root / "record")[0]
+
+
+def test_grpo_on_two_nodes_samples_scores_and_trains_as_one_process(one_process_grpo, tiny_model_dir, tmp_path):
+    """grpo as two single-process nodes (accelerate, loopback): each rank samples its half of every step's questions
+    with its own engine, and together they see the one-process run's questions in its order with its rewards, log its
+    metrics, gather its held-out evaluations and end on its adapter; node 1 writes nothing but rank 1's random state."""
+    from conftest import preempting_script, recorded
+
+    one, calls = one_process_grpo
+    nodes, record = [tmp_path / "node0", tmp_path / "node1"], tmp_path / "record"
+    command = [str(preempting_script(tmp_path)), *_grpo_args(tiny_model_dir, "run", 4)]
+    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS["accelerate"], command, nodes, tmp_path / "logs",
+                                                env=_grpo_env("recorded_random01", record))
+    assert out0.count("done: 3 steps") == 1 and out1 == "", err0[-3000:]
+    assert _files(nodes[1]) == ["run/checkpoint-2/rng_state_1.pth", "run/checkpoint-3/rng_state_1.pth"]
+
+    # the same questions, in the same order, and the same rewards: rank 0 the first half of each step, rank 1 the rest
+    ranks, want = recorded(record), _by_step(calls)
+    got = [_by_step(ranks[r]) for r in (0, 1)]
+    assert sorted(want) == [0, 1, 2] and all(len(got[r][s]) == 1 for r in (0, 1) for s in want)
+    for step, (call,) in want.items():
+        assert got[0][step][0]["ids"] + got[1][step][0]["ids"] == call["ids"], step
+        assert got[0][step][0]["rewards"] + got[1][step][0]["rewards"] == call["rewards"], step
+    assert 0 < sum(sum(c["rewards"]) for c in calls) < sum(len(c["rewards"]) for c in calls)  # rewards that teach
+
+    run = nodes[0] / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+    assert [(r["step"], r["eval_n"]) for r in rows if "eval_accuracy" in r] == [(0, 4), (2, 4), (3, 4)]  # gathered
+    for got_row, want_row in zip(rows, expected, strict=True):
+        for key in ("eval_accuracy", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                    "loss", "grad_norm", "entropy"):
+            if key in want_row:
+                assert got_row[key] == pytest.approx(want_row[key], rel=1e-4, abs=1e-6), (want_row["step"], key)
+    assert any(r.get("grad_norm", 0) > 0 for r in expected)
+    import torch
+    from safetensors.torch import load_file
+
+    # AdamW moves each weight by about the learning rate (1e-2) a step whatever its gradient's size, so the rounding
+    # of the two-rank gradient average reaches the weights of near-zero gradients: seen up to 6e-5 apart, against
+    # 1e-2 that step 3 moves nearly every weight (the last assertion).
+    for name in ("checkpoint-2", "final_model"):
+        got_w, want_w = (load_file(d / name / "adapter_model.safetensors") for d in (run, one))
+        assert got_w.keys() == want_w.keys()
+        for key in got_w:
+            torch.testing.assert_close(got_w[key], want_w[key], rtol=0, atol=2e-4, msg=f"{name}: {key}")
+    step2, final = (load_file(one / name / "adapter_model.safetensors") for name in ("checkpoint-2", "final_model"))
+    assert max((final[k] - step2[k]).abs().max().item() for k in final) > 5e-3
+
+
+def test_dynamic_sampling_on_two_processes_keeps_the_steps_groups_sigterm_on_one_rank_stops_both_and_resume_ends(
+        tiny_model_dir, tmp_path):
+    """grpo.dynamic_sampling on two processes (torchrun), a reward rigged so that rank 1's own groups of every step
+    teach nothing: both ranks draw one extra question each (disjoint, none of the step's), and the step keeps its 4
+    groups, dealt 2 to each rank (rank 1 trains one rank 0 sampled). SIGTERM on rank 1 alone as step 2 begins: both
+    end step 2, save it and exit 143; --resume on two processes trains step 3 from that checkpoint."""
+    from conftest import preempting_script, recorded
+
+    record, out = tmp_path / "record", tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(preempting_script(tmp_path)),
+                           *_grpo_args(tiny_model_dir, out, 4, "grpo.dynamic_sampling=true", "grpo.save_steps=10")],
+                          capture_output=True, text=True, timeout=240,
+                          env=_grpo_env("rank0_teaches_first", record, TERM_AT_STEP="2", TERM_ON_RANK="1"))
+    err = proc.stderr
+    assert err.count("SIGTERM: stopping after this optimizer step") == 1, err[-3000:]  # rank 1 only got it
+    assert err.count("preempted at step 2; rerun with --resume") == 1
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*143", err), err[-3000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (out / "final_model").exists()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [(r["step"], r["groups/sampled"], r["groups/kept"], r["groups/resampled"]) for r in steps] == [
+        (1, 6, 4, 2), (2, 6, 4, 2)]
+    assert all(r["grad_norm"] > 0 for r in steps)
+    ranks = {r: _by_step(calls) for r, calls in recorded(record).items()}
+    for step in (0, 1):
+        own, extra = ([ranks[r][step][k]["ids"][::2] for r in (0, 1)] for k in (0, 1))
+        assert all(len(ids) == 2 for ids in own) and all(len(ids) == 1 for ids in extra)  # 2 calls on each rank
+        assert not set(extra[0]) & set(extra[1]) and not set(extra[0] + extra[1]) & set(own[0] + own[1])
+    trained = {r: [json.loads(line) for line in (record / f"trained{r}.jsonl").read_text().splitlines()]
+               for r in (0, 1)}
+    assert [t["in_loss"] for t in trained[0]] == [[True, True]] * 2 == [t["in_loss"] for t in trained[1]]
+
+    # --resume from the two-process checkpoint, as one node of accelerate launches it: step 3 alone, the held-out
+    # evaluation that step 2 skipped for the signal first
+    proc = subprocess.run([*DISTILL_LAUNCHERS["accelerate"](), str(preempting_script(tmp_path)),
+                           *_grpo_args(tiny_model_dir, out, 4, "grpo.dynamic_sampling=true", "grpo.save_steps=10"),
+                           "--resume"], capture_output=True, text=True, timeout=240,
+                          env=_grpo_env("rank0_teaches_first", record))
+    assert proc.returncode == 0 and proc.stdout.count("done: 3 steps") == 1, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["groups/kept"]) for r in rows if "reward" in r] == [(1, 4), (2, 4), (3, 4)]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 2, 3]
+    assert sorted({c["step"] for c in recorded(record)[1]}) == [0, 1, 2]  # step 3 (global step 2) was sampled once more
+    assert (out / "final_model" / "adapter_model.safetensors").is_file()

@@ -15,7 +15,7 @@ from lawtune.cli import main
 from lawtune.config import ConfigError, GrpoRun, load_config
 from lawtune.demo import build_tiny_model, build_tokenizer
 
-from conftest import TOPIC_ANSWERS, synthetic_records, write_jsonl
+from conftest import TOPIC_ANSWERS, random01, synthetic_records, tiny_grpo_settings, write_jsonl
 
 TOPICS = sorted(TOPIC_ANSWERS)
 # Half the topics are taught with a wrong answer set most of the time (a weak teacher): after SFT the model writes
@@ -307,16 +307,11 @@ def test_sequence_level_ratios_train_and_log_as_token_level_ones(tiny_model_dir,
     assert {"entropy", "clip_ratio/region_mean", "rewards/_alternating/mean", "completions/mean_length"} <= keys["token"]
 
 
-def _random01(prompts, completions, **_):
-    """A seeded random 0/1 reward: completions of one group differ in it, so a tiny random model learns something."""
-    return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
-
-
 def _tiny_grpo(model_dir, out, *extra):
     from lawtune.demo import demo_data_path
 
     return ["grpo", "--model", str(model_dir), "--data", str(demo_data_path()), "--output-dir", str(out),
-            *_tiny_settings(*extra)]
+            *tiny_grpo_settings(*extra)]
 
 
 def _tiny_config(model_dir, out, *extra) -> GrpoRun:
@@ -324,15 +319,7 @@ def _tiny_config(model_dir, out, *extra) -> GrpoRun:
     from lawtune.demo import demo_data_path
 
     return load_config(None, [f"model.path={model_dir}", f"data.train={demo_data_path()}", f"grpo.output_dir={out}",
-                              *_tiny_settings(*extra)], run_cls=GrpoRun)
-
-
-def _tiny_settings(*extra) -> list[str]:
-    return ["model.dtype=float32", "data.eval_fraction=0.15", "data.eval_max_samples=4", "data.max_length=512",
-            "grpo.num_generations=2", "grpo.per_device_batch_size=4", "grpo.gradient_accumulation_steps=1",
-            "grpo.max_completion_length=8", "grpo.eval_max_new_tokens=8", "grpo.eval_batch_size=4",
-            "grpo.max_steps=3", "grpo.save_steps=10", "grpo.eval_steps=2", "grpo.beta=0", "grpo.learning_rate=1e-2",
-            "grpo.gradient_checkpointing=false", "grpo.report_to=[none]", *extra]
+                              *tiny_grpo_settings(*extra)], run_cls=GrpoRun)
 
 
 @pytest.mark.slow  # three short GRPO sessions and a straight run
@@ -344,7 +331,7 @@ def test_sigterm_stops_grpo_with_a_checkpoint_and_the_resumed_run_ends_as_a_stra
 
     from conftest import assert_same_adapter, file_states, term_at_step
 
-    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([random01], [1.0]))
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert main(_tiny_grpo(tiny_model_dir, straight)) == 0
     summary = capsys.readouterr().out.splitlines()[-1]
@@ -464,7 +451,7 @@ def test_a_fresh_lora_variant_trains_under_grpo_and_its_final_model_loads_exactl
     from lawtune.train import grpo as grpo_module
     from lawtune.train.grpo import fit, setup
 
-    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([_random01], [1.0]))
+    monkeypatch.setattr(grpo_module, "reward_functions", lambda cfg: ([random01], [1.0]))
     out = tmp_path / "run"
     run = setup(_tiny_config(tiny_model_dir, out, "grpo.max_steps=2", "grpo.eval_steps=0", "grpo.rollout=engine",
                              *variant))
@@ -540,6 +527,50 @@ def test_dynamic_sampling_trains_only_groups_whose_rewards_differ_counts_them_an
     assert step1.keys() == final.keys() and all(torch.equal(step1[k], final[k]) for k in final)
 
 
+def test_dynamic_sampling_deals_the_kept_groups_out_evenly_across_ranks_in_the_order_of_one_process():
+    """The verdicts of two scoring calls on two ranks (TRL's gathered order: rank 0's groups, then rank 1's): the
+    step's own 2 + 2 groups, of which rank 1's teach nothing, then one extra group a rank. The first 4 informative
+    groups in one process's order are kept, 2 to each rank: rank 1 trains rank 0's extra group and its own. One
+    process keeps its informative groups first and fills up with the others."""
+    from lawtune.train.grpo import deal_groups
+
+    verdicts = [torch.tensor([True, True, False, False]), torch.tensor([True, True])]
+    plan, kept = deal_groups(verdicts, ranks=2, wanted=4)
+    assert kept == 4 and plan == [[(0, 0, True), (0, 1, True)], [(0, 2, True), (1, 2, True)]]
+    plan, kept = deal_groups([torch.tensor([False, True, False])], ranks=1, wanted=3)
+    assert kept == 1 and plan == [[(0, 1, True), (0, 0, False), (0, 2, False)]]
+    plan, kept = deal_groups([torch.tensor([False, False]), torch.tensor([False, True])], ranks=2, wanted=2)
+    assert kept == 1 and plan == [[(1, 1, True)], [(0, 0, False)]]
+
+
+def test_a_group_split_between_processes_is_refused_by_the_config_and_by_the_rollout():
+    """A group split between processes would have each rank draw its samples 0, 1, ...: the same "different"
+    completions twice. lawtune's config makes a rank's batch whole groups (TRL's sampler gives each rank a
+    consecutive share of the step's), whatever the number of processes; the rollout checks that it got them."""
+    from types import SimpleNamespace
+
+    from lawtune.train.grpo import EngineRollout
+
+    with pytest.raises(ConfigError, match=r"^grpo.per_device_batch_size: 3 x gradient_accumulation_steps 1 are not "
+                                          r"whole groups of num_generations=2$"):
+        load_config(None, ["model.path=m", "data.train=d.json", "grpo.num_generations=2",
+                           "grpo.per_device_batch_size=3", "grpo.gradient_accumulation_steps=1"], run_cls=GrpoRun)
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", "grpo.num_generations=2"], run_cls=GrpoRun)
+    rollout = EngineRollout(cfg, tokenizer=None, ids_by_prompt={}, engines=None)
+    for prompts in (["a", "a", "b"], ["a", "b", "b", "c"]):
+        with pytest.raises(RuntimeError, match="not whole groups of grpo.num_generations=2"):
+            rollout(prompts, SimpleNamespace(num_generations=2))
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_grpo_under_fsdp_or_deepspeed_is_refused_in_one_line(variable, name, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch` sets for such a config
+    assert main(["grpo", "--model", "m", "--data", "d.json", "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"grpo runs under DDP only, not {name}" in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_dynamic_sampling_draws_further_questions_reproducibly_and_not_twice_in_a_step():
     from datasets import Dataset
 
@@ -594,7 +625,7 @@ def _lawtune_trainer(tokenizer, out, device: str = "cpu", attn: str = "sdpa"):
                              "grpo.temperature=0.7", "grpo.gradient_checkpointing=false", "grpo.report_to=[none]"],
                       run_cls=GrpoRun)
     args = grpo_arguments(cfg, out, torch.float32, torch.device(device), [1.0])
-    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[_random01], args=args,
+    trainer = trainer_class()(model=lora_tiny_model(tokenizer, attn), reward_funcs=[random01], args=args,
                               train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 2  # as the Trainer sets it in a step: the loss is scaled for it

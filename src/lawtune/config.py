@@ -625,10 +625,11 @@ class GrpoConfig(OptimizationSection):
     rewards differ. A group whose completions all score the same has zero advantage and teaches nothing (TRL's
     frac_reward_zero_std), so further questions are drawn and sampled in its place, up to max_resample extra groups;
     a step then trains on the informative groups it has, and one with none skips its update. False = TRL's behaviour
-    (TRL has no dynamic sampling). One process only."""
+    (TRL has no dynamic sampling). On several processes the step's groups are those of all ranks together."""
     max_resample: NonNegativeInt | None = None
-    """Extra groups dynamic_sampling may sample per optimizer step; None = as many as the step's own groups (a step
-    then costs at most twice its rollouts). Needs dynamic_sampling."""
+    """Extra groups dynamic_sampling may sample per optimizer step, all processes together (each samples an equal
+    share, rounded up); None = as many as the step's own groups (a step then costs at most twice its rollouts).
+    Needs dynamic_sampling."""
     rollout: Literal["engine", "trl"] = "engine"
     """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
     rollout_func); trl = TRL's own generation (transformers' generate)."""

@@ -122,3 +122,12 @@ def shutdown() -> None:
     if _group_ready():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def sharded_launch() -> str | None:
+    """"FSDP" or "DeepSpeed" where ``accelerate launch`` started this process to shard the model that way (its
+    config's distributed_type), else None."""
+    for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
+            return name
+    return None

@@ -26,7 +26,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 
 from ..card import refresh_cards, write_card
 from ..config import MUTATING_INITS, ConfigError, EvalConfig, GenerationConfig, GrpoRun
-from ..dist import is_main_process, world_size
+from ..dist import gather_objects, is_main_process, sharded_launch
+from ..errors import UsageError
 from ..model import (
     ModelError,
     base_fingerprint,
@@ -118,44 +119,67 @@ def trainer_class():
             further questions in place of those whose rewards are all equal, until the step's number of groups
             differ or max_resample extra groups were sampled. The batch keeps its size (TRL splits it into the
             step's micro-batches): what is missing is filled with groups that teach nothing, their completions
-            masked out of the loss (as grpo.mask_truncated masks a cut one)."""
+            masked out of the loss (as grpo.mask_truncated masks a cut one).
+
+            On several processes the counts are the step's, all ranks together: TRL gathers every rank's rewards,
+            so each rank holds every group's verdict and all take the same decisions (and make the same collective
+            calls) without a further exchange. Each rank samples an equal share of the extra questions (TRL gathers
+            equal shares), disjoint ones; the groups kept are then dealt out so that every rank trains as many as
+            its own batch held, a rank's groups going to another where the informative ones lie unevenly."""
             size = self.num_generations
-            wanted = len(inputs) // size
+            ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
+            wanted = len(inputs) // size * ranks
             cap = wanted if dynamic.max_resample is None else dynamic.max_resample
             step = self.state.global_step
             batch, differ = self.scored(inputs)
             parts, informative = [batch], [differ]
-            used = {row["id"] for row in inputs}
+            used: set | None = None
             resampled = 0
             while (have := sum(int(m.sum()) for m in informative)) < wanted and resampled < cap:
-                picks = dynamic.draw(self.train_dataset, used, step, resampled, min(wanted - have, cap - resampled))
-                if not picks:
+                if used is None:  # every rank's questions: the extra ones are none of the step's
+                    used = {qid for ids in gather_objects([row["id"] for row in inputs]) for qid in ids}
+                share = -(-min(wanted - have, cap - resampled) // ranks)  # rounded up: equal shares
+                picks = dynamic.draw(self.train_dataset, used, step, resampled, share * ranks)
+                share = len(picks) // ranks
+                if not share:
                     break
-                drawn = [self.train_dataset[i] for i in picks]
+                drawn = [self.train_dataset[i] for i in picks[: share * ranks]]
                 used.update(row["id"] for row in drawn)
-                self.group_tags = [f"+{resampled + k}" for k in range(len(drawn))]
+                first = resampled + rank * share  # the index of this rank's first extra group among the step's
+                self.group_tags = [f"+{first + k}" for k in range(share)]
                 try:
-                    batch, differ = self.scored([dict(row) for row in drawn for _ in range(size)])
+                    batch, differ = self.scored([dict(row) for row in drawn[rank * share:(rank + 1) * share]
+                                                 for _ in range(size)])
                 finally:
                     self.group_tags = None
                 parts.append(batch)
                 informative.append(differ)
-                resampled += len(drawn)
-            groups = torch.cat(informative)
-            kept = groups.nonzero().flatten()[:wanted]
-            filler = (~groups).nonzero().flatten()[: wanted - len(kept)]
+                resampled += share * ranks
+            plan, kept = deal_groups(informative, ranks, wanted)
             batch = concat_batches(parts, grpo_tokenizer(self).pad_token_id)
-            rows = (torch.cat([kept, filler]).unsqueeze(1) * size + torch.arange(size)).flatten()
+            mine, device = plan[rank], batch["completion_mask"].device
+            if any(source != r for r, groups in enumerate(plan) for source, _, _ in groups):
+                # Some rank trains groups another sampled (every rank sees the plan, so all take this branch): every
+                # rank's scored groups to every rank, through the CPU.
+                sources = gather_objects({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+                batch = concat_batches(sources, grpo_tokenizer(self).pad_token_id)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            else:
+                sources, mine = [batch], [(0, j, keep) for _, j, keep in mine]
+            offsets = [0]
+            for source in sources:
+                offsets.append(offsets[-1] + len(source["completion_mask"]))
+            rows = torch.tensor([offsets[source] + j * size + k for source, j, _ in mine for k in range(size)])
             batch = {k: v[rows.to(v.device)] if isinstance(v, torch.Tensor) and v.ndim else v for k, v in batch.items()}
-            dropped = torch.arange(len(rows)) >= len(kept) * size
-            batch["completion_mask"][dropped.to(batch["completion_mask"].device)] = 0
+            dropped = torch.tensor([not keep for _, _, keep in mine]).repeat_interleave(size)
+            batch["completion_mask"][dropped.to(device)] = 0
             mask = batch["completion_mask"] if "tool_mask" not in batch else batch["completion_mask"] * batch["tool_mask"]
             batch["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
             grpo_log_metric(self, "train", "groups/sampled", wanted + resampled)
-            grpo_log_metric(self, "train", "groups/kept", len(kept))
+            grpo_log_metric(self, "train", "groups/kept", kept)
             grpo_log_metric(self, "train", "groups/resampled", resampled)
-            self.skip_update = len(kept) == 0
-            if self.skip_update:
+            self.skip_update = kept == 0
+            if self.skip_update and is_main_process():  # every rank skips it; one says so
                 log.warning("step %d: no group's rewards differ in %d sampled (%d extra, grpo.max_resample); the step "
                             "is skipped", step + 1, wanted + resampled, resampled)
             return batch
@@ -286,6 +310,26 @@ class DynamicSampling:
         return random.Random(f"{self.seed}\x1f{step}\x1f{index}").sample(pool, min(n, len(pool)))
 
 
+def deal_groups(informative: list[torch.Tensor], ranks: int, wanted: int) -> tuple[list[list[tuple[int, int, bool]]], int]:
+    """Which scored groups each rank trains in a step of dynamic sampling. ``informative``: per scoring call, each
+    group's verdict (its rewards differ), every rank's groups in rank order (as TRL gathers the rewards). The step
+    keeps the first ``wanted`` informative groups in the order of one process (the step's own groups, then the extra
+    ones as drawn) and fills up with others (trained on nothing); rank r gets the r-th ``wanted / ranks`` of them.
+    Returns per rank its groups as (the rank that sampled it, its index among that rank's groups, kept), and the
+    number kept."""
+    order: list[tuple[int, int, bool]] = []
+    seen = [0] * ranks  # groups of each rank in the calls so far
+    for verdicts in informative:
+        share = len(verdicts) // ranks
+        for r in range(ranks):
+            order += [(r, seen[r] + j, bool(verdicts[r * share + j])) for j in range(share)]
+            seen[r] += share
+    kept = [g for g in order if g[2]][:wanted]
+    chosen = kept + [g for g in order if not g[2]][: wanted - len(kept)]
+    local = wanted // ranks
+    return [chosen[r * local:(r + 1) * local] for r in range(ranks)], len(kept)
+
+
 # Tensors of TRL's scored batch padded on the left (the prompts); the rest of its [rows, tokens] ones on the right.
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
 
@@ -347,12 +391,16 @@ class EngineRollout:
                               seed=g.seed, n=n, stop_token_ids=tuple(end_ids))
 
     def __call__(self, prompts: list[str], trainer) -> dict:
-        groups: list[tuple[str, int]] = []
-        for prompt in prompts:
-            if groups and groups[-1][0] == prompt:
-                groups[-1] = (prompt, groups[-1][1] + 1)
-            else:
-                groups.append((prompt, 1))
+        # TRL lays a group's num_generations copies side by side, and lawtune's config makes a rank's generation
+        # batch (grpo.per_device_batch_size x gradient_accumulation_steps) whole groups, so no group spans ranks
+        # and each group's samples 0..n-1 are drawn here, by one rank: two ranks never draw the same "different"
+        # sample of a group. (Blocks, not runs of equal prompts: two questions may render to the same prompt.)
+        size = trainer.num_generations
+        blocks = [prompts[i:i + size] for i in range(0, len(prompts), size)]
+        if any(len(block) != size or block.count(block[0]) != size for block in blocks):
+            raise RuntimeError(f"grpo rollouts: {len(prompts)} prompts are not whole groups of grpo.num_generations="
+                               f"{size} (a group split between processes?)")
+        groups = [(block[0], size) for block in blocks]
         ids = self.tokenizer([p for p, _ in groups], add_special_tokens=False)["input_ids"]
         model = trainer.accelerator.unwrap_model(trainer.model)
         # One engine for the run: its slots hold a whole step's completions, its rows the longest prompt allowed.
@@ -489,6 +537,11 @@ def grpo_arguments(cfg: GrpoRun, out: Path, dtype: torch.dtype, device: torch.de
             log_completions=False,
             # The rollout loop and the engine's graphs hold the GPU; pinned host memory buys nothing for string prompts.
             dataloader_pin_memory=False,
+            # Under DDP, as `train`: every LoRA weight takes part in each loss pass (the packed pass keeps one
+            # sequence where nothing is scored), so no search for unused ones after every backward; and a decoder's
+            # buffers (rotary tables) never change, so no broadcast before every forward.
+            ddp_find_unused_parameters=False,
+            ddp_broadcast_buffers=False,
         )
 
 
@@ -499,6 +552,12 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     ``reward_funcs``: TRL-form reward functions (weight 1 each) instead of the config's, e.g. a control reward.
     ``sigterm``: the SIGTERM handler the run stops on (``grpo`` installs one)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sharded = sharded_launch()
+    if sharded:
+        # Each rank's generation engine samples from the whole live weights, which FSDP and DeepSpeed keep in
+        # shards: gathering them for every rollout step is not written.
+        raise UsageError(f"accelerate's distributed_type: grpo runs under DDP only, not {sharded} (its rollouts need "
+                         f"the whole weights on every rank); launch with configs/accelerate/ddp.yaml or torchrun")
     # lawtune pins the TRL range it calls rollout_func in; the experimental-API notice is for TRL's own users.
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
@@ -568,8 +627,6 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     callbacks: list = [stop, metrics, held_out, GcPauses()]
     dynamic = None
     if cfg.grpo.dynamic_sampling:
-        if world_size() > 1:
-            raise ConfigError(f"grpo.dynamic_sampling: runs on one process only ({world_size()} launched)")
         dynamic = DynamicSampling(cfg.grpo.max_resample, cfg.grpo.seed)
         callbacks.append(SkipEmptySteps())
     trainer = trainer_class()(
