@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, tiny sizes (tests/test_bench.py)")
     opts = ap.parse_args()
     if opts.smoke:
-        opts.lengths, opts.group, opts.questions, opts.steps, opts.micro, opts.trl_micro = "8,12", 2, 2, 2, 2, 2
+        opts.lengths, opts.group, opts.questions, opts.steps, opts.micro, opts.trl_micro = "8", 2, 2, 2, 2, 2
     for flag, micro in (("--micro", opts.micro), ("--trl-micro", opts.trl_micro)):
         if (opts.group * opts.questions) % micro:
             ap.error(f"{flag} {micro} must divide the {opts.group * opts.questions} completions of a step")

@@ -51,11 +51,11 @@ def test_train_bench_smoke():
 def test_multi_gpu_bench_smoke():
     """One process and two (torchrun, gloo) run the real `lawtune train`; rates come from its metrics.jsonl."""
     rows = {r["run"]: r for r in _run(
-        "multi_gpu.py", "--steps", "6", "--warmup", "2", "--records", "200", "--runs", "single,ddp", "--variant",
+        "multi_gpu.py", "--steps", "4", "--warmup", "1", "--records", "200", "--runs", "single,ddp", "--variant",
         "indep_half=independent,train.batch_tokens=512,data.max_length=512,env:LAWTUNE_BENCH_PROBE=1")}
     assert set(rows) == {"single", "ddp", "indep_half"}
     assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
-    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 4 for r in rows.values() if "tokens" in r)
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 3 for r in rows.values() if "tokens" in r)
     both = rows["indep_half"]["each_tokens_per_s"]
     assert len(both) == 2 and rows["indep_half"]["tokens_per_s"] == pytest.approx(sum(both), abs=0.2)
     assert set(rows["ddp"]["ratio_to"]) == {"single"} and rows["ddp"]["ratio_to"]["single"] > 0
@@ -148,13 +148,13 @@ def test_grpo_bench_smoke(tmp_path):
     out = tmp_path / "grpo.json"
     rows = _run("grpo.py", "--json", str(out), "--impls", "lawtune,lawtune_padded,trl")
     runs = {(r["impl"], r["completion_tokens"]): r for r in rows if r["bench"] == "grpo"}
-    assert set(runs) == {(impl, n) for impl in ("lawtune", "lawtune_padded", "trl") for n in (8, 12)}
+    assert set(runs) == {(impl, 8) for impl in ("lawtune", "lawtune_padded", "trl")}
     assert runs[("lawtune_padded", 8)]["overrides"] == ["grpo.packed=false"]
     assert "model.attn_implementation=flex_attention" in runs[("lawtune", 8)]["overrides"]
     for r in runs.values():
         assert r["s_per_step"] > 0 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
         assert r["steps_timed"] == 2 and r["completions_per_step"] == 4
-    assert {r["completion_tokens"] for r in rows if r["bench"] == "grpo_ratio"} == {8, 12}
+    assert [r["completion_tokens"] for r in rows if r["bench"] == "grpo_ratio"] == [8]
     assert json.loads(out.read_text(encoding="utf-8")) == rows
 
 
