@@ -125,11 +125,11 @@ def _steady(row: dict) -> dict:
     return {k: v for k, v in row.items() if not (k == "time" or "runtime" in k or k.endswith(("per_s", "per_second")))}
 
 
-@pytest.mark.parametrize("launcher", sorted(NODE_LAUNCHERS))
-def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(launcher, one_node_ddp_run,
-                                                                              tiny_model_dir, tmp_path):
+def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(one_node_ddp_run, tiny_model_dir,
+                                                                              tmp_path):
     """Two nodes of one process each train the demo into the outputs of two processes on one node, and node 1 writes
-    nothing that is rank 0's to write.
+    nothing that is rank 0's to write. torchrun's nodes here; accelerate's two-node launch is the grpo test's below
+    (the launchers hand every command the same environment, so each is run once, not once per command).
 
     Each node runs in a working directory of its own with the relative output folder ``run``: the same config, the
     same path string, a different disk, as on nodes with local disks. (With a shared filesystem, the usual layout
@@ -141,7 +141,7 @@ def test_two_nodes_train_as_two_processes_on_one_node_and_node1_writes_nothing(l
     one_node_stdout = one_node_ddp_run[2].stdout
     config = ddp_demo_config(tmp_path / "ddp.yaml", tiny_model_dir, "run")
     nodes = [tmp_path / "node0", tmp_path / "node1"]
-    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS[launcher], ["-m", "lawtune", "train", str(config)],
+    (out0, err0), (out1, _) = _launch_two_nodes(NODE_LAUNCHERS["torchrun"], ["-m", "lawtune", "train", str(config)],
                                                 nodes, tmp_path / "logs")
 
     # Node 1 wrote rank 1's random-number state and nothing else; the two nodes together, what the one node wrote.
