@@ -49,20 +49,21 @@ def test_train_bench_smoke():
 
 
 def test_multi_gpu_bench_smoke():
-    """One process and two (torchrun, gloo) run the real `lawtune train`; rates come from its metrics.jsonl."""
+    """One process and two (torchrun, gloo) run the real `lawtune train`; rates come from its metrics.jsonl. The
+    two-process run is a --variant of ddp (its overrides and environment reach the run); the `independent` base
+    (copies at once) is left to the GPU runs: it is one more launch of two processes here."""
     rows = {r["run"]: r for r in _run(
-        "multi_gpu.py", "--steps", "4", "--warmup", "1", "--records", "200", "--runs", "single,ddp", "--variant",
-        "indep_half=independent,train.batch_tokens=512,data.max_length=512,env:LAWTUNE_BENCH_PROBE=1")}
-    assert set(rows) == {"single", "ddp", "indep_half"}
-    assert rows["single"]["processes"] == 1 and rows["ddp"]["processes"] == 2
-    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 3 for r in rows.values() if "tokens" in r)
-    both = rows["indep_half"]["each_tokens_per_s"]
-    assert len(both) == 2 and rows["indep_half"]["tokens_per_s"] == pytest.approx(sum(both), abs=0.2)
-    assert set(rows["ddp"]["ratio_to"]) == {"single"} and rows["ddp"]["ratio_to"]["single"] > 0
-    assert [line.split(":")[0] for line in rows["ddp"]["gc"]] == ["rank 0", "rank 1"]  # both ranks' pauses, once
-    assert len(rows["indep_half"]["gc"]) == 2 and len(rows["single"]["gc"]) == 1
-    # the variant's override reached the run: half the token budget, fewer tokens a copy in the same steps
-    assert all(tokens < rows["single"]["tokens"] for tokens in rows["indep_half"]["each_tokens"])
+        "multi_gpu.py", "--steps", "4", "--warmup", "1", "--records", "200", "--runs", "single", "--variant",
+        "ddp_half=ddp,train.batch_tokens=512,data.max_length=512,env:LAWTUNE_TEST_MARK=1")}
+    assert set(rows) == {"single", "ddp_half"}
+    assert rows["single"]["processes"] == 1 and rows["ddp_half"]["processes"] == 2
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["steps_timed"] == 3 for r in rows.values())
+    assert set(rows["ddp_half"]["ratio_to"]) == {"single"} and rows["ddp_half"]["ratio_to"]["single"] > 0
+    assert [line.split(":")[0] for line in rows["ddp_half"]["gc"]] == ["rank 0", "rank 1"]  # both ranks' pauses, once
+    assert len(rows["single"]["gc"]) == 1
+    # the variant's override reached the run: two ranks at half the token budget train about what one process does
+    # at the whole (without it, about twice as much)
+    assert rows["ddp_half"]["tokens"] < 1.4 * rows["single"]["tokens"]
 
 
 def test_profile_train_reports_the_window(tiny_model_dir, tmp_path):
