@@ -25,16 +25,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
-# The suite's longest test (GRPO's learning proof: two runs of 60 steps, about a third of one worker's time on 2
-# cores) goes first, so that under pytest-xdist a worker starts it at once; taken in file order it began halfway
-# through and the suite waited for it at the end.
-FIRST = ("test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.originalname not in FIRST)  # stable: every other test keeps its order
-
-
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "deepseek-r1-distill-qwen-1.5b"
 TOKENIZER_ENV = "LAWTUNE_TOKENIZER"
 
