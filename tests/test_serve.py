@@ -606,8 +606,11 @@ def test_sigterm_lets_short_requests_finish_and_cancels_long_ones_cleanly(long_c
 # ----------------------------------------------------------------------------- load (slow)
 
 
-def _clients(url, clients: int, requests: int, start: threading.Barrier | None = None):
-    """``clients`` threads of ``requests`` chat requests each (a new connection each): statuses, and what failed."""
+def _clients(url, clients: int, requests: int, start: threading.Barrier | None = None,
+             stopping: threading.Event | None = None):
+    """``clients`` threads of ``requests`` chat requests each (a new connection each): statuses, and what failed.
+    ``stopping``: set when the test sends the server SIGTERM; from then on a connection closed before any byte of an
+    answer ("unanswered") is no failure."""
     statuses, failures = [], []
     barrier = start or threading.Barrier(clients)
 
@@ -627,6 +630,16 @@ def _clients(url, clients: int, requests: int, start: threading.Barrier | None =
                     assert resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
             except httpx.ConnectError:
                 statuses.append("refused")  # the server stopped listening: a clean refusal, nothing half-answered
+            except (httpx.ReadError, httpx.RemoteProtocolError) as exc:
+                # A connection still in the listening socket's queue when the stopped server closes it is reset, and
+                # one accepted but not yet read is closed: the request was never read, so nothing is half-answered.
+                # The kernel completes such handshakes before the server can refuse them, so after SIGTERM it can
+                # happen to a few (seen with 2 of 1,024 on a loaded CPU); before it, it is a failure.
+                unread = isinstance(exc, httpx.ReadError) or "without sending a response" in str(exc)
+                if stopping is not None and stopping.is_set() and unread:
+                    statuses.append("unanswered")
+                else:
+                    failures.append(repr(exc))
             except Exception as exc:  # noqa: BLE001 - a reset, a hang (timeout) or a torn answer: the test fails
                 failures.append(repr(exc))
 
@@ -654,15 +667,18 @@ def test_load_256_clients_a_large_and_a_small_queue(random_engine):
 @pytest.mark.slow
 def test_load_with_sigterm_in_the_middle(tiny_model_dir):
     proc, url = _start_command(tiny_model_dir, "--shutdown-grace-s", "5", "--max-queue", "4096")
-    threads, statuses, failures = _clients(url, 256, 4)
+    stopping = threading.Event()
+    threads, statuses, failures = _clients(url, 256, 4, stopping=stopping)
     while len(statuses) < 200 and proc.poll() is None:
         time.sleep(0.01)
+    stopping.set()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0  # the bound only keeps a broken build from hanging
     for t in threads:
         t.join(60)
     assert not failures, failures[:3]
-    assert len(statuses) == 1024 and set(statuses) <= {200, 503, "refused"} and statuses.count(200) >= 200
+    assert len(statuses) == 1024 and set(statuses) <= {200, 503, "refused", "unanswered"} and statuses.count(200) >= 200
+    assert statuses.count("unanswered") <= 16, statuses.count("unanswered")  # a few at the moment it closes, no more
 
 
 def test_n_choices_are_the_n_samples_of_one_request(random_engine, rand):
