@@ -101,9 +101,6 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
     assert 0.2 < start < 0.75, learned.eval_history  # the SFT left room: well below the ceiling
     assert end - start >= 0.20, learned.eval_history
 
-    def random01(prompts, completions, **_):
-        return [float(random.Random(f"{p}\x1f{c}").random() < 0.5) for p, c in zip(prompts, completions)]
-
     control = grpo(_grpo_config(sft_run, sft_run["tmp"] / "control", "grpo.max_steps=60", "grpo.eval_steps=0",
                                 "grpo.rollout=trl", "grpo.learning_rate=1e-3"), reward_funcs=[random01])
     assert control.start_eval_accuracy == start
