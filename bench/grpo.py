@@ -10,8 +10,8 @@ ignored), so both sides generate and train on the same number of tokens. A step 
 generation; lawtune then trains them 16 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
 with gradient checkpointing (TRL's default); lawtune's training pass on packed rows under flex attention (its grpo
 yaml), or with `--impls lawtune_padded,...` TRL's padded pass (grpo.packed=false, sdpa). Per side and length:
-seconds per step, rollout tokens/s (completion tokens / time in generation), training tokens/s (prompt + completion tokens / the
-rest of the step), peak reserved GPU memory.
+seconds per step split into rollout (generation), reward and training (the rest), rollout tokens/s (completion tokens /
+time in generation), training tokens/s (prompt + completion tokens / the training part), peak reserved GPU memory.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class StepClock:
     """Wall time of each optimizer step and the time spent generating in it."""
 
     def __init__(self):
-        self.steps: list[tuple[float, float, int]] = []  # (seconds, rollout seconds, tokens)
+        self.steps: list[tuple[float, float, float, int]] = []  # (seconds, rollout seconds, reward seconds, tokens)
         self.rollout = 0.0
+        self.reward = 0.0
         self.started = 0.0
         self.tokens = 0
 
@@ -47,11 +48,12 @@ class StepClock:
         class Clock(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 _sync()
-                clock.started, clock.rollout, clock.tokens = time.perf_counter(), 0.0, state.num_input_tokens_seen
+                clock.started, clock.rollout, clock.reward = time.perf_counter(), 0.0, 0.0
+                clock.tokens = state.num_input_tokens_seen
 
             def on_step_end(self, args, state, control, **kwargs):
                 _sync()
-                clock.steps.append((time.perf_counter() - clock.started, clock.rollout,
+                clock.steps.append((time.perf_counter() - clock.started, clock.rollout, clock.reward,
                                     state.num_input_tokens_seen - clock.tokens))
 
         return Clock()
@@ -62,13 +64,15 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _timed(clock: StepClock, generate):
+def _timed(clock: StepClock, work, part: str = "rollout"):
+    """``work`` with its time added to the clock's ``part`` (rollout or reward)."""
+
     def run(*args, **kwargs):
         _sync()
         t0 = time.perf_counter()
-        out = generate(*args, **kwargs)
+        out = work(*args, **kwargs)
         _sync()
-        clock.rollout += time.perf_counter() - t0
+        setattr(clock, part, getattr(clock, part) + time.perf_counter() - t0)
         return out
 
     return run
@@ -76,14 +80,14 @@ def _timed(clock: StepClock, generate):
 
 def summary(name: str, length: int, clock: StepClock, warmup: int, completions: int) -> dict:
     timed = clock.steps[warmup:] or clock.steps
-    seconds = sum(s for s, _, _ in timed) / len(timed)
-    rollout = sum(r for _, r, _ in timed) / len(timed)
-    tokens = sum(t for _, _, t in timed) / len(timed)
+    seconds, rollout, reward, tokens = (sum(step[i] for step in timed) / len(timed) for i in range(4))
     generated = completions * length
+    training = seconds - rollout - reward
     return {"bench": "grpo", "impl": name, "completion_tokens": length, "completions_per_step": completions,
             "steps_timed": len(timed), "s_per_step": round(seconds, 3), "rollout_s": round(rollout, 3),
+            "reward_s": round(reward, 3), "train_s": round(training, 3),
             "rollout_tokens_per_s": round(generated / rollout, 1) if rollout else None,
-            "train_tokens_per_s": round(tokens / max(seconds - rollout, 1e-9), 1),
+            "train_tokens_per_s": round(tokens / max(training, 1e-9), 1),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
@@ -112,6 +116,8 @@ def run_lawtune(opts, work: Path, data: Path, length: int, overrides: list[str])
     engine_rollout = run.trainer.rollout_func  # grpo.rollout=engine: the EngineRollout, whose engines it shares
     run.trainer.rollout_func = _timed(clock, Forced(run.cfg, run.tokenizer, engine_rollout.ids_by_prompt,
                                                     engine_rollout.engines))
+    # The hook compat.py routes TRL's reward step through, timed on this one trainer.
+    run.trainer.calculate_rewards_hook = _timed(clock, run.trainer.calculate_rewards_hook, "reward")
     run.trainer.add_callback(clock.callback())
     run.trainer.train()
     return summary("lawtune", length, clock, opts.warmup, completions)
@@ -141,6 +147,9 @@ def run_trl(opts, work: Path, data: Path, length: int) -> dict:
     class Timed(GRPOTrainer):
         def _generate_single_turn(self, *args, **kwargs):
             return _timed(clock, super()._generate_single_turn)(*args, **kwargs)
+
+        def _calculate_rewards(self, *args, **kwargs):
+            return _timed(clock, super()._calculate_rewards, "reward")(*args, **kwargs)
 
     args = GRPOConfig(output_dir=str(work / f"trl_{length}"), num_generations=opts.group,
                       # TRL's default micro-batch (8), accumulated to the step's completions: one generation a step
@@ -206,8 +215,10 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                # lawtune's side as its grpo yaml runs it: packed rows under flex attention's document mask; the
-                # padded side as the tenth session measured it (sdpa). --set comes last, so it decides.
+                # lawtune's side as its grpo yaml runs it: one packed row a micro-batch under flex's document mask
+                # (its first step compiles flex's kernels: the warm-up step); the padded side as the tenth session
+                # measured it (sdpa). --set comes last, so it decides (model.attn_implementation=sdpa: packed rows
+                # as long as the longest sequence).
                 side = ["grpo.packed=false"] if impl == "lawtune_padded" else ["model.attn_implementation=flex_attention"]
                 overrides = side + opts.set
                 if impl == "trl":
@@ -221,10 +232,12 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     by = {(r["impl"], r["completion_tokens"]): r for r in rows}
-    print(f"\n{'impl':14} {'tokens':>6} {'s/step':>8} {'rollout tok/s':>14} {'train tok/s':>12} {'peak GiB':>9}")
+    print(f"\n{'impl':14} {'tokens':>6} {'s/step':>8} {'rollout':>8} {'reward':>7} {'train':>7} {'rollout tok/s':>14} "
+          f"{'train tok/s':>12} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_tokens_per_s']!s:>14} "
-              f"{r['train_tokens_per_s']:>12} {r['peak_reserved_gib']!s:>9}")
+        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_s']:>8} {r['reward_s']:>7} "
+              f"{r['train_s']:>7} {r['rollout_tokens_per_s']!s:>14} {r['train_tokens_per_s']:>12} "
+              f"{r['peak_reserved_gib']!s:>9}")
     for length in map(int, opts.lengths.split(",")):
         a, b = by.get(("lawtune", length)), by.get(("trl", length))
         if a and b:
