@@ -555,7 +555,8 @@ def setup(cfg: GrpoRun, resume: bool = False, overwrite: bool = False, reward_fu
     sharded = sharded_launch()
     if sharded:
         # Each rank's generation engine samples from the whole live weights, which FSDP and DeepSpeed keep in
-        # shards: gathering them for every rollout step is not written.
+        # shards. Gathering them for the rollouts would not lower a rank's peak (the rollouts hold them whole, and
+        # under LoRA the rest is small), so it is not written: a model too large for one GPU needs a sharded engine.
         raise UsageError(f"accelerate's distributed_type: grpo runs under DDP only, not {sharded} (its rollouts need "
                          f"the whole weights on every rank); launch with configs/accelerate/ddp.yaml or torchrun")
     # lawtune pins the TRL range it calls rollout_func in; the experimental-API notice is for TRL's own users.
