@@ -142,6 +142,26 @@ def test_the_gpu_default_config_falls_back_cleanly_on_cpu(tiny_model_dir, tmp_pa
     assert saved.model.attn_implementation == "sdpa" and not saved.train.compile  # what actually ran
 
 
+@pytest.mark.parametrize("overrides,said", [
+    (["model.attn_implementation=flex_attention"], "(flex attention)"),
+    (["train.compile=true"], "(train.compile)"),
+    (["model.attn_implementation=flex_attention", "train.compile=true"], "(flex attention, train.compile)"),
+    ([], None)])
+def test_a_gpu_run_that_compiles_says_its_first_step_will_take_minutes(tiny_model_dir, tmp_path, monkeypatch, caplog,
+                                                                        overrides, said):
+    """The first step under flex attention or compiled layers sits at step 0 for minutes (168 s for grpo on an
+    H200): the run says so before it starts, and only then."""
+    from lawtune.train import common
+
+    monkeypatch.setattr(common, "resolve_device", lambda model: torch.device("cuda"))  # no CUDA call follows
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "model.dtype=bfloat16", "train.compile=false",
+                             f"train.output_dir={tmp_path / 'out'}", *overrides])
+    with caplog.at_level("INFO", logger="lawtune"):
+        common.start_run(cfg, "train", resume=False, overwrite=False)
+    lines = [r.getMessage() for r in caplog.records if "first step compiles" in r.getMessage()]
+    assert lines == ([] if said is None else [lines[0]]) and (said is None or said in lines[0]), lines
+
+
 def test_gpu_batches_are_copied_without_blocking_and_buffers_not_broadcast(tiny_config, tmp_path):
     """A blocking host-to-GPU copy syncs the CPU with the GPU at every step (a barrier per step under DDP)."""
     import torch
