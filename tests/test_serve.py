@@ -610,11 +610,13 @@ def _clients(url, clients: int, requests: int, start: threading.Barrier | None =
              stopping: threading.Event | None = None):
     """``clients`` threads of ``requests`` chat requests each (a new connection each): statuses, and what failed.
     ``stopping``: set when the test sends the server SIGTERM; from then on a connection closed before any byte of an
-    answer ("unanswered") is no failure."""
+    answer ("unanswered") is no failure, once a client: it is the request that client had in flight when the server
+    stopped listening, and the client's next connection is refused."""
     statuses, failures = [], []
     barrier = start or threading.Barrier(clients)
 
     def client():
+        unanswered = 0
         body = {"model": "lawtune", "messages": [{"role": "user", "content": PLAIN}], "max_tokens": 8}
         # One client per thread, without keep-alive: every request opens a connection (none is reused while the
         # server closes it), and the client's own set-up is paid once.
@@ -634,9 +636,11 @@ def _clients(url, clients: int, requests: int, start: threading.Barrier | None =
                 # A connection still in the listening socket's queue when the stopped server closes it is reset, and
                 # one accepted but not yet read is closed: the request was never read, so nothing is half-answered.
                 # The kernel completes such handshakes before the server can refuse them, so after SIGTERM it can
-                # happen to a few (seen with 2 of 1,024 on a loaded CPU); before it, it is a failure.
+                # happen to the request a client has in flight (seen with 2 and with 19 of 1,024 on a loaded CPU),
+                # never to two of one client; before SIGTERM it is a failure.
                 unread = isinstance(exc, httpx.ReadError) or "without sending a response" in str(exc)
-                if stopping is not None and stopping.is_set() and unread:
+                unanswered += unread
+                if stopping is not None and stopping.is_set() and unread and unanswered == 1:
                     statuses.append("unanswered")
                 else:
                     failures.append(repr(exc))
@@ -678,7 +682,8 @@ def test_load_with_sigterm_in_the_middle(tiny_model_dir):
         t.join(60)
     assert not failures, failures[:3]
     assert len(statuses) == 1024 and set(statuses) <= {200, 503, "refused", "unanswered"} and statuses.count(200) >= 200
-    assert statuses.count("unanswered") <= 16, statuses.count("unanswered")  # a few at the moment it closes, no more
+    # At most the one request each client had in flight as the server closed (_clients fails a second one).
+    assert statuses.count("unanswered") <= 256, statuses.count("unanswered")
 
 
 def test_n_choices_are_the_n_samples_of_one_request(random_engine, rand):
