@@ -84,8 +84,10 @@ def summary(name: str, length: int, clock: StepClock, warmup: int, completions: 
     generated = completions * length
     training = seconds - rollout - reward
     return {"bench": "grpo", "impl": name, "completion_tokens": length, "completions_per_step": completions,
-            "steps_timed": len(timed), "s_per_step": round(seconds, 3), "rollout_s": round(rollout, 3),
-            "reward_s": round(reward, 3), "train_s": round(training, 3),
+            "steps_timed": len(timed), "s_per_step": round(seconds, 3),
+            # the untimed warm-up steps, each: the first compiles (flex attention's kernels: minutes on a fresh machine)
+            "warmup_s": [round(step[0], 1) for step in clock.steps[:warmup]], "rollout_s": round(rollout, 3),
+            "reward_s": round(reward, 5), "train_s": round(training, 3),
             "rollout_tokens_per_s": round(generated / rollout, 1) if rollout else None,
             "train_tokens_per_s": round(tokens / max(training, 1e-9), 1),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None}

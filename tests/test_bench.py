@@ -155,6 +155,9 @@ def test_grpo_bench_smoke(tmp_path):
     for r in runs.values():
         assert r["s_per_step"] > 0 and r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0
         assert r["steps_timed"] == 2 and r["completions_per_step"] == 4
+        # the step's parts add up to it; the warm-up step is reported apart
+        assert r["rollout_s"] + r["reward_s"] + r["train_s"] == pytest.approx(r["s_per_step"], abs=0.003)
+        assert r["reward_s"] > 0 and r["train_s"] > 0 and len(r["warmup_s"]) == 1 and r["warmup_s"][0] > 0
     assert [r["completion_tokens"] for r in rows if r["bench"] == "grpo_ratio"] == [8]
     assert json.loads(out.read_text(encoding="utf-8")) == rows
 
