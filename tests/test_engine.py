@@ -459,6 +459,38 @@ def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
     assert outputs[:2] == outputs[2:]
 
 
+def test_layers_that_training_compiled_leave_the_fused_step_compiled(tiny_model_dir, tiny, monkeypatch):
+    """In-training evaluation and GRPO's rollouts run the engine on the live model, whose layers train.compile /
+    grpo.compile compiled: the prefill runs them eagerly (their compilation is for training's shapes), the fused step
+    still runs compiled (it traces through them), with the tokens of the uncompiled model. A compiler backend that
+    counts the compiled step's runs shows which (a process-wide "force eager" stance ran it zero times)."""
+    from transformers import AutoModelForCausalLM
+
+    from lawtune.generation.engine import runner
+    from lawtune.train.kernels import compile_layers
+
+    _, tok, prompts = tiny
+    runs = []
+
+    def counting(gm, example_inputs):
+        def run(*args):
+            runs.append(1)
+            return gm.forward(*args)
+        return run
+
+    monkeypatch.setattr(runner, "compiled", lambda name, fn: torch.compile(fn, dynamic=True, backend=counting))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    params = [(p, SamplingParams(max_new_tokens=b), str(i)) for i, (p, b) in enumerate(zip(prompts, BUDGETS))]
+    with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=False) as engine:
+        expected = [r.samples[0].tokens for r in engine.generate(params)]
+    assert compile_layers(model) == len(model.model.layers)
+    with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=True,
+                          attention_kernel=False) as engine:
+        assert [r.samples[0].tokens for r in engine.generate(params)] == expected
+        steps = engine.steps
+    assert len(runs) == steps * len(model.model.layers)  # every layer of every step through the compiled step
+
+
 def test_a_step_whose_compilation_fails_runs_uncompiled_and_says_so(tiny, monkeypatch, caplog):
     from lawtune.generation.engine import runner
 

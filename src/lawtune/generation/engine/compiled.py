@@ -14,7 +14,9 @@ _compiled: dict[str, Any] = {}
 
 
 def compiled(name: str, fn):
-    """``fn`` compiled once a process under ``name``."""
+    """``fn`` compiled once a process under ``name``. Inductor's Python wrapper, whatever the process-wide setting:
+    a training command that compiles its layers turns the C++ wrapper on for the whole process (compat.py), and the
+    engine's step was measured, and is recorded into CUDA graphs, with the Python one."""
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True)
+        _compiled[name] = torch.compile(fn, dynamic=True, options={"cpp_wrapper": False})
     return _compiled[name]

@@ -26,7 +26,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from ...compat import clear_cublas_workspaces
-from ..attention import eager_stance, fast_attention
+from ..attention import fast_attention
 from .cache import budget_bytes, cache_dtype, rows_within, token_bytes
 from .readback import ReadBack
 from .runner import ModelRunner, base_model
@@ -110,7 +110,8 @@ class GenerationEngine:
     def step(self) -> None:
         """Schedule (admit waiting sequences with one prefill; preempt over the token budget), run one decoding step
         of every running row, read back what an earlier step made."""
-        with fast_attention(self.model), eager_stance(self.model):
+        # Layers that training compiled run eagerly in the runner's uncompiled passes (its own choice, see there).
+        with fast_attention(self.model):
             self.readback.drop_cancelled()
             admitted = self.scheduler.schedule(self.steps)
             if admitted:
@@ -129,7 +130,7 @@ class GenerationEngine:
         assert self.runner is not None, "the generation engine is closed"
         if not self.use_graph or self.running or self.thread is not None:
             return len(self.runner.graphs)
-        with fast_attention(self.model), eager_stance(self.model):
+        with fast_attention(self.model):
             return self.runner.capture_graphs()
 
     def run(self) -> None:

@@ -25,6 +25,11 @@ stale data that nothing reads.
   the recorded graph. Attention reads each row's own length with ``decode_attention``'s kernel instead of the
   widest row's window. ``compile_step`` and ``attention_kernel`` switch them (bench/generation.py measures both).
 
+* **Layers that training compiled** (``train.compile``, ``grpo.compile``; in-training evaluation and GRPO's
+  rollouts run on the live model) run eagerly in the passes above that run the decoder as it is (prefill, a forced
+  answer's closing, the uncompiled step): their compilation is for training's shapes. The fused step traces through
+  them into its own compilation, so it stays compiled (a process-wide "force eager" would have turned it off too).
+
 On a CPU (or ``use_graph=False``) the same step runs eagerly: that is what the tests check against ``generate``.
 Limits: sdpa-family attention and full attention in every layer (``engine_supported``).
 """
@@ -38,7 +43,7 @@ from typing import Any
 import torch
 
 from .. import decode_attention
-from ..attention import FAST_ATTENTION, attention_implementation
+from ..attention import FAST_ATTENTION, attention_implementation, eager_stance
 from .cache import LayerSlots, SlotCache, cache_dtype
 from .compiled import compiled
 from .sampler import choose_tokens
@@ -213,8 +218,9 @@ class ModelRunner:
         causal = torch.ones(width, width, dtype=torch.bool, device=d).tril()[None, None]
         self.cache.prefill_rows = torch.tensor(rows, device=d)
         try:
-            hidden = self.decoder(input_ids=ids, attention_mask={"full_attention": causal}, position_ids=positions,
-                                  use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
+            with eager_stance(self.model):
+                hidden = self.decoder(input_ids=ids, attention_mask={"full_attention": causal}, position_ids=positions,
+                                      use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
         finally:
             self.cache.prefill_rows = None
         last = hidden[torch.arange(len(contexts), device=d), torch.tensor(lengths, device=d) - 1]
@@ -236,9 +242,10 @@ class ModelRunner:
         self.cache.prefill_rows, self.cache.prefill_at = index, positions[:, :1]
         self.cache.prefill_columns = columns
         try:
-            hidden = self.decoder(input_ids=torch.tensor(chunks, device=d), attention_mask={"full_attention": mask},
-                                  position_ids=positions, use_cache=True,
-                                  **{self.cache_kw: self.cache}).last_hidden_state
+            with eager_stance(self.model):
+                hidden = self.decoder(input_ids=torch.tensor(chunks, device=d),
+                                      attention_mask={"full_attention": mask}, position_ids=positions, use_cache=True,
+                                      **{self.cache_kw: self.cache}).last_hidden_state
         finally:
             self.cache.prefill_rows, self.cache.prefill_at, self.cache.prefill_columns = None, None, 0
         return self.head(hidden[:, -1]).float()
@@ -309,9 +316,10 @@ class ModelRunner:
         else:
             self.cache.active, self.cache.columns = rows, columns
             try:
-                hidden = self.decoder(input_ids=t.token[r, None], attention_mask={"full_attention": mask},
-                                      position_ids=write_at[:, None], use_cache=True,
-                                      **{self.cache_kw: self.cache}, **extra).last_hidden_state
+                with eager_stance(self.model):
+                    hidden = self.decoder(input_ids=t.token[r, None], attention_mask={"full_attention": mask},
+                                          position_ids=write_at[:, None], use_cache=True,
+                                          **{self.cache_kw: self.cache}, **extra).last_hidden_state
             finally:
                 self.cache.active, self.cache.columns = self.slots, self.max_len
         logits = self.head(hidden[:, -1]).float()
