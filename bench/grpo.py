@@ -8,8 +8,9 @@ The model is the config's architecture with random weights (bf16 on a GPU); prom
 (bench/jecqa_synth.py) in lawtune's reasoning format; every completion is forced to its length (the end token
 ignored), so both sides generate and train on the same number of tokens. A step samples all its completions in one
 generation; lawtune then trains them 16 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
-with gradient checkpointing (TRL's default); lawtune's training pass on packed rows under flex attention (its grpo
-yaml), or with `--impls lawtune_padded,...` TRL's padded pass (grpo.packed=false, sdpa). Per side and length:
+with gradient checkpointing (TRL's default); lawtune's side as its grpo yaml runs it (the training pass on packed
+rows under flex attention with compiled layers, rollouts on the folded adapter), or with `--impls
+lawtune_padded,...` TRL's padded pass (grpo.packed=false, sdpa). Per side and length:
 seconds per step split into rollout (generation), reward and training (the rest), rollout tokens/s (completion tokens /
 time in generation), training tokens/s (prompt + completion tokens / the training part), peak reserved GPU memory.
 """
@@ -217,11 +218,13 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                # lawtune's side as its grpo yaml runs it: one packed row a micro-batch under flex's document mask
-                # (its first step compiles flex's kernels: the warm-up step); the padded side as the tenth session
+                # lawtune's side as its grpo yaml runs it: one packed row a micro-batch under flex's document mask,
+                # compiled layers (its first step compiles both: the warm-up step), rollouts on the folded adapter
+                # (grpo.fold_adapter's default); the padded side as the tenth session
                 # measured it (sdpa). --set comes last, so it decides (model.attn_implementation=sdpa: packed rows
                 # as long as the longest sequence).
-                side = ["grpo.packed=false"] if impl == "lawtune_padded" else ["model.attn_implementation=flex_attention"]
+                side = (["grpo.packed=false"] if impl == "lawtune_padded"
+                        else ["model.attn_implementation=flex_attention", "grpo.compile=true"])
                 overrides = side + opts.set
                 if impl == "trl":
                     row = run_trl(opts, work, data, length)

@@ -246,6 +246,17 @@ def test_gradient_checkpointing_reaches_trl_either_way(override, expected, tmp_p
     assert args.gradient_checkpointing is expected
 
 
+@pytest.mark.parametrize("fold", [True, False])
+def test_fold_adapter_decides_how_rollouts_and_held_out_evaluation_sample(fold, tiny_tokenizer, tmp_path):
+    # Rollouts run on the held-out evaluation's engine holder (EngineRollout takes held_out.engines).
+    from lawtune.train.grpo import GrpoHeldOut
+
+    cfg = load_config(None, ["model.path=m", "data.train=d.json", f"grpo.fold_adapter={str(fold).lower()}"],
+                      run_cls=GrpoRun)
+    held_out = GrpoHeldOut(cfg, [], tiny_tokenizer, None, tmp_path, {})
+    assert held_out.engines.fold is fold
+
+
 def test_the_cpu_runs_grpo_uncompiled_with_sdpa_and_says_so(caplog):
     from lawtune.train.common import cpu_fallbacks
 

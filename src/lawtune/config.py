@@ -633,6 +633,12 @@ class GrpoConfig(OptimizationSection):
     rollout: Literal["engine", "trl"] = "engine"
     """Who samples the completions: engine = lawtune's generation engine on the live weights (TRL's experimental
     rollout_func); trl = TRL's own generation (transformers' generate)."""
+    fold_adapter: bool = True
+    """The engine (rollouts and the held-out evaluation) samples from an inference copy of the model with the LoRA
+    adapter folded into its projections, refreshed before each call (as TRL's vLLM path merges it): the adapted
+    projections' weights once more in memory (2.6 GiB for the 1.5B model), and updates below a bf16 weight's
+    rounding step are rounded away there (generation/folded.py). Plain LoRA only (DoRA is sampled unfolded).
+    false = the adapter's own modules every decoding step, the training pass's arithmetic, slower."""
     eval_batch_size: PositiveInt = 64
     """Held-out questions generated at once."""
     eval_max_new_tokens: PositiveInt | None = None

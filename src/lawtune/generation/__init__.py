@@ -109,9 +109,11 @@ def generated(tokenizer, tokens: list[int], logprobs: list[float] | None = None)
 
 
 @torch.inference_mode()
-def engine_holder(tokenizer, gcfg) -> EngineHolder:
-    """An engine holder for a command or trainer that generates with ``gcfg`` (its owner closes it)."""
-    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False, kv_cache=gcfg.kv_cache)
+def engine_holder(tokenizer, gcfg, fold: bool = False) -> EngineHolder:
+    """An engine holder for a command or trainer that generates with ``gcfg`` (its owner closes it); ``fold``: a
+    LoRA adapter is sampled folded into an inference copy (``EngineHolder``)."""
+    return EngineHolder(tokenizer.eos_token_id, use_graph=None if gcfg.cuda_graphs else False, kv_cache=gcfg.kv_cache,
+                        fold=fold)
 
 
 @contextlib.contextmanager

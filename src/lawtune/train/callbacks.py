@@ -142,7 +142,7 @@ class HeldOutEvalCallback(TrainerCallback):
         self.trainer: Trainer | None = None  # set once the Trainer exists; saving goes through it (FSDP gathers there)
         # The evaluations' generation engine, kept from one to the next and closed when training ends (GRPO's
         # rollouts share it: one engine with the rows of both).
-        self.engines = engine_holder(tokenizer, self.settings()[1])
+        self.engines = engine_holder(tokenizer, self.settings()[1], fold=self.folds())
 
     def _run(self, state, model) -> None:
         from ..evaluate import evaluate_sharded
@@ -174,6 +174,11 @@ class HeldOutEvalCallback(TrainerCallback):
         the cheap modes are used."""
         mode = self.cfg.eval.mode if self.cfg.eval.mode != "reasoning" else "direct"
         return replace_config(self.cfg.eval, mode=mode), self.cfg.generation
+
+    def folds(self) -> bool:
+        """Whether the engine samples the adapter folded into an inference copy (``EngineHolder``'s ``fold``): SFT's
+        evaluations use the cheap modes, a few tokens a question, where the copy would cost more than it saves."""
+        return False
 
     def interval(self) -> int:
         """Steps between evaluations; 0 = only at the end."""

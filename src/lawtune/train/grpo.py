@@ -439,6 +439,9 @@ class GrpoHeldOut(HeldOutEvalCallback):
         return (EvalConfig(mode="reasoning", batch_size=g.eval_batch_size),
                 GenerationConfig(max_new_tokens=g.eval_max_new_tokens or g.max_completion_length, do_sample=False))
 
+    def folds(self) -> bool:
+        return self.cfg.grpo.fold_adapter
+
     def interval(self) -> int:
         return self.cfg.grpo.eval_steps
 

@@ -27,6 +27,7 @@ import torch
 
 from ...compat import clear_cublas_workspaces
 from ..attention import fast_attention
+from ..folded import FoldedLora, fold_adapter
 from .cache import budget_bytes, cache_dtype, rows_within, token_bytes
 from .readback import ReadBack
 from .runner import ModelRunner, base_model
@@ -305,16 +306,38 @@ class EngineHolder:
     needing fewer rows reuses it: a step runs only the rows in use), else a larger one (the old one closed first, its
     memory given back); ``close`` closes it. Row lengths are rounded up to a multiple of 256, so that nearby lengths
     share one engine. ``kv_cache`` (``generation.kv_cache``) caps the rows to what its budget holds at the row
-    length; the requests beyond them wait for a free row."""
+    length; the requests beyond them wait for a free row.
+
+    ``fold``: the engine samples a model that carries a LoRA adapter from an inference copy with the adapter folded
+    in (``folded.py``), made at the first ``get`` and refreshed at each, so every call samples the weights the model
+    has then (a trainer's optimizer steps between calls); the copy goes with ``close``."""
 
     def __init__(self, eos_token_id: int, use_graph: bool | None = None, top_logprobs: int = 0,
-                 kv_cache: str | None = None) -> None:
+                 kv_cache: str | None = None, fold: bool = False) -> None:
         self.eos, self.use_graph, self.top, self.kv_cache = eos_token_id, use_graph, top_logprobs, kv_cache
         self.engine: GenerationEngine | None = None
+        self.fold = fold
+        self.folded: tuple[object, FoldedLora | None] | None = None  # (the model it was made for, its copy or None)
+
+    def sampled(self, model):
+        """What the engine runs for ``model``: its folded copy, refreshed, where ``fold`` and it has an adapter to
+        fold; else ``model``."""
+        if not self.fold:
+            return model
+        if self.folded is None or self.folded[0] is not model:
+            self.close()
+            self.folded = (model, fold_adapter(model))
+            return model if self.folded[1] is None else self.folded[1].model
+        copy = self.folded[1]
+        if copy is None:
+            return model
+        copy.refresh()
+        return copy.model
 
     def get(self, model, slots: int, max_len: int, least: int = 1) -> GenerationEngine:
         """An engine with ``slots`` rows of ``max_len`` tokens, or as many rows as the KV budget holds (at least
-        ``least``)."""
+        ``least``), for ``model`` (or its folded copy, see ``fold``)."""
+        model = self.sampled(model)
         max_len = -(-max_len // 256) * 256
         old = self.engine
         slots = min(slots, self.room(model, max_len, least))
@@ -324,7 +347,8 @@ class EngineHolder:
             if old.model is model:  # never smaller than before: calls alternating between two sizes keep one engine
                 slots, max_len = max(slots, old.slots), max(max_len, old.max_len)
                 slots = min(slots, self.room(model, max_len, least))
-            self.close()
+            old.close()
+            self.engine = None
         self.engine = GenerationEngine(model, self.eos, slots=slots, max_len=max_len, use_graph=self.use_graph,
                                        top_logprobs=self.top)
         return self.engine
@@ -339,10 +363,12 @@ class EngineHolder:
         return budget_rows(model, max_len, self.kv_cache, least, held)
 
     def close(self) -> None:
-        """Close the engine held, if any (the holder stays usable: a later ``get`` makes a new one)."""
+        """Close the engine held, if any, and let go of the folded copy (the holder stays usable: a later ``get``
+        makes new ones)."""
         if self.engine is not None:
             self.engine.close()
         self.engine = None
+        self.folded = None
 
     def __enter__(self) -> EngineHolder:
         return self

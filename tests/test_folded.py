@@ -1,0 +1,101 @@
+"""The folded inference copy of a LoRA model (generation/folded.py) and the engine holder that samples from it:
+the copy computes what the adapted model computes, follows the adapter as it trains, shares what has no adapter, and
+is left out where the adapter cannot be folded."""
+
+import torch
+
+from lawtune.generation.engine import EngineHolder, SamplingParams
+from lawtune.generation.folded import fold_adapter
+
+from conftest import lora_tiny_model
+
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 61]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def nudge_adapter(model, scale: float = 0.05, seed: int = 1) -> None:
+    """Change every LoRA matrix in place, as an optimizer step does."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_the_folded_copy_computes_what_the_adapted_model_computes(tiny_tokenizer):
+    model = lora_tiny_model(tiny_tokenizer).eval()
+    folded = fold_adapter(model)
+    assert folded is not None and folded.model is not model
+    torch.testing.assert_close(logits(folded.model), logits(model), rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():  # the adapter changes the output, so the check above could fail
+        assert (logits(model) - logits(folded.model)).abs().max() > 1e-3
+    # nothing without an adapter is copied; each adapted projection is a plain Linear of its own
+    base = model.get_base_model()
+    assert folded.model.model.embed_tokens is base.model.embed_tokens and folded.model.lm_head is base.lm_head
+    assert folded.model.model.layers[0].input_layernorm is base.model.layers[0].input_layernorm
+    q = folded.model.model.layers[0].self_attn.q_proj
+    assert type(q) is torch.nn.Linear and q.bias is base.model.layers[0].self_attn.q_proj.base_layer.bias
+    assert not any(p.requires_grad for p in folded.model.parameters() if p is q.weight)
+    assert len(folded.pairs) == sum(1 for n, _ in base.named_modules() if n.endswith("q_proj")) * 7
+
+
+def test_refresh_follows_the_adapter_and_leaves_the_base_weights_alone(tiny_tokenizer):
+    model = lora_tiny_model(tiny_tokenizer).eval()
+    folded = fold_adapter(model)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    before = logits(folded.model)
+    nudge_adapter(model)
+    torch.testing.assert_close(logits(folded.model), before)  # not refreshed yet: the old adapter
+    folded.refresh()
+    torch.testing.assert_close(logits(folded.model), logits(model), rtol=1e-4, atol=1e-4)
+    assert (logits(folded.model) - before).abs().max() > 1e-3
+    for name, p in model.named_parameters():
+        if "base_layer" in name:
+            assert torch.equal(p, base_weights[name]), name
+
+
+def test_a_copy_made_under_inference_mode_can_be_refreshed_outside_it(tiny_tokenizer):
+    model = lora_tiny_model(tiny_tokenizer).eval()
+    with torch.inference_mode():
+        folded = fold_adapter(model)
+    nudge_adapter(model)
+    folded.refresh()  # an inference tensor would refuse this in-place write
+    torch.testing.assert_close(logits(folded.model), logits(model), rtol=1e-4, atol=1e-4)
+
+
+def test_what_cannot_be_folded_is_sampled_as_it_is(tiny_tokenizer, caplog):
+    from peft import LoraConfig, get_peft_model
+
+    from lawtune.demo import build_tiny_model
+
+    assert fold_adapter(build_tiny_model(tiny_tokenizer)) is None  # no adapter: nothing to fold
+    dora = get_peft_model(build_tiny_model(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with caplog.at_level("INFO", logger="lawtune"):
+        assert fold_adapter(dora) is None
+    assert "unfolded" in caplog.text and "Dora" in caplog.text
+    merged = lora_tiny_model(tiny_tokenizer)
+    merged.merge_adapter()
+    assert fold_adapter(merged) is None
+
+
+def _greedy(holder, model, prompt, n=8):
+    engine = holder.get(model, 2, 64)
+    return engine, engine.generate([(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True), None)])[0].samples[0].tokens
+
+
+def test_a_folding_holder_samples_the_adapter_as_it_is_at_each_call(tiny_tokenizer):
+    model = lora_tiny_model(tiny_tokenizer).eval()
+    prompt = tiny_tokenizer("物权问题：甲与乙的物权纠纷", add_special_tokens=False)["input_ids"]
+    with EngineHolder(tiny_tokenizer.eos_token_id, fold=True) as folding, EngineHolder(tiny_tokenizer.eos_token_id) as live:
+        engine, folded_tokens = _greedy(folding, model, prompt)
+        assert engine.model is not model and engine.model is folding.folded[1].model
+        assert folded_tokens == _greedy(live, model, prompt)[1]
+        nudge_adapter(model, scale=0.5)
+        again, after = _greedy(folding, model, prompt)
+        assert again is engine  # the same engine (its graphs point at the copy's weights, refreshed in place)
+        assert after == _greedy(live, model, prompt)[1] and after != folded_tokens
+    assert folding.folded is None  # closing lets the copy go
