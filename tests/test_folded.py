@@ -67,16 +67,37 @@ def test_a_copy_made_under_inference_mode_can_be_refreshed_outside_it(tiny_token
     torch.testing.assert_close(logits(folded.model), logits(model), rtol=1e-4, atol=1e-4)
 
 
+def test_dora_folds_to_what_its_forward_computes(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from lawtune.config import PROJECTIONS
+    from lawtune.demo import build_tiny_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(build_tiny_model(tiny_tokenizer),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJECTIONS), use_dora=True)).eval()
+    nudge_adapter(model, scale=0.1)  # B non-zero, and magnitudes off the base's row norms
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape))
+    folded = fold_adapter(model)
+    assert folded is not None
+    torch.testing.assert_close(logits(folded.model), logits(model), rtol=1e-4, atol=1e-4)
+    with model.disable_adapter():
+        assert (logits(model) - logits(folded.model)).abs().max() > 1e-3
+
+
 def test_what_cannot_be_folded_is_sampled_as_it_is(tiny_tokenizer, caplog):
     from peft import LoraConfig, get_peft_model
 
     from lawtune.demo import build_tiny_model
 
     assert fold_adapter(build_tiny_model(tiny_tokenizer)) is None  # no adapter: nothing to fold
-    dora = get_peft_model(build_tiny_model(tiny_tokenizer), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    embedded = get_peft_model(build_tiny_model(tiny_tokenizer), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
     with caplog.at_level("INFO", logger="lawtune"):
-        assert fold_adapter(dora) is None
-    assert "unfolded" in caplog.text and "Dora" in caplog.text
+        assert fold_adapter(embedded) is None
+    assert "unfolded (Embedding on Embedding)" in caplog.text
     merged = lora_tiny_model(tiny_tokenizer)
     merged.merge_adapter()
     assert fold_adapter(merged) is None

@@ -637,8 +637,8 @@ class GrpoConfig(OptimizationSection):
     """The engine (rollouts and the held-out evaluation) samples from an inference copy of the model with the LoRA
     adapter folded into its projections, refreshed before each call (as TRL's vLLM path merges it): the adapted
     projections' weights once more in memory (2.6 GiB for the 1.5B model), and updates below a bf16 weight's
-    rounding step are rounded away there (generation/folded.py). Plain LoRA only (DoRA is sampled unfolded).
-    false = the adapter's own modules every decoding step, the training pass's arithmetic, slower."""
+    rounding step are rounded away there (generation/folded.py). LoRA, rsLoRA and DoRA; other adapters are sampled
+    unfolded. false = the adapter's own modules every decoding step, the training pass's arithmetic, slower."""
     eval_batch_size: PositiveInt = 64
     """Held-out questions generated at once."""
     eval_max_new_tokens: PositiveInt | None = None

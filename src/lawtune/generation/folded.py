@@ -15,9 +15,12 @@ adapted projections' weights once more in memory (2.6 GiB in bf16 for the 1.5B m
 half a unit in the last place of a bf16 weight is rounded away at that weight, where the unfolded path rounds the
 adapter's contribution at each output instead; the training pass always runs the adapter unfolded.
 
-Folded: peft's plain LoRA on ``nn.Linear`` layers (any rank, rsLoRA's scale, several active adapters). Anything else
-(DoRA or another variant, LoRA on embeddings, a quantized base layer, a merged or disabled adapter) is not folded:
-``fold_adapter`` returns None and the caller samples from the model as it is.
+Folded: peft's LoRA on ``nn.Linear`` layers (any rank, rsLoRA's scale, several active adapters) and DoRA (one active
+adapter): DoRA's output is the bias plus ``m / ||W + dW||`` (each output row's learned magnitude over the row norm
+of the updated weight, as peft's forward computes it) times ``(W + dW) x``, so the folded weight is that row scale
+times ``W + dW``. Unfolded, DoRA's forward recomputes ``dW`` and its norm in every adapted projection of every
+decoding step. Anything else (another variant, LoRA on embeddings, a quantized base layer, a merged or disabled
+adapter) is not folded: ``fold_adapter`` returns None and the caller samples from the model as it is.
 """
 
 from __future__ import annotations
@@ -51,9 +54,17 @@ def unfoldable(layer: Any) -> str | None:
         return "an adapter merged into the base weights"
     if layer.disable_adapters:
         return "adapters disabled"
-    if any(name in layer.lora_variant for name in layer.active_adapters):
-        return f"a LoRA variant ({type(layer.lora_variant[layer.active_adapters[0]]).__name__})"
+    variants = [layer.lora_variant[name] for name in layer.active_adapters if name in layer.lora_variant]
+    if any(not dora(layer, name) for name in layer.active_adapters if name in layer.lora_variant):
+        return f"a LoRA variant ({type(variants[0]).__name__})"
+    if variants and len(layer.active_adapters) > 1:
+        return "DoRA beside other active adapters"
     return None
+
+
+def dora(layer: Any, name: str) -> bool:
+    """Whether adapter ``name`` of ``layer`` is DoRA (it has a magnitude vector)."""
+    return name in layer.lora_magnitude_vector
 
 
 class FoldedLora:
@@ -101,12 +112,17 @@ class FoldedLora:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Each folded weight := the base weight + every active adapter's update (float32, rounded once)."""
+        """Each folded weight := the base weight + every active adapter's update, DoRA's rescaled by its magnitude
+        (float32, rounded once)."""
         for layer, plain in self.pairs:
             weight = layer.base_layer.weight.float()
             for name in layer.active_adapters:
-                if name in layer.lora_A:
-                    weight = weight + layer.get_delta_weight(name).float()
+                if name not in layer.lora_A:
+                    continue
+                weight = weight + layer.get_delta_weight(name).float()
+                if dora(layer, name):  # the only active adapter (unfoldable): the norm is of W + dW
+                    magnitude = layer.lora_magnitude_vector[name].weight.float()
+                    weight = weight * (magnitude / torch.linalg.norm(weight, dim=1))[:, None]
             plain.weight.copy_(weight)
 
 
