@@ -2,6 +2,7 @@
 the copy computes what the adapted model computes, follows the adapter as it trains, shares what has no adapter, and
 is left out where the adapter cannot be folded."""
 
+import pytest
 import torch
 
 from lawtune.generation.engine import EngineHolder, SamplingParams
@@ -23,7 +24,7 @@ def nudge_adapter(model, scale: float = 0.05, seed: int = 1) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * scale)
 
 
 def test_the_folded_copy_computes_what_the_adapted_model_computes(tiny_tokenizer):
@@ -120,3 +121,21 @@ def test_a_folding_holder_samples_the_adapter_as_it_is_at_each_call(tiny_tokeniz
         assert again is engine  # the same engine (its graphs point at the copy's weights, refreshed in place)
         assert after == _greedy(live, model, prompt)[1] and after != folded_tokens
     assert folding.folded is None  # closing lets the copy go
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the engine's graphs, fused step and kernel need a GPU")
+def test_on_a_gpu_the_folded_copy_samples_what_the_adapter_samples(tiny_tokenizer):
+    """The GPU engine (graphs, the compiled step, the length-aware kernel) on the folded copy, in float32 where the
+    fold is exact up to rounding: the tokens of the adapted model, before and after the adapter changes."""
+    model = lora_tiny_model(tiny_tokenizer).to("cuda").eval()
+    prompts = [tiny_tokenizer(t, add_special_tokens=False)["input_ids"]
+               for t in ("物权问题：甲与乙的物权纠纷", "合同", "继承问题：甲死亡后", "法院认为当事人")]
+    requests = [(p, SamplingParams(max_new_tokens=24, temperature=t, seed=3, ignore_eos=True), str(i))
+                for i, p in enumerate(prompts) for t in (0.0, 0.8)]
+    with EngineHolder(tiny_tokenizer.eos_token_id, fold=True) as folding, EngineHolder(tiny_tokenizer.eos_token_id) as live:
+        for _ in range(2):
+            folded = [r.samples[0].tokens for r in folding.get(model, 8, 64).generate(requests)]
+            assert folding.engine is not None and folding.engine.model is not model
+            assert folded == [r.samples[0].tokens for r in live.get(model, 8, 64).generate(requests)]
+            nudge_adapter(model, scale=0.5)
