@@ -5,7 +5,9 @@ greedy or sampled, CUDA graphs on a GPU; its package docstring lists its parts);
 model (another attention kernel, sliding windows, a model sharded across the ranks of a distributed job) through
 transformers' ``generate``, both with the evaluation attention of ``attention.py``. ``reason_then_answer`` is the
 one forced-answer rule of reasoning mode. The static-batch CUDA-graph decoder the engine replaced lives on as the
-baseline of ``bench/generation.py`` (``bench/static_decoder.py``).
+baseline of ``bench/generation.py`` (``bench/static_decoder.py``). A trainer that samples from the model it trains
+(GRPO) can have the engine run an inference copy with the LoRA adapter folded in (``folded.py``, ``engine_holder``'s
+``fold``).
 """
 
 from __future__ import annotations
