@@ -23,6 +23,11 @@ class ModelError(UsageError):
     """The model or adapter cannot be used as asked; the message says why in one line."""
 
 
+def base_model(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resolve_device(mcfg: ModelConfig) -> torch.device:
     if torch.cuda.is_available():
         index = mcfg.gpu if mcfg.gpu is not None else 0

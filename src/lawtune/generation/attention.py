@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compat import attn_implementation, is_module_compiled, set_attn_implementation
+from ..model import base_model
 from .decode_attention import decode_attention
 
 FAST_ATTENTION = "lawtune_sdpa"
@@ -63,8 +64,7 @@ def _register() -> None:
 
 
 def _configs(model) -> list:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
+    config = getattr(base_model(model), "config", None)
     return [config] if config is not None else []
 
 

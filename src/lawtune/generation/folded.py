@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model import base_model
+
 log = logging.getLogger("lawtune")
 
 
@@ -54,9 +56,10 @@ def unfoldable(layer: Any) -> str | None:
         return "an adapter merged into the base weights"
     if layer.disable_adapters:
         return "adapters disabled"
-    variants = [layer.lora_variant[name] for name in layer.active_adapters if name in layer.lora_variant]
-    if any(not dora(layer, name) for name in layer.active_adapters if name in layer.lora_variant):
-        return f"a LoRA variant ({type(variants[0]).__name__})"
+    variants = [name for name in layer.active_adapters if name in layer.lora_variant]
+    other = [name for name in variants if not dora(layer, name)]
+    if other:
+        return f"a LoRA variant ({type(layer.lora_variant[other[0]]).__name__})"
     if variants and len(layer.active_adapters) > 1:
         return "DoRA beside other active adapters"
     return None
@@ -73,8 +76,7 @@ class FoldedLora:
     the adapter's present weights into it."""
 
     def __init__(self, source, layers: dict[str, Any]) -> None:
-        self.source = source
-        base = source.get_base_model() if hasattr(source, "get_base_model") else source
+        base = base_model(source)
         # The copy's own config: the engine switches a model's attention implementation on its config while it runs.
         with torch.device("meta"):
             folded = type(base)(copy.deepcopy(base.config))
@@ -115,21 +117,24 @@ class FoldedLora:
         """Each folded weight := the base weight + every active adapter's update, DoRA's rescaled by its magnitude
         (float32, rounded once)."""
         for layer, plain in self.pairs:
-            weight = layer.base_layer.weight.float()
+            base = layer.base_layer.weight.float()
+            weight = base
             for name in layer.active_adapters:
                 if name not in layer.lora_A:
                     continue
-                weight = weight + layer.get_delta_weight(name).float()
-                if dora(layer, name):  # the only active adapter (unfoldable): the norm is of W + dW
-                    magnitude = layer.lora_magnitude_vector[name].weight.float()
-                    weight = weight * (magnitude / torch.linalg.norm(weight, dim=1))[:, None]
+                delta = layer.get_delta_weight(name).float()
+                weight = weight + delta
+                if dora(layer, name):  # the only active adapter (unfoldable); peft's norm of W + dW, as its forward
+                    magnitude = layer.lora_magnitude_vector[name]
+                    norm = magnitude.get_weight_norm(base, delta, 1.0)
+                    weight = weight * (magnitude.weight.float() / norm)[:, None]
             plain.weight.copy_(weight)
 
 
 def fold_adapter(model) -> FoldedLora | None:
     """An inference copy of ``model`` with its LoRA adapter folded in, or None where there is nothing to fold or it
     cannot be folded (logged once, with the reason)."""
-    layers = lora_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    layers = lora_layers(base_model(model))
     if not layers:
         return None
     reasons = {why for why in map(unfoldable, layers.values()) if why}

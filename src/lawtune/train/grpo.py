@@ -373,7 +373,8 @@ class EngineRollout:
 
     TRL hands the step's prompts with each question repeated once per completion of its group; the engine samples a
     group from one prefill (``n`` samples), each sample from (grpo.seed, the question id and step, the sample index),
-    so a rollout does not depend on what else is generated beside it. The engine holds the model itself: it samples
+    so a rollout does not depend on what else is generated beside it. The engine holds the model itself (or, with
+    grpo.fold_adapter, the holder's folded copy of it, refreshed before each rollout): it samples
     from the weights the last optimizer step left."""
 
     def __init__(self, cfg: GrpoRun, tokenizer, ids_by_prompt: dict[str, str], engines):

@@ -20,6 +20,7 @@ import sys
 import torch
 
 from .. import compat
+from ..model import base_model
 
 log = logging.getLogger("lawtune")
 
@@ -54,7 +55,7 @@ def apply_liger(model, device: torch.device, fused_cross_entropy: bool) -> bool:
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:
     """The repeated decoder blocks of a (PEFT-wrapped) causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     inner = getattr(base, "model", base)
     layers = getattr(inner, "layers", None)
     return layers if isinstance(layers, torch.nn.ModuleList) else None

@@ -25,8 +25,8 @@ stale data that nothing reads.
   the recorded graph. Attention reads each row's own length with ``decode_attention``'s kernel instead of the
   widest row's window. ``compile_step`` and ``attention_kernel`` switch them (bench/generation.py measures both).
 
-* **Layers that training compiled** (``train.compile``, ``grpo.compile``; in-training evaluation and GRPO's
-  rollouts run on the live model) run eagerly in the passes above that run the decoder as it is (prefill, a forced
+* **Layers that training compiled** (``train.compile``, ``grpo.compile``; in-training evaluation, and GRPO's
+  rollouts with ``grpo.fold_adapter=false``, run on the live model) run eagerly in the passes above that run the decoder as it is (prefill, a forced
   answer's closing, the uncompiled step): their compilation is for training's shapes. The fused step traces through
   them into its own compilation, so it stays compiled (a process-wide "force eager" would have turned it off too).
 
@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ...model import base_model
 from .. import decode_attention
 from ..attention import FAST_ATTENTION, attention_implementation, eager_stance
 from .cache import LayerSlots, SlotCache, cache_dtype
@@ -53,11 +54,6 @@ log = logging.getLogger("lawtune")
 
 # The narrowest window of cache columns a decoding step attends (see "Only the columns in use").
 MIN_COLUMNS = 256
-
-
-def base_model(model):
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def engine_supported(model) -> bool:
