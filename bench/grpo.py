@@ -94,15 +94,15 @@ def summary(name: str, length: int, clock: StepClock, warmup: int, completions: 
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None}
 
 
-def run_lawtune(opts, work: Path, data: Path, length: int, overrides: list[str]) -> dict:
+def run_lawtune(opts, work: Path, data: Path, length: int, micro: int, overrides: list[str]) -> dict:
     from lawtune.config import GrpoRun, load_config
     from lawtune.train.grpo import EngineRollout, setup
 
     completions = opts.group * opts.questions
     cfg = load_config(None, [
         f"model.path={work / 'model'}", f"data.train={data}", "data.eval_fraction=0", f"data.max_length={length + 1024}",
-        f"grpo.output_dir={work / f'lawtune_{length}'}", f"grpo.num_generations={opts.group}",
-        f"grpo.per_device_batch_size={opts.micro}", f"grpo.gradient_accumulation_steps={completions // opts.micro}",
+        f"grpo.output_dir={work / f'lawtune_{length}_{micro}'}", f"grpo.num_generations={opts.group}",
+        f"grpo.per_device_batch_size={micro}", f"grpo.gradient_accumulation_steps={completions // micro}",
         f"grpo.max_completion_length={length}", f"grpo.max_steps={opts.warmup + opts.steps}", "grpo.save_steps=100000",
         "grpo.report_to=[none]", "grpo.rollout=engine", *(["model.dtype=float32"] if opts.smoke else []),
         *overrides,
@@ -189,7 +189,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8, help="questions per step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (graph capture, allocator)")
-    ap.add_argument("--micro", type=int, default=16, help="lawtune's completions per forward/backward (the grpo yaml's)")
+    ap.add_argument("--micro", default="16",
+                    help="lawtune's completions per forward/backward (the grpo yaml's 16); a comma list runs lawtune's "
+                         "sides once each, in one process")
     ap.add_argument("--trl-micro", type=int, default=8, help="TRL's (its default per_device_train_batch_size)")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides of lawtune's side (e.g. grpo.gradient_checkpointing=true)")
     ap.add_argument("--impls", default="lawtune,trl",
@@ -199,8 +201,10 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, tiny sizes (tests/test_bench.py)")
     opts = ap.parse_args()
     if opts.smoke:
-        opts.lengths, opts.group, opts.questions, opts.steps, opts.micro, opts.trl_micro = "8", 2, 2, 2, 2, 2
-    for flag, micro in (("--micro", opts.micro), ("--trl-micro", opts.trl_micro)):
+        opts.lengths, opts.group, opts.questions, opts.steps, opts.trl_micro = "8", 2, 2, 2, 2
+        opts.micro = "2" if opts.micro == "16" else opts.micro
+    micros = [int(m) for m in opts.micro.split(",")]
+    for flag, micro in [*(("--micro", m) for m in micros), ("--trl-micro", opts.trl_micro)]:
         if (opts.group * opts.questions) % micro:
             ap.error(f"{flag} {micro} must divide the {opts.group * opts.questions} completions of a step")
     import logging
@@ -212,8 +216,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = prepare(opts, work)
+        sides = [(impl, micro) for impl in opts.impls.split(",")
+                 for micro in ([opts.trl_micro] if impl == "trl" else micros)]
         for length in map(int, opts.lengths.split(",")):
-            for impl in opts.impls.split(","):
+            for impl, micro in sides:
                 gc.collect()  # the previous side's trainer, engine and graphs: their memory must not count here
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -229,18 +235,22 @@ def main() -> None:
                 if impl == "trl":
                     row = run_trl(opts, work, data, length)
                 else:
-                    row = run_lawtune(opts, work, data, length, overrides)
+                    row = run_lawtune(opts, work, data, length, micro, overrides)
                     row["impl"] = impl
-                row["micro_batch"] = opts.trl_micro if impl == "trl" else opts.micro
+                row["micro_batch"] = micro
                 row["overrides"] = [] if impl == "trl" else overrides
                 row["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and not opts.smoke else "cpu"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    by = {(r["impl"], r["completion_tokens"]): r for r in rows}
-    print(f"\n{'impl':14} {'tokens':>6} {'s/step':>8} {'rollout':>8} {'reward':>7} {'train':>7} {'rollout tok/s':>14} "
+                if opts.json:  # row by row: a run cut short by a time limit keeps the sides it finished
+                    Path(opts.json).write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    by: dict = {}
+    for r in rows:  # lawtune's first micro-batch where several ran
+        by.setdefault((r["impl"], r["completion_tokens"]), r)
+    print(f"\n{'impl':14} {'tokens':>6} {'micro':>5} {'s/step':>8} {'rollout':>8} {'reward':>7} {'train':>7} {'rollout tok/s':>14} "
           f"{'train tok/s':>12} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['s_per_step']:>8} {r['rollout_s']:>8} {r['reward_s']:>7} "
+        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['micro_batch']:>5} {r['s_per_step']:>8} {r['rollout_s']:>8} {r['reward_s']:>7} "
               f"{r['train_s']:>7} {r['rollout_tokens_per_s']!s:>14} {r['train_tokens_per_s']:>12} "
               f"{r['peak_reserved_gib']!s:>9}")
     for length in map(int, opts.lengths.split(",")):

@@ -145,10 +145,12 @@ def test_generation_bench_smoke():
 
 def test_grpo_bench_smoke(tmp_path):
     """Every side runs on the same forced lengths (lawtune's packed and padded training passes too); the table's
-    ratios come from lawtune's and TRL's."""
+    ratios come from lawtune's and TRL's; a list of micro-batches runs lawtune once each."""
     out = tmp_path / "grpo.json"
-    rows = _run("grpo.py", "--json", str(out), "--impls", "lawtune,lawtune_padded,trl")
-    runs = {(r["impl"], r["completion_tokens"]): r for r in rows if r["bench"] == "grpo"}
+    rows = _run("grpo.py", "--json", str(out), "--impls", "lawtune,lawtune_padded,trl", "--micro", "2,4")
+    sides = [(r["impl"], r["micro_batch"]) for r in rows if r["bench"] == "grpo"]
+    assert sides == [("lawtune", 2), ("lawtune", 4), ("lawtune_padded", 2), ("lawtune_padded", 4), ("trl", 2)]
+    runs = {(r["impl"], r["completion_tokens"]): r for r in rows if r["bench"] == "grpo" and r["micro_batch"] == 2}
     assert set(runs) == {(impl, 8) for impl in ("lawtune", "lawtune_padded", "trl")}
     assert runs[("lawtune_padded", 8)]["overrides"] == ["grpo.packed=false"]
     assert "model.attn_implementation=flex_attention" in runs[("lawtune", 8)]["overrides"]
