@@ -7,7 +7,7 @@ defaults (rollouts through transformers' generate), same model, LoRA, group and 
 The model is the config's architecture with random weights (bf16 on a GPU); prompts are JEC-QA-shaped
 (bench/jecqa_synth.py) in lawtune's reasoning format; every completion is forced to its length (the end token
 ignored), so both sides generate and train on the same number of tokens. A step samples all its completions in one
-generation; lawtune then trains them 16 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
+generation; lawtune then trains them 32 at a time (its grpo yaml), TRL 8 at a time (its default micro-batch), both
 with gradient checkpointing (TRL's default); lawtune's side as its grpo yaml runs it (the training pass on packed
 rows under flex attention with compiled layers, rollouts on the folded adapter), or with `--impls
 lawtune_padded,...` TRL's padded pass (grpo.packed=false, sdpa). Per side and length:
@@ -189,8 +189,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8, help="questions per step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps (graph capture, allocator)")
-    ap.add_argument("--micro", default="16",
-                    help="lawtune's completions per forward/backward (the grpo yaml's 16); a comma list runs lawtune's "
+    ap.add_argument("--micro", default="32",
+                    help="lawtune's completions per forward/backward (the grpo yaml's 32); a comma list runs lawtune's "
                          "sides once each, in one process")
     ap.add_argument("--trl-micro", type=int, default=8, help="TRL's (its default per_device_train_batch_size)")
     ap.add_argument("--set", nargs="*", default=[], help="key=value overrides of lawtune's side (e.g. grpo.gradient_checkpointing=true)")
@@ -202,7 +202,7 @@ def main() -> None:
     opts = ap.parse_args()
     if opts.smoke:
         opts.lengths, opts.group, opts.questions, opts.steps, opts.trl_micro = "8", 2, 2, 2, 2
-        opts.micro = "2" if opts.micro == "16" else opts.micro
+        opts.micro = "2" if opts.micro == "32" else opts.micro
     micros = [int(m) for m in opts.micro.split(",")]
     for flag, micro in [*(("--micro", m) for m in micros), ("--trl-micro", opts.trl_micro)]:
         if (opts.group * opts.questions) % micro:
