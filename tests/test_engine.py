@@ -439,6 +439,18 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
             assert keep[0].nonzero()[:, 0].tolist() == list(range(307))  # the mass before token 307 is past 0.5
 
 
+def test_top_p_1_with_top_k_keeps_top_k_tokens_where_the_mass_rounds_above_1():
+    """Peaked rows: the first few probabilities already sum above 1 in float32, which cut top-k 40 short before (to 5
+    tokens in the first row), top-p 1 being read as a bound on that sum."""
+    from lawtune.generation.engine.sampler import nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    probs = (torch.randn(48, 613, generator=generator) * 20).softmax(-1)
+    assert (probs.sort(-1, descending=True).values[:, :40].cumsum(-1) > 1).any()  # the case this is about
+    keep = nucleus(probs, torch.ones(48), torch.full((48,), 40))
+    assert keep.sum(-1).tolist() == [40] * 48
+
+
 def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
     """The fused step's path (each layer on its own view of the cache), here uncompiled on the CPU: the same tokens as
     the whole decoder's forward, greedy and sampled."""

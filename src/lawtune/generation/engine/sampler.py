@@ -55,7 +55,8 @@ def nucleus_threshold(probs: torch.Tensor, top_p: torch.Tensor,
     bisection of the module docstring; reductions only, which a compiled step fuses into one kernel a halving)."""
     vocab = probs.shape[-1]
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    p = top_p[:, None]
+    # top-p 1 bounds no mass: a sum of probabilities may round above 1, which would cut a top-k short
+    p = torch.where(top_p >= 1, float("inf"), top_p)[:, None]
     bits = probs.view(torch.int32)  # non-negative floats order as their bits do
     lo = torch.zeros_like(k)  # invariant: the value of lo's bits is not kept (as first of its ties), hi's is
     hi = bits.max(-1, keepdim=True).values.long()
@@ -103,7 +104,8 @@ def sorted_choice(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
     ranks = torch.arange(vocab, device=scaled.device)[None, :]
     cut = ranks >= torch.where(top_k > 0, top_k, vocab)[:, None]
     probs = ordered.softmax(-1)
-    cut |= (probs.cumsum(-1) - probs) > top_p[:, None]  # keep the smallest head whose mass reaches top_p
+    # keep the smallest head whose mass reaches top_p; top-p 1 keeps all (a sum may round above 1)
+    cut |= ((probs.cumsum(-1) - probs) > top_p[:, None]) & (top_p < 1)[:, None]
     u = uniform_noise(seed[:, None], step[:, None], order)
     pick = (ordered.masked_fill(cut, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
     return order.gather(1, pick[:, None])[:, 0]
