@@ -203,7 +203,10 @@ def main() -> None:
     if opts.smoke:
         opts.lengths, opts.group, opts.questions, opts.steps, opts.trl_micro = "8", 2, 2, 2, 2
         opts.micro = "2" if opts.micro == "32" else opts.micro
-    micros = [int(m) for m in opts.micro.split(",")]
+    try:
+        micros = [int(m) for m in opts.micro.split(",")]
+    except ValueError:
+        ap.error(f"--micro {opts.micro!r}: whole numbers, comma-separated")
     for flag, micro in [*(("--micro", m) for m in micros), ("--trl-micro", opts.trl_micro)]:
         if (opts.group * opts.questions) % micro:
             ap.error(f"{flag} {micro} must divide the {opts.group * opts.questions} completions of a step")
