@@ -149,8 +149,8 @@ def test_the_gpu_default_config_falls_back_cleanly_on_cpu(tiny_model_dir, tmp_pa
     ([], None)])
 def test_a_gpu_run_that_compiles_says_its_first_step_will_take_minutes(tiny_model_dir, tmp_path, monkeypatch, caplog,
                                                                         overrides, said):
-    """The first step under flex attention or compiled layers sits at step 0 for minutes (354 s for grpo's yaml
-    on an H200): the run says so before it starts, and only then."""
+    """The first step under flex attention or compiled layers sits at step 0 for minutes (354-393 s for grpo's
+    yaml on an H200): the run says so before it starts, and only then."""
     from lawtune.train import common
 
     monkeypatch.setattr(common, "resolve_device", lambda model: torch.device("cuda"))  # no CUDA call follows

@@ -10,7 +10,10 @@ projection is a plain ``nn.Linear`` whose weight holds the base weight plus the 
 ``get_delta_weight``), summed in float32 and rounded once to the base's dtype. ``refresh`` writes those weights again
 in place, so CUDA graphs recorded on the copy stay valid.
 
-The fold is what TRL's vLLM path does (it merges the adapter and sends vLLM the merged weights). Its cost: the
+Why not peft's own ``merge_adapter`` / ``unmerge_adapter`` around each rollout: they add ``dW`` to the live base
+weights in their dtype and subtract it again, so every rollout would leave the frozen bf16 base a rounding off where
+it was; the copy leaves the training model untouched. The fold is what TRL's vLLM path does (it merges the adapter
+and sends vLLM the merged weights). Its cost: the
 adapted projections' weights once more in memory (2.6 GiB in bf16 for the 1.5B model), and an update smaller than
 half a unit in the last place of a bf16 weight is rounded away at that weight, where the unfolded path rounds the
 adapter's contribution at each output instead; the training pass always runs the adapter unfolded.
@@ -39,10 +42,8 @@ log = logging.getLogger("lawtune")
 
 def lora_layers(model) -> dict[str, Any]:
     """The modules of ``model`` that carry a peft LoRA adapter, by name (empty for a plain model)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is a dependency; without it nothing can carry an adapter
-        return {}
+    from peft.tuners.lora import LoraLayer
+
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 

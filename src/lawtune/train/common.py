@@ -178,7 +178,7 @@ def start_run(cfg, section: str, resume: bool, overwrite: bool):
     if device.type == "cuda" and compiled:
         # The progress bar stays at step 0 meanwhile; say why, so a quiet first step is not taken for a hang.
         log.info("the first step compiles the training kernels (%s): minutes on a fresh machine (one H200, the 1.5B "
-                 "model: 128 s for train's, 354 s for grpo's)", ", ".join(compiled))
+                 "model: 128 s for train's, 354-393 s for grpo's)", ", ".join(compiled))
     return replace_config(cfg, **{section: replace_config(own, output_dir=str(out))}), out, device, dtype
 
 
