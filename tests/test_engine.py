@@ -181,6 +181,41 @@ def test_background_loop_serves_callers_from_several_threads(tiny):
         assert results[i] == _reference(model, tok, prompt, BUDGETS[i])
 
 
+def test_one_thread_streams_many_requests_without_waiting_on_each(tiny):
+    """``wait=False`` (serve's pump): a stream yields None where it would wait, and the request's listeners are told
+    whenever it has more; one thread drives every stream from those calls alone, and gets the reference tokens."""
+    import threading
+
+    model, tok, prompts = tiny
+    engine = GenerationEngine(model, tok.eos_token_id, slots=4, max_len=64)
+    told, ready = threading.Event(), []
+    engine.start()
+    try:
+        streams, results, idles = {}, {i: [] for i in range(len(prompts))}, 0
+        for i in range(len(prompts)):
+            request = engine.submit(prompts[i], SamplingParams(max_new_tokens=BUDGETS[i]), stream=True)
+            request.listeners.append(lambda _r, i=i: (ready.append(i), told.set()))
+            streams[i] = engine.stream(request, wait=False)
+        pending = set(streams)
+        while pending:
+            for i in list(pending):
+                for item in streams[i]:
+                    if item is None:
+                        idles += 1
+                        break
+                    results[i].append(item[1])
+                else:
+                    pending.discard(i)
+            if pending:
+                assert told.wait(timeout=60), "no listener was told while requests still ran"
+                told.clear()
+    finally:
+        engine.stop()
+    for i, prompt in enumerate(prompts):
+        assert results[i] == _reference(model, tok, prompt, BUDGETS[i])
+    assert idles and set(ready) == set(streams)
+
+
 def test_a_failed_step_in_the_background_loop_is_logged_and_raised_to_its_caller(tiny, caplog, monkeypatch):
     model, tok, prompts = tiny
     engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=64)

@@ -178,14 +178,26 @@ def test_protocol_errors_and_wrong_routes(rand):
 def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_row(random_engine):
     with running(random_engine, slots=8) as (url, server):
         generator = server.generator
-        results = []
+        results, names, watching = [], set(), threading.Event()
+
+        def watch():  # the threads that run while the requests do
+            while not watching.is_set():
+                names.update(t.name for t in threading.enumerate())
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         threads = [threading.Thread(target=lambda: results.append(chat(url, PLAIN, mode="reasoning", max_tokens=40)))
                    for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        watching.set()
+        watcher.join()
         assert [r.status_code for r in results] == [200] * 8
+        # one thread drove all eight generations (the pump), none had a thread of its own
+        assert "lawtune-streams" in names and "lawtune-request" not in names
         tokens = sum(r.json()["usage"]["completion_tokens"] for r in results)
         assert tokens > 8 * 20  # a random model runs (nearly) to its budget
         assert generator.steps < tokens / 2, "the requests were not decoded side by side"
@@ -205,7 +217,8 @@ def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_
             time.sleep(0.01)
         assert not generator.running and generator.steps - before < 1000
         assert chat(url, PLAIN).status_code == 200
-    assert generator.thread is None  # stopping the server stops the engine's loop
+    assert generator.thread is None  # stopping the server stops the engine's loop, and the pump
+    assert server.state.pump is not None and not server.state.pump.thread.is_alive()
 
 
 @pytest.mark.browser

@@ -303,6 +303,10 @@ class TextPieces:
 # Models the engine cannot run go through transformers' generate, one request at a time.
 HF_GENERATE_LOCK = threading.Lock()
 
+# What a generation asked not to wait (``wait=False``) yields where it would wait for its next token: its caller
+# drives other generations and comes back once the engine tells the request's listeners (serve's pump).
+IDLE = ("idle", None)
+
 
 class SharedSamples:
     """The ``n`` choices of one request (``serve``'s ``n``) as ONE engine request of ``n`` samples: one prefill, and
@@ -348,8 +352,8 @@ class SampleHandle:
 def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, stream: bool = True,
                   top_logprobs: int = 0, key: str | None = None, on_request: Callable[[Any, Any], None] | None = None,
                   prompt_logprobs: int | None = None, forced: dict[str, Any] | None = None,
-                  shared: SharedSamples | None = None,
-                  index: int = 0) -> Generator[tuple[int, float, list], None, Generated]:
+                  shared: SharedSamples | None = None, index: int = 0,
+                  wait: bool = True) -> Generator[tuple[int, float, list] | None, None, Generated]:
     """Yield (token, log-probability, likeliest tokens of its step) of one generation as its tokens arrive (with
     ``stream``; else none); return its Generated. Closing the generator early cancels the request (its engine row is
     freed); so does ``engine.cancel(request)`` from another thread, given the two by ``on_request(engine, request)``
@@ -358,7 +362,8 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
     once its first token has come). ``forced``: reasoning mode's forced answer (``generation.forced_answer``); the
     Generated is then of all the sample's tokens, the closing not among them (``_generate`` assembles the text).
     ``shared``: this is choice ``index`` of a request shared by several (``SharedSamples``); ``on_request`` then gets
-    the choice's handle in place of the engine."""
+    the choice's handle in place of the engine. Not ``wait``: yields None where it would wait for a token (on the
+    engine's background loop, ``GenerationEngine.stream``)."""
     model, tokenizer = engine.model, engine.tokenizer
     if not uses_engine(model, gcfg):
         with HF_GENERATE_LOCK:  # one model, several request threads (serve)
@@ -377,9 +382,14 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
             on_request(shared.handle(index), request)
     sample = request.samples[index]
     try:
-        for i, (_, token, logprob) in enumerate(runner.stream(request, sample=index, cancel_on_close=shared is None)):
+        i = 0
+        for item in runner.stream(request, sample=index, cancel_on_close=shared is None, wait=wait):
+            if item is None:
+                yield None
+                continue
             if stream:
-                yield token, logprob, sample.top_logprobs[i] if top_logprobs else []
+                yield item[1], item[2], sample.top_logprobs[i] if top_logprobs else []
+            i += 1
     finally:
         if shared is not None:
             shared.leave(index)
@@ -388,12 +398,12 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
 
 def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0,
-              shared: SharedSamples | None = None, index: int = 0, key: str | None = None):
+              shared: SharedSamples | None = None, index: int = 0, key: str | None = None, wait: bool = True):
     """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
     log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
     forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
     tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``,
-    ``key``: as in ``stream_tokens``."""
+    ``key``: as in ``stream_tokens``; not ``wait``: ``IDLE`` where it would wait."""
     tokenizer = engine.tokenizer
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not uses_engine(engine.model, gcfg):
@@ -411,14 +421,18 @@ def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationCon
     pieces = TextPieces(tokenizer)
     shown, count, trace = "", 0, None
     tokens_of = stream_tokens(engine, ids, budget, gcfg, stream=stream, top_logprobs=top_logprobs,
-                              on_request=remember, forced=forced, shared=shared, index=index, key=key)
+                              on_request=remember, forced=forced, shared=shared, index=index, key=key, wait=wait)
     try:
         while True:
             try:
-                token, logprob, top = next(tokens_of)
+                item = next(tokens_of)
             except StopIteration as done:
                 result = done.value
                 break
+            if item is None:
+                yield IDLE
+                continue
+            token, logprob, top = item
             if trace is None and requests[0].samples[index].forced_at == count:  # the answer's first token
                 trace = yield from _close_trace(tokenizer, requests[0].samples[index], shown, splitter,
                                                 engine.prompt_format)
@@ -462,14 +476,16 @@ def _close_trace(tokenizer, sample, shown: str, splitter: ThinkSplitter, prompt_
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
                     gcfg: GenerationConfig | None = None, stream: bool = True, tokens: bool = False,
                     top_logprobs: int = 0, on_request=None, shared: SharedSamples | None = None,
-                    index: int = 0, key: str | None = None) -> Generator[tuple[str, Any], None, None]:
+                    index: int = 0, key: str | None = None,
+                    wait: bool = True) -> Generator[tuple[str, Any], None, None]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer). With ``tokens``,
     also ("token", (id, log-probability, its step's ``top_logprobs`` likeliest tokens)) for every generated token
     (the text a forced answer's closing adds has none).
 
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
     answer's included. Closing the iterator early stops the generation; ``on_request``, ``shared``, ``index`` and
-    ``key`` (the request's name for its samples' seeds; default: its prompt) are as in ``stream_tokens``."""
+    ``key`` (the request's name for its samples' seeds; default: its prompt) are as in ``stream_tokens``. Not
+    ``wait``: yields ``IDLE`` where it would wait for the engine (serve's pump drives many from one thread)."""
     if mode not in INFER_MODES:
         raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
@@ -482,14 +498,14 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     continued = think and uses_engine(engine.model, gcfg)  # the forced answer continues the sample's row
     first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
                                  on_request, reserve=reserve if continued else 0, shared=shared, index=index,
-                                 key=key)
+                                 key=key, wait=wait)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
     if think and not stopped and reserve and not continued:
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
         closing = closing_text(first.text, engine.prompt_format)
         yield from splitter.feed(closing)
         more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream, tokens,
-                                    top_logprobs, on_request)
+                                    top_logprobs, on_request, wait=wait)
         output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
     yield from splitter.flush()
     # Split as the stream was: reasoning up to the first </think>; the letters are read after the last one.

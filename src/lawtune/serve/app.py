@@ -163,6 +163,7 @@ def make_app(state: ServeState, load: Callable[[], None] | None = None) -> Guard
         if load is not None:
             threading.Thread(target=load, name="lawtune-load", daemon=True).start()
         yield
+        state.close_pump()
         generator = state.loaded.generator if state.loaded else None
         if generator is not None:
             generator.close()  # the server made it: its loop, cache, graphs and model reference go

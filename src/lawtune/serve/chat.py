@@ -199,9 +199,10 @@ def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
     # stopped answer need them.
     tokens = body.logprobs or bool(stops)
 
-    def events(on_request):
+    def events(on_request, wait: bool):
         return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=tokens,
-                               top_logprobs=top, on_request=on_request, shared=shared, index=index, key=key)
+                               top_logprobs=top, on_request=on_request, shared=shared, index=index, key=key,
+                               wait=wait)
 
     return ChatChoiceRun(index, Job(state, events), StopText(stops), streamed=stream)
 

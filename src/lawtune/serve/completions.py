@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..config import GenerationConfig
 from ..config import replace as replace_config
-from ..infer import SharedSamples, TextPieces, stream_tokens
+from ..infer import IDLE, SharedSamples, TextPieces, stream_tokens
 from . import protocol as api
 from .runtime import (
     Job,
@@ -107,7 +107,7 @@ def start_completion(state: ServeState, body: api.CompletionRequest, ids: list[i
     if shared is None and index % body.n:
         gcfg = replace_config(gcfg, seed=gcfg.seed + index % body.n)
 
-    def events(on_request):
+    def events(on_request, wait: bool):
         got: dict[str, Any] = {}
 
         def remember(engine, request) -> None:
@@ -115,7 +115,7 @@ def start_completion(state: ServeState, body: api.CompletionRequest, ids: list[i
             on_request(engine, request)
 
         tokens = stream_tokens(loaded, ids, budget, gcfg, top_logprobs=top, prompt_logprobs=prompt_logprobs,
-                               on_request=remember, shared=shared, index=index % body.n)
+                               on_request=remember, shared=shared, index=index % body.n, wait=wait)
         sent_prompt = False
         try:
             while True:
@@ -124,6 +124,9 @@ def start_completion(state: ServeState, body: api.CompletionRequest, ids: list[i
                 except StopIteration as stop:
                     result = stop.value
                     break
+                if token is None:
+                    yield IDLE
+                    continue
                 if prompt_logprobs is not None and not sent_prompt:
                     sent_prompt = True
                     yield "prompt", got["request"].prompt_logprobs

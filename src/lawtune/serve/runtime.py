@@ -1,9 +1,20 @@
 """What every route of `lawtune serve` shares: its state (the model, the queue, the metrics), OpenAI-shaped errors,
 and ``Job``, one request's generation.
 
-Generation runs in threads (the engine's callers block on it): each request's generation is a ``Job``, a thread that
-drives lawtune's generator and hands its events to the event loop as they come, so the loop never blocks and any
-number of requests wait without holding a worker of the loop's thread pool.
+Generation runs outside the event loop (lawtune's generators block): each request's generation is a ``Job``, whose
+events reach the event loop as they come, so the loop never blocks and any number of requests wait without holding a
+worker of the loop's thread pool. On the engine's background loop one thread, the ``StreamPump``, drives the
+generators of every request; a model the engine cannot run gets a thread a request (transformers' generate blocks).
+
+Why one thread for all streams: with a thread a request, every engine step woke each streaming request's thread, and
+each of those threads woke the event loop; all of them took the interpreter lock in turn with the engine's own
+thread, which needs it between its steps. On the development CPU (2 cores, the demo-sized model, 32 streaming
+clients) the engine's thread held the lock 40% of its time inside those wake-ups (py-spy ``--gil``). The pump is
+woken at most once for whatever a reading of the rows brought (``Request.listeners``), takes every ready generation
+as far as it goes without waiting (``wait=False``: they yield ``IDLE`` there), and wakes the event loop once for all
+of them. Measured on that CPU (``bench/generation.py --cpu --clients 32,128 --serve-tokens 256``, five runs a side,
+alternating): 32 clients 2,970 tokens/s against 2,529 (1.17x), 128 clients 3,654 against 3,109 (1.18x), one client
+unchanged; not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -12,10 +23,11 @@ import asyncio
 import collections
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..config import ConfigError, GenerationConfig, ServeConfig
 from ..config import replace as replace_config
 from ..generation import uses_engine
-from ..infer import LoadedModel, SharedSamples
+from ..infer import IDLE, LoadedModel, SharedSamples
 from . import protocol as api
 
 log = logging.getLogger("lawtune")
@@ -76,6 +88,8 @@ class ServeState:
     rows: int = 0
     """Choices admitted and not finished (running or waiting)."""
     jobs: set = field(default_factory=set)
+    pump: StreamPump | None = None
+    """Drives the jobs on the engine (made with the first one)."""
     started: int = field(default_factory=lambda: int(time.time()))
     lock: threading.Lock = field(default_factory=threading.Lock)
     metrics: Metrics = field(init=False)
@@ -111,6 +125,20 @@ class ServeState:
         for job in list(self.jobs):
             job.cancel(reason)
 
+    def pump_for(self, loop: asyncio.AbstractEventLoop) -> StreamPump | None:
+        """The pump of this server's jobs where the engine's background loop runs the model (else None: a thread a
+        job)."""
+        if self.loaded is None or self.loaded.generator is None or self.loaded.generator.thread is None:
+            return None
+        with self.lock:
+            if self.pump is None or self.pump.loop is not loop or self.pump.closed:
+                self.pump = StreamPump(loop)
+            return self.pump
+
+    def close_pump(self) -> None:
+        if self.pump is not None:
+            self.pump.close()
+
 
 def shared_samples(state: ServeState, gcfg: GenerationConfig, n: int) -> SharedSamples | None:
     """One engine request for a request's ``n`` choices (one prefill), where the engine runs the model."""
@@ -118,27 +146,83 @@ def shared_samples(state: ServeState, gcfg: GenerationConfig, n: int) -> SharedS
     return SharedSamples(n) if n > 1 and uses_engine(state.loaded.model, gcfg) else None
 
 
-class Job:
-    """A generation in a thread of its own; its events reach the event loop in batches: the thread appends to a
-    queue and wakes the loop only when no wake-up is on its way, and the loop takes everything queued at once (with
-    32 streams the loop falls behind the tokens, and then it makes one chunk of several: measured on one H200,
-    waking it per event cost 12% of 32 clients' tokens/s, bench/README.md). ``cancel`` stops the generation at the
-    engine (the row is freed at the next step)."""
+class StreamPump:
+    """One thread that drives the generators of many jobs (see the module docstring): a job is taken up when it is
+    added and whenever the engine tells its request's listeners; each is run until it would wait (``IDLE``) or ends,
+    and what they all yielded reaches the event loop with one wake-up."""
 
-    def __init__(self, state: ServeState, events: Callable[[Callable], Iterator]):
-        self.state, self.events = state, events
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        # A C queue: telling the pump is one call that wakes its thread only when it waits (no lock of Python's
+        # own that the woken thread would take back from the engine's thread, as a Condition's wait does)
+        self.queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="lawtune-streams", daemon=True)
+        self.thread.start()
+
+    def wake(self, job: Job) -> None:
+        """Take ``job`` up soon (any thread; never blocks: the engine's thread calls it)."""
+        self.queue.put(job)
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.put(None)
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self.closed:
+            ready = {self.queue.get(): None}  # ordered, and a job told twice is taken up once
+            while True:
+                try:
+                    ready[self.queue.get_nowait()] = None
+                except queue.Empty:
+                    break
+            if self.closed:
+                return
+            moved = [job for job in ready if job is not None and job.advance()]
+            if moved:
+                try:
+                    self.loop.call_soon_threadsafe(wake_jobs, moved)
+                except RuntimeError:  # the loop has closed: nobody waits any more
+                    return
+
+
+def wake_jobs(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.wakeup.set()
+
+
+class Job:
+    """A generation outside the event loop; its events reach the event loop in batches, ``batches`` takes everything
+    queued at once (with 32 streams the loop falls behind the tokens, and then it makes one chunk of several:
+    measured on one H200, waking it per event cost 12% of 32 clients' tokens/s, bench/README.md). On a ``pump`` the
+    generation runs in the pump's thread, else in a thread of its own, which wakes the loop only when no wake-up is
+    on its way. ``events(on_request, wait)`` makes the generator. ``cancel`` stops the generation at the engine (the
+    row is freed at the next step)."""
+
+    def __init__(self, state: ServeState, events: Callable[[Callable, bool], Generator]):
+        self.state = state
         self.loop = asyncio.get_running_loop()
         self.pending: collections.deque[tuple[str, Any]] = collections.deque()
         self.wakeup = asyncio.Event()
         self.waking = False
         self.cancelled: str | None = None
         self.target: tuple[Any, Any] | None = None
-        self.thread = threading.Thread(target=self._run, name="lawtune-request", daemon=True)
+        self.finished = False
         state.jobs.add(self)
-        self.thread.start()
+        self.pump = state.pump_for(self.loop)
+        self.events = events(self._on_request, self.pump is None)
+        if self.pump is not None:
+            self.pump.wake(self)
+        else:
+            threading.Thread(target=self._run, name="lawtune-request", daemon=True).start()
 
     def _on_request(self, engine, request) -> None:
         self.target = (engine, request)
+        if self.pump is not None:
+            pump = self.pump
+            request.listeners.append(lambda _request: pump.wake(self))
         if self.cancelled:
             engine.cancel(request)
 
@@ -156,9 +240,8 @@ class Job:
         self.wakeup.set()
 
     def _run(self) -> None:
-        events = self.events(self._on_request)
         try:
-            for event in events:
+            for event in self.events:
                 if self.cancelled:
                     break
                 self._put(("event", event))
@@ -166,13 +249,35 @@ class Job:
             log.exception("generation failed")
             self._put(("error", exc))
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+            self.events.close()
             self._put(("end", None))
+
+    def advance(self) -> bool:
+        """In the pump's thread: run the generator until it would wait or ends, queueing what it yields. Returns
+        whether anything was queued."""
+        if self.finished:
+            return False
+        queued = len(self.pending)
+        try:
+            while not self.cancelled:
+                event = next(self.events)
+                if event is IDLE:
+                    return len(self.pending) > queued
+                self.pending.append(("event", event))
+        except StopIteration:
+            pass
+        except Exception as exc:  # noqa: BLE001 - as in _run
+            log.exception("generation failed")
+            self.pending.append(("error", exc))
+        self.finished = True
+        self.events.close()
+        self.pending.append(("end", None))
+        return True
 
     def cancel(self, reason: str) -> None:
         self.cancelled = self.cancelled or reason
+        if self.pump is not None:
+            self.pump.wake(self)  # it ends there, even with no engine step to come
         if self.target is not None:
             engine, request = self.target
             # The engine's cancel takes its lock, which its loop holds while it admits: not in the event loop.

@@ -195,12 +195,14 @@ class GenerationEngine:
 
     # -- consuming
 
-    def stream(self, request: Request, sample: int | None = None,
-               cancel_on_close: bool = True) -> Iterator[tuple[int, int, float]]:
+    def stream(self, request: Request, sample: int | None = None, cancel_on_close: bool = True,
+               wait: bool = True) -> Iterator[tuple[int, int, float] | None]:
         """(sample index, token, log-probability) of ``request`` as they are made: of every sample, or of sample
         ``sample`` alone (the choices of one serve request share the request, one sample each). Drives the loop itself
         unless the background loop runs. Closing the iterator early cancels the request (unless not
-        ``cancel_on_close``: whoever shares it decides)."""
+        ``cancel_on_close``: whoever shares it decides). Not ``wait``, with the background loop running: yields None
+        where it would wait for the next token (its caller looks again once a listener of the request is told,
+        ``Request.listeners``)."""
         queues = request.events if sample is None else [request.events[sample]]
 
         def ended() -> bool:
@@ -219,6 +221,8 @@ class GenerationEngine:
                     break
                 if self.thread is None:
                     self.step()
+                elif not wait:
+                    yield None
                 else:
                     with request.wake:
                         if not any(queues) and not ended():

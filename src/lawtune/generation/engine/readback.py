@@ -47,9 +47,12 @@ class Look:
 
 
 def notify(request: Request) -> None:
-    """Wake the request's waiting callers (and mark it done once every sample has finished)."""
+    """Wake the request's waiting callers and tell its listeners (and mark it done once every sample has
+    finished)."""
     if request.finished:
         request.done.set()
+    for listener in request.listeners:
+        listener(request)
     with request.wake:
         request.wake.notify_all()
 

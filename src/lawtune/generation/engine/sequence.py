@@ -108,6 +108,10 @@ class Request:
         # Per sample, (sample index, token, logprob) as read, for stream()
         self.events: list[collections.deque] = [collections.deque() for _ in range(params.n)]
         self.wake = threading.Condition()
+        # Called in the engine's thread whenever the request has new events or has ended (after they are queued):
+        # one thread that streams many requests (serve's pump) learns which to look at without a thread waiting on
+        # each one's ``wake``. A listener must not block.
+        self.listeners: list[Callable[[Request], None]] = []
         self.streaming = False
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
         """With ``params.prompt_logprobs``: per prompt token after the first, its log-probability and the likeliest
