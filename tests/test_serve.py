@@ -221,6 +221,29 @@ def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_
     assert server.state.pump is not None and not server.state.pump.thread.is_alive()
 
 
+def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(random_engine, monkeypatch):
+    with running(random_engine) as (url, server):
+        runner = server.generator.runner
+        real = runner.run_step
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a broken step")
+
+        monkeypatch.setattr(runner, "run_step", broken)
+        failed = chat(url, PLAIN, max_tokens=8)
+        body = {"model": "lawtune", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": PLAIN}]}
+        streamed = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        monkeypatch.setattr(runner, "run_step", real)
+        assert failed.status_code == 500 and "a broken step" in failed.json()["error"]["message"]
+        # the prefill's token came before the step failed: whether its text went out first (then an error event and
+        # [DONE]) or came with the error (a 500) is a matter of timing
+        assert streamed.status_code in (200, 500) and "a broken step" in streamed.text
+        assert streamed.status_code == 500 or streamed.text.rstrip().endswith("data: [DONE]")
+        # the threads that stream (the pump) and the engine's loop went on
+        assert chat(url, PLAIN, max_tokens=8).status_code == 200
+        assert len(sse_events(url, PLAIN, max_tokens=8)) > 1
+
+
 @pytest.mark.browser
 def test_the_page_in_headless_chromium(answering, chromium):
     from selenium.webdriver.common.by import By

@@ -270,7 +270,10 @@ class Job:
             log.exception("generation failed")
             self.pending.append(("error", exc))
         self.finished = True
-        self.events.close()
+        try:
+            self.events.close()  # its cleanup (cancelling the request) runs here
+        except Exception:  # noqa: BLE001 - the pump serves every other request: it must not stop here
+            log.exception("closing a generation failed")
         self.pending.append(("end", None))
         return True
 
