@@ -291,14 +291,24 @@ class Job:
 
     async def batches(self, deadline: float | None) -> AsyncIterator[list[tuple[str, Any]]]:
         """The job's ("event", e) items as they have come, a list at a time, then ("error", exc) if it failed;
-        raises TimeoutError at ``deadline``."""
+        raises TimeoutError at ``deadline``. One timer for the deadline, not one a wait (``asyncio.wait_for`` makes a
+        task and a timer each time: with 32 streams, 15% of the event loop's time in a CPU profile)."""
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self.wakeup.set()
+
+        timer = None if deadline is None else self.loop.call_later(max(0.0, deadline - time.monotonic()), expire)
         try:
             while True:
                 if not self.pending:
+                    if expired:
+                        raise TimeoutError
                     self.wakeup.clear()
                     if not self.pending:  # an item appended before the clear has its wake-up on its way
-                        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                        await asyncio.wait_for(self.wakeup.wait(), timeout)
+                        await self.wakeup.wait()
                         continue
                 batch = [self.pending.popleft() for _ in range(len(self.pending))]
                 end = next((i for i, (kind, _) in enumerate(batch) if kind == "end"), None)
@@ -308,6 +318,8 @@ class Job:
                     return
                 yield batch
         finally:
+            if timer is not None:
+                timer.cancel()
             self.cancel("finished")
             self.done()
 
