@@ -244,6 +244,61 @@ def test_a_failed_engine_step_fails_its_requests_and_the_server_goes_on(random_e
         assert len(sse_events(url, PLAIN, max_tokens=8)) > 1
 
 
+def test_a_model_off_the_engine_streams_from_a_thread_a_request(tiny_model_dir):
+    """transformers' generate blocks, so a model served without the engine keeps a thread a request, not the pump."""
+    loaded = load_model(ModelConfig(path=str(tiny_model_dir), dtype="float32"),
+                        GenerationConfig(max_new_tokens=8, engine=False))
+    with running(loaded) as (url, server):
+        assert server.generator is None
+        events = sse_events(url, PLAIN, max_tokens=8)
+        answer = chat(url, PLAIN, max_tokens=8)
+        assert events[-1] == "[DONE]" and len(events) > 2 and answer.status_code == 200
+        assert answer.json()["usage"]["completion_tokens"] >= 1
+        assert server.state.pump is None
+
+
+def test_a_mixed_crowd_with_hang_ups_leaves_nothing_behind(random_engine):
+    """Streams (some hung up mid-way), ``n`` choices, stop strings with log-probabilities and raw completions at
+    once, through the pump: every request answered or let go, and afterwards no row, job or place is held."""
+    kinds = ["stream", "hang_up", "n", "stop", "completion"] * 8
+    failures: list[str] = []
+
+    def client(kind: str, i: int) -> None:
+        try:
+            if kind in ("stream", "hang_up"):
+                body = {"stream": True, "mode": "reasoning", "max_tokens": 60,
+                        "messages": [{"role": "user", "content": PLAIN}]}
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as resp:
+                    assert resp.status_code == 200
+                    for k, _ in enumerate(resp.iter_lines()):
+                        if kind == "hang_up" and k == 1 + i % 5:
+                            break
+            elif kind == "completion":
+                resp = httpx.post(f"{url}/v1/completions", json={"prompt": PLAIN, "max_tokens": 12}, timeout=60)
+                assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            else:
+                fields = {"n": 3, "temperature": 0.7} if kind == "n" else {"stop": ["甲"], "logprobs": True}
+                resp = chat(url, PLAIN, max_tokens=12, **fields)
+                assert resp.status_code == 200 and len(resp.json()["choices"]) == (3 if kind == "n" else 1)
+        except Exception as exc:  # noqa: BLE001 - collected, the test fails on any
+            failures.append(f"{kind}: {exc!r}")
+
+    with running(random_engine, slots=8) as (url, server):
+        threads = [threading.Thread(target=client, args=(kind, i)) for i, kind in enumerate(kinds)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)  # the bound only keeps a broken build from hanging
+        assert not failures and not any(t.is_alive() for t in threads)
+        state, generator = server.state, server.generator
+        for _ in range(500):  # a hung-up stream's row is freed at the engine's next step
+            if not (generator.running or state.jobs or state.rows):
+                break
+            time.sleep(0.01)
+        assert not generator.running and not generator.has_work() and not state.jobs and state.rows == 0
+        assert state.pump is not None and state.pump.thread.is_alive()
+
+
 @pytest.mark.browser
 def test_the_page_in_headless_chromium(answering, chromium):
     from selenium.webdriver.common.by import By
