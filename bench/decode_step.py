@@ -11,7 +11,8 @@
 2. ``step``: the engine generating ``--tokens`` tokens a row for ``--rows`` rows at once, with each of the step's
    variants (``compile_step`` and ``attention_kernel`` off and on): tokens/s, and the seconds the first request
    took (compilation and graph capture).
-3. ``profile``: the kernels of one eager one-row step, each variant: count and GPU time.
+3. ``profile``: the kernels of one eager one-row step, each variant: count and GPU time, and the costliest by
+   name (launches and GPU time).
 4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
    (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked): the step's choice greedy and sampled
    (as the fused step runs it), the kept set alone, and the bisection's threshold alone (compiled); µs each.
@@ -155,7 +156,15 @@ def profile_step(model, tokenizer, device, options: dict) -> dict:
         engine.cancel(request)
     events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
     busy = sum(getattr(e, "device_time", 0) for e in events)
-    return {"kernels": len(events), "gpu_us": round(busy, 1)}
+    # by kernel name: how many a step launches and their GPU time, the costliest first (what fusing would save)
+    by_name: dict[str, list] = {}
+    for e in events:
+        entry = by_name.setdefault(e.name[:90], [0, 0.0])
+        entry[0] += 1
+        entry[1] += getattr(e, "device_time", 0)
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:16]
+    return {"kernels": len(events), "gpu_us": round(busy, 1),
+            "top_kernels": {name: [count, round(us, 1)] for name, (count, us) in top}}
 
 
 def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
