@@ -250,12 +250,12 @@ def main() -> None:
     by: dict = {}
     for r in rows:  # lawtune's first micro-batch where several ran
         by.setdefault((r["impl"], r["completion_tokens"]), r)
-    print(f"\n{'impl':14} {'tokens':>6} {'micro':>5} {'s/step':>8} {'rollout':>8} {'reward':>7} {'train':>7} {'rollout tok/s':>14} "
-          f"{'train tok/s':>12} {'peak GiB':>9}")
+    print(f"\n{'impl':14} {'tokens':>6} {'micro':>5} {'s/step':>8} {'rollout':>8} {'reward':>7} {'train':>7} "
+          f"{'rollout tok/s':>14} {'train tok/s':>12} {'peak GiB':>9}")
     for r in rows:
-        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['micro_batch']:>5} {r['s_per_step']:>8} {r['rollout_s']:>8} {r['reward_s']:>7} "
-              f"{r['train_s']:>7} {r['rollout_tokens_per_s']!s:>14} {r['train_tokens_per_s']:>12} "
-              f"{r['peak_reserved_gib']!s:>9}")
+        print(f"{r['impl']:14} {r['completion_tokens']:>6} {r['micro_batch']:>5} {r['s_per_step']:>8} "
+              f"{r['rollout_s']:>8} {r['reward_s']:>7} {r['train_s']:>7} {r['rollout_tokens_per_s']!s:>14} "
+              f"{r['train_tokens_per_s']:>12} {r['peak_reserved_gib']!s:>9}")
     for length in map(int, opts.lengths.split(",")):
         a, b = by.get(("lawtune", length)), by.get(("trl", length))
         if a and b:

@@ -507,10 +507,11 @@ def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
 
 
 def test_layers_that_training_compiled_leave_the_fused_step_compiled(tiny_model_dir, tiny, monkeypatch):
-    """In-training evaluation (and GRPO's rollouts unfolded) run the engine on the live model, whose layers train.compile /
-    grpo.compile compiled: the prefill runs them eagerly (their compilation is for training's shapes), the fused step
-    still runs compiled (it traces through them), with the tokens of the uncompiled model. A compiler backend that
-    counts the compiled step's runs shows which (a process-wide "force eager" stance ran it zero times)."""
+    """In-training evaluation (and GRPO's rollouts unfolded) run the engine on the live model, whose layers
+    train.compile / grpo.compile compiled: the prefill runs them eagerly (their compilation is for training's
+    shapes), the fused step still runs compiled (it traces through them), with the tokens of the uncompiled model. A
+    compiler backend that counts the compiled step's runs shows which (a process-wide "force eager" stance ran it
+    zero times)."""
     from transformers import AutoModelForCausalLM
 
     from lawtune.generation.engine import runner

@@ -92,8 +92,8 @@ def test_grpo_raises_held_out_accuracy_and_a_random_reward_does_not(sft_run):
 
     Measured on one CPU machine (seventeenth session, SFT seed 0, pinned): 42.5% -> 71.7% (72.1% after 20 steps),
     the control 12.5%; the same with the rollouts on the folded adapter (grpo.fold_adapter, eighteenth session).
-    With TRL's own generation (grpo.rollout=trl) the same settings peak early (73.3% after 12 steps, the test below) and fall back (50.8% after 20, 44.6% after 30); the seed sweep below runs them at 1e-3
-    for 60 steps."""
+    With TRL's own generation (grpo.rollout=trl) the same settings peak early (73.3% after 12 steps, the test
+    below) and fall back (50.8% after 20, 44.6% after 30); the seed sweep below runs them at 1e-3 for 60 steps."""
     from lawtune.train.grpo import grpo
 
     learned = grpo(_grpo_config(sft_run, sft_run["tmp"] / "learn", "grpo.max_steps=30", "grpo.eval_steps=0"))

@@ -13,10 +13,10 @@ in place, so CUDA graphs recorded on the copy stay valid.
 Why not peft's own ``merge_adapter`` / ``unmerge_adapter`` around each rollout: they add ``dW`` to the live base
 weights in their dtype and subtract it again, so every rollout would leave the frozen bf16 base a rounding off where
 it was; the copy leaves the training model untouched. The fold is what TRL's vLLM path does (it merges the adapter
-and sends vLLM the merged weights). Its cost: the
-adapted projections' weights once more in memory (2.6 GiB in bf16 for the 1.5B model), and an update smaller than
-half a unit in the last place of a bf16 weight is rounded away at that weight, where the unfolded path rounds the
-adapter's contribution at each output instead; the training pass always runs the adapter unfolded.
+and sends vLLM the merged weights). Its cost: the adapted projections' weights once more in memory (2.6 GiB in
+bf16 for the 1.5B model), and an update smaller than half a unit in the last place of a bf16 weight is rounded away
+at that weight, where the unfolded path rounds the adapter's contribution at each output instead; the training pass
+always runs the adapter unfolded.
 
 Folded: peft's LoRA on ``nn.Linear`` layers (any rank, rsLoRA's scale, several active adapters) and DoRA (one active
 adapter): DoRA's output is the bias plus ``m / ||W + dW||`` (each output row's learned magnitude over the row norm

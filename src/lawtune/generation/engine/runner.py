@@ -28,8 +28,8 @@ stale data that nothing reads.
 * **Layers that training compiled** (``train.compile``, ``grpo.compile``; in-training evaluation, and GRPO's
   rollouts with ``grpo.fold_adapter=false``, run on the live model) run eagerly in the passes above that run the
   decoder as it is (prefill, a forced answer's closing, the uncompiled step): their compilation is for training's
-  shapes. The fused step traces through
-  them into its own compilation, so it stays compiled (a process-wide "force eager" would have turned it off too).
+  shapes. The fused step traces through them into its own compilation, so it stays compiled (a process-wide "force
+  eager" would have turned it off too).
 
 On a CPU (or ``use_graph=False``) the same step runs eagerly: that is what the tests check against ``generate``.
 Limits: sdpa-family attention and full attention in every layer (``engine_supported``).
