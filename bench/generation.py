@@ -17,7 +17,9 @@
    background loop (serve's threads without HTTP).
 3. ``serve`` at its default rows and row length (``--serve-slots``) with each ``--clients`` count of concurrent
    streaming clients on loopback (a comma list), and one client alone: aggregate tokens/s, tokens/s a client,
-   requests answered, first-token p50 and p99. The clients run in a process of their own.
+   requests answered, first-token p50 and p99, and (Linux) the server's CPU microseconds a token by thread: the
+   engine's loop, the stream pump, the event loop (HTTP), tokenizing, other. The clients run in a process of their
+   own.
 4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
    completions (temperature 0.6, top-p 0.95, one prefill per question), budgets drawn as in 1, completions/s;
    beside it plain ``generate`` sampling ``--samples`` sequences per prompt on ``--distill-plain`` completions.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -347,25 +350,60 @@ def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_serve(model, tokenizer, clients: list[int], tokens: int, slots: int | None) -> dict:
+# The server's threads by name (serve's own); any other thread of the process (torch's intra-op pool, CUDA's and the
+# bench's own) counts as "other".
+SERVER_THREADS = {"lawtune-engine": "engine", "lawtune-streams": "streams", "lawtune-serve": "event_loop"}
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds each thread of this process has used so far, summed by ``SERVER_THREADS``' names (Linux: read
+    from /proc; elsewhere empty)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        name = names.get(int(task.name), "")
+        part = SERVER_THREADS.get(name, "tokenizing" if name.startswith("AnyIO worker") else "other")
+        out[part] = out.get(part, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def cpu_a_token(before: dict[str, float], after: dict[str, float], tokens: int) -> dict[str, float]:
+    """Microseconds of CPU a streamed token cost each part of the server between two ``thread_cpu`` readings: where
+    the host's time goes, whatever else the machine runs (the clients, on a small one)."""
+    return {part: round((after[part] - before.get(part, 0.0)) / max(tokens, 1) * 1e6, 1) for part in sorted(after)}
+
+
+def measured_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
+    """``remote_wave`` with the server's CPU a token by thread (``cpu_a_token``)."""
+    before = thread_cpu()
+    out = remote_wave(url, n, tokens, sequential)
+    return {**out, "server_cpu_us_a_token": cpu_a_token(before, thread_cpu(), out["tokens"])}
+
+
+def run_serve(model, tokenizer, clients: list[int], tokens: int, slots: int | None, interval: int | None = None) -> dict:
     """One server (``serve``'s defaults, or ``slots`` rows), one client alone, then each count of clients at once."""
     from lawtune.config import GenerationConfig, ServeConfig
     from lawtune.infer import LoadedModel
     from lawtune.serve import make_server, serving
 
     engine = LoadedModel(model, tokenizer, "chat", GenerationConfig())
-    cfg = ServeConfig(port=0, **({"slots": slots} if slots else {}))
+    cfg = ServeConfig(port=0, stream_interval=interval, **({"slots": slots} if slots else {}))
     server = make_server(engine, cfg)
     with serving(server) as base:
         url = f"{base}/v1/chat/completions"
         remote_wave(url, 2, tokens)  # warm-up
-        alone = remote_wave(url, 1, tokens)
-        waves = [remote_wave(url, n, tokens) for n in clients]
+        alone = measured_wave(url, 1, tokens)
+        waves = [measured_wave(url, n, tokens) for n in clients]
         sequential = None
         if clients[0] <= 8:  # the same requests one after another (the CPU target compares these)
             sequential = remote_wave(url, clients[0], tokens, sequential=True)["tokens_per_s"]
         generator = server.state.loaded.generator
-        rows = {"slots": generator.slots, "max_len": generator.max_len,
+        rows = {"stream_interval": interval, "slots": generator.slots, "max_len": generator.max_len,
                 "kv_cache_gib": round(generator.cache_gib, 2)} if generator else {"slots": 1, "max_len": cfg.max_len}
     return {**rows, "one_client": alone, "concurrent": waves[0], "waves": waves,
             "sequential_tokens_per_s": sequential,
@@ -385,6 +423,7 @@ def main(argv=None) -> int:
     p.add_argument("--stream-tokens", type=int, default=1024)
     p.add_argument("--clients", default="32", help="concurrent serve clients (comma list, e.g. 32,128,256)")
     p.add_argument("--serve-slots", type=int, help="serve's rows (default: serve's own default)")
+    p.add_argument("--stream-interval", type=int, help="serve.stream_interval: tokens a streamed chunk (default: serve's)")
     p.add_argument("--adapter", nargs="?", const="folded", choices=["folded", "unfolded"],
                    help="the model with a LoRA adapter (r 16, seven projections), loaded as eval --adapter loads it: "
                    "folded into the weights (adapter.fold, the default) or not")
@@ -470,7 +509,7 @@ def main(argv=None) -> int:
         summary["ask_stream_vs_one_row_static"] = round(stream["tokens_per_s"] / one_row["static_tokens_per_s"], 2)
     if "serve" not in skip:
         serve = emit({"bench": "serve", **run_serve(model, tokenizer, [int(n) for n in args.clients.split(",")],
-                                                     args.serve_tokens, args.serve_slots)})
+                                                     args.serve_tokens, args.serve_slots, args.stream_interval)})
         summary["serve_aggregate_vs_one_client"] = serve["aggregate_vs_one"]
         summary["serve_one_client_tokens_per_s"] = serve["one_client"]["tokens_per_s"]
         if serve["sequential_tokens_per_s"]:

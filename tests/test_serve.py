@@ -20,6 +20,7 @@ import torch
 from lawtune.config import GenerationConfig, ModelConfig, ServeConfig
 from lawtune.infer import load_model
 from lawtune.serve import make_server, serving
+from lawtune.serve.runtime import chunk_tokens
 
 from conftest import REASONING
 
@@ -121,6 +122,27 @@ def test_streaming_sends_the_same_text_in_chunks(rand):
     assert "".join(d.get("reasoning_content", "") for d in deltas).strip() == full["message"]["reasoning_content"]
     assert "".join(d.get("content", "") for d in deltas).strip() == full["message"]["content"]
     assert last["delta"]["answer"] == full["message"]["answer"] and full["finish_reason"] == "length"
+
+
+def test_a_stream_interval_sends_the_tokens_in_chunks_of_that_many(random_engine):
+    """serve.stream_interval 4: after the first chunk every chunk but the last carries at least 4 tokens (one token a
+    chunk before: a lone client's stream never lags behind)."""
+    with running(random_engine, stream_interval=4) as (url, _):
+        events = sse_events(url, "甲与乙订立", route="/v1/completions", max_tokens=14, logprobs=0,
+                            stream_options={"include_usage": True})
+        whole = httpx.post(f"{url}/v1/completions", json={"prompt": "甲与乙订立", "max_tokens": 14}, timeout=60).json()
+    chunks = [json.loads(e) for e in events[:-1]]
+    sizes = [len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks
+             if c["choices"] and c["choices"][0].get("logprobs") and c["choices"][0]["logprobs"]["tokens"]]
+    made = chunks[-1]["usage"]["completion_tokens"]
+    assert sum(sizes) == made >= 10 and len(sizes) <= 2 + (made - 2) // 4, sizes
+    assert all(n >= 4 for n in sizes[1:-1]), sizes
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole["choices"][0]["text"]
+
+
+def test_the_chunk_size_grows_with_the_rows_running_unless_set():
+    assert [chunk_tokens(None, rows) for rows in (0, 1, 15, 16, 32, 63, 64, 256)] == [1, 1, 1, 2, 4, 7, 8, 8]
+    assert chunk_tokens(1, 256) == 1 and chunk_tokens(16, 1) == 16
 
 
 def _raw(url, payload: bytes, read_until_close: bool = True) -> bytes:

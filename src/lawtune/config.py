@@ -440,6 +440,10 @@ class ServeConfig(Section):
     request_timeout_s: PositiveFloat | None = 600.0
     """Seconds a request may take: 504 if its first token has not come by then, an error event in its stream after
     it; None = no limit."""
+    stream_interval: Annotated[int, Field(ge=1, le=256)] | None = None
+    """A stream's tokens are sent in chunks of at least this many (the first token and the last at once), as vLLM's
+    --stream-interval: fewer chunks cost the server less with many clients. 1 = every token as it comes; None = by
+    the load: 1 while fewer than 16 rows run, then one token more for every 8 rows, at most 8."""
     shutdown_grace_s: NonNegativeFloat = 30.0
     """On SIGTERM (or Ctrl-C) new connections are refused and running requests get this many seconds to finish; the
     rest end with an error event (streams) or a 503, then the process exits 0."""

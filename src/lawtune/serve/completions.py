@@ -54,33 +54,40 @@ class CompletionRun:
         return len(self.tokens)
 
     async def pieces(self, deadline: float | None, tokenizer) -> AsyncIterator[tuple[str, list]]:
-        """(text, the tokens it came with) as released past the stop strings."""
+        """(text, the tokens it came with) as released past the stop strings; what came at once goes out together."""
         pieces, shown, pending = TextPieces(tokenizer), "", []
-        async for kind, value in self.job.items(deadline):
-            if kind == "error":
-                self.error = value
-                return
-            event, payload = value
-            if event == "prompt":
-                self.prompt_logprobs = payload
-                continue
-            if event == "done":
-                self.finish = payload.finish
-                rest = payload.text[len(shown):] if payload.text.startswith(shown) else ""
-                released = self.stop.feed("text", rest) + self.stop.flush()
-            else:
-                self.first_at = self.first_at or time.monotonic()
-                self.tokens.append(payload)
-                pending.append(payload)
-                if payload[0] == tokenizer.eos_token_id:
+        async for batch in self.job.batches(deadline):
+            text = ""
+            for kind, value in batch:
+                if kind == "error":
+                    self.error = value
+                    break
+                event, payload = value
+                if event == "prompt":
+                    self.prompt_logprobs = payload
                     continue
-                new = pieces.put(payload[0])
-                shown += new
-                released = self.stop.feed("text", new) if new else []
-            for _, text in released:
+                if event == "done":
+                    self.finish = payload.finish
+                    rest = payload.text[len(shown):] if payload.text.startswith(shown) else ""
+                    released = self.stop.feed("text", rest) + self.stop.flush()
+                else:
+                    self.first_at = self.first_at or time.monotonic()
+                    self.tokens.append(payload)
+                    pending.append(payload)
+                    if payload[0] == tokenizer.eos_token_id:
+                        continue
+                    new = pieces.put(payload[0])
+                    shown += new
+                    released = self.stop.feed("text", new) if new else []
+                text += "".join(piece for _, piece in released)
+                if self.stop.hit:
+                    break
+            if text:
                 self.text += text
                 yield text, pending[:]
                 pending.clear()
+            if self.error is not None:
+                return
             if self.stop.hit:
                 self.finish = "stop"
                 self.job.cancel("stop string")

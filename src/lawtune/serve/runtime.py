@@ -15,6 +15,10 @@ as far as it goes without waiting (``wait=False``: they yield ``IDLE`` there), a
 of them. Measured on that CPU (``bench/generation.py --cpu --clients 32,128 --serve-tokens 256``, five runs a side,
 alternating): 32 clients 2,970 tokens/s against 2,529 (1.17x), 128 clients 3,654 against 3,109 (1.18x), one client
 unchanged; not yet measured on a GPU.
+
+A stream's tokens go out in chunks (``chunk_tokens``, ``serve.stream_interval``): the engine's thread wakes the pump
+for a streamed job at its first token and then once a chunk's tokens wait, for a job that does not stream only at its
+end, so the pump's and the event loop's work a wake-up is spread over several tokens.
 """
 
 from __future__ import annotations
@@ -146,6 +150,20 @@ def shared_samples(state: ServeState, gcfg: GenerationConfig, n: int) -> SharedS
     return SharedSamples(n) if n > 1 and uses_engine(state.loaded.model, gcfg) else None
 
 
+# With ``serve.stream_interval`` unset, a streamed chunk waits for one token more for every ROWS_A_TOKEN rows running,
+# up to MAX_CHUNK tokens: one client still gets every token as it comes, and many clients cost the server fewer
+# chunks (development CPU, 32 and 128 streaming clients: a chunk of 4 or 8 tokens took the event loop's time a token
+# from about 62 µs to 30 and 20, bench/README.md).
+ROWS_A_TOKEN = 8
+MAX_CHUNK = 8
+
+
+def chunk_tokens(interval: int | None, rows: int) -> int:
+    """Tokens a streamed chunk waits for (the first token and the last are sent at once): ``serve.stream_interval``,
+    or by the load, with ``rows`` rows running (see ``ROWS_A_TOKEN``)."""
+    return interval if interval is not None else min(MAX_CHUNK, max(1, rows // ROWS_A_TOKEN))
+
+
 class StreamPump:
     """One thread that drives the generators of many jobs (see the module docstring): a job is taken up when it is
     added and whenever the engine tells its request's listeners; each is run until it would wait (``IDLE``) or ends,
@@ -210,8 +228,10 @@ class Job:
         self.cancelled: str | None = None
         self.target: tuple[Any, Any] | None = None
         self.finished = False
+        self.interval, self.woken = state.cfg.stream_interval, False
         state.jobs.add(self)
         self.pump = state.pump_for(self.loop)
+        self.engine = state.loaded.generator if self.pump is not None else None  # type: ignore[union-attr]
         self.events = events(self._on_request, self.pump is None)
         if self.pump is not None:
             self.pump.wake(self)
@@ -221,10 +241,22 @@ class Job:
     def _on_request(self, engine, request) -> None:
         self.target = (engine, request)
         if self.pump is not None:
-            pump = self.pump
-            request.listeners.append(lambda _request: pump.wake(self))
+            request.listeners.append(self.on_tokens)
         if self.cancelled:
             engine.cancel(request)
+
+    def on_tokens(self, request) -> None:
+        """In the engine's thread, when ``request`` has new tokens or has ended: the pump takes a streamed job up at
+        its first token and once a chunk's tokens wait (``chunk_tokens``), any job when a sample has ended (a job
+        without streaming has nothing to do before)."""
+        assert self.engine is not None and self.pump is not None
+        if request.error is None and not request.cancelled and all(s.finish_reason is None for s in request.samples):
+            if not request.streaming:
+                return
+            if self.woken and max(map(len, request.events)) < chunk_tokens(self.interval, len(self.engine.running)):
+                return
+        self.woken = True
+        self.pump.wake(self)
 
     def _put(self, item: tuple[str, Any]) -> None:
         self.pending.append(item)
