@@ -16,6 +16,8 @@
 4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
    (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked): the step's choice greedy and sampled
    (as the fused step runs it), the kept set alone, and the bisection's threshold alone (compiled); µs each.
+5. ``host``: the engine's own work a step with ``--host-rows`` streaming rows (``bench_host``): scheduling, queueing
+   the step, reading back, µs a step each.
 
 Prints one JSON line per measurement (bench/eval_throughput.py's format).
 """
@@ -136,6 +138,49 @@ def bench_steps(model, tokenizer, device, rows: int, tokens: int, options: dict)
             "ms_per_step": round(seconds / tokens * 1e3, 3), "first_run_s": round(first_s, 1)}
 
 
+def bench_host(model, tokenizer, device, rows: int, steps: int, slots: int) -> dict:
+    """The engine's own work a step with ``rows`` streaming rows of ``slots`` (serve's rows), each request with a
+    listener as serve's pump sets one: µs a step in scheduling (``scheduler.schedule``), queueing the step
+    (``runner.run_step``) and reading back (``readback.after_step``), and the step's wall time. The parts are timed by
+    wrapping those methods on this engine (the bench's instrumentation). On a GPU the step is queued, not run, and
+    reading back includes the wait for the step ``LOOK_LAG`` behind: the CPU's figures are the host's own work."""
+    from lawtune.generation.engine import GenerationEngine, SamplingParams
+
+    prompt = tokenizer("甲与乙订立买卖合同", add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_new_tokens=steps + 16, ignore_eos=True)
+    spent = {"schedule": 0.0, "run_step": 0.0, "read_back": 0.0}
+
+    def timing(name, method):
+        def timed_method(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return timed_method
+
+    told = [0]
+    with GenerationEngine(model, tokenizer.eos_token_id, slots=slots, max_len=len(prompt) + steps + 32) as engine:
+        for i in range(rows):
+            request = engine.submit([*prompt, i], params, key=str(i), stream=True)
+            request.listeners.append(lambda _request: told.__setitem__(0, told[0] + 1))
+        for _ in range(4):  # the prefill, and the readings' pipeline filled
+            engine.step()
+        engine.scheduler.schedule = timing("schedule", engine.scheduler.schedule)
+        engine.runner.run_step = timing("run_step", engine.runner.run_step)
+        engine.readback.after_step = timing("read_back", engine.readback.after_step)
+        told[0] = 0
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    return {"rows": rows, "slots": slots, "steps": steps, "us_a_step": round(wall / steps * 1e6, 1),
+            **{f"{name}_us": round(value / steps * 1e6, 1) for name, value in spent.items()},
+            "listener_calls_a_step": round(told[0] / steps, 1)}
+
+
 def profile_step(model, tokenizer, device, options: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -206,7 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default="1,16,64,256", help="rows of the step measurement (comma list)")
     p.add_argument("--tokens", type=int, default=256, help="tokens a row in the step measurement")
     p.add_argument("--variants", default=",".join(VARIANTS), help="step variants (comma list of " + ", ".join(VARIANTS) + ")")
-    p.add_argument("--skip", default="", help="parts to leave out: attention,step,profile,sampler")
+    p.add_argument("--skip", default="", help="parts to leave out: attention,step,profile,sampler,host")
+    p.add_argument("--host-rows", default="1,32,128", help="streaming rows of the host measurement (comma list)")
+    p.add_argument("--host-steps", type=int, default=300, help="steps of the host measurement")
+    p.add_argument("--host-slots", type=int, default=256, help="the engine's rows in the host measurement (serve's "
+                   "most by default)")
     p.add_argument("--sampler-rows", default="256,512", help="rows of the sampler measurement (comma list)")
     p.add_argument("--sweep", action="store_true", help="the kernel's tuning sweep (256 rows of the workload, one row "
                    "of 1,000 and of 4,000 columns)")
@@ -237,6 +286,10 @@ def main(argv=None) -> int:
         for rows in (int(r) for r in ("4" if args.smoke else args.sampler_rows).split(",")):
             for row in bench_sampler(device, rows, model.config.vocab_size, 2 if args.smoke else 20):
                 emit(row)
+    if "host" not in skip:
+        for rows in (int(r) for r in ("1,4" if args.smoke else args.host_rows).split(",")):
+            emit({"bench": "host", **bench_host(model, tokenizer, device, rows, 8 if args.smoke else args.host_steps,
+                                                 8 if args.smoke else args.host_slots)})
     if "profile" not in skip:
         for name in variants:
             emit({"bench": "profile", "variant": name, **profile_step(model, tokenizer, device, VARIANTS[name])})

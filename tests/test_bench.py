@@ -172,3 +172,7 @@ def test_decode_step_bench_smoke():
     assert [(r["rows"], r["variant"]) for r in steps] == [(1, "eager+sdpa"), (4, "eager+sdpa")]
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in steps)
     assert [r["variant"] for r in rows if r["bench"] == "profile"] == ["eager+sdpa"]
+    host = [r for r in rows if r["bench"] == "host"]
+    assert [r["rows"] for r in host] == [1, 4]
+    # every streaming row is read each step, and its listener told
+    assert all(r["read_back_us"] > 0 and r["run_step_us"] > 0 and r["listener_calls_a_step"] >= r["rows"] for r in host)

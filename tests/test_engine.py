@@ -216,14 +216,38 @@ def test_one_thread_streams_many_requests_without_waiting_on_each(tiny):
     assert idles and set(ready) == set(streams)
 
 
+def test_the_background_loop_gives_the_model_its_attention_back_when_idle(tiny):
+    """The loop keeps its attention switched over a run of steps, not beyond: idle, the model's config is its own."""
+    import time
+
+    from lawtune.generation.attention import FAST_ATTENTION, attention_implementation
+
+    model, tok, prompts = tiny
+    before = attention_implementation(model)
+    seen = []
+    engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=64)
+    engine.start()
+    try:
+        request = engine.submit(prompts[0], SamplingParams(max_new_tokens=BUDGETS[0]), stream=True)
+        request.listeners.append(lambda _r: seen.append(attention_implementation(model)))
+        tokens = [t for _, t, _ in engine.stream(request)]
+        deadline = time.monotonic() + 10
+        while attention_implementation(model) != before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert attention_implementation(model) == before != FAST_ATTENTION
+    finally:
+        engine.stop()
+    assert tokens == _reference(model, tok, prompts[0], BUDGETS[0]) and set(seen) == {FAST_ATTENTION}
+
+
 def test_a_failed_step_in_the_background_loop_is_logged_and_raised_to_its_caller(tiny, caplog, monkeypatch):
     model, tok, prompts = tiny
     engine = GenerationEngine(model, tok.eos_token_id, slots=2, max_len=64)
 
-    def broken_step():
+    def broken_step(*args, **kwargs):
         raise RuntimeError("a bug in step")
 
-    monkeypatch.setattr(engine, "step", broken_step)
+    monkeypatch.setattr(engine.runner, "run_step", broken_step)
     engine.start()
     try:
         request = engine.submit(prompts[0], SamplingParams(max_new_tokens=4))

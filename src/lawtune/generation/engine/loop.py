@@ -107,21 +107,25 @@ class GenerationEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    @torch.inference_mode()
     def step(self) -> None:
         """Schedule (admit waiting sequences with one prefill; preempt over the token budget), run one decoding step
         of every running row, read back what an earlier step made."""
         # Layers that training compiled run eagerly in the runner's uncompiled passes (its own choice, see there).
         with fast_attention(self.model):
-            self.readback.drop_cancelled()
-            admitted = self.scheduler.schedule(self.steps)
-            if admitted:
-                self._prefill(admitted)
-            if self.scheduler.over_budget(self.steps):
-                self._preempt()
-            if self.running:
-                self._run()
-                self.readback.after_step(self.steps)
+            self._step()
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """``step``, inside ``fast_attention``."""
+        self.readback.drop_cancelled()
+        admitted = self.scheduler.schedule(self.steps)
+        if admitted:
+            self._prefill(admitted)
+        if self.scheduler.over_budget(self.steps):
+            self._preempt()
+        if self.running:
+            self._run()
+            self.readback.after_step(self.steps)
 
     @torch.inference_mode()
     def capture_graphs(self) -> int:
@@ -136,8 +140,9 @@ class GenerationEngine:
 
     def run(self) -> None:
         """Step until nothing is waiting or running (in the caller's thread)."""
-        while self.has_work():
-            self.step()
+        with fast_attention(self.model):  # once for all the steps (see ``_loop``)
+            while self.has_work():
+                self._step()
 
     def start(self) -> None:
         """Run the loop in a background thread (``serve``): requests submitted from any thread join the batch."""
@@ -186,7 +191,11 @@ class GenerationEngine:
                 if self.stopping:
                     return
             try:
-                self.step()
+                # The attention stays switched while the loop has work, not set and restored every step: that took
+                # ~80 µs of the engine's thread a step (development CPU), which it needs between its steps.
+                with fast_attention(self.model):
+                    while not self.stopping and self.has_work():
+                        self._step()
             except BaseException as exc:  # noqa: BLE001 - every waiting caller is told, the loop goes on
                 # must catch everything: a waiting caller would otherwise wait forever. Each re-raises it; the
                 # traceback is logged here too, where no caller may be left to see it.
@@ -225,8 +234,12 @@ class GenerationEngine:
                     yield None
                 else:
                     with request.wake:
-                        if not any(queues) and not ended():
-                            request.wake.wait(timeout=1.0)
+                        request.waiting += 1
+                        try:
+                            if not any(queues) and not ended():
+                                request.wake.wait(timeout=1.0)
+                        finally:
+                            request.waiting -= 1
             completed = True
         finally:
             if not completed and cancel_on_close:

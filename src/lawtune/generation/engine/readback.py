@@ -53,8 +53,11 @@ def notify(request: Request) -> None:
         request.done.set()
     for listener in request.listeners:
         listener(request)
-    with request.wake:
-        request.wake.notify_all()
+    # A caller counts itself in ``waiting`` under the lock before it looks at the events, which were queued before
+    # this: one that is not counted yet will see them and not wait.
+    if request.waiting:
+        with request.wake:
+            request.wake.notify_all()
 
 
 class ReadBack:
@@ -99,7 +102,7 @@ class ReadBack:
         rows = [(seq, seq.epoch, seq.base + steps - seq.since) for seq in self.scheduler.running.values()]
         width = max(max(count - seq.delivered for seq, _, count in rows), 1)
         top = self.top if any(seq.params.top_logprobs for seq, _, _ in rows) else 0
-        table = self.runner.rows.reading(width, top)
+        table = self.runner.rows.reading(width, top, max(seq.slot for seq, _, _ in rows) + 1)
         event = None
         if table.is_cuda:
             host = torch.empty(table.shape, dtype=table.dtype, pin_memory=True)
@@ -140,7 +143,8 @@ class ReadBack:
         sample.logprobs.extend(logprobs)
         if params.top_logprobs:
             sample.top_logprobs.extend(top[: params.top_logprobs] for top in tops or [[]] * len(tokens))
-        request.events[sample.index].extend((sample.index, t, lp) for t, lp in zip(tokens, logprobs))
+        index = sample.index
+        request.events[index].extend([(index, t, lp) for t, lp in zip(tokens, logprobs)])
         if ended:
             last = sample.tokens[-1]
             stops = ((last == self.eos and not params.ignore_eos) or last in params.stop_token_ids) \

@@ -108,6 +108,9 @@ class Request:
         # Per sample, (sample index, token, logprob) as read, for stream()
         self.events: list[collections.deque] = [collections.deque() for _ in range(params.n)]
         self.wake = threading.Condition()
+        self.waiting = 0
+        """Callers waiting on ``wake`` now (counted under it): the engine's thread takes the lock to tell them only
+        then (a streaming request on serve's pump has none)."""
         # Called in the engine's thread whenever the request has new events or has ended (after they are queued):
         # one thread that streams many requests (serve's pump) learns which to look at without a thread waiting on
         # each one's ``wake``. A listener must not block.
@@ -119,7 +122,10 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        for sample in self.samples:  # a loop, not all(...): the engine's thread asks this of every row it reads
+            if sample.finish_reason is None:
+                return False
+        return True
 
 
 @dataclass(eq=False)
