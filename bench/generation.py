@@ -392,7 +392,9 @@ def run_serve(model, tokenizer, clients: list[int], tokens: int, slots: int | No
     from lawtune.serve import make_server, serving
 
     engine = LoadedModel(model, tokenizer, "chat", GenerationConfig())
-    cfg = ServeConfig(port=0, stream_interval=interval, **({"slots": slots} if slots else {}))
+    # only what is set: a tree before serve.stream_interval runs this bench too (old and new side by side)
+    cfg = ServeConfig(port=0, **({"slots": slots} if slots else {}),
+                      **({"stream_interval": interval} if interval is not None else {}))
     server = make_server(engine, cfg)
     with serving(server) as base:
         url = f"{base}/v1/chat/completions"

@@ -197,6 +197,28 @@ def test_protocol_errors_and_wrong_routes(rand):
     assert httpx.get(f"{rand}/v1/models").status_code == 200 and chat(rand, PLAIN).status_code == 200
 
 
+def test_a_chat_prompt_is_rendered_and_tokenized_once(random_engine, rand, monkeypatch):
+    """The request's plan renders and tokenizes the prompt (to check its length); the generation takes its ids, in
+    both modes, streamed or not, and answers as before."""
+    tokenizer = random_engine.tokenizer
+    expected = {mode: chat(rand, PLAIN, mode=mode, max_tokens=6).json()["choices"][0]["message"]
+                for mode in ("direct", "reasoning")}
+    calls = {"apply_chat_template": 0, "__call__": 0}
+    for name in calls:
+        real = getattr(type(tokenizer), name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            if self is tokenizer and (_name == "apply_chat_template" or "甲与乙" in str(args[0] if args else "")):
+                calls[_name] += 1  # every rendering, every tokenizing of a prompt
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(tokenizer), name, counted)
+    for mode in ("direct", "reasoning"):
+        assert chat(rand, PLAIN, mode=mode, max_tokens=6).json()["choices"][0]["message"] == expected[mode]
+        assert len(sse_events(rand, PLAIN, mode=mode, max_tokens=6)) > 2
+    assert calls == {"apply_chat_template": 4, "__call__": 4}
+
+
 def test_concurrent_requests_share_one_batch_and_a_client_that_leaves_frees_its_row(random_engine):
     with running(random_engine, slots=8) as (url, server):
         generator = server.generator

@@ -396,16 +396,15 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
     return generated(tokenizer, sample.tokens, sample.logprobs)
 
 
-def _generate(engine: LoadedModel, prompt: str, budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
+def _generate(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0,
               shared: SharedSamples | None = None, index: int = 0, key: str | None = None, wait: bool = True):
-    """Yield text events of one generation as its tokens arrive (and, with ``tokens``, a ("token", (id,
+    """Yield text events of the generation that continues the prompt ``ids`` as its tokens arrive (and, with ``tokens``, a ("token", (id,
     log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
     forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
     tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``,
     ``key``: as in ``stream_tokens``; not ``wait``: ``IDLE`` where it would wait."""
     tokenizer = engine.tokenizer
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not uses_engine(engine.model, gcfg):
         result = yield from stream_tokens(engine, ids, budget, gcfg)
         yield from splitter.feed(result.text)
@@ -476,8 +475,8 @@ def _close_trace(tokenizer, sample, shown: str, splitter: ThinkSplitter, prompt_
 def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None,
                     gcfg: GenerationConfig | None = None, stream: bool = True, tokens: bool = False,
                     top_logprobs: int = 0, on_request=None, shared: SharedSamples | None = None,
-                    index: int = 0, key: str | None = None,
-                    wait: bool = True) -> Generator[tuple[str, Any], None, None]:
+                    index: int = 0, key: str | None = None, wait: bool = True,
+                    prompt_ids: list[int] | None = None) -> Generator[tuple[str, Any], None, None]:
     """Yield ("reasoning", text) and ("content", text) as the model writes, then ("done", Answer). With ``tokens``,
     also ("token", (id, log-probability, its step's ``top_logprobs`` likeliest tokens)) for every generated token
     (the text a forced answer's closing adds has none).
@@ -485,18 +484,21 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     ``max_new_tokens`` (else the engine's, else the mode's default) caps every generated token, a forced
     answer's included. Closing the iterator early stops the generation; ``on_request``, ``shared``, ``index`` and
     ``key`` (the request's name for its samples' seeds; default: its prompt) are as in ``stream_tokens``. Not
-    ``wait``: yields ``IDLE`` where it would wait for the engine (serve's pump drives many from one thread)."""
+    ``wait``: yields ``IDLE`` where it would wait for the engine (serve's pump drives many from one thread).
+    ``prompt_ids``: the record's prompt in this mode, tokenized, where the caller has it (serve checks its length
+    first): not rendered and tokenized again."""
     if mode not in INFER_MODES:
         raise UsageError(f"mode: {mode!r} is not one of {', '.join(INFER_MODES)}")
     gcfg = gcfg or engine.gcfg
     think = mode == "reasoning"
     budget = default_budget(mode, max_new_tokens or gcfg.max_new_tokens)
     budget, reserve = split_budget(budget) if think else (budget, 0)
-    prompt = render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
-    prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    tokenizer = engine.tokenizer
+    if prompt_ids is None:
+        prompt_ids = tokenizer(prompt_text(engine, record, think), add_special_tokens=False)["input_ids"]
     splitter = ThinkSplitter(reasoning=think)
     continued = think and uses_engine(engine.model, gcfg)  # the forced answer continues the sample's row
-    first = yield from _generate(engine, prompt, budget, gcfg, splitter, stream, tokens, top_logprobs,
+    first = yield from _generate(engine, prompt_ids, budget, gcfg, splitter, stream, tokens, top_logprobs,
                                  on_request, reserve=reserve if continued else 0, shared=shared, index=index,
                                  key=key, wait=wait)
     output, n_tokens, stopped = first.text, first.tokens, first.stopped
@@ -504,7 +506,8 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
         # Out of budget: close the trace and ask for the answer, by the rule `lawtune eval` uses.
         closing = closing_text(first.text, engine.prompt_format)
         yield from splitter.feed(closing)
-        more = yield from _generate(engine, prompt + first.text + closing, reserve, gcfg, splitter, stream, tokens,
+        asked = tokenizer(prompt_text(engine, record, think) + first.text + closing, add_special_tokens=False)
+        more = yield from _generate(engine, asked["input_ids"], reserve, gcfg, splitter, stream, tokens,
                                     top_logprobs, on_request, wait=wait)
         output, n_tokens = first.text + closing + more.text, n_tokens + more.tokens
     yield from splitter.flush()
@@ -513,7 +516,12 @@ def generate_events(engine: LoadedModel, record: Record, mode: str = "direct", m
     reasoning, content = reasoning.strip(), content.strip()
     letters = "".join(record.options)
     pred = extract_answer(answer_part(output), letters) if letters else None
-    yield "done", Answer(output, reasoning, content, pred, prompt_tokens, n_tokens, stopped)
+    yield "done", Answer(output, reasoning, content, pred, len(prompt_ids), n_tokens, stopped)
+
+
+def prompt_text(engine: LoadedModel, record: Record, think: bool) -> str:
+    """What ``generate_events`` gives the model for ``record`` (``think``: reasoning mode)."""
+    return render_prompt(record, engine.tokenizer, engine.prompt_format, think=think)
 
 
 def ask(engine: LoadedModel, record: Record, mode: str = "direct", max_new_tokens: int | None = None, out=None) -> Answer:

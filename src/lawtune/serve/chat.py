@@ -14,8 +14,7 @@ from ..config import GenerationConfig
 from ..config import replace as replace_config
 from ..data import DataError, Record
 from ..generation import closing_room, default_budget, split_budget
-from ..infer import SharedSamples, generate_events, record_from_text
-from ..prompts import render_prompt
+from ..infer import SharedSamples, generate_events, prompt_text, record_from_text
 from ..scoring import extract_answer, majority
 from . import protocol as api
 from .runtime import (
@@ -54,7 +53,12 @@ class ChatPlan:
     record: Record
     gcfg: GenerationConfig
     max_tokens: int | None
-    prompt_tokens: int
+    prompt_ids: list[int]
+    """The question's prompt in the request's mode, tokenized (generated from, not rendered again)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
 
 def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
@@ -83,13 +87,13 @@ def plan_chat(state: ServeState, body: api.ChatRequest) -> ChatPlan:
         gcfg = replace_config(gcfg, do_sample=True)
     max_tokens = body.max_completion_tokens or body.max_tokens
     loaded = state.loaded
-    prompt = render_prompt(record, loaded.tokenizer, loaded.prompt_format, think=body.mode == "reasoning")
-    n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = loaded.tokenizer(prompt_text(loaded, record, body.mode == "reasoning"), add_special_tokens=False)["input_ids"]
+    n = len(ids)
     budget = default_budget(body.mode, max_tokens or gcfg.max_new_tokens)
     if body.mode == "reasoning" and split_budget(budget)[1]:  # a forced answer's closing takes room in the row too
         budget += closing_room(loaded.tokenizer, loaded.prompt_format)
     check_length(state, n, budget, "messages")
-    return ChatPlan(record, gcfg, max_tokens, n)
+    return ChatPlan(record, gcfg, max_tokens, ids)
 
 
 def check_vote(body: api.ChatRequest) -> None:
@@ -202,7 +206,7 @@ def start_chat_choice(state: ServeState, body: api.ChatRequest, plan: ChatPlan, 
     def events(on_request, wait: bool):
         return generate_events(loaded, plan.record, body.mode, plan.max_tokens, gcfg, stream=stream, tokens=tokens,
                                top_logprobs=top, on_request=on_request, shared=shared, index=index, key=key,
-                               wait=wait)
+                               wait=wait, prompt_ids=plan.prompt_ids)
 
     return ChatChoiceRun(index, Job(state, events), StopText(stops), streamed=stream)
 
