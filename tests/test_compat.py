@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lawtune"
 # new one is added here by hand, after checking that; anything else private on a library object belongs in compat.py.
 LAWTUNE_OWNED = frozenset({
     # generation/engine/: GenerationEngine
-    "_loop", "_prefill", "_preempt",
+    "_loop", "_prefill", "_preempt", "_step_once",
     # serve/runtime.py: Job (a thread of lawtune's own)
     "_on_request", "_put", "_wake",
     # train/callbacks.py: HeldOutEvalCallback, GcPauses (transformers' TrainerCallback has no private names)

@@ -112,10 +112,10 @@ class GenerationEngine:
         of every running row, read back what an earlier step made."""
         # Layers that training compiled run eagerly in the runner's uncompiled passes (its own choice, see there).
         with fast_attention(self.model):
-            self._step()
+            self._step_once()
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step_once(self) -> None:
         """``step``, inside ``fast_attention``."""
         self.readback.drop_cancelled()
         admitted = self.scheduler.schedule(self.steps)
@@ -142,7 +142,7 @@ class GenerationEngine:
         """Step until nothing is waiting or running (in the caller's thread)."""
         with fast_attention(self.model):  # once for all the steps (see ``_loop``)
             while self.has_work():
-                self._step()
+                self._step_once()
 
     def start(self) -> None:
         """Run the loop in a background thread (``serve``): requests submitted from any thread join the batch."""
@@ -195,7 +195,7 @@ class GenerationEngine:
                 # ~80 µs of the engine's thread a step (development CPU), which it needs between its steps.
                 with fast_attention(self.model):
                     while not self.stopping and self.has_work():
-                        self._step()
+                        self._step_once()
             except BaseException as exc:  # noqa: BLE001 - every waiting caller is told, the loop goes on
                 # must catch everything: a waiting caller would otherwise wait forever. Each re-raises it; the
                 # traceback is logged here too, where no caller may be left to see it.
