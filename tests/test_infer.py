@@ -61,6 +61,21 @@ def test_think_splitter_holds_back_a_split_marker():
     assert "".join(t for k, t in events if k == "content") == "答案：B"
 
 
+def test_think_splitter_gives_the_same_text_however_the_pieces_fall():
+    """Every cut of the text in three pieces, a '<' that starts no marker among them, routes as the whole text does."""
+    def routed(pieces):
+        splitter = infer.ThinkSplitter(reasoning=True)
+        events = [e for piece in pieces for e in splitter.feed(piece)] + splitter.flush()
+        return ("".join(t for k, t in events if k == "reasoning"), "".join(t for k, t in events if k == "content"))
+
+    for text in ["先<b>分析。</think>\n\n答案：B", "a<</think>b<", "只想</thin", "<</think></think>"]:
+        whole = routed([text])
+        for i in range(len(text) + 1):
+            for j in range(i, len(text) + 1):
+                assert routed([text[:i], text[i:j], text[j:]]) == whole, (text, i, j)
+    assert routed(["先<b>分析。</think>\n\n答案：B"]) == ("先<b>分析。", "答案：B")
+
+
 # ----------------------------------------------------------------------------- ask
 
 

@@ -56,6 +56,7 @@ class CompletionRun:
     async def pieces(self, deadline: float | None, tokenizer) -> AsyncIterator[tuple[str, list]]:
         """(text, the tokens it came with) as released past the stop strings; what came at once goes out together."""
         pieces, shown, pending = TextPieces(tokenizer), "", []
+        eos = tokenizer.eos_token_id  # once: transformers looks it up by name each time
         async for batch in self.job.batches(deadline):
             text = ""
             for kind, value in batch:
@@ -74,7 +75,7 @@ class CompletionRun:
                     self.first_at = self.first_at or time.monotonic()
                     self.tokens.append(payload)
                     pending.append(payload)
-                    if payload[0] == tokenizer.eos_token_id:
+                    if payload[0] == eos:
                         continue
                     new = pieces.put(payload[0])
                     shown += new
