@@ -301,9 +301,11 @@ def test_a_model_off_the_engine_streams_from_a_thread_a_request(tiny_model_dir):
         assert server.state.pump is None
 
 
-def test_a_mixed_crowd_with_hang_ups_leaves_nothing_behind(random_engine):
+@pytest.mark.parametrize("interval", [None, 3])
+def test_a_mixed_crowd_with_hang_ups_leaves_nothing_behind(random_engine, interval):
     """Streams (some hung up mid-way), ``n`` choices, stop strings with log-probabilities and raw completions at
-    once, through the pump: every request answered or let go, and afterwards no row, job or place is held."""
+    once, through the pump, their tokens a chunk at a time (8 rows: one) or three: every request answered or let go,
+    and afterwards no row, job or place is held."""
     kinds = ["stream", "hang_up", "n", "stop", "completion"] * 8
     failures: list[str] = []
 
@@ -327,7 +329,7 @@ def test_a_mixed_crowd_with_hang_ups_leaves_nothing_behind(random_engine):
         except Exception as exc:  # noqa: BLE001 - collected, the test fails on any
             failures.append(f"{kind}: {exc!r}")
 
-    with running(random_engine, slots=8) as (url, server):
+    with running(random_engine, slots=8, stream_interval=interval) as (url, server):
         threads = [threading.Thread(target=client, args=(kind, i)) for i, kind in enumerate(kinds)]
         for t in threads:
             t.start()
