@@ -18,8 +18,8 @@
 3. ``serve`` at its default rows and row length (``--serve-slots``) with each ``--clients`` count of concurrent
    streaming clients on loopback (a comma list), and one client alone: aggregate tokens/s, tokens/s a client,
    requests answered, first-token p50 and p99, and (Linux) the server's CPU microseconds a token by thread: the
-   engine's loop, the stream pump, the event loop (HTTP), tokenizing, other. The clients run in a process of their
-   own.
+   engine's loop, the stream pump, the event loop (HTTP), tokenizing, other. The clients run in processes of their
+   own, one asyncio loop each (``CLIENTS_A_PROCESS``), and start together.
 4. ``--distill Q``: what ``lawtune distill`` asks of the engine (issue 17): Q questions x ``--samples`` sampled
    completions (temperature 0.6, top-p 0.95, one prefill per question), budgets drawn as in 1, completions/s;
    beside it plain ``generate`` sampling ``--samples`` sequences per prompt on ``--distill-plain`` completions.
@@ -297,57 +297,81 @@ def run_ask_stream(model, tokenizer, tokens: int, device) -> dict:
 QUESTION = "甲与乙订立买卖合同，下列哪些说法正确？\nA. 合同成立\nB. 合同无效\nC. 可撤销"
 
 
-def client_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
-    """``n`` streaming clients at once against ``url`` (or, ``sequential``, one after another): aggregate tokens/s
-    and time to first token."""
+# Clients a client process drives (one asyncio loop each). A thread a client in one process, as before the
+# twenty-first session, cost that process more CPU than the server (3.75 s against ~3 s a 32-client wave on the
+# development CPU) and capped what a wave could measure: with the same server, 32 clients made ~3,400 tokens/s with
+# threads and ~5,300 with one asyncio client (bench/README.md).
+CLIENTS_A_PROCESS = 64
+
+
+def client_wave(url: str, n: int, tokens: int, sequential: bool = False, start_at: float | None = None,
+                first: int = 0) -> dict:
+    """``n`` streaming clients (numbered from ``first``) against ``url`` at once, or ``sequential``ly, from one asyncio
+    loop, starting at the wall-clock time ``start_at`` (default now): each one's tokens and time to its first
+    token, and when the last ended."""
+    import asyncio
+
     import httpx
 
-    def one(out: list, i: int) -> None:
+    async def one(client, i: int) -> dict:
         body = {"model": "lawtune", "stream": True, "mode": "reasoning", "max_tokens": tokens,
                 "messages": [{"role": "user", "content": QUESTION + f"\n（第{i}题）"}]}
-        start, first, usage = time.perf_counter(), None, None
-        with httpx.stream("POST", url, json=body, timeout=600) as resp:
+        start, ttft, usage = time.perf_counter(), None, None
+        async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
-                out.append({"ttft": None, "tokens": 0, "status": resp.status_code})
-                return
-            for line in resp.iter_lines():
+                return {"ttft": None, "tokens": 0, "status": resp.status_code}
+            async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 item = json.loads(line[6:])
                 delta = item["choices"][0]["delta"] if item.get("choices") else {}
-                if first is None and (delta.get("reasoning_content") or delta.get("content")):
-                    first = time.perf_counter() - start
+                if ttft is None and (delta.get("reasoning_content") or delta.get("content")):
+                    ttft = time.perf_counter() - start
                 usage = item.get("usage") or usage
-            out.append({"ttft": first, "tokens": usage["completion_tokens"] if usage else 0})
+        return {"ttft": ttft, "tokens": usage["completion_tokens"] if usage else 0}
 
-    out: list = []
-    threads = [threading.Thread(target=one, args=(out, i)) for i in range(n)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-        if sequential:
-            t.join()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
+    async def wave() -> list[dict]:
+        limits = httpx.Limits(max_connections=n + 8, max_keepalive_connections=n + 8)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            if start_at is not None:
+                await asyncio.sleep(max(0.0, start_at - time.time()))
+            if sequential:
+                return [await one(client, first + i) for i in range(n)]
+            return list(await asyncio.gather(*(one(client, first + i) for i in range(n))))
+
+    begun = time.time() if start_at is None else start_at
+    out = asyncio.run(wave())
+    return {"clients": out, "start": begun, "end": time.time()}
+
+
+def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
+    """``n`` clients in processes of their own (``CLIENTS_A_PROCESS`` each), as real clients are: in the server's
+    process they would take turns with its threads for the interpreter. All start at one wall-clock time; aggregate
+    tokens/s from it to the last client's end, and time to first token over all."""
+    procs = []
+    start_at = time.time() + 3.0  # every process has imported httpx by then
+    for first in range(0, n, n if sequential else CLIENTS_A_PROCESS):
+        count = min(n - first, n if sequential else CLIENTS_A_PROCESS)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--client-of", url, "--clients", str(count),
+                                       "--serve-tokens", str(tokens), "--client-start", repr(start_at),
+                                       "--client-first", str(first), *(["--sequential"] if sequential else [])],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    waves = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"client process failed: {stderr[-2000:]}")
+        waves.append(json.loads(stdout.strip().splitlines()[-1]))
+    out = [c for w in waves for c in w["clients"]]
+    seconds = max(w["end"] for w in waves) - start_at
     ttft = sorted(o["ttft"] for o in out if o["ttft"] is not None)
     tokens_total = sum(o["tokens"] for o in out)
-    return {"clients": n, "answered": sum(o["tokens"] > 0 for o in out), "seconds": round(seconds, 2),
-            "tokens": tokens_total, "tokens_per_s": round(tokens_total / seconds, 1),
+    return {"clients": n, "client_processes": len(procs), "answered": sum(o["tokens"] > 0 for o in out),
+            "seconds": round(seconds, 2), "tokens": tokens_total, "tokens_per_s": round(tokens_total / seconds, 1),
             "tokens_per_s_a_client": round(tokens_total / seconds / n, 1),
             "ttft_p50_s": round(ttft[len(ttft) // 2], 3) if ttft else None,
             "ttft_p99_s": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3) if ttft else None,
             "ttft_max_s": round(ttft[-1], 3) if ttft else None}
-
-
-def remote_wave(url: str, n: int, tokens: int, sequential: bool = False) -> dict:
-    """``client_wave`` in a process of its own, as real clients are: clients in the server's process would take
-    turns with its threads for the interpreter and slow the server down."""
-    out = subprocess.run([sys.executable, __file__, "--client-of", url, "--clients", str(n), "--serve-tokens",
-                          str(tokens), *(["--sequential"] if sequential else [])], capture_output=True, text=True, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"client process failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # The server's threads by name (serve's own); any other thread of the process (torch's intra-op pool, CUDA's and the
@@ -439,9 +463,12 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="parts to leave out: mixed,lpt,fifo,static,stream,serve,plain (comma list; lpt = the largest-budget-first run)")
     p.add_argument("--client-of", help=argparse.SUPPRESS)  # the client process of the serve measurement
     p.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--client-start", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--client-first", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.client_of:
-        print(json.dumps(client_wave(args.client_of, int(args.clients), args.serve_tokens, args.sequential)))
+        print(json.dumps(client_wave(args.client_of, int(args.clients), args.serve_tokens, args.sequential,
+                                     args.client_start, args.client_first)))
         return 0
     if args.smoke:
         args.requests, args.slots, args.static_batch, args.plain_n = "12", 4, 4, 4

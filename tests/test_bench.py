@@ -140,7 +140,10 @@ def test_generation_bench_smoke():
     assert engine["useful_tokens"] == rows["mixed12_static"]["useful_tokens"] > 0
     assert 0 < engine["occupancy"] <= 1 and engine["steps"] > 0
     assert rows["ask_stream"]["generated_tokens"] == 24 and rows["ask_stream"]["pieces"] > 1  # streamed, not at once
-    assert rows["serve"]["concurrent"]["clients"] == 4 and rows["serve"]["concurrent"]["tokens"] == 4 * 12
+    wave = rows["serve"]["concurrent"]
+    assert wave["clients"] == wave["answered"] == 4 and wave["tokens"] == 4 * 12 and wave["client_processes"] == 1
+    if sys.platform == "linux":  # the server's CPU a token, by thread, read from /proc
+        assert wave["server_cpu_us_a_token"]["engine"] > 0 and "event_loop" in wave["server_cpu_us_a_token"]
 
 
 def test_grpo_bench_smoke(tmp_path):
