@@ -402,8 +402,8 @@ def stream_tokens(engine: LoadedModel, ids: list[int], budget: int, gcfg: Genera
 def _generate(engine: LoadedModel, ids: list[int], budget: int, gcfg: GenerationConfig, splitter: ThinkSplitter,
               stream: bool, tokens: bool = False, top_logprobs: int = 0, on_request=None, reserve: int = 0,
               shared: SharedSamples | None = None, index: int = 0, key: str | None = None, wait: bool = True):
-    """Yield text events of the generation that continues the prompt ``ids`` as its tokens arrive (and, with ``tokens``, a ("token", (id,
-    log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
+    """Yield text events of the generation that continues the prompt ``ids`` as its tokens arrive (and, with
+    ``tokens``, a ("token", (id, log-probability, likeliest tokens)) event for each); return its Generated. ``reserve`` > 0: reasoning mode's
     forced answer on the engine (a trace cut off by ``budget`` is closed on its row and answered in ``reserve`` more
     tokens; the closing's text is streamed as the model's, it has no token events). ``shared``, ``index``,
     ``key``: as in ``stream_tokens``; not ``wait``: ``IDLE`` where it would wait."""

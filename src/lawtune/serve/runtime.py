@@ -14,7 +14,8 @@ woken at most once for whatever a reading of the rows brought (``Request.listene
 as far as it goes without waiting (``wait=False``: they yield ``IDLE`` there), and wakes the event loop once for all
 of them. Measured on that CPU (``bench/generation.py --cpu --clients 32,128 --serve-tokens 256``, five runs a side,
 alternating): 32 clients 2,970 tokens/s against 2,529 (1.17x), 128 clients 3,654 against 3,109 (1.18x), one client
-unchanged; not yet measured on a GPU.
+unchanged, with the bench's clients of then (a thread each, in one process), which capped what a wave measured
+(bench/README.md, twenty-first session); not yet measured on a GPU.
 
 A stream's tokens go out in chunks (``chunk_tokens``, ``serve.stream_interval``): the engine's thread wakes the pump
 for a streamed job at its first token and then once a chunk's tokens wait, for a job that does not stream only at its
@@ -324,7 +325,7 @@ class Job:
     async def batches(self, deadline: float | None) -> AsyncIterator[list[tuple[str, Any]]]:
         """The job's ("event", e) items as they have come, a list at a time, then ("error", exc) if it failed;
         raises TimeoutError at ``deadline``. One timer for the deadline, not one a wait (``asyncio.wait_for`` makes a
-        task and a timer each time: with 32 streams, 10% of the event loop's samples in a CPU profile)."""
+        task and a timer each time: with 32 streams, 10% of the event loop's samples in a py-spy profile)."""
         expired = False
 
         def expire() -> None:
@@ -354,12 +355,6 @@ class Job:
                 timer.cancel()
             self.cancel("finished")
             self.done()
-
-    async def items(self, deadline: float | None) -> AsyncIterator[tuple[str, Any]]:
-        """The job's items one by one (see ``batches``)."""
-        async for batch in self.batches(deadline):
-            for item in batch:
-                yield item
 
 
 class StopText:
