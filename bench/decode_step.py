@@ -15,7 +15,8 @@
    name (launches and GPU time).
 4. ``sampler``: choosing the next token of ``--sampler-rows`` rows from random logits of the vocabulary's width
    (temperature 0.6, top-p 0.95; flat, as a random model's are, and peaked): the step's choice greedy and sampled
-   (as the fused step runs it), the kept set alone, and the bisection's threshold alone (compiled); µs each.
+   (as the fused step runs it), the kept set alone, the bisection's threshold alone (compiled), and the one pass
+   that settles most rows (``gumbel_first``) with the rows it leaves to the bisection; µs each.
 5. ``host``: the engine's own work a step with ``--host-rows`` streaming rows (``bench_host``): scheduling, queueing
    the step, reading back, µs a step each.
 
@@ -240,6 +241,14 @@ def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
         row["nucleus_us"] = round(seconds / repeats * 1e6, 1)
         _, seconds = timed(device, lambda probs=probs: [threshold(probs, top_p, top_k) for _ in range(repeats)])
         row["threshold_us"] = round(seconds / repeats * 1e6, 1)
+        if hasattr(sampler, "gumbel_first"):  # the pass that settles most rows (older trees: none)
+            settle = compiled("gumbel_first", sampler.gumbel_first) if fused else sampler.gumbel_first
+            scaled = logits / 0.6
+            _, kept, _, _ = settle(scaled, top_p, top_k, seed, step)
+            _, seconds = timed(device, lambda scaled=scaled, settle=settle: [
+                settle(scaled, top_p, top_k, seed, step) for _ in range(repeats)])
+            row["gumbel_first_us"] = round(seconds / repeats * 1e6, 1)
+            row["rows_to_bisect"] = int((~kept).sum())
         out.append(row)
     return out
 

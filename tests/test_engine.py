@@ -476,7 +476,8 @@ def _sampler_cases(device):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU")])])
 def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
-    from lawtune.generation.engine.sampler import nucleus, sorted_choice, uniform_noise
+    from lawtune.generation.engine import sampler_kernel
+    from lawtune.generation.engine.sampler import gumbel_first, nucleus, sample, sorted_choice, uniform_noise
 
     for name, logits in _sampler_cases(device):
         logits = logits.to(device)
@@ -491,11 +492,30 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
                 u = uniform_noise(seed[:, None], step[:, None], tokens)
                 keep = nucleus(scaled.softmax(-1), p, k)
                 ours = (scaled.masked_fill(~keep, float("-inf")) - torch.log(-torch.log(u))).argmax(-1)
-                assert torch.equal(ours, sorted_choice(scaled, p, k, seed, step)), (name, top_p, top_k, temperature)
+                reference = sorted_choice(scaled, p, k, seed, step)
+                assert torch.equal(ours, reference), (name, top_p, top_k, temperature)
+                # the step's sampler: the first token where it is kept, the bisection (the kernel on a GPU) elsewhere
+                assert torch.equal(sample(scaled, p, k, seed, step), reference), (name, top_p, top_k, temperature)
+                if device == "cuda":  # every row through the kernel's bisection, not only those gumbel_first cut
+                    first, _, probs, noisy = gumbel_first(scaled, p, k, seed, step)
+                    every = torch.zeros(rows, dtype=torch.bool, device=device)
+                    assert torch.equal(sampler_kernel.kept_pick(probs, noisy, p, k, every, first), reference)
         if name == "flat":  # ties keep the lowest ids, as many as top-p's mass allows
             keep = nucleus(logits.softmax(-1), torch.full((rows,), 0.5, device=device),
                            torch.zeros(rows, dtype=torch.long, device=device))
             assert keep[0].nonzero()[:, 0].tolist() == list(range(307))  # the mass before token 307 is past 0.5
+
+
+def test_a_flat_rows_first_noisy_token_is_kept_but_about_one_time_in_1_over_1_minus_top_p():
+    """Why sampling skips the bisection for most rows: the largest noisy logit over the whole vocabulary is a draw of
+    the whole distribution, which top-p 0.95 cuts with probability about 0.05 (a random model's rows are flat)."""
+    from lawtune.generation.engine.sampler import gumbel_first
+
+    rows = 4000
+    logits = torch.randn(rows, 613, generator=torch.Generator().manual_seed(0)) * 0.02
+    _, kept, _, _ = gumbel_first(logits / 0.6, torch.full((rows,), 0.95), torch.zeros(rows, dtype=torch.long),
+                                 torch.arange(rows), torch.zeros(rows, dtype=torch.long))
+    assert 0.93 < kept.float().mean() < 0.97
 
 
 def test_top_p_1_with_top_k_keeps_top_k_tokens_where_the_mass_rounds_above_1():

@@ -8,7 +8,8 @@ Its parts, each with the why of its own design in its docstring:
 * ``scheduler.py``: the waiting queue, admission into free rows, cancelling, the token budget and preemption.
 * ``runner.py``: the model's forward passes (prefill, a forced answer's closing, the decoding step) and the CUDA
   graphs the step replays from (``ModelRunner``, ``DeviceRows``); which models the engine runs (``engine_supported``).
-* ``sampler.py``: the next token of every row, greedy or sampled, on the device (``choose_tokens``).
+* ``sampler.py``: the next token of every row, greedy or sampled, on the device (``choose_tokens``);
+  ``sampler_kernel.py``: its bisection for the rows one pass does not settle, a Triton program a row.
 * ``readback.py``: what the rows made, read back behind the GPU into the samples; a forced answer on its row.
 * ``loop.py``: ``GenerationEngine`` itself: submit, step (schedule, run, read back), stream, generate, the
   background thread, close; ``EngineHolder``, the engine of one owner, grown when a call needs more rows.
