@@ -506,6 +506,28 @@ def test_sampling_without_a_sort_picks_the_full_sorts_token(device):
             assert keep[0].nonzero()[:, 0].tolist() == list(range(307))  # the mass before token 307 is past 0.5
 
 
+def test_a_sampler_kernel_that_fails_leaves_its_rows_to_torchs_bisection(monkeypatch, caplog):
+    """A Triton build that cannot compile the kernel costs speed, not the step: the rows it would serve take the
+    torch bisection, with the same tokens, and it is not tried again in the process."""
+    from lawtune.generation.engine import sampler, sampler_kernel
+    from lawtune.generation.engine.sampler import sorted_choice
+
+    def broken(*args):
+        raise RuntimeError("ptxas: unsupported version")
+
+    monkeypatch.setattr(sampler_kernel, "triton", object())  # as if Triton were installed, with its interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sampler_kernel, "kept_pick", broken)
+    monkeypatch.setattr(sampler_kernel, "_disabled", None)
+    rows = 32
+    scaled = torch.zeros(rows, 101)  # flat: top-p 0.5 cuts about half of the rows' first tokens
+    p, k = torch.full((rows,), 0.5), torch.zeros(rows, dtype=torch.long)
+    seed, step = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
+    with caplog.at_level("WARNING", logger="lawtune"):
+        assert torch.equal(sampler.sample(scaled, p, k, seed, step), sorted_choice(scaled, p, k, seed, step))
+    assert "ptxas: unsupported version" in caplog.text and not sampler_kernel.usable(scaled)
+
+
 def test_a_flat_rows_first_noisy_token_is_kept_but_about_one_time_in_1_over_1_minus_top_p():
     """Why sampling skips the bisection for most rows: the largest noisy logit over the whole vocabulary is a draw of
     the whole distribution, which top-p 0.95 cuts with probability about 0.05 (a random model's rows are flat)."""

@@ -65,8 +65,15 @@ def _nf4_base(model_dir):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"},
-                                                dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, device_map={"": "cpu"},
+                                                 dtype=torch.float32)
+    # On a CPU with AVX512-BF16, bitsandbytes (>= 0.49) repacks a 4-bit weight for its bf16 inference kernel at the
+    # first forward in eval mode without grad, and keeps it that way: a later training forward then goes through that
+    # kernel, which has no backward. The test trains after evaluating, so it keeps the fp32 path on every CPU.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _logits(model, ids):

@@ -133,7 +133,10 @@ def sample(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed:
     first, kept, probs, noisy = (compiled("gumbel_first", gumbel_first) if fused else gumbel_first)(
         scaled, top_p, top_k, seed, step)
     if sampler_kernel.usable(probs):  # a program a row; the rows kept return at once (a recorded step's shapes)
-        return sampler_kernel.kept_pick(probs, noisy, top_p, top_k, kept, first)
+        try:
+            return sampler_kernel.kept_pick(probs, noisy, top_p, top_k, kept, first)
+        except Exception as exc:  # noqa: BLE001 - a Triton build that cannot compile it: the torch bisection below
+            sampler_kernel.disable(exc)
     threshold = compiled("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
     if probs.is_cuda:  # no Triton: every row, so a recorded step's shapes do not depend on the draw
         return torch.where(kept, first, kept_pick(probs, noisy, top_p, top_k, threshold))

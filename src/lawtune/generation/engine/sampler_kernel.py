@@ -10,6 +10,7 @@ token of the largest noisy logit. Launched plainly, so a CUDA graph records it w
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -20,14 +21,27 @@ try:  # Triton ships with torch's CUDA builds only
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
+log = logging.getLogger("lawtune")
+
 # Probabilities a loop turn reads (a row of the 1.5B model's 151,936 tokens is 38 turns a pass).
 BLOCK = 4096
 
 
+# Why the kernel is off in this process (it failed once: the sampler's torch bisection serves from then on).
+_disabled: str | None = None
+
+
 def usable(probs: torch.Tensor) -> bool:
-    """Whether the kernel serves these probabilities: Triton present, and a GPU's tensors (or Triton's
+    """Whether the kernel serves these probabilities: Triton present, not disabled, and a GPU's tensors (or Triton's
     interpreter)."""
-    return triton is not None and (probs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and _disabled is None and (probs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def disable(exc: BaseException) -> None:
+    """Turn the kernel off for this process after it failed (logged once)."""
+    global _disabled
+    _disabled = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+    log.warning("sampler: the Triton bisection failed (%s); the rows it would serve take torch's", _disabled)
 
 
 def kept_pick(probs: torch.Tensor, noisy: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
