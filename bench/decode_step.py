@@ -242,11 +242,10 @@ def bench_sampler(device, rows: int, vocab: int, repeats: int) -> list[dict]:
         _, seconds = timed(device, lambda probs=probs: [threshold(probs, top_p, top_k) for _ in range(repeats)])
         row["threshold_us"] = round(seconds / repeats * 1e6, 1)
         if hasattr(sampler, "gumbel_first"):  # the pass that settles most rows (older trees: none)
-            settle = compiled("gumbel_first", sampler.gumbel_first) if fused else sampler.gumbel_first
             scaled = logits / 0.6
-            _, kept, _, _ = settle(scaled, top_p, top_k, seed, step)
-            _, seconds = timed(device, lambda scaled=scaled, settle=settle: [
-                settle(scaled, top_p, top_k, seed, step) for _ in range(repeats)])
+            _, kept, _, _ = sampler.gumbel_first(scaled, top_p, top_k, seed, step, fused)
+            _, seconds = timed(device, lambda scaled=scaled: [
+                sampler.gumbel_first(scaled, top_p, top_k, seed, step, fused) for _ in range(repeats)])
             row["gumbel_first_us"] = round(seconds / repeats * 1e6, 1)
             row["rows_to_bisect"] = int((~kept).sum())
         out.append(row)

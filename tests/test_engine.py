@@ -528,6 +528,33 @@ def test_a_sampler_kernel_that_fails_leaves_its_rows_to_torchs_bisection(monkeyp
     assert "ptxas: unsupported version" in caplog.text and not sampler_kernel.usable(scaled)
 
 
+def test_a_sampler_part_that_fails_to_compile_runs_uncompiled(monkeypatch, caplog):
+    """The sampler's compiled parts are a speed-up only: a compiler that cannot serve one leaves that part eager
+    (logged once), the same tokens, instead of failing the step (which would turn the whole step, layers too,
+    eager)."""
+    from lawtune.generation.engine import compiled as compiled_module
+    from lawtune.generation.engine import sampler
+    from lawtune.generation.engine.sampler import sorted_choice
+
+    def failing(name, fn):
+        def call(*args):
+            raise RuntimeError(f"inductor cannot lower {name}")
+        return call
+
+    monkeypatch.setattr(compiled_module, "compiled", failing)
+    monkeypatch.setattr(compiled_module, "_failed", {})
+    rows = 16
+    scaled = torch.randn(rows, 211, generator=torch.Generator().manual_seed(0))
+    p, k = torch.full((rows,), 0.9), torch.zeros(rows, dtype=torch.long)
+    seed, step = torch.arange(rows), torch.zeros(rows, dtype=torch.long)
+    with caplog.at_level("WARNING", logger="lawtune"):
+        for _ in range(2):
+            assert torch.equal(sampler.sample(scaled, p, k, seed, step, fused=True), sorted_choice(scaled, p, k, seed,
+                                                                                                   step))
+    assert caplog.text.count("inductor cannot lower noisy_logits") == 1
+    assert caplog.text.count("inductor cannot lower first_kept") == 1
+
+
 def test_a_flat_rows_first_noisy_token_is_kept_but_about_one_time_in_1_over_1_minus_top_p():
     """Why sampling skips the bisection for most rows: the largest noisy logit over the whole vocabulary is a draw of
     the whole distribution, which top-p 0.95 cuts with probability about 0.05 (a random model's rows are flat)."""

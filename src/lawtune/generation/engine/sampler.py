@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from . import sampler_kernel
-from .compiled import compiled
+from .compiled import compiled_or_eager
 
 MASK64 = (1 << 64) - 1
 
@@ -98,26 +98,39 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, thres
     return (bits > value) | (tied & (tied.cumsum(-1) <= allowed))
 
 
-def gumbel_first(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
-                 step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The token of the largest scaled logit plus its Gumbel noise over the whole vocabulary, a row, and whether
-    top-p and top-k keep it (then it is the sampled token: see the module docstring); with the probabilities and the
-    noisy logits that the rows it failed choose among. Reductions and element-wise work only (one compiled
-    function)."""
-    vocab = scaled.shape[-1]
-    tokens = torch.arange(vocab, device=scaled.device)[None, :]
-    noisy = scaled - torch.log(-torch.log(uniform_noise(seed[:, None], step[:, None], tokens)))
-    first = noisy.argmax(-1, keepdim=True)
-    probs = scaled.softmax(-1)
-    value = probs.gather(1, first)
+def noisy_logits(scaled: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The scaled logits plus each token's Gumbel noise."""
+    tokens = torch.arange(scaled.shape[-1], device=scaled.device)[None, :]
+    return scaled - torch.log(-torch.log(uniform_noise(seed[:, None], step[:, None], tokens)))
+
+
+def first_kept(probs: torch.Tensor, first: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Whether top-p and top-k keep token ``first`` of each row: its rank (tokens of a larger probability, ties of a
+    smaller id) is below top-k and the mass ranked before it is at most top-p. Reductions only."""
+    vocab = probs.shape[-1]
+    tokens = torch.arange(vocab, device=probs.device)[None, :]
+    value = probs.gather(1, first[:, None])
     bits, first_bits = probs.view(torch.int32), value.view(torch.int32)
     above = bits > first_bits
-    ties_before = ((bits == first_bits) & (tokens < first)).sum(-1, keepdim=True)
+    ties_before = ((bits == first_bits) & (tokens < first[:, None])).sum(-1, keepdim=True)
     rank = above.sum(-1, keepdim=True) + ties_before
-    before = (probs * above).sum(-1, keepdim=True) + ties_before * value  # the mass of the tokens ranked before
+    before = (probs * above).sum(-1, keepdim=True) + ties_before * value
     k = torch.where(top_k > 0, top_k, vocab)[:, None]
-    kept = (rank < k) & ((before <= top_p[:, None]) | (top_p >= 1)[:, None])
-    return first[:, 0], kept[:, 0], probs, noisy
+    return ((rank < k) & ((before <= top_p[:, None]) | (top_p >= 1)[:, None]))[:, 0]
+
+
+def gumbel_first(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,
+                 step: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The token of the largest scaled logit plus its Gumbel noise over the whole vocabulary, a row, and whether
+    top-p and top-k keep it (then it is the sampled token: see the module docstring); with the probabilities and the
+    noisy logits that the rows it failed choose among. ``fused``: the noise and the check compiled, apart (one
+    compiled function with the softmax and the argmax in it failed in the engine's step on an H200, after inductor
+    split the softmax's reduction; the softmax and the argmax stay uncompiled, as they were before)."""
+    noisy = (compiled_or_eager("noisy_logits", noisy_logits) if fused else noisy_logits)(scaled, seed, step)
+    first = noisy.argmax(-1)
+    probs = scaled.softmax(-1)
+    kept = (compiled_or_eager("first_kept", first_kept) if fused else first_kept)(probs, first, top_p, top_k)
+    return first, kept, probs, noisy
 
 
 def kept_pick(probs: torch.Tensor, noisy: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
@@ -130,14 +143,13 @@ def sample(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed:
            fused: bool = False) -> torch.Tensor:
     """The sampled token of each row of ``scaled`` (logits over the temperature): ``gumbel_first``, then the bisection
     for the rows whose first token top-p or top-k cut. ``fused``: through compiled functions (the fused step's)."""
-    first, kept, probs, noisy = (compiled("gumbel_first", gumbel_first) if fused else gumbel_first)(
-        scaled, top_p, top_k, seed, step)
+    first, kept, probs, noisy = gumbel_first(scaled, top_p, top_k, seed, step, fused)
     if sampler_kernel.usable(probs):  # a program a row; the rows kept return at once (a recorded step's shapes)
         try:
             return sampler_kernel.kept_pick(probs, noisy, top_p, top_k, kept, first)
         except Exception as exc:  # noqa: BLE001 - a Triton build that cannot compile it: the torch bisection below
             sampler_kernel.disable(exc)
-    threshold = compiled("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
+    threshold = compiled_or_eager("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
     if probs.is_cuda:  # no Triton: every row, so a recorded step's shapes do not depend on the draw
         return torch.where(kept, first, kept_pick(probs, noisy, top_p, top_k, threshold))
     cut = (~kept).nonzero()[:, 0]
