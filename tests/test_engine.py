@@ -586,7 +586,7 @@ def test_the_layer_by_layer_step_gives_the_decoders_tokens(tiny, monkeypatch):
 
     model, tok, prompts = tiny
     monkeypatch.setattr(runner, "compiled", lambda name, fn: fn)
-    monkeypatch.setattr(sampler, "compiled", lambda name, fn: fn)
+    monkeypatch.setattr(sampler, "compiled_or_eager", lambda name, fn: fn)
     outputs = []
     for layered in (False, True):
         with GenerationEngine(model, tok.eos_token_id, slots=3, max_len=64, compile_step=layered,
