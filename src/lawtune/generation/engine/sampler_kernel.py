@@ -6,6 +6,11 @@ passes over every row (a recorded step cannot pick rows by a value it computes),
 here a program whose row passed returns after one load, and a program whose row did not runs the halvings over its
 own row (``nucleus_threshold``'s arithmetic, the ties cut by token id as ``nucleus`` cuts them) and picks its kept
 token of the largest noisy logit. Launched plainly, so a CUDA graph records it with the step.
+
+Measured on one H200 (bench/README.md, twenty-second session): a sampled choice of 512 rows took 3.2 ms against
+9.6 with torch's bisection over every row; about half of it is this kernel serving the 16-30 rows the first pass
+leaves, each one program through 33 dependent passes (latency, not bandwidth). A 16-way search (8 passes, 15 values
+tested a pass) was 0.59 ms slower and was not kept.
 """
 
 from __future__ import annotations
