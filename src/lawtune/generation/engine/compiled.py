@@ -25,17 +25,28 @@ def compiled(name: str, fn):
     return _compiled[name]
 
 
-def compiled_or_eager(name: str, fn):
-    """``compiled(name, fn)`` where it compiles, else ``fn`` itself from its first failure on (logged once): for a
-    part of the step whose compilation is a speed-up only (the sampler's), so that a compiler that cannot serve it
-    leaves the rest of the step compiled (a failure inside the step turns the whole step eager, see
+def failure_reason(exc: BaseException) -> str:
+    """The last line of an exception's message (a compiler's is many lines), for a one-line log."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+
+
+def first_working(name: str, fast, slow):
+    """``fast(*args)`` until it raises once, then ``slow(*args)`` from then on in the process (logged once): for a
+    speed-up of the step that a compiler or a Triton build may not serve (the sampler's parts and kernel), so that
+    its failure costs that speed-up only; a failure inside the step turns the whole step eager, layers too (see
     ``ModelRunner.first_run``)."""
     def call(*args):
         if name not in _failed:
             try:
-                return compiled(name, fn)(*args)
-            except Exception as exc:  # noqa: BLE001 - any failure of the compiler
-                _failed[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-                log.warning("generation engine: compiling %s failed (%s); it runs uncompiled", name, _failed[name])
-        return fn(*args)
+                return fast(*args)
+            except Exception as exc:  # noqa: BLE001 - any failure of the compiler or the kernel's build
+                _failed[name] = failure_reason(exc)
+                log.warning("generation engine: %s failed (%s); the plain torch path serves from now on", name,
+                            _failed[name])
+        return slow(*args)
     return call
+
+
+def compiled_or_eager(name: str, fn):
+    """``compiled(name, fn)`` where it compiles, else ``fn`` itself (``first_working``)."""
+    return first_working(f"compiling {name}", lambda *args: compiled(name, fn)(*args), fn)

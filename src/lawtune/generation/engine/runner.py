@@ -47,7 +47,7 @@ from ...model import base_model
 from .. import decode_attention
 from ..attention import FAST_ATTENTION, attention_implementation, eager_stance
 from .cache import LayerSlots, SlotCache, cache_dtype
-from .compiled import compiled
+from .compiled import compiled, failure_reason
 from .sampler import choose_tokens
 from .sequence import MAX_STOP_TOKENS, Sequence
 
@@ -395,7 +395,7 @@ class ModelRunner:
         except Exception as exc:  # noqa: BLE001 - any failure of the compiler; the uncompiled step re-raises others
             if not self.compile_step:
                 raise
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            reason = failure_reason(exc)
             log.warning("generation engine: compiling the decoding step failed (%s); it runs uncompiled", reason)
             self.compile_step = False
             self.decode_step(sampling, rows, columns, top)

@@ -21,7 +21,7 @@ pass, whether that token is kept: its rank (tokens of a larger probability, and 
 and the mass before it is at most top-p. If so it is also the largest among the kept tokens, hence the same token
 (rows of a flat distribution: all but about 1 - top-p of them). The other rows take the bisection: on a GPU in one
 Triton program a row (``sampler_kernel``; the rows that passed return at once, so a recorded step keeps its shapes),
-on a CPU on those rows alone.
+on a CPU on those rows alone. A kernel that fails to build leaves its rows to torch's bisection (``first_working``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from . import sampler_kernel
-from .compiled import compiled_or_eager
+from .compiled import compiled_or_eager, first_working
 
 MASK64 = (1 << 64) - 1
 
@@ -144,19 +144,21 @@ def sample(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed:
     """The sampled token of each row of ``scaled`` (logits over the temperature): ``gumbel_first``, then the bisection
     for the rows whose first token top-p or top-k cut. ``fused``: through compiled functions (the fused step's)."""
     first, kept, probs, noisy = gumbel_first(scaled, top_p, top_k, seed, step, fused)
-    if sampler_kernel.usable(probs):  # a program a row; the rows kept return at once (a recorded step's shapes)
-        try:
-            return sampler_kernel.kept_pick(probs, noisy, top_p, top_k, kept, first)
-        except Exception as exc:  # noqa: BLE001 - a Triton build that cannot compile it: the torch bisection below
-            sampler_kernel.disable(exc)
-    threshold = compiled_or_eager("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
-    if probs.is_cuda:  # no Triton: every row, so a recorded step's shapes do not depend on the draw
-        return torch.where(kept, first, kept_pick(probs, noisy, top_p, top_k, threshold))
-    cut = (~kept).nonzero()[:, 0]
-    if len(cut):
-        first = first.clone()
-        first[cut] = kept_pick(probs[cut], noisy[cut], top_p[cut], top_k[cut], threshold)
-    return first
+
+    def bisect(probs, noisy, top_p, top_k, kept, first):  # torch's bisection for the rows gumbel_first cut
+        threshold = compiled_or_eager("nucleus_threshold", nucleus_threshold) if fused else nucleus_threshold
+        if probs.is_cuda:  # every row, so a recorded step's shapes do not depend on the draw
+            return torch.where(kept, first, kept_pick(probs, noisy, top_p, top_k, threshold))
+        cut = (~kept).nonzero()[:, 0]
+        if len(cut):
+            first = first.clone()
+            first[cut] = kept_pick(probs[cut], noisy[cut], top_p[cut], top_k[cut], threshold)
+        return first
+
+    # on a GPU a program a row, the rows kept returning at once (a recorded step's shapes)
+    pick = first_working("the sampler's Triton kernel", sampler_kernel.kept_pick, bisect) \
+        if sampler_kernel.usable(probs) else bisect
+    return pick(probs, noisy, top_p, top_k, kept, first)
 
 
 def sorted_choice(scaled: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, seed: torch.Tensor,

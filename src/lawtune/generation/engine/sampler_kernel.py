@@ -7,15 +7,15 @@ here a program whose row passed returns after one load, and a program whose row 
 own row (``nucleus_threshold``'s arithmetic, the ties cut by token id as ``nucleus`` cuts them) and picks its kept
 token of the largest noisy logit. Launched plainly, so a CUDA graph records it with the step.
 
-Measured on one H200 (bench/README.md, twenty-second session): a sampled choice of 512 rows took 3.2 ms against
-9.6 with torch's bisection over every row; about half of it is this kernel serving the 16-30 rows the first pass
-leaves, each one program through 33 dependent passes (latency, not bandwidth). A 16-way search (8 passes, 15 values
+Measured on one H200 (bench/README.md, twenty-second session): a sampled choice of 512 rows took 3.2 ms, against
+9.6 with torch's bisection over every row in an earlier call of the same day; by subtraction of the first pass and
+the greedy part, about half of it is this kernel serving the 16-30 rows the first pass leaves, each one program
+through 33 dependent passes. A 16-way search (8 passes, 15 values
 tested a pass) was 0.59 ms slower and was not kept.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -26,27 +26,14 @@ try:  # Triton ships with torch's CUDA builds only
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-log = logging.getLogger("lawtune")
-
 # Probabilities a loop turn reads (a row of the 1.5B model's 151,936 tokens is 38 turns a pass).
 BLOCK = 4096
 
 
-# Why the kernel is off in this process (it failed once: the sampler's torch bisection serves from then on).
-_disabled: str | None = None
-
-
 def usable(probs: torch.Tensor) -> bool:
-    """Whether the kernel serves these probabilities: Triton present, not disabled, and a GPU's tensors (or Triton's
+    """Whether the kernel can serve these probabilities: Triton present, and a GPU's tensors (or Triton's
     interpreter)."""
-    return triton is not None and _disabled is None and (probs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
-def disable(exc: BaseException) -> None:
-    """Turn the kernel off for this process after it failed (logged once)."""
-    global _disabled
-    _disabled = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-    log.warning("sampler: the Triton bisection failed (%s); the rows it would serve take torch's", _disabled)
+    return triton is not None and (probs.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def kept_pick(probs: torch.Tensor, noisy: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
